@@ -1,0 +1,198 @@
+/*
+ * liblinuxshm: messages between processes through sealed memfd segments,
+ * with every socket operation submitted through io_uring.
+ *
+ * Every function returns 0 (or a non-negative count) on success and a
+ * negative errno value on failure; none of them sets errno.  All structs but
+ * the parameter and message structs are opaque.  See linuxshm(7).
+ */
+#ifndef LINUXSHM_H
+#define LINUXSHM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LSHM_VERSION_MAJOR  1
+#define LSHM_VERSION_MINOR  0
+#define LSHM_VERSION_PATCH  0
+
+/* Protocol constants (linuxshm-protocol(7)). */
+#define LSHM_PROTOCOL_VERSION  1
+#define LSHM_MAGIC             0x4d48534cu
+#define LSHM_HEADER_SIZE       4096u
+#define LSHM_CHUNK_SIZE        16384u
+#define LSHM_CHUNK_COUNT       640u
+#define LSHM_DATA_SIZE         (LSHM_CHUNK_SIZE * LSHM_CHUNK_COUNT)
+#define LSHM_SEGMENT_SIZE      (LSHM_HEADER_SIZE + LSHM_DATA_SIZE)
+#define LSHM_INLINE_MAX        16384u
+#define LSHM_WIRE_MAX          (16384u + 64u)
+#define LSHM_MAX_DESCS         64u
+#define LSHM_TYPE_USER_MIN     16u
+
+struct lshm_ctx;
+struct lshm_port;
+struct lshm_listener;
+struct lshm_buf;
+struct lshm_tracking;
+
+/* lshm_ctx_params.flags */
+#define LSHM_CTX_SCRUB            (1u << 0) /* fill freed chunks with 0xA5 */
+#define LSHM_CTX_DROP_CANCELLED   (1u << 1) /* drop cancelled messages */
+#define LSHM_CTX_NO_MULTISHOT     (1u << 2) /* single-shot receives only */
+#define LSHM_CTX_NO_DEFER_TASKRUN (1u << 3) /* plain ring set-up flags */
+
+struct lshm_ctx_params {
+    unsigned int flags;          /* LSHM_CTX_* */
+    unsigned int ring_entries;   /* submission queue size; 0: 256 */
+    unsigned int max_segments;   /* segments per peer and direction; 0: 32 */
+    unsigned int send_queue;     /* messages queued per port; 0: 1024 */
+    unsigned int recv_queue;     /* messages held for the caller per port; 0: 256 */
+    unsigned int reserved[11];   /* must be zero */
+};
+
+/* Features of a context's ring, from lshm_ctx_features(). */
+#define LSHM_FEAT_SINGLE_ISSUER  (1u << 0)
+#define LSHM_FEAT_DEFER_TASKRUN  (1u << 1)
+#define LSHM_FEAT_COOP_TASKRUN   (1u << 2)
+#define LSHM_FEAT_MULTISHOT_RECV (1u << 3)
+#define LSHM_FEAT_BUF_RING       (1u << 4)
+#define LSHM_FEAT_MULTISHOT_ACCEPT (1u << 5)
+#define LSHM_FEAT_NOEXEC_SEAL    (1u << 6)
+
+struct lshm_ctx_stats {
+    uint64_t enters;        /* io_uring_enter(2) calls made */
+    uint64_t submitted;     /* SQEs submitted */
+    uint64_t completions;   /* CQEs handled */
+    uint64_t msgs_sent;     /* messages whose send completed */
+    uint64_t msgs_received; /* messages delivered to the caller */
+    uint64_t reserved[11];
+};
+
+int         lshm_ctx_new(struct lshm_ctx **ctx, const struct lshm_ctx_params *params);
+void        lshm_ctx_free(struct lshm_ctx *ctx);
+int         lshm_ctx_fd(const struct lshm_ctx *ctx);
+int         lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms);
+unsigned    lshm_ctx_features(const struct lshm_ctx *ctx);
+int         lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *stats);
+
+/* Text of the last failure in the calling thread, or "" if none. */
+const char *lshm_last_error(void);
+const char *lshm_version(void);
+
+/* Ports. */
+int  lshm_socketpair(struct lshm_ctx *ctx, struct lshm_port **port, int *peer_sock);
+int  lshm_port_adopt(struct lshm_ctx *ctx, int sock, struct lshm_port **port);
+int  lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout_ms,
+                  struct lshm_port **port);
+void lshm_port_close(struct lshm_port *port);
+
+int  lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
+                 struct lshm_listener **listener);
+int  lshm_accept(struct lshm_listener *listener, struct lshm_port **port, int timeout_ms);
+void lshm_listener_close(struct lshm_listener *listener);
+
+/* lshm_port_wait() events */
+#define LSHM_WAIT_READY  (1u << 0) /* handshake complete */
+#define LSHM_WAIT_SEND   (1u << 1) /* room in the send queue */
+#define LSHM_WAIT_SHM    (1u << 2) /* chunks came back (SHM_ACK or timer) */
+#define LSHM_WAIT_RECV   (1u << 3) /* a message is waiting */
+#define LSHM_WAIT_IDLE   (1u << 4) /* every queued message was sent */
+
+int  lshm_port_wait(struct lshm_port *port, unsigned events, int timeout_ms);
+int  lshm_port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t *gid);
+const char *lshm_port_error(const struct lshm_port *port);
+int  lshm_port_id(const struct lshm_port *port);
+
+/* Shared-memory buffers. */
+int    lshm_buf_alloc(struct lshm_port *port, size_t size, struct lshm_buf **buf);
+int    lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size);
+void  *lshm_buf_data(struct lshm_buf *buf);
+size_t lshm_buf_capacity(const struct lshm_buf *buf);
+int    lshm_buf_set_size(struct lshm_buf *buf, size_t size);
+void   lshm_buf_free(struct lshm_buf *buf);
+
+/* Sending. */
+#define LSHM_MORE  (1u << 0)   /* queue, submit with a later call */
+
+struct lshm_out {
+    uint8_t               type;      /* >= LSHM_TYPE_USER_MIN */
+    uint8_t               last;      /* nonzero: set the LAST flag */
+    uint32_t              stream;
+    const void           *data;      /* inline payload, or NULL */
+    size_t                size;      /* inline bytes, <= LSHM_INLINE_MAX */
+    struct lshm_buf     **bufs;      /* shared-memory buffers, or NULL */
+    unsigned int          nbufs;     /* 0 .. LSHM_MAX_DESCS */
+    int                   fd;        /* -1, or an fd to pass (taken on success) */
+    struct lshm_tracking *tracking;  /* or NULL */
+};
+
+int lshm_send(struct lshm_port *port, const struct lshm_out *msg, unsigned flags);
+int lshm_flush(struct lshm_ctx *ctx);
+
+/* Receiving. */
+#define LSHM_MSG_LAST      (1u << 0)
+#define LSHM_MSG_SHM       (1u << 1)  /* payload is in shared memory */
+#define LSHM_MSG_CANCELLED (1u << 2)  /* sender cancelled the stream first */
+
+struct lshm_iov {
+    const void *base;
+    size_t      len;
+};
+
+struct lshm_msg {
+    struct lshm_port      *port;
+    uint32_t               stream;
+    uint8_t                type;
+    uint8_t                flags;     /* LSHM_MSG_* */
+    size_t                 size;      /* payload bytes in all of iov */
+    unsigned int           niov;
+    const struct lshm_iov *iov;
+    int                    fd;        /* -1, or a received fd the caller owns */
+    void                  *priv;      /* the library's */
+};
+
+typedef void (*lshm_msg_fn)(struct lshm_port *port, struct lshm_msg *msg, void *arg);
+typedef void (*lshm_close_fn)(struct lshm_port *port, int error, void *arg);
+typedef void (*lshm_accept_fn)(struct lshm_listener *listener, struct lshm_port *port,
+                               void *arg);
+
+int  lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg,
+                           lshm_close_fn on_close, void *arg);
+int  lshm_listener_set_handler(struct lshm_listener *listener, lshm_accept_fn on_accept,
+                               void *arg);
+int  lshm_recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms);
+void lshm_msg_done(struct lshm_msg *msg);
+
+/* Tracking: cancellable streams. */
+int  lshm_tracking_new(struct lshm_port *port, uint32_t stream, struct lshm_tracking **t);
+bool lshm_tracking_cancel(struct lshm_tracking *t);
+
+/* What the kernel and the process offer. */
+struct lshm_probe {
+    char          kernel[65];        /* uname release */
+    int           io_uring;          /* 0, or -errno why it is unavailable */
+    char          io_uring_why[160]; /* text for io_uring != 0 */
+    unsigned int  setup_flags;       /* IORING_SETUP_* bits accepted */
+    unsigned int  features;          /* LSHM_FEAT_* the library will use */
+    bool          op_sendmsg, op_recvmsg, op_accept;
+    bool          memfd, sealing, noexec_seal;
+    uint64_t      memlock_cur, memlock_max;  /* RLIMIT_MEMLOCK, UINT64_MAX: unlimited */
+    uint64_t      nofile_cur, nofile_max;
+    long          max_map_count;     /* -1 if unknown */
+    char          caps[256];         /* cap_to_text() of the process */
+    char          reserved[64];
+};
+
+int lshm_probe(struct lshm_probe *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LINUXSHM_H */

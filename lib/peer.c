@@ -1,0 +1,354 @@
+/*
+ * Peers: one per remote process, shared by every context and port of this
+ * process that talks to it, with the tables of segments in each direction.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "shm.h"
+
+/*
+ * The registry belongs to the process that filled it: after fork() the
+ * child finds registry_pid differs from its own and forgets what it copied.
+ * Lock order: registry_lock, then a table's mutex.
+ */
+static pthread_mutex_t   registry_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct lshm_peer *registry;
+static pid_t             registry_pid;
+static pthread_once_t    atfork_once = PTHREAD_ONCE_INIT;
+
+/*
+ * Hold every lock across fork() so that the child's copies of the registry
+ * and the tables are consistent and unlocked, whatever other threads did.
+ */
+static void atfork_prepare(void)
+{
+    struct lshm_peer *p;
+
+    pthread_mutex_lock(&registry_lock);
+    for (p = registry; p != NULL; p = p->next) {
+        pthread_mutex_lock(&p->out.mutex);
+        pthread_mutex_lock(&p->in.mutex);
+    }
+}
+
+static void unlock_tables(void)
+{
+    struct lshm_peer *p;
+
+    for (p = registry; p != NULL; p = p->next) {
+        pthread_mutex_unlock(&p->in.mutex);
+        pthread_mutex_unlock(&p->out.mutex);
+    }
+}
+
+static void atfork_parent(void)
+{
+    unlock_tables();
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void forget_locked(void);
+
+/* The child forgets at once, so that no fd of the parent's lingers in it. */
+static void atfork_child(void)
+{
+    unlock_tables();
+    forget_locked();
+    pthread_mutex_unlock(&registry_lock);
+}
+
+static void register_atfork(void)
+{
+    /* Without the handlers, peer_get still forgets lazily in a child. */
+    if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0)
+        lshm_log("pthread_atfork failed; fork() while peers are busy is unsafe");
+}
+
+static void table_init(struct lshm_seg_table *t)
+{
+    pthread_mutex_init(&t->mutex, NULL);
+    t->elts = NULL;
+    t->size = 0;
+    t->cap = 0;
+}
+
+/* Room for n segments, growing as Unit's port_mmap_at does. */
+static int table_reserve(struct lshm_seg_table *t, uint32_t n)
+{
+    struct lshm_seg **elts;
+    uint32_t cap;
+
+    if (n <= t->cap)
+        return 0;
+    if (n > UINT32_MAX / 2)
+        return -ENOMEM;
+    cap = t->cap != 0 ? t->cap : n;
+    while (n > cap)
+        cap = cap < 16 ? cap * 2 : cap + cap / 2;
+    elts = realloc(t->elts, (size_t)cap * sizeof(*elts));
+    if (elts == NULL)
+        return -ENOMEM;
+    memset(elts + t->cap, 0, (size_t)(cap - t->cap) * sizeof(*elts));
+    t->elts = elts;
+    t->cap = cap;
+    return 0;
+}
+
+static void table_release(struct lshm_seg_table *t)
+{
+    uint32_t i;
+
+    for (i = 0; i < t->size; i++)
+        lshm_seg_unref(t->elts[i]);
+    free(t->elts);
+    pthread_mutex_destroy(&t->mutex);
+}
+
+/*
+ * In a forked child the mappings are absent (MADV_DONTFORK) and the address
+ * range may since hold something else: never unmap, only close and free.
+ * A buffer of the parent's still pointing at a segment keeps its struct.
+ */
+static void table_forget(struct lshm_seg_table *t)
+{
+    uint32_t i;
+
+    for (i = 0; i < t->size; i++) {
+        struct lshm_seg *seg = t->elts[i];
+
+        seg->hdr = NULL;
+        seg->data = NULL;
+        lshm_seg_close_fd(seg);
+        lshm_seg_unref(seg);
+    }
+    free(t->elts);
+    pthread_mutex_destroy(&t->mutex);
+}
+
+static void forget_locked(void)
+{
+    struct lshm_peer *p, *next;
+
+    for (p = registry; p != NULL; p = next) {
+        next = p->next;
+        table_forget(&p->out);
+        table_forget(&p->in);
+        free(p);
+    }
+    registry = NULL;
+    registry_pid = getpid();
+}
+
+static void check_owner_locked(void)
+{
+    if (registry_pid != getpid())
+        forget_locked();
+}
+
+void lshm_peers_forget(void)
+{
+    pthread_mutex_lock(&registry_lock);
+    check_owner_locked();
+    pthread_mutex_unlock(&registry_lock);
+}
+
+int lshm_peer_get(pid_t pid, struct lshm_peer **peer)
+{
+    struct lshm_peer *p;
+
+    if (pid <= 0)
+        return -EINVAL;
+    pthread_once(&atfork_once, register_atfork);
+    pthread_mutex_lock(&registry_lock);
+    check_owner_locked();
+    for (p = registry; p != NULL; p = p->next)
+        if (p->pid == pid)
+            break;
+    if (p == NULL) {
+        p = calloc(1, sizeof(*p));
+        if (p == NULL) {
+            pthread_mutex_unlock(&registry_lock);
+            return -ENOMEM;
+        }
+        p->pid = pid;
+        table_init(&p->out);
+        table_init(&p->in);
+        p->next = registry;
+        registry = p;
+    }
+    p->refs++;
+    pthread_mutex_unlock(&registry_lock);
+    *peer = p;
+    return 0;
+}
+
+void lshm_peer_put(struct lshm_peer *peer)
+{
+    struct lshm_peer **pp;
+
+    if (peer == NULL)
+        return;
+    pthread_mutex_lock(&registry_lock);
+    /* A peer of the parent's, put in a forked child, is gone already. */
+    check_owner_locked();
+    for (pp = &registry; *pp != NULL && *pp != peer; pp = &(*pp)->next)
+        ;
+    if (*pp == NULL || --peer->refs > 0) {
+        pthread_mutex_unlock(&registry_lock);
+        return;
+    }
+    *pp = peer->next;
+    pthread_mutex_unlock(&registry_lock);
+
+    table_release(&peer->out);
+    table_release(&peer->in);
+    free(peer);
+}
+
+static bool find_free(struct lshm_seg_table *t, uint16_t port_id, bool tracking,
+                      struct lshm_alloc *out)
+{
+    uint32_t i;
+
+    for (i = 0; i < t->size; i++) {
+        struct lshm_seg *seg = t->elts[i];
+        uint16_t over = __atomic_load_n(&seg->hdr->sent_over, __ATOMIC_ACQUIRE);
+        uint32_t c = 0;
+
+        if (over != LSHM_SENT_OVER_ANY && over != port_id)
+            continue;
+        if (lshm_chunk_get_free(tracking ? seg->hdr->free_tracking_map
+                                         : seg->hdr->free_map, &c)) {
+            lshm_seg_ref(seg);
+            out->seg = seg;
+            out->chunk = c;
+            out->created = false;
+            return true;
+        }
+    }
+    return false;
+}
+
+static void set_oosm(struct lshm_seg_table *t, uint16_t port_id)
+{
+    uint32_t i;
+
+    for (i = 0; i < t->size; i++) {
+        struct lshm_segment_header *hdr = t->elts[i]->hdr;
+        uint16_t over = __atomic_load_n(&hdr->sent_over, __ATOMIC_ACQUIRE);
+
+        if (over == LSHM_SENT_OVER_ANY || over == port_id)
+            __atomic_store_n(&hdr->oosm, 1, __ATOMIC_SEQ_CST);
+    }
+}
+
+int lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
+                        bool tracking, bool scrub, struct lshm_alloc *out)
+{
+    struct lshm_seg_table *t = &peer->out;
+    struct lshm_seg *seg;
+    uint32_t c = 0;
+    int ret;
+
+    pthread_mutex_lock(&t->mutex);
+    if (find_free(t, port_id, tracking, out))
+        goto done;
+    if (t->size >= limit) {
+        set_oosm(t, port_id);
+        /*
+         * A chunk freed between the search and the flag came with no
+         * SHM_ACK; look once more so that it is not waited for in vain.
+         */
+        if (find_free(t, port_id, tracking, out))
+            goto done;
+        pthread_mutex_unlock(&t->mutex);
+        return lshm_fail(-EAGAIN, "peer %d: all %u shared memory segments are full",
+                         (int)peer->pid, limit);
+    }
+    ret = table_reserve(t, t->size + 1);
+    if (ret < 0) {
+        pthread_mutex_unlock(&t->mutex);
+        return lshm_fail(ret, "peer %d: out of memory for the segment table",
+                         (int)peer->pid);
+    }
+    ret = lshm_seg_create(t->size, getpid(), peer->pid, port_id, &seg);
+    if (ret < 0) {
+        pthread_mutex_unlock(&t->mutex);
+        return ret;
+    }
+    seg->scrub = scrub;
+    /* Nobody else has seen it yet: this claim cannot fail. */
+    if (!lshm_chunk_get_free(tracking ? seg->hdr->free_tracking_map
+                                      : seg->hdr->free_map, &c)) {
+        pthread_mutex_unlock(&t->mutex);
+        lshm_seg_unref(seg);
+        return lshm_fail(-EIO, "new segment has no free chunk");
+    }
+    t->elts[t->size++] = seg;
+    lshm_seg_ref(seg);
+    out->seg = seg;
+    out->chunk = c;
+    out->created = true;
+done:
+    pthread_mutex_unlock(&t->mutex);
+    return 0;
+}
+
+void lshm_peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg)
+{
+    struct lshm_seg_table *t = &peer->out;
+    bool last;
+
+    pthread_mutex_lock(&t->mutex);
+    last = t->size > 0 && t->elts[t->size - 1] == seg;
+    if (last)
+        t->elts[--t->size] = NULL;
+    pthread_mutex_unlock(&t->mutex);
+    if (last)
+        lshm_seg_unref(seg);
+}
+
+int lshm_peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limit)
+{
+    struct lshm_seg_table *t = &peer->in;
+    int ret = 0;
+
+    pthread_mutex_lock(&t->mutex);
+    if (seg->id != t->size)
+        ret = -EPROTO;
+    else if (t->size >= limit)
+        ret = -ENOSPC;
+    else
+        ret = table_reserve(t, t->size + 1);
+    if (ret == 0) {
+        lshm_seg_ref(seg);
+        t->elts[t->size++] = seg;
+    }
+    pthread_mutex_unlock(&t->mutex);
+    return ret;
+}
+
+uint32_t lshm_peer_in_next(struct lshm_peer *peer)
+{
+    uint32_t n;
+
+    pthread_mutex_lock(&peer->in.mutex);
+    n = peer->in.size;
+    pthread_mutex_unlock(&peer->in.mutex);
+    return n;
+}
+
+struct lshm_seg *lshm_peer_in_get(struct lshm_peer *peer, uint32_t id)
+{
+    struct lshm_seg *seg = NULL;
+
+    pthread_mutex_lock(&peer->in.mutex);
+    if (id < peer->in.size) {
+        seg = peer->in.elts[id];
+        lshm_seg_ref(seg);
+    }
+    pthread_mutex_unlock(&peer->in.mutex);
+    return seg;
+}

@@ -1,0 +1,1015 @@
+/*
+ * A port: one SOCK_SEQPACKET socket to a peer process.  The handshake, the
+ * ordered send queue, the receive path with every check the protocol asks
+ * of a receiver, and the close that gives back what the port held.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "port.h"
+
+#define CHAIN_MAX   1024u   /* sends linked into one submit */
+
+struct smsg {
+    struct lshm_op     op;
+    struct lshm_port  *port;
+    struct smsg       *next;
+    struct msghdr      mh;
+    struct iovec       iov;
+    union {
+        uint64_t       align;   /* cmsghdr alignment */
+        char           buf[CMSG_SPACE(sizeof(int))];
+    }                  cmsg;
+    int                fd;      /* passed with the message, closed after */
+    struct lshm_seg   *seg;     /* MMAP: its fd goes out, then is closed */
+    size_t             len;
+    uint8_t            data[];
+};
+
+struct rdesc {
+    struct lshm_seg *seg;       /* referenced */
+    uint32_t         chunk;
+    uint32_t         nchunks;
+};
+
+struct rmsg {
+    struct lshm_msg    pub;
+    struct rmsg       *next;
+    struct lshm_port  *port;
+    unsigned           ndesc;
+    struct rdesc      *desc;
+    struct lshm_iov   *iov;
+    struct lshm_iov    iov1;
+    uint8_t            data[];
+};
+
+static _Atomic unsigned next_port_id;
+
+static void recv_arm(struct lshm_port *port);
+static int queue_ctrl(struct lshm_port *port, uint8_t type, uint32_t mmap_id);
+static void port_finish(struct lshm_port *port);
+
+/* ---- lifetime ---- */
+
+static bool port_idle(const struct lshm_port *port)
+{
+    return port->inflight == 0 && !port->recv_armed;
+}
+
+static void port_free(struct lshm_port *port)
+{
+    if (port->ctx != NULL) {
+        if (port->prev != NULL)
+            port->prev->next = port->next;
+        else
+            port->ctx->ports = port->next;
+        if (port->next != NULL)
+            port->next->prev = port->prev;
+    }
+    if (port->fd >= 0)
+        close(port->fd);
+    if (port->peer != NULL)
+        lshm_peer_put(port->peer);
+    free(port->recv_buf);
+    free(port);
+}
+
+/* Free the port once nobody can reach it: the handle was given back, no
+ * operation is in flight, no message points at it. */
+static void port_maybe_free(struct lshm_port *port)
+{
+    if (port->user_closed && port->refs == 0 && port->held == 0 && port_idle(port))
+        port_free(port);
+}
+
+static void smsg_free(struct smsg *m)
+{
+    if (m->fd >= 0)
+        close(m->fd);
+    if (m->seg != NULL) {
+        lshm_seg_close_fd(m->seg);
+        lshm_seg_unref(m->seg);
+    }
+    free(m);
+}
+
+static struct smsg *smsg_new(struct lshm_port *port, size_t len)
+{
+    struct smsg *m = malloc(sizeof(*m) + len);
+
+    if (m == NULL)
+        return NULL;
+    m->port = port;
+    m->next = NULL;
+    m->fd = -1;
+    m->seg = NULL;
+    m->len = len;
+    return m;
+}
+
+static void smsg_queue(struct lshm_port *port, struct smsg *m)
+{
+    if (port->sq_tail != NULL)
+        port->sq_tail->next = m;
+    else
+        port->sq_head = m;
+    port->sq_tail = m;
+    port->sq_len++;
+}
+
+static void rmsg_release(struct rmsg *rm)
+{
+    bool ack = false;
+    unsigned i;
+
+    for (i = 0; i < rm->ndesc; i++) {
+        lshm_seg_free_chunks(rm->desc[i].seg, rm->desc[i].chunk, rm->desc[i].nchunks);
+        if (lshm_seg_take_oosm(rm->desc[i].seg))
+            ack = true;
+        lshm_seg_unref(rm->desc[i].seg);
+    }
+    if (rm->pub.fd >= 0)
+        close(rm->pub.fd);
+    rm->pub.fd = -1;
+    if (ack && rm->port->state == PORT_OPEN && rm->port->ctx != NULL) {
+        struct smsg *m = smsg_new(rm->port, sizeof(struct lshm_wire_msg));
+
+        if (m != NULL) {
+            m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_SHM_ACK, getpid(),
+                                           rm->port->id, 0);
+            smsg_queue(rm->port, m);
+            lshm_port_kick(rm->port);
+            lshm_ring_submit(rm->port->ctx->ring);
+        }
+    }
+}
+
+/* ---- closing ---- */
+
+static void drop_received(struct lshm_port *port)
+{
+    struct rmsg *rm;
+
+    while ((rm = port->rq_head) != NULL) {
+        port->rq_head = rm->next;
+        rmsg_release(rm);
+        port->held--;
+        free(rm);
+    }
+    port->rq_tail = NULL;
+}
+
+static void drop_queues(struct lshm_port *port)
+{
+    struct smsg *m;
+
+    while ((m = port->sq_head) != NULL) {
+        port->sq_head = m->next;
+        smsg_free(m);
+    }
+    port->sq_tail = NULL;
+    port->sq_len = 0;
+    /* Messages the caller will never see: give their chunks back. */
+    if (port->user_closed)
+        drop_received(port);
+}
+
+/* lshm_port_close(): what is queued still goes out, then BYE. */
+void lshm_port_release(struct lshm_port *port)
+{
+    port->user_closed = true;
+    port->on_msg = NULL;
+    port->on_close = NULL;
+    drop_received(port);
+    if (port->state != PORT_CLOSED && port->ctx != NULL) {
+        if (queue_ctrl(port, LSHM_WIRE_BYE, 0) < 0)
+            lshm_port_fail(port, -ENOMEM, "out of memory closing");
+        lshm_port_kick(port);
+        if (port->ctx != NULL)
+            lshm_ring_submit(port->ctx->ring);
+    }
+    port_finish(port);
+}
+
+/* Stop the socket: pending operations complete, then it is closed. */
+static void port_shutdown(struct lshm_port *port)
+{
+    if (port->shutdown || port->fd < 0)
+        return;
+    port->shutdown = true;
+    shutdown(port->fd, SHUT_RDWR);
+    if (port->recv_armed && port->ctx != NULL)
+        lshm_ring_cancel(port->ctx->ring, &port->recv_op);
+}
+
+static void port_finish(struct lshm_port *port)
+{
+    if (port->state == PORT_CLOSED && port->shutdown && port_idle(port) && port->fd >= 0) {
+        close(port->fd);
+        port->fd = -1;
+    }
+    port_maybe_free(port);
+}
+
+void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
+{
+    bool notify = port->state != PORT_CLOSED && !port->user_closed;
+    va_list ap;
+
+    if (port->state == PORT_CLOSED)
+        return;
+    port->state = PORT_CLOSED;
+    port->error = err;
+    va_start(ap, fmt);
+    vsnprintf(port->reason, sizeof(port->reason), fmt, ap);
+    va_end(ap);
+    lshm_log("port %u to pid %d closed: %s", port->id, (int)port->peer_pid, port->reason);
+    drop_queues(port);
+    port_shutdown(port);
+    if (notify && port->on_close != NULL) {
+        port->refs++;
+        port->on_close(port, err, port->arg);
+        port->refs--;
+    }
+    port_finish(port);
+}
+
+/* ---- sending ---- */
+
+static void send_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct smsg *m = (struct smsg *)op;
+    struct lshm_port *port = m->port;
+
+    port->inflight--;
+    /* Completions of a linked chain come in order: m is the oldest. */
+    port->if_head = m->next;
+    if (port->if_head == NULL)
+        port->if_tail = NULL;
+    smsg_free(m);
+    if (res < 0) {
+        lshm_port_fail(port, res == -ECANCELED ? -EPIPE : res,
+                       "send failed: %s", strerror(res == -ECANCELED ? EPIPE : -res));
+    } else if (port->ctx != NULL) {
+        port->ctx->msgs_sent++;
+    }
+    if (port->inflight == 0)
+        lshm_port_kick(port);
+    port_finish(port);
+}
+
+static void fill_msghdr(struct smsg *m)
+{
+    memset(&m->mh, 0, sizeof(m->mh));
+    m->iov.iov_base = m->data;
+    m->iov.iov_len = m->len;
+    m->mh.msg_iov = &m->iov;
+    m->mh.msg_iovlen = 1;
+    m->op.complete = send_done;
+    if (m->fd >= 0 || m->seg != NULL) {
+        struct cmsghdr *c = (struct cmsghdr *)m->cmsg.buf;
+        int fd = m->seg != NULL ? m->seg->fd : m->fd;
+
+        memset(&m->cmsg, 0, sizeof(m->cmsg));
+        m->mh.msg_control = m->cmsg.buf;
+        m->mh.msg_controllen = CMSG_SPACE(sizeof(int));
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    }
+}
+
+/*
+ * Submit the queue as one linked chain when nothing is in flight.  A link
+ * keeps the sends in order even when the socket is full (unlinked sends
+ * can complete out of order then), and a chain must fit in the SQ to stay
+ * one chain: it ends at the submit boundary.
+ */
+void lshm_port_kick(struct lshm_port *port)
+{
+    struct lshm_ring *r;
+    unsigned n, i;
+
+    if (port->ctx == NULL || port->inflight > 0 || port->sq_head == NULL ||
+        port->state == PORT_CLOSED)
+        goto done;
+    r = port->ctx->ring;
+    n = lshm_ring_space(r);
+    if (n < port->sq_len) {
+        lshm_ring_submit(r);
+        n = lshm_ring_space(r);
+    }
+    if (n > port->sq_len)
+        n = port->sq_len;
+    if (n > CHAIN_MAX)
+        n = CHAIN_MAX;
+    for (i = 0; i < n; i++) {
+        struct smsg *m = port->sq_head;
+
+        fill_msghdr(m);
+        if (lshm_ring_sendmsg(r, port->fd, &m->mh, &m->op, i + 1 < n) < 0)
+            break;
+        port->sq_head = m->next;
+        m->next = NULL;
+        port->sq_len--;
+        port->inflight++;
+        if (port->if_tail != NULL)
+            port->if_tail->next = m;
+        else
+            port->if_head = m;
+        port->if_tail = m;
+    }
+    if (port->sq_head == NULL)
+        port->sq_tail = NULL;
+done:
+    /* A closing port says BYE after the last queued message. */
+    if (port->user_closed && port->state != PORT_CLOSED && port->inflight == 0 &&
+        port->sq_head == NULL) {
+        port->state = PORT_CLOSED;
+        port->error = -EPIPE;
+        snprintf(port->reason, sizeof(port->reason), "closed by this process");
+        port_shutdown(port);
+    }
+}
+
+static int queue_ctrl(struct lshm_port *port, uint8_t type, uint32_t mmap_id)
+{
+    struct smsg *m = smsg_new(port, 64);
+
+    if (m == NULL)
+        return -ENOMEM;
+    if (type == LSHM_WIRE_HELLO)
+        m->len = lshm_wire_encode_hello(m->data, getpid(), port->id,
+                                        port->ctx->p.max_segments);
+    else
+        m->len = lshm_wire_encode_ctrl(m->data, type, getpid(), port->id, mmap_id);
+    smsg_queue(port, m);
+    return 0;
+}
+
+int lshm_port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg)
+{
+    struct smsg *m = smsg_new(port, 64);
+
+    if (m == NULL)
+        return -ENOMEM;
+    m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_MMAP_MSG, getpid(), port->id, seg->id);
+    lshm_seg_ref(seg);
+    m->seg = seg;
+    smsg_queue(port, m);
+    return 0;
+}
+
+static unsigned out_queued(const struct lshm_port *port)
+{
+    return port->sq_len + port->inflight;
+}
+
+static int send_check(struct lshm_port *port, const struct lshm_out *out, uint64_t *total)
+{
+    unsigned i;
+
+    *total = 0;
+    if (out->type < LSHM_TYPE_USER_MIN)
+        return lshm_fail(-EINVAL, "message type %u is reserved for control (use >= 16)",
+                         out->type);
+    if (port->state == PORT_CLOSED || port->user_closed)
+        return lshm_fail(port->error ? port->error : -EPIPE, "port is closed: %s",
+                         port->reason);
+    if (out->nbufs > 0 && (out->data != NULL || out->size > 0))
+        return lshm_fail(-EINVAL, "a message is either inline or in buffers, not both");
+    if (out->nbufs > LSHM_MAX_DESCS)
+        return lshm_fail(-EINVAL, "%u buffers, at most %u", out->nbufs, LSHM_MAX_DESCS);
+    if (out->nbufs > 0 && out->bufs == NULL)
+        return lshm_fail(-EINVAL, "nbufs without bufs");
+    if (out->size > LSHM_INLINE_MAX)
+        return lshm_fail(-EMSGSIZE, "inline payload of %zu bytes, at most %u",
+                         out->size, LSHM_INLINE_MAX);
+    if (out->size > 0 && out->data == NULL)
+        return lshm_fail(-EINVAL, "size without data");
+    if (out->tracking != NULL && (out->tracking->port != port || out->tracking->sent))
+        return lshm_fail(-EINVAL, "tracking belongs to another port or was sent");
+    *total = out->size;
+    for (i = 0; i < out->nbufs; i++) {
+        struct lshm_buf *b = out->bufs[i];
+
+        if (b == NULL || b->sent || b->size == 0)
+            return lshm_fail(-EINVAL, "buffer %u is NULL, sent, or empty", i);
+        if (b->peer != port->peer || b->port_id != port->id)
+            return lshm_fail(-EXDEV, "buffer %u was allocated for another port", i);
+        *total += b->size;
+    }
+    if (*total > UINT32_MAX)
+        return lshm_fail(-EMSGSIZE, "message of %llu bytes, at most 4 GiB - 1",
+                         (unsigned long long)*total);
+    if (out_queued(port) >= port->ctx->p.send_queue)
+        return lshm_fail(-EAGAIN, "send queue full (%u messages)", port->ctx->p.send_queue);
+    return 0;
+}
+
+int lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags)
+{
+    struct lshm_wire_desc descs[LSHM_MAX_DESCS];
+    struct lshm_wire_tracking tr, *trp = NULL;
+    struct lshm_wire_msg hdr;
+    struct smsg *m;
+    uint64_t total;
+    size_t len;
+    unsigned i;
+    int ret;
+
+    ret = send_check(port, out, &total);
+    if (ret < 0)
+        return ret;
+    memset(&hdr, 0, sizeof(hdr));
+    hdr.stream = out->stream;
+    hdr.pid = getpid();
+    hdr.port_id = port->id;
+    hdr.type = out->type;
+    hdr.flags = out->last ? LSHM_WIRE_LAST : 0;
+    hdr.size = (uint32_t)total;
+    len = sizeof(hdr);
+    if (out->tracking != NULL) {
+        hdr.flags |= LSHM_WIRE_TRACKING;
+        tr.mmap_id = out->tracking->seg->id;
+        tr.tracking_id = out->tracking->slot;
+        trp = &tr;
+        len += sizeof(tr);
+    }
+    if (out->nbufs > 0) {
+        hdr.flags |= LSHM_WIRE_MMAP;
+        for (i = 0; i < out->nbufs; i++) {
+            descs[i].mmap_id = out->bufs[i]->seg->id;
+            descs[i].chunk_id = out->bufs[i]->chunk;
+            descs[i].size = (uint32_t)out->bufs[i]->size;
+        }
+        len += out->nbufs * sizeof(descs[0]);
+    } else {
+        len += out->size;
+    }
+    m = smsg_new(port, len);
+    if (m == NULL)
+        return lshm_fail(-ENOMEM, "out of memory");
+    m->len = lshm_wire_encode_user(m->data, &hdr, trp, out->nbufs ? descs : NULL,
+                                   out->nbufs, out->data);
+    m->fd = out->fd;
+    smsg_queue(port, m);
+    /* The receiver frees the chunks it was sent; the rest come back now. */
+    for (i = 0; i < out->nbufs; i++)
+        lshm_buf_release_sent(out->bufs[i]);
+    if (out->tracking != NULL)
+        out->tracking->sent = true;
+    if (!(flags & LSHM_MORE)) {
+        lshm_port_kick(port);
+        lshm_ring_submit(port->ctx->ring);
+    }
+    return 0;
+}
+
+/* ---- receiving ---- */
+
+static void deliver(struct lshm_port *port, struct rmsg *rm)
+{
+    if (port->user_closed) {
+        /* Nobody is left to read it. */
+        rmsg_release(rm);
+        free(rm);
+        return;
+    }
+    if (port->ctx != NULL)
+        port->ctx->msgs_received++;
+    port->held++;
+    if (port->on_msg != NULL) {
+        port->refs++;
+        port->on_msg(port, &rm->pub, port->arg);
+        port->refs--;
+    } else {
+        if (port->rq_tail != NULL)
+            port->rq_tail->next = rm;
+        else
+            port->rq_head = rm;
+        port->rq_tail = rm;
+    }
+}
+
+struct lshm_msg *lshm_port_pop(struct lshm_port *port)
+{
+    struct rmsg *rm = port->rq_head;
+
+    if (rm == NULL)
+        return NULL;
+    port->rq_head = rm->next;
+    if (port->rq_head == NULL)
+        port->rq_tail = NULL;
+    rm->next = NULL;
+    return &rm->pub;
+}
+
+void lshm_port_msg_done(struct lshm_msg *msg)
+{
+    struct rmsg *rm = msg->priv;
+    struct lshm_port *port = rm->port;
+
+    rmsg_release(rm);
+    free(rm);
+    port->held--;
+    /* Reading stopped at the bound: resume once half the room is back. */
+    if (port->recv_stopped && port->ctx != NULL && port->held <= port->ctx->p.recv_queue / 2) {
+        port->recv_stopped = false;
+        recv_arm(port);
+    }
+    port_maybe_free(port);
+}
+
+static void close_fds(const int *fds, unsigned n)
+{
+    unsigned i;
+
+    for (i = 0; i < n; i++)
+        close(fds[i]);
+}
+
+static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
+                    const struct ucred *cred)
+{
+    const char *why = "";
+    int ret;
+
+    ret = lshm_wire_check_hello(&v->hello, &why);
+    if (ret < 0) {
+        lshm_port_fail(port, ret, "handshake refused: %s", why);
+        return ret;
+    }
+    if (cred == NULL) {
+        lshm_port_fail(port, -EPROTO, "handshake refused: HELLO came without credentials "
+                                      "(the peer must set SO_PASSCRED)");
+        return -EPROTO;
+    }
+    if (v->hdr.port_id != v->hello.port_id) {
+        lshm_port_fail(port, -EPROTO, "handshake refused: HELLO header port %u, payload "
+                       "port %u", v->hdr.port_id, v->hello.port_id);
+        return -EPROTO;
+    }
+    if (cred->pid != v->hdr.pid) {
+        lshm_port_fail(port, -EPROTO, "handshake refused: HELLO says pid %d but the kernel "
+                       "says %d; both processes must share a PID namespace",
+                       (int)v->hdr.pid, (int)cred->pid);
+        return -EPROTO;
+    }
+    ret = lshm_peer_get(cred->pid, &port->peer);
+    if (ret < 0) {
+        lshm_port_fail(port, ret, "out of memory for peer %d", (int)cred->pid);
+        return ret;
+    }
+    port->peer_pid = cred->pid;
+    port->peer_uid = cred->uid;
+    port->peer_gid = cred->gid;
+    port->peer_port_id = v->hello.port_id;
+    port->peer_max_segments = v->hello.max_segments;
+    port->state = PORT_OPEN;
+    return 0;
+}
+
+static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int fd)
+{
+    struct lshm_seg *seg;
+    uint32_t next = lshm_peer_in_next(port->peer);
+    int ret;
+
+    if (v->mmap_id != next) {
+        lshm_port_fail(port, -EPROTO, "protocol violation: MMAP id %u, expected %u",
+                       v->mmap_id, next);
+        return -EPROTO;
+    }
+    if (v->mmap_id >= port->ctx->p.max_segments) {
+        lshm_port_fail(port, -EPROTO, "protocol violation: MMAP id %u past our limit of %u "
+                       "segments", v->mmap_id, port->ctx->p.max_segments);
+        return -EPROTO;
+    }
+    ret = lshm_seg_import(fd, v->mmap_id, port->peer_pid, getpid(), &seg);
+    if (ret < 0) {
+        lshm_port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
+                       v->mmap_id, lshm_seg_strerror(ret));
+        return -EPROTO;
+    }
+    ret = lshm_peer_in_add(port->peer, seg, port->ctx->p.max_segments);
+    lshm_seg_unref(seg);
+    if (ret < 0) {
+        lshm_port_fail(port, -EPROTO, "protocol violation: segment %u out of order", v->mmap_id);
+        return -EPROTO;
+    }
+    return 0;
+}
+
+/* Resolve the tracking slot: true if the sender cancelled first. */
+static int read_tracking(struct lshm_port *port, const struct lshm_wire_view *v, bool *cancelled)
+{
+    struct lshm_seg *seg = lshm_peer_in_get(port->peer, v->tracking.mmap_id);
+    uint32_t expect = v->hdr.stream;
+    uint32_t slot = v->tracking.tracking_id;
+
+    if (seg == NULL || slot >= LSHM_CHUNK_COUNT) {
+        if (seg != NULL)
+            lshm_seg_unref(seg);
+        lshm_port_fail(port, -EPROTO, "protocol violation: tracking %u/%u does not exist",
+                       v->tracking.mmap_id, slot);
+        return -EPROTO;
+    }
+    /* The race of Unit's tracking: whoever swaps the stream id out wins,
+     * the loser gives the slot back. */
+    *cancelled = !__atomic_compare_exchange_n(&seg->hdr->tracking[slot], &expect, 0, false,
+                                              __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    if (*cancelled)
+        lshm_chunk_set_free(seg->hdr->free_tracking_map, slot);
+    lshm_seg_unref(seg);
+    return 0;
+}
+
+static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int fd)
+{
+    bool cancelled = false;
+    struct rmsg *rm;
+    size_t extra;
+    unsigned i;
+
+    if (v->has_tracking && read_tracking(port, v, &cancelled) < 0)
+        return -EPROTO;
+    extra = v->ndesc ? v->ndesc * (sizeof(struct rdesc) + sizeof(struct lshm_iov))
+                     : v->hdr.size;
+    rm = malloc(sizeof(*rm) + extra);
+    if (rm == NULL) {
+        lshm_port_fail(port, -ENOMEM, "out of memory receiving a message");
+        return -ENOMEM;
+    }
+    memset(&rm->pub, 0, sizeof(rm->pub));
+    rm->next = NULL;
+    rm->port = port;
+    rm->ndesc = 0;
+    rm->pub.port = port;
+    rm->pub.stream = v->hdr.stream;
+    rm->pub.type = v->hdr.type;
+    rm->pub.size = v->hdr.size;
+    rm->pub.fd = fd;
+    rm->pub.priv = rm;
+    if (v->hdr.flags & LSHM_WIRE_LAST)
+        rm->pub.flags |= LSHM_MSG_LAST;
+    if (cancelled)
+        rm->pub.flags |= LSHM_MSG_CANCELLED;
+    if (v->ndesc > 0) {
+        rm->desc = (struct rdesc *)rm->data;
+        rm->iov = (struct lshm_iov *)(rm->desc + v->ndesc);
+        rm->pub.flags |= LSHM_MSG_SHM;
+        for (i = 0; i < v->ndesc; i++) {
+            struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
+            struct lshm_seg *seg = lshm_peer_in_get(port->peer, d.mmap_id);
+
+            if (seg == NULL) {
+                rmsg_release(rm);
+                free(rm);
+                lshm_port_fail(port, -EPROTO, "protocol violation: descriptor names "
+                               "segment %u, which was never sent", d.mmap_id);
+                return -EPROTO;
+            }
+            /* The wire layer bounded chunk_id and size to the data area. */
+            rm->desc[i].seg = seg;
+            rm->desc[i].chunk = d.chunk_id;
+            rm->desc[i].nchunks = (d.size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE;
+            rm->ndesc++;
+            rm->iov[i].base = seg->data + (size_t)d.chunk_id * LSHM_CHUNK_SIZE;
+            rm->iov[i].len = d.size;
+        }
+        rm->pub.niov = v->ndesc;
+        rm->pub.iov = rm->iov;
+    } else if (v->hdr.size > 0) {
+        memcpy(rm->data, v->payload, v->hdr.size);
+        rm->iov1.base = rm->data;
+        rm->iov1.len = v->hdr.size;
+        rm->pub.niov = 1;
+        rm->pub.iov = &rm->iov1;
+    }
+    if (cancelled && port->ctx != NULL && (port->ctx->p.flags & LSHM_CTX_DROP_CANCELLED)) {
+        rmsg_release(rm);
+        free(rm);
+        return 0;
+    }
+    deliver(port, rm);
+    return 0;
+}
+
+/* One datagram: check everything before anything is used. */
+static void on_datagram(struct lshm_port *port, const void *data, size_t len,
+                        const struct msghdr *mh)
+{
+    int fds[8];
+    unsigned nfds = 0;
+    const struct ucred *cred = NULL;
+    struct ucred cred_copy;
+    struct lshm_wire_view v;
+    struct cmsghdr *c;
+    const char *why = "";
+    int ret;
+
+    for (c = mh->msg_controllen ? CMSG_FIRSTHDR((struct msghdr *)mh) : NULL; c != NULL;
+         c = CMSG_NXTHDR((struct msghdr *)mh, c)) {
+        if (c->cmsg_level != SOL_SOCKET)
+            continue;
+        if (c->cmsg_type == SCM_RIGHTS) {
+            size_t n = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            size_t i;
+
+            for (i = 0; i < n; i++) {
+                int fd;
+
+                memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                if (nfds < ARRAY_SIZE(fds))
+                    fds[nfds++] = fd;
+                else
+                    close(fd);
+            }
+        } else if (c->cmsg_type == SCM_CREDENTIALS &&
+                   c->cmsg_len >= CMSG_LEN(sizeof(struct ucred))) {
+            memcpy(&cred_copy, CMSG_DATA(c), sizeof(cred_copy));
+            cred = &cred_copy;
+        }
+    }
+    if (port->state == PORT_CLOSED) {
+        close_fds(fds, nfds);
+        return;
+    }
+    if (mh->msg_flags & MSG_CTRUNC) {
+        close_fds(fds, nfds);
+        lshm_port_fail(port, -EPROTO, "protocol violation: control data truncated "
+                       "(too many fds)");
+        return;
+    }
+    if (mh->msg_flags & MSG_TRUNC) {
+        close_fds(fds, nfds);
+        lshm_port_fail(port, -EPROTO, "protocol violation: datagram longer than %u bytes",
+                       LSHM_WIRE_MAX);
+        return;
+    }
+    ret = lshm_wire_decode(data, len, nfds, &v, &why);
+    if (ret < 0) {
+        close_fds(fds, nfds);
+        lshm_port_fail(port, -EPROTO, "protocol violation: %s", why);
+        return;
+    }
+    if (port->state == PORT_HANDSHAKE) {
+        close_fds(fds, nfds);
+        if (v.hdr.type != LSHM_WIRE_HELLO)
+            lshm_port_fail(port, -EPROTO, "protocol violation: first message is type %u, "
+                           "not HELLO", v.hdr.type);
+        else
+            on_hello(port, &v, cred);
+        return;
+    }
+    if (v.hdr.pid != port->peer_pid || (cred != NULL && cred->pid != port->peer_pid) ||
+        v.hdr.port_id != port->peer_port_id) {
+        close_fds(fds, nfds);
+        lshm_port_fail(port, -EPROTO, "protocol violation: header pid %d / port %u, "
+                       "handshake said pid %d / port %u", (int)v.hdr.pid, v.hdr.port_id,
+                       (int)port->peer_pid, port->peer_port_id);
+        return;
+    }
+    switch (v.hdr.type) {
+    case LSHM_WIRE_HELLO:
+        lshm_port_fail(port, -EPROTO, "protocol violation: second HELLO");
+        break;
+    case LSHM_WIRE_MMAP_MSG:
+        on_mmap(port, &v, fds[0]);
+        close(fds[0]);
+        break;
+    case LSHM_WIRE_SHM_ACK:
+        port->shm_acked = true;
+        break;
+    case LSHM_WIRE_BYE:
+        lshm_port_fail(port, -EPIPE, "peer closed the port (BYE)");
+        break;
+    default:
+        on_user(port, &v, nfds ? fds[0] : -1);
+        break;
+    }
+}
+
+static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct lshm_port *port = (struct lshm_port *)((char *)op - offsetof(struct lshm_port, recv_op));
+    struct lshm_ring *ring = port->ctx != NULL ? port->ctx->ring : NULL;
+
+    port->refs++;
+    if (!more)
+        port->recv_armed = false;
+    if (res > 0 && port->recv_multishot) {
+        struct msghdr mh;
+        void *payload;
+        unsigned plen;
+
+        if (lshm_ring_recvmsg_parse(buf, len, &port->recv_mh, &payload, &plen, &mh))
+            on_datagram(port, payload, plen, &mh);
+        else
+            lshm_port_fail(port, -EPROTO, "malformed receive buffer");
+    } else if (res > 0) {
+        on_datagram(port, port->recv_buf, (size_t)res, &port->recv_mh);
+    } else if (res == 0) {
+        lshm_port_fail(port, -EPIPE, "peer closed the connection");
+    } else if (res == -ECONNRESET && port->recv_multishot && port->state != PORT_CLOSED) {
+        /* Multishot can end with ECONNRESET while datagrams are still
+         * queued: drain them with single-shot receives. */
+        port->recv_multishot = false;
+    } else if (res != -ENOBUFS && res != -ECANCELED) {
+        lshm_port_fail(port, res, "receive failed: %s", strerror(-res));
+    }
+    if (buf != NULL && ring != NULL)
+        lshm_ring_buf_put(ring, buf);
+    if (port->state == PORT_CLOSED || port->shutdown) {
+        /* Nothing more will be read: stop a multishot still armed. */
+        if (port->recv_armed && ring != NULL && !port->shutdown)
+            lshm_ring_cancel(ring, &port->recv_op);
+    } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue) {
+        if (port->recv_armed && !port->recv_stopped)
+            lshm_ring_cancel(ring, &port->recv_op);
+        port->recv_stopped = true;
+    } else if (!port->recv_armed) {
+        recv_arm(port);
+    }
+    port->refs--;
+    port_finish(port);
+}
+
+static void recv_arm(struct lshm_port *port)
+{
+    struct lshm_ring *r = port->ctx->ring;
+    int ret;
+
+    if (port->recv_armed || port->state == PORT_CLOSED || port->shutdown)
+        return;
+    port->recv_op.complete = recv_done;
+    memset(&port->recv_mh, 0, sizeof(port->recv_mh));
+    port->recv_mh.msg_control = port->recv_cmsg.buf;
+    port->recv_mh.msg_controllen = sizeof(port->recv_cmsg.buf);
+    if (port->recv_multishot) {
+        ret = lshm_ring_recvmsg_multishot(r, port->fd, &port->recv_mh, &port->recv_op);
+    } else {
+        if (port->recv_buf == NULL) {
+            port->recv_buf = malloc(LSHM_WIRE_MAX + 1);
+            if (port->recv_buf == NULL) {
+                lshm_port_fail(port, -ENOMEM, "out of memory for a receive buffer");
+                return;
+            }
+        }
+        /* One byte more than a datagram may hold, so that a longer one
+         * shows as MSG_TRUNC. */
+        port->recv_iov.iov_base = port->recv_buf;
+        port->recv_iov.iov_len = LSHM_WIRE_MAX + 1;
+        port->recv_mh.msg_iov = &port->recv_iov;
+        port->recv_mh.msg_iovlen = 1;
+        ret = lshm_ring_recvmsg(r, port->fd, &port->recv_mh, &port->recv_op);
+    }
+    if (ret < 0) {
+        lshm_port_fail(port, ret, "cannot arm a receive: %s", strerror(-ret));
+        return;
+    }
+    port->recv_armed = true;
+}
+
+/* ---- creation ---- */
+
+int lshm_port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
+{
+    struct lshm_port *port;
+    int one = 1, type = 0, domain = 0, ret;
+    socklen_t len = sizeof(type);
+    unsigned id;
+
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+        return lshm_fail(errno == ENOTSOCK ? -ENOTSOCK : -errno,
+                         "fd %d is not a socket", fd);
+    len = sizeof(domain);
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0 || domain != AF_UNIX ||
+        type != SOCK_SEQPACKET)
+        return lshm_fail(-EPROTOTYPE, "fd %d is not an AF_UNIX SOCK_SEQPACKET socket", fd);
+    if (setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
+        return lshm_fail(-errno, "SO_PASSCRED: %s", strerror(errno));
+    port = calloc(1, sizeof(*port));
+    if (port == NULL)
+        return lshm_fail(-ENOMEM, "out of memory");
+    port->ctx = ctx;
+    port->fd = fd;
+    /* Ids are process-wide: sent_over names a port among all contexts. */
+    do {
+        id = atomic_fetch_add(&next_port_id, 1) & 0xffff;
+    } while (id == LSHM_SENT_OVER_ANY);
+    port->id = (uint16_t)id;
+    port->state = PORT_HANDSHAKE;
+    port->recv_multishot = (lshm_ring_features(ctx->ring) & LSHM_FEAT_MULTISHOT_RECV) != 0;
+    ret = queue_ctrl(port, LSHM_WIRE_HELLO, 0);
+    if (ret < 0) {
+        free(port);
+        return lshm_fail(ret, "out of memory");
+    }
+    port->next = ctx->ports;
+    if (ctx->ports != NULL)
+        ctx->ports->prev = port;
+    ctx->ports = port;
+    recv_arm(port);
+    lshm_port_kick(port);
+    lshm_ring_submit(ctx->ring);
+    *out = port;
+    return 0;
+}
+
+/* The context is going away: forget the ring, keep what messages hold. */
+void lshm_port_reap(struct lshm_port *port)
+{
+    struct smsg *m;
+
+    port->user_closed = true;
+    port->ctx = NULL;
+    port->recv_armed = false;
+    port->inflight = 0;
+    /* The ring is gone: sends it held will never complete. */
+    while ((m = port->if_head) != NULL) {
+        port->if_head = m->next;
+        smsg_free(m);
+    }
+    port->if_tail = NULL;
+    if (port->state != PORT_CLOSED) {
+        port->state = PORT_CLOSED;
+        port->error = -EPIPE;
+        snprintf(port->reason, sizeof(port->reason), "context freed");
+    }
+    while ((m = port->sq_head) != NULL) {
+        port->sq_head = m->next;
+        smsg_free(m);
+    }
+    port->sq_tail = NULL;
+    drop_queues(port);
+    if (port->fd >= 0) {
+        close(port->fd);
+        port->fd = -1;
+    }
+    port->refs = 0;
+    port_maybe_free(port);
+}
+
+/* Could an allocation for this port succeed now?  Only a hint: the bits
+ * are the peer's to change. */
+bool lshm_port_shm_ready(struct lshm_port *port)
+{
+    struct lshm_seg_table *t = &port->peer->out;
+    unsigned limit = port->ctx->p.max_segments;
+    bool ready = false;
+    uint32_t i, w;
+
+    if (port->peer_max_segments < limit)
+        limit = port->peer_max_segments;
+    pthread_mutex_lock(&t->mutex);
+    if (t->size < limit)
+        ready = true;
+    for (i = 0; i < t->size && !ready; i++) {
+        struct lshm_segment_header *h = t->elts[i]->hdr;
+        uint16_t over = __atomic_load_n(&h->sent_over, __ATOMIC_RELAXED);
+
+        if (over != LSHM_SENT_OVER_ANY && over != port->id)
+            continue;
+        for (w = 0; w < LSHM_FREE_WORDS && !ready; w++)
+            ready = __atomic_load_n(&h->free_map[w], __ATOMIC_RELAXED) != 0;
+    }
+    pthread_mutex_unlock(&t->mutex);
+    return ready;
+}
+
+/* In a forked child: these fds and this memory are copies; the ring and
+ * the shared segments are the parent's (and not mapped here). */
+void lshm_port_forget(struct lshm_port *port)
+{
+    struct smsg *m;
+    struct rmsg *rm;
+
+    while ((m = port->sq_head) != NULL) {
+        port->sq_head = m->next;
+        if (m->fd >= 0)
+            close(m->fd);
+        free(m);
+    }
+    while ((m = port->if_head) != NULL) {
+        port->if_head = m->next;
+        if (m->fd >= 0)
+            close(m->fd);
+        free(m);
+    }
+    while ((rm = port->rq_head) != NULL) {
+        port->rq_head = rm->next;
+        if (rm->pub.fd >= 0)
+            close(rm->pub.fd);
+        free(rm);
+    }
+    if (port->fd >= 0)
+        close(port->fd);
+    free(port->recv_buf);
+    free(port);
+}

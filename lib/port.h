@@ -1,0 +1,124 @@
+/*
+ * Contexts, ports and listeners: the state behind the public handles.
+ */
+#ifndef LSHM_PORT_H
+#define LSHM_PORT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include "ring.h"
+#include "shm.h"
+#include "wire.h"
+
+struct lshm_ctx {
+    struct lshm_ring       *ring;
+    pid_t                   pid;        /* creator: another pid is a forked child */
+    struct lshm_ctx_params  p;          /* with defaults filled in */
+    struct lshm_port       *ports;      /* every port not yet freed */
+    struct lshm_listener   *listeners;
+    uint64_t                msgs_sent;
+    uint64_t                msgs_received;
+};
+
+enum port_state {
+    PORT_HANDSHAKE,     /* our HELLO queued, theirs not seen */
+    PORT_OPEN,
+    PORT_CLOSED,        /* no more messages either way; error says why */
+};
+
+struct smsg;
+struct rmsg;
+
+struct lshm_port {
+    struct lshm_ctx     *ctx;           /* NULL once the context is gone */
+    struct lshm_port    *next, *prev;   /* in ctx->ports */
+    int                  fd;            /* -1 once closed */
+    uint16_t             id;
+    enum port_state      state;
+    bool                 user_closed;   /* the handle was given back */
+    bool                 shutdown;      /* shutdown(2) done, socket closing */
+    int                  error;         /* why it closed, -errno */
+    char                 reason[192];
+
+    /* The peer, from its HELLO and the kernel's credentials. */
+    pid_t                peer_pid;
+    uid_t                peer_uid;
+    gid_t                peer_gid;
+    uint16_t             peer_port_id;
+    uint32_t             peer_max_segments;
+    struct lshm_peer    *peer;          /* referenced once OPEN */
+    bool                 shm_acked;     /* SHM_ACK since the last wait */
+
+    /* Sending: FIFO queue; one linked chain in flight at a time. */
+    struct smsg         *sq_head, *sq_tail;
+    unsigned             sq_len;        /* queued, not in flight */
+    unsigned             inflight;      /* sends submitted, not completed */
+    struct smsg         *if_head, *if_tail;  /* those sends, oldest first */
+
+    /* Receiving. */
+    struct lshm_op       recv_op;
+    struct msghdr        recv_mh;
+    struct iovec         recv_iov;
+    uint8_t             *recv_buf;      /* single-shot mode */
+    union {
+        uint64_t         align;   /* cmsghdr alignment */
+        char             buf[LSHM_RING_CMSG_SPACE];
+    }                    recv_cmsg;
+    bool                 recv_armed;
+    bool                 recv_multishot;
+    bool                 recv_stopped;  /* held messages reached the bound */
+    struct rmsg         *rq_head, *rq_tail;
+    unsigned             held;          /* queued + delivered, not done */
+
+    lshm_msg_fn          on_msg;
+    lshm_close_fn        on_close;
+    void                *arg;
+    unsigned             refs;          /* handle + ops in flight + messages */
+};
+
+struct lshm_listener {
+    struct lshm_ctx      *ctx;
+    struct lshm_listener *next, *prev;
+    int                   fd;
+    char                 *path;
+    struct lshm_op        op;
+    bool                  armed;
+    bool                  closing;
+    struct lshm_port    **ready;        /* accepted, waiting for lshm_accept */
+    unsigned              nready, capready;
+    lshm_accept_fn        on_accept;
+    void                 *arg;
+};
+
+struct lshm_tracking {
+    struct lshm_port *port;
+    struct lshm_seg  *seg;              /* referenced */
+    uint32_t          slot;
+    uint32_t          stream;
+    bool              sent;
+};
+
+/* port.c */
+int  lshm_port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out);
+void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void lshm_port_release(struct lshm_port *port);
+int  lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags);
+struct lshm_msg *lshm_port_pop(struct lshm_port *port);
+void lshm_port_msg_done(struct lshm_msg *msg);
+int  lshm_port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
+void lshm_port_kick(struct lshm_port *port);
+void lshm_port_reap(struct lshm_port *port);   /* context going away */
+bool lshm_port_shm_ready(struct lshm_port *port);
+
+void lshm_port_forget(struct lshm_port *port); /* forked child's copy */
+
+/* listen.c */
+void lshm_listener_reap(struct lshm_listener *l);
+void lshm_listener_forget(struct lshm_listener *l);
+
+
+#endif

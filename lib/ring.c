@@ -1,0 +1,443 @@
+/*
+ * The io_uring behind a context: set-up with fallbacks, provided buffers for
+ * multishot receives, submission and completion dispatch.
+ */
+#include <liburing.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "ring.h"
+
+#define BUF_GROUP    1
+#define BUF_COUNT    128u    /* provided buffers shared by the context's ports */
+
+struct lshm_ring {
+    struct io_uring          ring;
+    unsigned                 features;       /* LSHM_FEAT_* */
+    struct io_uring_buf_ring *br;            /* NULL: no provided buffers */
+    size_t                   br_size;
+    uint8_t                  *bufs;          /* BUF_COUNT * LSHM_RING_BUF_SIZE */
+    struct lshm_ctx_stats    stats;
+};
+
+/* Set-up flags in the order we try them: best first. */
+static const struct {
+    unsigned flags;
+    unsigned feats;
+} setups[] = {
+    { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+      LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_DEFER_TASKRUN },
+    { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
+      LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_COOP_TASKRUN },
+    { IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL, LSHM_FEAT_COOP_TASKRUN },
+    { 0, 0 },
+};
+
+static int disabled_why(int err)
+{
+    char val[16] = "";
+    FILE *f;
+
+    if (err == -ENOSYS)
+        return lshm_fail(err, "io_uring is not available: the kernel was built without it "
+                              "(CONFIG_IO_URING) or a seccomp filter hides it");
+    if (err != -EPERM && err != -EACCES)
+        return lshm_fail(err, "io_uring_setup failed: %s", strerror(-err));
+    f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
+    if (f != NULL) {
+        if (fgets(val, sizeof(val), f) == NULL)
+            val[0] = '\0';
+        fclose(f);
+    }
+    if (val[0] == '2')
+        return lshm_fail(-EPERM, "io_uring is disabled by sysctl kernel.io_uring_disabled=2; "
+                                 "set it to 0 to use liblinuxshm");
+    if (val[0] == '1')
+        return lshm_fail(-EPERM, "io_uring is restricted by sysctl kernel.io_uring_disabled=1 "
+                                 "to the group in kernel.io_uring_group; join it or set the "
+                                 "sysctl to 0");
+    return lshm_fail(-EPERM, "io_uring_setup is refused (EPERM), most likely by a seccomp "
+                             "profile (container runtime); allow io_uring_setup/enter/register");
+}
+
+static int setup_buffers(struct lshm_ring *r)
+{
+    struct io_uring_buf_reg reg;
+    unsigned i;
+    int ret;
+
+    r->br_size = BUF_COUNT * sizeof(struct io_uring_buf);
+    r->br = mmap(NULL, r->br_size, PROT_READ | PROT_WRITE,
+                 MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+    if (r->br == MAP_FAILED) {
+        r->br = NULL;
+        return -ENOMEM;
+    }
+    r->bufs = malloc((size_t)BUF_COUNT * LSHM_RING_BUF_SIZE);
+    if (r->bufs == NULL)
+        goto fail;
+    memset(&reg, 0, sizeof(reg));
+    reg.ring_addr = (unsigned long)r->br;
+    reg.ring_entries = BUF_COUNT;
+    reg.bgid = BUF_GROUP;
+    ret = io_uring_register_buf_ring(&r->ring, &reg, 0);
+    if (ret < 0)
+        goto fail;
+    io_uring_buf_ring_init(r->br);
+    for (i = 0; i < BUF_COUNT; i++)
+        io_uring_buf_ring_add(r->br, r->bufs + (size_t)i * LSHM_RING_BUF_SIZE,
+                              LSHM_RING_BUF_SIZE, i, io_uring_buf_ring_mask(BUF_COUNT), i);
+    io_uring_buf_ring_advance(r->br, BUF_COUNT);
+    return 0;
+fail:
+    munmap(r->br, r->br_size);
+    r->br = NULL;
+    free(r->bufs);
+    r->bufs = NULL;
+    return -ENOTSUP;
+}
+
+static bool multishot_recvmsg_works(struct lshm_ring *r)
+{
+    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
+    bool ok;
+
+    if (p == NULL)
+        return false;
+    /* IORING_OP_SOCKET arrived in 5.19, multishot recvmsg in 6.0: the
+     * probe has no bit for the flag itself, so go by a sibling opcode
+     * of 6.0 (IORING_OP_SEND_ZC). */
+    ok = io_uring_opcode_supported(p, IORING_OP_RECVMSG) &&
+         io_uring_opcode_supported(p, IORING_OP_SEND_ZC);
+    io_uring_free_probe(p);
+    return ok;
+}
+
+int lshm_ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
+{
+    struct lshm_ring *r;
+    unsigned i = 0;
+    int ret = -EINVAL;
+
+    r = calloc(1, sizeof(*r));
+    if (r == NULL)
+        return lshm_fail(-ENOMEM, "out of memory");
+    if (ctx_flags & LSHM_CTX_NO_DEFER_TASKRUN)
+        i = ARRAY_SIZE(setups) - 1;
+    for (; i < ARRAY_SIZE(setups); i++) {
+        ret = io_uring_queue_init(entries, &r->ring, setups[i].flags);
+        if (ret != -EINVAL)
+            break;
+    }
+    if (ret < 0) {
+        free(r);
+        if (ret == -ENOMEM)
+            return lshm_fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low?)");
+        if (ret == -EMFILE || ret == -ENFILE)
+            return lshm_fail(ret, "io_uring_setup: too many open files");
+        return disabled_why(ret);
+    }
+    r->features = setups[i].feats;
+    if (!(ctx_flags & LSHM_CTX_NO_MULTISHOT) && multishot_recvmsg_works(r) &&
+        setup_buffers(r) == 0)
+        r->features |= LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING |
+                       LSHM_FEAT_MULTISHOT_ACCEPT;
+    *out = r;
+    return 0;
+}
+
+static void release(struct lshm_ring *r)
+{
+    if (r->br != NULL)
+        munmap(r->br, r->br_size);
+    free(r->bufs);
+    free(r);
+}
+
+void lshm_ring_free(struct lshm_ring *r)
+{
+    if (r == NULL)
+        return;
+    if (r->br != NULL)
+        io_uring_unregister_buf_ring(&r->ring, BUF_GROUP);
+    io_uring_queue_exit(&r->ring);
+    release(r);
+}
+
+void lshm_ring_forget(struct lshm_ring *r)
+{
+    if (r == NULL)
+        return;
+    /* io_uring_queue_exit() only unmaps and closes: nothing the parent's
+     * ring can feel.  Unregistering anything would reach it. */
+    io_uring_queue_exit(&r->ring);
+    release(r);
+}
+
+int lshm_ring_fd(const struct lshm_ring *r)
+{
+    return r->ring.ring_fd;
+}
+
+unsigned lshm_ring_features(const struct lshm_ring *r)
+{
+    return r->features;
+}
+
+void lshm_ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st)
+{
+    *st = r->stats;
+}
+
+unsigned lshm_ring_space(struct lshm_ring *r)
+{
+    return io_uring_sq_space_left(&r->ring);
+}
+
+static struct io_uring_sqe *get_sqe(struct lshm_ring *r)
+{
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&r->ring);
+
+    if (sqe == NULL) {
+        /* The SQ is full: submit what is there to make room. */
+        lshm_ring_submit(r);
+        sqe = io_uring_get_sqe(&r->ring);
+    }
+    return sqe;
+}
+
+int lshm_ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
+                      struct lshm_op *op, bool link)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_sendmsg(sqe, fd, m, MSG_NOSIGNAL);
+    io_uring_sqe_set_data(sqe, op);
+    if (link)
+        sqe->flags |= IOSQE_IO_LINK;
+    return 0;
+}
+
+int lshm_ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_recvmsg(sqe, fd, m, MSG_CMSG_CLOEXEC);
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+int lshm_ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
+                                struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe;
+
+    if (r->br == NULL)
+        return -ENOTSUP;
+    sqe = get_sqe(r);
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_recvmsg_multishot(sqe, fd, m, MSG_CMSG_CLOEXEC);
+    sqe->flags |= IOSQE_BUFFER_SELECT;
+    sqe->buf_group = BUF_GROUP;
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+void lshm_ring_buf_put(struct lshm_ring *r, void *buf)
+{
+    size_t off = (uint8_t *)buf - r->bufs;
+    unsigned bid = off / LSHM_RING_BUF_SIZE;
+
+    io_uring_buf_ring_add(r->br, buf, LSHM_RING_BUF_SIZE, bid,
+                          io_uring_buf_ring_mask(BUF_COUNT), 0);
+    io_uring_buf_ring_advance(r->br, 1);
+}
+
+bool lshm_ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
+                             void **payload, unsigned *payload_len, struct msghdr *out)
+{
+    struct msghdr tmpl = *m;
+    struct io_uring_recvmsg_out *o;
+
+    o = io_uring_recvmsg_validate(buf, (int)len, &tmpl);
+    if (o == NULL)
+        return false;
+    memset(out, 0, sizeof(*out));
+    out->msg_flags = o->flags;
+    out->msg_controllen = o->controllen;
+    out->msg_control = o->controllen ? (uint8_t *)(o + 1) + tmpl.msg_namelen : NULL;
+    *payload = io_uring_recvmsg_payload(o, &tmpl);
+    *payload_len = io_uring_recvmsg_payload_length(o, (int)len, &tmpl);
+    /* A datagram longer than the buffer is cut: the kernel says so in
+     * the flags, and payloadlen holds the full length. */
+    if (o->payloadlen > *payload_len)
+        out->msg_flags |= MSG_TRUNC;
+    return true;
+}
+
+int lshm_ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+
+    if (sqe == NULL)
+        return -EBUSY;
+    if (multishot && (r->features & LSHM_FEAT_MULTISHOT_ACCEPT))
+        io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+    else
+        io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
+                      socklen_t len, struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_connect(sqe, fd, addr, len);
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+
+    if (sqe == NULL)
+        return -EBUSY;
+    io_uring_prep_cancel(sqe, op, 0);
+    io_uring_sqe_set_data(sqe, NULL);
+    return 0;
+}
+
+int lshm_ring_submit(struct lshm_ring *r)
+{
+    int ret;
+
+    if (io_uring_sq_ready(&r->ring) == 0)
+        return 0;
+    ret = io_uring_submit(&r->ring);
+    r->stats.enters++;
+    if (ret > 0)
+        r->stats.submitted += ret;
+    return ret;
+}
+
+static int dispatch(struct lshm_ring *r)
+{
+    struct io_uring_cqe *cqe;
+    unsigned n = 0;
+
+    /* Handlers may queue new SQEs; they never free the ring itself. */
+    while (io_uring_peek_cqe(&r->ring, &cqe) == 0) {
+        struct lshm_op *op = io_uring_cqe_get_data(cqe);
+        int res = cqe->res;
+        unsigned flags = cqe->flags;
+        void *buf = NULL;
+        unsigned len = 0;
+
+        io_uring_cqe_seen(&r->ring, cqe);
+        n++;
+        if (flags & IORING_CQE_F_BUFFER) {
+            buf = r->bufs + (size_t)(flags >> IORING_CQE_BUFFER_SHIFT) * LSHM_RING_BUF_SIZE;
+            len = res > 0 ? (unsigned)res : 0;
+        }
+        if (op != NULL)
+            op->complete(op, res, flags & IORING_CQE_F_MORE, buf, len);
+        else if (buf != NULL)
+            lshm_ring_buf_put(r, buf);
+    }
+    r->stats.completions += n;
+    return (int)n;
+}
+
+int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
+{
+    struct io_uring_cqe *cqe;
+    int ret, n;
+
+    n = dispatch(r);
+    if (n > 0 || timeout_ms == 0) {
+        /* Nothing to wait for: submit and collect what is ready, one
+         * enter either way (DEFER_TASKRUN runs completions only here). */
+        ret = io_uring_submit_and_get_events(&r->ring);
+        r->stats.enters++;
+        if (ret > 0)
+            r->stats.submitted += ret;
+    } else {
+        struct __kernel_timespec ts, *tsp = NULL;
+        unsigned queued = io_uring_sq_ready(&r->ring);
+
+        if (timeout_ms > 0) {
+            ts.tv_sec = timeout_ms / 1000;
+            ts.tv_nsec = (long long)(timeout_ms % 1000) * 1000000;
+            tsp = &ts;
+        }
+        ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, 1, tsp, NULL);
+        r->stats.enters++;
+        if (ret > 0)
+            r->stats.submitted += queued;
+        if (ret == -ETIME || ret == -EINTR)
+            ret = 0;
+    }
+    if (ret < 0 && ret != -EBUSY && ret != -EAGAIN)
+        return lshm_fail(ret, "io_uring_enter: %s", strerror(-ret));
+    return n + dispatch(r);
+}
+
+int lshm_ring_probe(struct lshm_probe *p)
+{
+    static const unsigned all[] = {
+        IORING_SETUP_IOPOLL, IORING_SETUP_SQPOLL, IORING_SETUP_CLAMP,
+        IORING_SETUP_SUBMIT_ALL, IORING_SETUP_COOP_TASKRUN,
+        IORING_SETUP_TASKRUN_FLAG, IORING_SETUP_SQE128, IORING_SETUP_CQE32,
+        IORING_SETUP_SINGLE_ISSUER,
+        IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
+    };
+    struct io_uring_probe *pr;
+    struct lshm_ring *r;
+    struct io_uring ring;
+    unsigned i;
+    int ret;
+
+    ret = lshm_ring_new(&r, 8, 0);
+    if (ret < 0) {
+        p->io_uring = ret;
+        snprintf(p->io_uring_why, sizeof(p->io_uring_why), "%s", lshm_last_error());
+        return 0;
+    }
+    p->io_uring = 0;
+    p->features = r->features;
+    pr = io_uring_get_probe_ring(&r->ring);
+    if (pr != NULL) {
+        p->op_sendmsg = io_uring_opcode_supported(pr, IORING_OP_SENDMSG);
+        p->op_recvmsg = io_uring_opcode_supported(pr, IORING_OP_RECVMSG);
+        p->op_accept = io_uring_opcode_supported(pr, IORING_OP_ACCEPT);
+        io_uring_free_probe(pr);
+    }
+    lshm_ring_free(r);
+
+    p->setup_flags = 0;
+    for (i = 0; i < ARRAY_SIZE(all); i++) {
+        /* SQPOLL may need privileges; the question is only whether the
+         * kernel knows the flag, so EPERM counts as known. */
+        ret = io_uring_queue_init(4, &ring, all[i]);
+        if (ret == 0) {
+            io_uring_queue_exit(&ring);
+            p->setup_flags |= all[i];
+        } else if (ret == -EPERM) {
+            p->setup_flags |= all[i];
+        }
+    }
+    return 0;
+}

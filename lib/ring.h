@@ -1,0 +1,66 @@
+/*
+ * The ring layer: the only code that knows io_uring.  Everything above it
+ * submits operations with a completion callback and runs the ring; another
+ * transport could take its place behind these few functions.
+ */
+#ifndef LSHM_RING_H
+#define LSHM_RING_H
+
+#include <stdbool.h>
+#include <sys/socket.h>
+
+#include "internal.h"
+
+struct lshm_ring;
+
+/*
+ * An operation in flight.  complete() runs from lshm_ring_run() for each
+ * completion; more is true while a multishot operation stays armed.
+ */
+struct lshm_op {
+    void (*complete)(struct lshm_op *op, int res, bool more, void *buf, unsigned len);
+};
+
+/* Room in a provided receive buffer: recvmsg header, control, datagram. */
+#define LSHM_RING_CMSG_SPACE  128u
+#define LSHM_RING_BUF_SIZE    (LSHM_WIRE_MAX + LSHM_RING_CMSG_SPACE + 64u)
+
+int      lshm_ring_new(struct lshm_ring **r, unsigned entries, unsigned ctx_flags);
+void     lshm_ring_free(struct lshm_ring *r);
+/* In a forked child: release this process's copies without a syscall that
+ * could reach the parent's ring. */
+void     lshm_ring_forget(struct lshm_ring *r);
+int      lshm_ring_fd(const struct lshm_ring *r);
+unsigned lshm_ring_features(const struct lshm_ring *r);
+void     lshm_ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st);
+
+/* Free SQ slots; a linked chain must fit in them to stay one chain. */
+unsigned lshm_ring_space(struct lshm_ring *r);
+
+/* Queue operations (submitted by lshm_ring_submit / lshm_ring_run). */
+int lshm_ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
+                      struct lshm_op *op, bool link);
+int lshm_ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op);
+/* Multishot recvmsg from the ring's provided buffers; m gives controllen.
+ * Each completion passes the whole buffer (io_uring_recvmsg_out first);
+ * hand it back with lshm_ring_buf_put() once read. */
+int lshm_ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
+                                struct lshm_op *op);
+void lshm_ring_buf_put(struct lshm_ring *r, void *buf);
+/* Parse a multishot buffer: payload and control, false if malformed. */
+bool lshm_ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
+                             void **payload, unsigned *payload_len,
+                             struct msghdr *out);
+int lshm_ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot);
+int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
+                      socklen_t len, struct lshm_op *op);
+int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op);
+
+int lshm_ring_submit(struct lshm_ring *r);
+/* Submit, wait up to timeout_ms (0: no wait, -1: forever) for a completion,
+ * dispatch every completion; returns how many. */
+int lshm_ring_run(struct lshm_ring *r, int timeout_ms);
+
+int lshm_ring_probe(struct lshm_probe *p);
+
+#endif

@@ -1,0 +1,314 @@
+/*
+ * Segments: create, seal and map a memfd; validate and map one a peer sent;
+ * the chunk search of the allocator.
+ */
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "shm.h"
+
+#ifndef MFD_NOEXEC_SEAL
+#define MFD_NOEXEC_SEAL 0x0008u
+#endif
+#ifndef F_SEAL_FUTURE_WRITE
+#define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+
+#define SCRUB_BYTE 0xA5
+
+/*
+ * A peer flipping bits in a word can make every compare-and-swap lose; give
+ * up after this many in one search rather than spin for it.  Honest
+ * contention loses a handful at most.
+ */
+#define MAX_LOST_CAS 4096
+
+bool lshm_chunk_get_free(uint64_t *map, uint32_t *c)
+{
+    uint32_t pos, lost = 0;
+    uint64_t bits, mask;
+
+    if (*c >= LSHM_CHUNK_COUNT)
+        return false;
+    pos = *c / 64;
+    mask = ~0ull << (*c % 64);
+    bits = __atomic_load_n(&map[pos], __ATOMIC_RELAXED);
+
+    /* pos stays below LSHM_FREE_WORDS: the padding word is never read. */
+    for (;;) {
+        uint64_t avail = bits & mask;
+
+        if (avail != 0) {
+            unsigned bit = (unsigned)__builtin_ctzll(avail);
+
+            if (__atomic_compare_exchange_n(&map[pos], &bits, bits & ~(1ull << bit),
+                                            false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                *c = pos * 64 + bit;
+                return true;
+            }
+            /* Lost: bits now holds the word's new value; look at it again. */
+            if (++lost >= MAX_LOST_CAS)
+                return false;
+            continue;
+        }
+        if (++pos >= LSHM_FREE_WORDS)
+            return false;
+        mask = ~0ull;
+        bits = __atomic_load_n(&map[pos], __ATOMIC_RELAXED);
+    }
+}
+
+static int make_memfd(void)
+{
+    int fd = memfd_create("lshm", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL);
+
+    /* Kernels before 6.3 reject the flag they do not know. */
+    if (fd < 0 && errno == EINVAL)
+        fd = memfd_create("lshm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    return fd < 0 ? -errno : fd;
+}
+
+int lshm_seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
+                    struct lshm_seg **out)
+{
+    struct lshm_segment_header *hdr;
+    struct lshm_seg *seg;
+    void *mem;
+    int fd, ret;
+
+    seg = calloc(1, sizeof(*seg));
+    if (seg == NULL)
+        return lshm_fail(-ENOMEM, "segment: out of memory");
+
+    fd = make_memfd();
+    if (fd < 0) {
+        ret = fd;
+        lshm_fail(ret, "memfd_create: %s%s", strerror(-ret),
+                  ret == -ENOSYS ? " (the kernel has no memfd; there is no fallback)" : "");
+        goto fail_free;
+    }
+    if (ftruncate(fd, LSHM_SEGMENT_SIZE) < 0) {
+        ret = lshm_fail(-errno, "segment: ftruncate: %s", strerror(errno));
+        goto fail_close;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        ret = lshm_fail(-errno, "segment: sealing: %s", strerror(errno));
+        goto fail_close;
+    }
+    mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (mem == MAP_FAILED) {
+        ret = lshm_fail(-errno, "segment: mmap: %s", strerror(errno));
+        goto fail_close;
+    }
+    /* A forked child must not keep the peer's memory (or its pages) alive. */
+    if (madvise(mem, LSHM_SEGMENT_SIZE, MADV_DONTFORK) < 0) {
+        ret = lshm_fail(-errno, "segment: madvise: %s", strerror(errno));
+        goto fail_unmap;
+    }
+
+    /* A fresh memfd reads as zeros: oosm, the paddings and tracking[] are 0. */
+    hdr = mem;
+    hdr->magic = LSHM_MAGIC;
+    hdr->version = LSHM_PROTOCOL_VERSION;
+    hdr->sent_over = port_id;
+    hdr->id = id;
+    hdr->src_pid = src;
+    hdr->dst_pid = dst;
+    memset(hdr->free_map, 0xff, sizeof(hdr->free_map));
+    memset(hdr->free_tracking_map, 0xff, sizeof(hdr->free_tracking_map));
+
+    seg->hdr = hdr;
+    seg->data = (uint8_t *)mem + LSHM_HEADER_SIZE;
+    seg->id = id;
+    seg->src_pid = src;
+    seg->dst_pid = dst;
+    seg->fd = fd;
+    atomic_init(&seg->use, 1);
+    *out = seg;
+    return 0;
+
+fail_unmap:
+    munmap(mem, LSHM_SEGMENT_SIZE);
+fail_close:
+    close(fd);
+fail_free:
+    free(seg);
+    return ret;
+}
+
+/*
+ * Seals cannot tell a memfd made without MFD_ALLOW_SEALING from another
+ * tmpfs file; its name can.  Without /proc, the seals check still stands.
+ */
+static bool fd_is_other_file(int fd)
+{
+    char path[64], target[64];
+    ssize_t n;
+
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    n = readlink(path, target, sizeof(target) - 1);
+    if (n < 0)
+        return false;
+    target[n] = '\0';
+    return strncmp(target, "/memfd:", 7) != 0;
+}
+
+int lshm_seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
+{
+    struct lshm_segment_header *hdr;
+    struct lshm_seg *seg;
+    struct stat st;
+    int seals, ret;
+    void *mem;
+
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
+        return -EBADF;
+    seals = fcntl(fd, F_GET_SEALS);
+    if (seals < 0)
+        return errno == EINVAL ? -EOPNOTSUPP : -errno;
+    if (fd_is_other_file(fd))
+        return -EOPNOTSUPP;
+    if ((seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW))
+        return -EPERM;
+    if (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))
+        return -EACCES;
+    /* Only now that the size is sealed does it stay what fstat says. */
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    if (st.st_size != (off_t)LSHM_SEGMENT_SIZE)
+        return -EMSGSIZE;
+
+    seg = calloc(1, sizeof(*seg));
+    if (seg == NULL)
+        return -ENOMEM;
+    mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (mem == MAP_FAILED) {
+        ret = -errno;
+        goto fail_free;
+    }
+
+    /* Each field is read once: the sender can rewrite them under us. */
+    hdr = mem;
+    if (__atomic_load_n(&hdr->magic, __ATOMIC_RELAXED) != LSHM_MAGIC)
+        ret = -EPROTO;
+    else if (__atomic_load_n(&hdr->version, __ATOMIC_RELAXED) != LSHM_PROTOCOL_VERSION)
+        ret = -EPROTONOSUPPORT;
+    else if (__atomic_load_n(&hdr->id, __ATOMIC_RELAXED) != id)
+        ret = -ERANGE;
+    else if (__atomic_load_n(&hdr->src_pid, __ATOMIC_RELAXED) != src)
+        ret = -ESRCH;
+    else if (__atomic_load_n(&hdr->dst_pid, __ATOMIC_RELAXED) != dst)
+        ret = -ENXIO;
+    else if (madvise(mem, LSHM_SEGMENT_SIZE, MADV_DONTFORK) < 0)
+        ret = -errno;
+    else
+        ret = 0;
+    if (ret < 0)
+        goto fail_unmap;
+
+    __atomic_store_n(&hdr->sent_over, (uint16_t)LSHM_SENT_OVER_ANY, __ATOMIC_RELEASE);
+    seg->hdr = hdr;
+    seg->data = (uint8_t *)mem + LSHM_HEADER_SIZE;
+    seg->id = id;
+    seg->src_pid = src;
+    seg->dst_pid = dst;
+    seg->fd = -1;
+    atomic_init(&seg->use, 1);
+    *out = seg;
+    return 0;
+
+fail_unmap:
+    munmap(mem, LSHM_SEGMENT_SIZE);
+fail_free:
+    free(seg);
+    return ret;
+}
+
+const char *lshm_seg_strerror(int err)
+{
+    switch (err) {
+    case 0:
+        return "segment accepted";
+    case -EBADF:
+        return "segment fd is not a regular file";
+    case -EOPNOTSUPP:
+        return "segment fd is not a memfd";
+    case -EPERM:
+        return "segment is not sealed against shrinking and growing";
+    case -EACCES:
+        return "segment cannot be mapped for writing (write seal or read-only fd)";
+    case -EMSGSIZE:
+        return "segment has the wrong size";
+    case -EPROTO:
+        return "segment header has a bad magic number";
+    case -EPROTONOSUPPORT:
+        return "segment header has an unsupported version";
+    case -ERANGE:
+        return "segment id is not the next one expected";
+    case -ESRCH:
+        return "segment source pid is not the sending peer";
+    case -ENXIO:
+        return "segment destination pid is not this process";
+    case -ENOMEM:
+        return "out of memory mapping the segment";
+    default:
+        return "segment cannot be mapped";
+    }
+}
+
+void lshm_seg_ref(struct lshm_seg *seg)
+{
+    atomic_fetch_add_explicit(&seg->use, 1, memory_order_relaxed);
+}
+
+void lshm_seg_unref(struct lshm_seg *seg)
+{
+    if (seg == NULL)
+        return;
+    /* Release our uses of the mapping before the last owner unmaps it. */
+    if (atomic_fetch_sub_explicit(&seg->use, 1, memory_order_acq_rel) != 1)
+        return;
+    if (seg->hdr != NULL)
+        munmap(seg->hdr, LSHM_SEGMENT_SIZE);
+    if (seg->fd >= 0)
+        close(seg->fd);
+    free(seg);
+}
+
+void lshm_seg_close_fd(struct lshm_seg *seg)
+{
+    if (seg->fd >= 0) {
+        close(seg->fd);
+        seg->fd = -1;
+    }
+}
+
+void lshm_seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks)
+{
+    uint32_t c;
+
+    if (chunk >= LSHM_CHUNK_COUNT)
+        return;
+    if (nchunks > LSHM_CHUNK_COUNT - chunk)
+        nchunks = LSHM_CHUNK_COUNT - chunk;
+    /* Scrub while the chunks are still ours: once a bit is set they are not. */
+    if (seg->scrub)
+        memset(seg->data + (size_t)chunk * LSHM_CHUNK_SIZE, SCRUB_BYTE,
+               (size_t)nchunks * LSHM_CHUNK_SIZE);
+    for (c = chunk; c < chunk + nchunks; c++)
+        lshm_chunk_set_free(seg->hdr->free_map, c);
+}
+
+bool lshm_seg_take_oosm(struct lshm_seg *seg)
+{
+    uint32_t one = 1;
+
+    return __atomic_compare_exchange_n(&seg->hdr->oosm, &one, 0, false,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}

@@ -1,0 +1,432 @@
+/*
+ * Peers: the process-wide registry, outgoing allocation (segment creation,
+ * sent_over, the segment limit and oosm), incoming order, table growth,
+ * teardown, and what a forked child keeps of it all (nothing).
+ */
+#include <fcntl.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "shm.h"
+
+#define FAKE_PID  424242
+#define PEER_PID  515151
+
+#if defined(__SANITIZE_THREAD__)
+#define UNDER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define UNDER_TSAN 1
+#endif
+#endif
+
+static struct lshm_alloc alloc_ok(struct lshm_peer *peer, uint16_t port, unsigned limit)
+{
+    struct lshm_alloc a;
+    int ret = lshm_peer_out_alloc(peer, port, limit, false, false, &a);
+
+    cr_assert_eq(ret, 0, "out_alloc: %d", ret);
+    return a;
+}
+
+LTEST(peer, get_same_pid_same_peer)
+{
+    struct lshm_peer *p1, *p2, *p3;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &p1), 0);
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &p2), 0);
+    cr_assert_eq(lshm_peer_get(FAKE_PID + 1, &p3), 0);
+    cr_assert_eq(p1, p2);
+    cr_assert_neq(p1, p3);
+    cr_assert_eq(p1->pid, FAKE_PID);
+    cr_assert_eq(p1->refs, 2);
+    lshm_peer_put(p2);
+    cr_assert_eq(p1->refs, 1);
+    lshm_peer_put(p1);
+    lshm_peer_put(p3);
+    lshm_peer_put(NULL);
+}
+
+LTEST(peer, get_rejects_bad_pid)
+{
+    struct lshm_peer *p = NULL;
+
+    cr_assert_eq(lshm_peer_get(0, &p), -EINVAL);
+    cr_assert_eq(lshm_peer_get(-5, &p), -EINVAL);
+    cr_assert_null(p);
+}
+
+LTEST(peer, out_alloc_creates_then_reuses)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a, b, t;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    a = alloc_ok(peer, 3, 4);
+    cr_assert(a.created);
+    cr_assert_eq(a.chunk, 0, "the first chunk is claimed like any other");
+    cr_assert_eq(a.seg->id, 0);
+    cr_assert_eq(a.seg->hdr->id, 0);
+    cr_assert_eq(a.seg->hdr->src_pid, getpid());
+    cr_assert_eq(a.seg->hdr->dst_pid, FAKE_PID);
+    cr_assert_eq(a.seg->hdr->sent_over, 3);
+    cr_assert_geq(a.seg->fd, 0, "the fd waits for its MMAP message");
+    cr_assert_eq(atomic_load(&a.seg->use), 2, "table + alloc");
+    cr_assert_not(lshm_chunk_is_free(a.seg->hdr->free_map, 0));
+    cr_assert(lshm_chunk_is_free(a.seg->hdr->free_map, 1));
+
+    b = alloc_ok(peer, 3, 4);
+    cr_assert_not(b.created);
+    cr_assert_eq(b.seg, a.seg);
+    cr_assert_eq(b.chunk, 1);
+
+    cr_assert_eq(lshm_peer_out_alloc(peer, 3, 4, true, false, &t), 0);
+    cr_assert_not(t.created, "tracking slots come from the same segment");
+    cr_assert_eq(t.seg, a.seg);
+    cr_assert_eq(t.chunk, 0);
+    cr_assert_not(lshm_chunk_is_free(a.seg->hdr->free_tracking_map, 0));
+    cr_assert(lshm_chunk_is_free(a.seg->hdr->free_map, 2), "not from the chunk map");
+    cr_assert_eq(peer->out.size, 1);
+
+    lshm_seg_unref(a.seg);
+    lshm_seg_unref(b.seg);
+    lshm_seg_unref(t.seg);
+    lshm_peer_put(peer);
+}
+
+/* Until the receiver has mapped it, a segment is its own port's only. */
+LTEST(peer, sent_over_limits_use)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a, b, c;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    a = alloc_ok(peer, 1, 4);
+    b = alloc_ok(peer, 2, 4);
+    cr_assert(b.created, "port 2 may not use port 1's unmapped segment");
+    cr_assert_neq(b.seg, a.seg);
+    cr_assert_eq(b.seg->id, 1);
+    cr_assert_eq(b.seg->hdr->sent_over, 2);
+    __atomic_store_n(&a.seg->hdr->sent_over, LSHM_SENT_OVER_ANY, __ATOMIC_RELEASE);
+    c = alloc_ok(peer, 2, 4);
+    cr_assert_not(c.created);
+    cr_assert_eq(c.seg, a.seg, "mapped segments serve every port, first one first");
+    cr_assert_eq(c.chunk, 1);
+    lshm_seg_unref(a.seg);
+    lshm_seg_unref(b.seg);
+    lshm_seg_unref(c.seg);
+    lshm_peer_put(peer);
+}
+
+LTEST(peer, limit_returns_eagain_and_sets_oosm)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a, other, t;
+    struct lshm_seg *s0, *s1;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    /* A segment of another port must not be flagged. */
+    other = alloc_ok(peer, 9, 3);
+    for (uint32_t i = 0; i < 2 * LSHM_CHUNK_COUNT; i++) {
+        a = alloc_ok(peer, 1, 3);
+        cr_assert_eq(a.created, i % LSHM_CHUNK_COUNT == 0, "alloc %u", i);
+        cr_assert_eq(a.chunk, i % LSHM_CHUNK_COUNT);
+        cr_assert_eq(a.seg->id, 1 + i / LSHM_CHUNK_COUNT);
+        lshm_seg_unref(a.seg);
+    }
+    s0 = peer->out.elts[1];
+    s1 = peer->out.elts[2];
+    cr_assert_eq(s0->hdr->oosm, 0);
+    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 3, false, false, &a), -EAGAIN);
+    cr_assert_eq(peer->out.size, 3, "no segment past the limit");
+    cr_assert_eq(s0->hdr->oosm, 1);
+    cr_assert_eq(s1->hdr->oosm, 1);
+    cr_assert_eq(other.seg->hdr->oosm, 0, "another port's segment is not flagged");
+
+    /* Tracking slots are counted apart from chunks. */
+    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 3, true, false, &t), 0);
+    lshm_chunk_set_free(t.seg->hdr->free_tracking_map, t.chunk);
+    lshm_seg_unref(t.seg);
+
+    /* The receiver frees a chunk and takes the flag: one ACK. */
+    lshm_seg_free_chunks(s1, 100, 1);
+    cr_assert(lshm_seg_take_oosm(s1));
+    cr_assert_not(lshm_seg_take_oosm(s1));
+    a = alloc_ok(peer, 1, 3);
+    cr_assert_not(a.created);
+    cr_assert_eq(a.seg, s1);
+    cr_assert_eq(a.chunk, 100);
+    lshm_seg_unref(a.seg);
+    lshm_seg_unref(other.seg);
+    lshm_peer_put(peer);
+}
+
+LTEST(peer, limit_zero_creates_nothing)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 0, false, false, &a), -EAGAIN);
+    cr_assert_eq(peer->out.size, 0);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+    lshm_peer_put(peer);
+}
+
+LTEST(peer, out_drop_undoes_creation)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a, b, c;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    a = alloc_ok(peer, 1, 4);
+    lshm_peer_out_drop(peer, a.seg);
+    cr_assert_eq(peer->out.size, 0);
+    cr_assert_eq(atomic_load(&a.seg->use), 1, "the alloc's reference remains");
+    lshm_seg_unref(a.seg);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+
+    b = alloc_ok(peer, 1, 4);
+    cr_assert(b.created);
+    cr_assert_eq(b.seg->id, 0, "the id is handed out again");
+    c = alloc_ok(peer, 2, 4);
+    lshm_peer_out_drop(peer, b.seg);
+    cr_assert_eq(peer->out.size, 2, "not the last one: kept");
+    lshm_seg_unref(b.seg);
+    lshm_seg_unref(c.seg);
+    lshm_peer_put(peer);
+}
+
+/* A segment made by "the peer" and validated as it would be on receipt. */
+static struct lshm_seg *incoming(uint32_t id)
+{
+    struct lshm_seg *theirs, *seg;
+
+    cr_assert_eq(lshm_seg_create(id, PEER_PID, getpid(), 1, &theirs), 0);
+    cr_assert_eq(lshm_seg_import(theirs->fd, id, PEER_PID, getpid(), &seg), 0);
+    lshm_seg_unref(theirs);
+    return seg;
+}
+
+LTEST(peer, incoming_ids_in_order)
+{
+    struct lshm_peer *peer;
+    struct lshm_seg *in0 = incoming(0), *in1 = incoming(1), *in2 = incoming(2), *got;
+
+    cr_assert_eq(lshm_peer_get(PEER_PID, &peer), 0);
+    cr_assert_eq(lshm_peer_in_next(peer), 0);
+    cr_assert_eq(lshm_peer_in_add(peer, in0, 4), 0);
+    cr_assert_eq(lshm_peer_in_next(peer), 1);
+    cr_assert_eq(lshm_peer_in_add(peer, in2, 4), -EPROTO, "id 1 skipped");
+    cr_assert_eq(lshm_peer_in_add(peer, in0, 4), -EPROTO, "id 0 twice");
+    cr_assert_eq(lshm_peer_in_next(peer), 1);
+    cr_assert_eq(lshm_peer_in_add(peer, in1, 4), 0);
+    cr_assert_eq(lshm_peer_in_add(peer, in2, 2), -ENOSPC, "past the limit");
+    cr_assert_eq(lshm_peer_in_next(peer), 2);
+    cr_assert_eq(lshm_peer_in_add(peer, in2, 4), 0);
+    cr_assert_eq(atomic_load(&in2->use), 2, "the table took a reference");
+
+    got = lshm_peer_in_get(peer, 1);
+    cr_assert_eq(got, in1);
+    cr_assert_eq(atomic_load(&in1->use), 3);
+    lshm_seg_unref(got);
+    cr_assert_null(lshm_peer_in_get(peer, 3));
+    cr_assert_null(lshm_peer_in_get(peer, 0xffffffffu));
+
+    lshm_seg_unref(in0);
+    lshm_seg_unref(in1);
+    lshm_seg_unref(in2);
+    cr_assert_eq(count_maps("memfd:lshm"), 3);
+    lshm_peer_put(peer);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+}
+
+/* Unit's port_mmap_at: doubling below 16, then +50%. */
+LTEST(peer, table_grows_like_unit)
+{
+    static const uint32_t caps[] = {
+        1, 2, 4, 4, 8, 8, 8, 8,
+        16, 16, 16, 16, 16, 16, 16, 16,
+        24, 24, 24, 24, 24, 24, 24, 24,
+        36, 36, 36, 36, 36, 36, 36, 36, 36, 36, 36, 36,
+        54, 54, 54, 54,
+    };
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    for (uint32_t i = 0; i < ARRAY_SIZE(caps); i++) {
+        /* A new port each time: no existing segment is usable. */
+        a = alloc_ok(peer, (uint16_t)(100 + i), ARRAY_SIZE(caps));
+        cr_assert(a.created);
+        cr_assert_eq(a.seg->id, i);
+        cr_assert_eq(peer->out.size, i + 1);
+        cr_assert_eq(peer->out.cap, caps[i], "size %u: cap %u, want %u", i + 1,
+                     peer->out.cap, caps[i]);
+        lshm_seg_unref(a.seg);
+    }
+    for (uint32_t i = 0; i < ARRAY_SIZE(caps); i++)
+        cr_assert_eq(peer->out.elts[i]->hdr->id, i);
+    cr_assert_eq(count_maps("memfd:lshm"), (int)ARRAY_SIZE(caps));
+    lshm_peer_put(peer);
+}
+
+LTEST(peer, put_releases_every_segment)
+{
+    struct lshm_peer *peer, *again;
+    struct lshm_alloc a;
+    int fds = count_fds();
+
+    cr_assert_eq(lshm_peer_get(PEER_PID, &peer), 0);
+    cr_assert_eq(lshm_peer_get(PEER_PID, &again), 0);
+    for (uint16_t port = 1; port <= 3; port++) {
+        a = alloc_ok(peer, port, 8);
+        lshm_seg_unref(a.seg);
+    }
+    lshm_seg_close_fd(peer->out.elts[1]);
+    for (uint32_t id = 0; id < 2; id++) {
+        struct lshm_seg *in = incoming(id);
+
+        cr_assert_eq(lshm_peer_in_add(peer, in, 8), 0);
+        lshm_seg_unref(in);
+    }
+    cr_assert_eq(count_maps("memfd:lshm"), 5);
+    cr_assert_eq(count_fds(), fds + 2, "two outgoing fds still unsent");
+    lshm_peer_put(again);
+    cr_assert_eq(count_maps("memfd:lshm"), 5, "still referenced");
+    lshm_peer_put(peer);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+    cr_assert_eq(count_fds(), fds);
+
+    /* Gone from the registry: a new get starts empty. */
+    cr_assert_eq(lshm_peer_get(PEER_PID, &peer), 0);
+    cr_assert_eq(peer->out.size, 0);
+    cr_assert_eq(peer->in.size, 0);
+    lshm_peer_put(peer);
+}
+
+LTEST(peer, buffer_outlives_peer)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+    struct lshm_buf *buf;
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    a = alloc_ok(peer, 1, 2);
+    cr_assert_eq(lshm_buf_from_alloc(&a, peer, 40000, &buf), 0);
+    lshm_peer_put(peer);
+    cr_assert_eq(count_maps("memfd:lshm"), 1, "the buffer keeps its segment");
+    ((char *)lshm_buf_data(buf))[lshm_buf_capacity(buf) - 1] = 1;
+    lshm_buf_free(buf);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+}
+
+/*
+ * Parent's state for the fork tests: two outgoing segments (one fd still
+ * open, one sent) and one incoming.
+ */
+static struct lshm_peer *fork_setup(int *open_fd)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+    struct lshm_seg *in = incoming(0);
+
+    cr_assert_eq(lshm_peer_get(PEER_PID, &peer), 0);
+    a = alloc_ok(peer, 1, 4);
+    *open_fd = a.seg->fd;
+    lshm_seg_unref(a.seg);
+    a = alloc_ok(peer, 2, 4);
+    lshm_seg_close_fd(a.seg);
+    lshm_seg_unref(a.seg);
+    cr_assert_eq(lshm_peer_in_add(peer, in, 4), 0);
+    lshm_seg_unref(in);
+    cr_assert_eq(count_maps("memfd:lshm"), 3);
+    return peer;
+}
+
+/* In the child: bit n of the exit status is check n failing. */
+static int child_checks(int open_fd, bool forgotten_already)
+{
+    struct lshm_peer *p;
+    struct lshm_alloc a;
+    int fail = 0;
+
+    if (count_maps("memfd:lshm") != 0)
+        fail |= 1;
+    if ((fcntl(open_fd, F_GETFD) >= 0) != !forgotten_already)
+        fail |= 2;
+    if (lshm_peer_get(PEER_PID, &p) != 0)
+        return fail | 4;
+    if (p->out.size != 0 || p->in.size != 0 || p->refs != 1)
+        fail |= 8;
+    if (fcntl(open_fd, F_GETFD) >= 0)
+        fail |= 16;
+    if (lshm_peer_out_alloc(p, 1, 4, false, false, &a) != 0)
+        return fail | 32;
+    if (!a.created || a.seg->id != 0 || a.chunk != 0 || a.seg->hdr->src_pid != getpid())
+        fail |= 64;
+    lshm_seg_unref(a.seg);
+    lshm_peers_forget();
+    lshm_peer_put(p);
+    if (count_maps("memfd:lshm") != 0)
+        fail |= 128;
+    return fail;
+}
+
+static void parent_checks(struct lshm_peer *peer, int open_fd, int status)
+{
+    struct lshm_alloc a;
+
+    cr_expect(WIFEXITED(status), "child status %d", status);
+    cr_expect_eq(WEXITSTATUS(status), 0, "child checks failed: %#x", WEXITSTATUS(status));
+    cr_assert_geq(fcntl(open_fd, F_GETFD), 0, "the parent's fd is untouched");
+    cr_assert_eq(count_maps("memfd:lshm"), 3);
+    cr_assert_eq(peer->out.size, 2);
+    a = alloc_ok(peer, 1, 4);
+    cr_assert_not(a.created);
+    cr_assert_eq(a.chunk, 1);
+    lshm_peers_forget();
+    cr_assert_eq(peer->out.size, 2, "forget does nothing in the owner");
+    lshm_seg_unref(a.seg);
+    lshm_peer_put(peer);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+}
+
+LTEST(peer, forked_child_forgets)
+{
+    int open_fd;
+    struct lshm_peer *peer = fork_setup(&open_fd);
+    pid_t child = fork();
+
+    cr_assert_geq(child, 0);
+    if (child == 0) {
+        /* The atfork handler ran: the fd is closed before any call. */
+        lshm_peers_forget();
+        _exit(child_checks(open_fd, true));
+    }
+    parent_checks(peer, open_fd, wait_child(child, 5000));
+}
+
+/* Without atfork handlers (a raw fork), lshm_peer_get notices by itself. */
+LTEST(peer, raw_forked_child_forgets_in_get)
+{
+    int open_fd;
+    struct lshm_peer *peer;
+    pid_t child;
+
+#ifdef UNDER_TSAN
+    cr_skip_test("a raw fork() confuses ThreadSanitizer");
+#endif
+    peer = fork_setup(&open_fd);
+    child = (pid_t)syscall(SYS_fork);
+    cr_assert_geq(child, 0);
+    if (child == 0)
+        _exit(child_checks(open_fd, false));
+    parent_checks(peer, open_fd, wait_child(child, 5000));
+}

@@ -1,0 +1,599 @@
+/*
+ * shmping: the io_uring modes (shm, inline) on the client side, against a
+ * forked peer (default) or a server (PATH).
+ *
+ * Ping: sequence numbers travel in the stream id; each is sent at its time
+ * (interval), with at most a window of them unanswered, and its echo gives
+ * one RTT sample.  Throughput against the forked peer: a one-way stream of
+ * MSG_DATA, then MSG_END, answered with what the peer counted.  Throughput
+ * against a server (which echoes everything): the ping loop with no
+ * interval and a wide window.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "shmping.h"
+
+#define NS_PER_S        1000000000ull
+#define NS_PER_MS       1000000ull
+#define SLOTS           4096                  /* power of two, > any window */
+#define PING_WINDOW     64
+#define STREAM_WINDOW   256
+#define MAX_WINDOW      1024
+#define STALL_NS        (10 * NS_PER_S)       /* no progress for this long: give up */
+#define HANDSHAKE_MS    5000
+#define WAIT_SLICE_MS   100                   /* how often loops look at signals */
+
+struct slot {
+    uint32_t seq;
+    uint64_t t;     /* send time; 0: answered or never sent */
+};
+
+struct session {
+    const struct config *cfg;
+    struct lshm_ctx     *ctx;
+    struct lshm_port    *port;
+    const char          *peer;
+    struct results      *res;
+    uint8_t             *staging;   /* the payload (cfg->size bytes) */
+    struct slot         *slots;
+    uint64_t             inflight;
+    unsigned             blocked_on; /* LSHM_WAIT_SEND / _SHM after -EAGAIN */
+};
+
+const char *lshm_why(int ret)
+{
+    static char buf[320];
+    const char *detail = lshm_last_error();
+
+    if (detail == NULL || detail[0] == '\0')
+        return strerror(-ret);
+    snprintf(buf, sizeof(buf), "%s (%s)", strerror(-ret), detail);
+    return buf;
+}
+
+static int ms_until(uint64_t now, uint64_t when)
+{
+    uint64_t d = when > now ? when - now : 0;
+    uint64_t ms = (d + NS_PER_MS - 1) / NS_PER_MS;
+
+    return ms > WAIT_SLICE_MS ? WAIT_SLICE_MS : (int)ms;
+}
+
+/* The link went away or broke: say so once. */
+static void link_failed(struct session *s, int ret)
+{
+    const char *why = lshm_port_error(s->port);
+
+    if (s->res->error)
+        return;
+    s->res->error = 1;
+    err("connection to %s closed: %s", s->peer, why ? why : lshm_why(ret));
+}
+
+/*
+ * Queue one message.  With verify and fresh, the pattern of seq is written
+ * straight into the payload; otherwise the staging bytes are sent.  -EAGAIN
+ * (no room now) sets s->blocked_on to what to wait for.
+ */
+static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flags, bool fresh)
+{
+    const struct config *cfg = s->cfg;
+    struct lshm_out out = { .type = type, .last = 1, .stream = seq, .fd = -1 };
+    struct payload p = { .n = 0 };
+    int ret;
+
+    if (cfg->mode == MODE_SHM && cfg->size > 0) {
+        ret = payload_alloc(s->port, cfg->size, &p);
+        if (ret == -EAGAIN)
+            s->blocked_on = LSHM_WAIT_SHM;
+        if (ret < 0)
+            return ret;
+        if (cfg->verify && fresh)
+            payload_fill(&p, seq);
+        else
+            payload_copy_in(&p, s->staging);
+        out.bufs = p.bufs;
+        out.nbufs = p.n;
+    } else if (cfg->size > 0) {
+        if (cfg->verify && fresh)
+            pattern_fill(s->staging, 0, cfg->size, seq);
+        out.data = s->staging;
+        out.size = cfg->size;
+    }
+    ret = lshm_send(s->port, &out, flags);
+    if (ret < 0)
+        payload_free(&p);
+    if (ret == -EAGAIN)
+        s->blocked_on = LSHM_WAIT_SEND;
+    return ret;
+}
+
+/*
+ * After -EAGAIN: submit what LSHM_MORE held back, then wait a little for
+ * room or a reply.  Returns 0, or the port's error.
+ */
+static int wait_room(struct session *s, bool flush, int timeout_ms)
+{
+    int ret;
+
+    if (flush) {
+        ret = lshm_flush(s->ctx);
+        if (ret < 0)
+            return ret;
+    }
+    ret = lshm_port_wait(s->port, s->blocked_on | LSHM_WAIT_RECV, timeout_ms);
+    s->blocked_on = 0;
+    return ret == -ETIMEDOUT || ret == -EINTR || ret > 0 ? 0 : ret;
+}
+
+static void handle_reply(struct session *s, struct lshm_msg *m)
+{
+    const struct config *cfg = s->cfg;
+    struct results *res = s->res;
+    uint64_t t1 = now_ns();
+    uint32_t seq = m->stream;
+    struct slot *sl = &s->slots[seq % SLOTS];
+    double us;
+
+    if (m->fd >= 0) {
+        close(m->fd);
+        m->fd = -1;
+    }
+    if (m->type != MSG_PING || sl->seq != seq || sl->t == 0) {
+        err("unexpected reply from %s: type %u, seq=%u", s->peer, m->type, seq);
+        res->corrupt++;
+        lshm_msg_done(m);
+        return;
+    }
+    us = (double)(t1 - sl->t) / 1e3;
+    sl->t = 0;
+    s->inflight--;
+    res->received++;
+    if (m->size != cfg->size || msg_iov_bytes(m) != m->size) {
+        err("seq=%u: reply has %zu bytes, %zu were sent", seq, m->size, cfg->size);
+        res->corrupt++;
+    } else if (cfg->verify && !msg_verify(m, seq)) {
+        res->corrupt++;
+    }
+    lshm_msg_done(m);
+    if (results_add_rtt(res, us) < 0)
+        err("out of memory for RTT samples");
+    if (!cfg->quiet && !cfg->flood && !cfg->throughput)
+        print_reply(cfg, s->peer, seq, cfg->size, us);
+}
+
+/* Send up to n pings as one submit.  Returns how many went, or -errno. */
+static int send_pings(struct session *s, unsigned n)
+{
+    const struct config *cfg = s->cfg;
+    struct results *res = s->res;
+    unsigned i;
+
+    for (i = 0; i < n; i++) {
+        uint32_t seq = (uint32_t)(res->sent + 1);
+        uint64_t t;
+        int ret;
+
+        /* The pattern is made before the clock starts: it is not transport. */
+        if (cfg->verify && cfg->size > 0)
+            pattern_fill(s->staging, 0, cfg->size, seq);
+        t = now_ns();
+        ret = send_msg(s, MSG_PING, seq, i + 1 < n ? LSHM_MORE : 0, false);
+        if (ret < 0) {
+            if (ret == -EAGAIN && i == 0)
+                return -EAGAIN;
+            if (ret == -EAGAIN)
+                break;
+            return ret;
+        }
+        s->slots[seq % SLOTS] = (struct slot){ .seq = seq, .t = t };
+        s->inflight++;
+        res->sent++;
+    }
+    if (i < n) {
+        /* Stopped short of the batch: submit the part LSHM_MORE queued. */
+        int ret = lshm_flush(s->ctx);
+        if (ret < 0)
+            return ret;
+    }
+    return (int)i;
+}
+
+static uint64_t session_window(const struct config *cfg)
+{
+    uint64_t w;
+
+    if (cfg->throughput)
+        w = cfg->batch * 2 > STREAM_WINDOW ? cfg->batch * 2 : STREAM_WINDOW;
+    else if (cfg->flood)
+        w = cfg->batch;
+    else
+        w = cfg->batch > PING_WINDOW ? cfg->batch : PING_WINDOW;
+    return w > MAX_WINDOW ? MAX_WINDOW : w;
+}
+
+static int ping_session(struct session *s)
+{
+    const struct config *cfg = s->cfg;
+    struct results *res = s->res;
+    uint64_t window = session_window(cfg);
+    uint64_t interval = (cfg->flood || cfg->throughput) ? 0
+                        : (uint64_t)(cfg->interval * (double)NS_PER_S);
+    uint64_t start = now_ns(), next_send = start, progress = start;
+    uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
+    int ret = 0;
+
+    for (;;) {
+        uint64_t now = now_ns();
+        bool more = res->sent < cfg->count;
+        struct lshm_msg m;
+        int wait_ms;
+
+        if (stop_requested) {
+            res->interrupted = true;
+            break;
+        }
+        if (deadline && now >= deadline)
+            break;
+        if (!more && s->inflight == 0)
+            break;
+        if (now - progress > STALL_NS) {
+            if (s->inflight == 0)
+                err("nothing could be queued to %s for %llu s", s->peer,
+                    (unsigned long long)(STALL_NS / NS_PER_S));
+            else
+                err("no reply from %s for %llu s", s->peer,
+                    (unsigned long long)(STALL_NS / NS_PER_S));
+            if (s->inflight == 0)
+                res->error = 1;
+            break;
+        }
+
+        if (more && s->inflight < window && now >= next_send && !s->blocked_on) {
+            uint64_t n = cfg->batch;
+            if (n > cfg->count - res->sent)
+                n = cfg->count - res->sent;
+            if (n > window - s->inflight)
+                n = window - s->inflight;
+            ret = send_pings(s, (unsigned)n);
+            if (ret < 0 && ret != -EAGAIN) {
+                link_failed(s, ret);
+                break;
+            }
+            if (ret > 0) {
+                progress = now;
+                next_send = interval ? next_send + interval : now;
+                if (next_send < now)
+                    next_send = now;
+            }
+            continue;
+        }
+
+        if (s->blocked_on) {
+            ret = lshm_recv(s->port, &m, 0);
+            if (ret == -ETIMEDOUT)
+                ret = wait_room(s, false, 10);
+            else
+                s->blocked_on = 0;
+        } else {
+            wait_ms = WAIT_SLICE_MS;
+            if (more && s->inflight < window)
+                wait_ms = ms_until(now, next_send);
+            if (deadline && ms_until(now, deadline) < wait_ms)
+                wait_ms = ms_until(now, deadline);
+            ret = lshm_recv(s->port, &m, wait_ms);
+        }
+        if (ret == 0) {
+            if (s->blocked_on == 0 || true) {
+                handle_reply(s, &m);
+                progress = now_ns();
+            }
+        } else if (ret != -ETIMEDOUT && ret != -EINTR && ret > 0) {
+            /* wait_room's mask */
+        } else if (ret < 0 && ret != -ETIMEDOUT && ret != -EINTR) {
+            link_failed(s, ret);
+            break;
+        }
+    }
+    res->time_ms = (double)(now_ns() - start) / 1e6;
+    if (cfg->throughput && res->time_ms > 0) {
+        double secs = res->time_ms / 1e3;
+        res->msgs_per_s = (double)res->received / secs;
+        res->gb_per_s = (double)res->received * (double)cfg->size / secs / 1e9;
+    }
+    return res->error ? -1 : 0;
+}
+
+/* Wait for the answer to MSG_END: the peer's counts. */
+static int sink_answer(struct session *s, struct peer_stats *st)
+{
+    uint64_t until = now_ns() + STALL_NS * 3;
+
+    while (now_ns() < until) {
+        struct lshm_msg m;
+        int ret = lshm_recv(s->port, &m, WAIT_SLICE_MS);
+
+        if (ret == -ETIMEDOUT || ret == -EINTR)
+            continue;
+        if (ret < 0) {
+            link_failed(s, ret);
+            return -1;
+        }
+        if (m.fd >= 0)
+            close(m.fd);
+        if (m.type == MSG_END) {
+            bool ok = m.size == sizeof(*st) && !(m.flags & LSHM_MSG_SHM) && m.niov == 1;
+            if (ok)
+                memcpy(st, m.iov[0].base, sizeof(*st));
+            lshm_msg_done(&m);
+            if (!ok) {
+                err("peer's answer to the end of the stream is malformed (%zu bytes)", m.size);
+                s->res->error = 1;
+                return -1;
+            }
+            return 0;
+        }
+        lshm_msg_done(&m);
+    }
+    err("peer did not answer the end of the stream within %llu s",
+        (unsigned long long)(STALL_NS * 3 / NS_PER_S));
+    s->res->error = 1;
+    return -1;
+}
+
+/* Queue one message, waiting (bounded) while there is no room. */
+static int send_blocking(struct session *s, uint8_t type, uint32_t seq, unsigned flags,
+                         bool flush_first, uint64_t deadline)
+{
+    uint64_t start = now_ns();
+    bool flush = flush_first;
+
+    for (;;) {
+        int ret = send_msg(s, type, seq, flags, true);
+
+        if (ret != -EAGAIN)
+            return ret;
+        if (now_ns() - start > STALL_NS) {
+            err("nothing could be queued to %s for %llu s", s->peer,
+                (unsigned long long)(STALL_NS / NS_PER_S));
+            return -ETIMEDOUT;
+        }
+        if ((stop_requested || (deadline && now_ns() >= deadline)) && type == MSG_DATA)
+            return -ECANCELED;
+        ret = wait_room(s, flush, 10);
+        if (ret < 0)
+            return ret;
+        flush = false;
+    }
+}
+
+static int sink_session(struct session *s)
+{
+    const struct config *cfg = s->cfg;
+    struct results *res = s->res;
+    uint64_t start = now_ns();
+    uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
+    struct peer_stats st;
+    int ret = 0;
+
+    while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
+        uint64_t n = cfg->count - res->sent;
+        if (n > cfg->batch)
+            n = cfg->batch;
+        for (uint64_t i = 0; i < n; i++) {
+            ret = send_blocking(s, MSG_DATA, (uint32_t)(res->sent + 1),
+                                i + 1 < n ? LSHM_MORE : 0, i > 0, deadline);
+            if (ret < 0)
+                break;
+            res->sent++;
+        }
+        if (ret == -ECANCELED) {
+            ret = 0;
+            break;
+        }
+        if (ret < 0)
+            break;
+    }
+    res->interrupted = stop_requested;
+    if (ret < 0 && ret != -ETIMEDOUT) {
+        link_failed(s, ret);
+        return -1;
+    }
+    if (ret < 0) {
+        res->error = 1;
+        return -1;
+    }
+    ret = send_blocking(s, MSG_END, (uint32_t)res->sent, 0, true, 0);
+    if (ret < 0) {
+        if (ret != -ETIMEDOUT)
+            link_failed(s, ret);
+        res->error = 1;
+        return -1;
+    }
+    if (sink_answer(s, &st) < 0)
+        return -1;
+    res->time_ms = (double)(now_ns() - start) / 1e6;
+    res->received = st.received;
+    res->corrupt = st.corrupt;
+    if (res->time_ms > 0) {
+        double secs = res->time_ms / 1e3;
+        res->msgs_per_s = (double)st.received / secs;
+        res->gb_per_s = (double)st.bytes / secs / 1e9;
+    }
+    return 0;
+}
+
+static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct lshm_port *port,
+                       const char *peer, bool forked, struct results *res)
+{
+    struct session s = {
+        .cfg = cfg, .ctx = ctx, .port = port, .peer = peer, .res = res,
+    };
+    int ret;
+
+    s.staging = malloc(cfg->size ? cfg->size : 1);
+    s.slots = calloc(SLOTS, sizeof(*s.slots));
+    if (s.staging == NULL || s.slots == NULL) {
+        err("out of memory for a %zu-byte payload", cfg->size);
+        free(s.staging);
+        free(s.slots);
+        res->error = 1;
+        return -1;
+    }
+    memset(s.staging, 0x5a, cfg->size);
+    if (!cfg->json && !cfg->bench)
+        print_header(cfg, peer, lshm_ctx_features(ctx));
+    if (cfg->throughput && forked)
+        ret = sink_session(&s);
+    else
+        ret = ping_session(&s);
+    free(s.staging);
+    free(s.slots);
+    return ret;
+}
+
+static int ctx_new_reported(struct lshm_ctx **ctx)
+{
+    int ret = lshm_ctx_new(ctx, NULL);
+
+    if (ret == -EPERM || ret == -ENOSYS)
+        err("io_uring unavailable: %s", lshm_why(ret));
+    else if (ret < 0)
+        err("cannot create an io_uring context: %s", lshm_why(ret));
+    return ret;
+}
+
+/* Reap the forked peer, killing it if it does not go within 5 s. */
+static int reap_peer(pid_t pid)
+{
+    uint64_t until = now_ns() + 5 * NS_PER_S;
+    int status;
+
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid)
+            return status;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        if (now_ns() > until) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return -1;
+        }
+        usleep(1000);
+    }
+}
+
+int lshm_run_forked(const struct config *cfg, struct results *res)
+{
+    struct lshm_ctx *ctx = NULL;
+    struct lshm_port *port = NULL;
+    int sv[2], ret, status;
+    char peer[48];
+    pid_t pid;
+
+    /*
+     * The pair is made before fork and each side makes its own context
+     * afterwards: a ring made before fork() is unusable in the child.
+     */
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+        err("socketpair: %s", strerror(errno));
+        return EXIT_ERROR;
+    }
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid < 0) {
+        err("fork: %s", strerror(errno));
+        close(sv[0]);
+        close(sv[1]);
+        return EXIT_ERROR;
+    }
+    if (pid == 0) {
+        close(sv[0]);
+        peer_signals();
+        _exit(peer_serve(cfg, sv[1]));
+    }
+    close(sv[1]);
+    snprintf(peer, sizeof(peer), "peer");
+
+    if (ctx_new_reported(&ctx) < 0) {
+        close(sv[0]);
+        goto fail;
+    }
+    ret = lshm_port_adopt(ctx, sv[0], &port);
+    if (ret < 0) {
+        err("cannot adopt the socket of the forked peer: %s", lshm_why(ret));
+        close(sv[0]);
+        goto fail;
+    }
+    if (drop_caps(cfg) < 0)
+        goto fail;
+    ret = lshm_port_wait(port, LSHM_WAIT_READY, HANDSHAKE_MS);
+    if (ret < 0) {
+        const char *why = lshm_port_error(port);
+        err("handshake with the forked peer failed: %s", why ? why : lshm_why(ret));
+        goto fail;
+    }
+    run_session(cfg, ctx, port, peer, true, res);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    status = reap_peer(pid);
+    if (!res->error && (status < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)) {
+        if (status < 0)
+            err("forked peer did not exit; killed");
+        else if (WIFSIGNALED(status))
+            err("forked peer died of signal %d", WTERMSIG(status));
+        else
+            err("forked peer failed (exit status %d)", WEXITSTATUS(status));
+        res->error = 1;
+    }
+    return res->error ? EXIT_ERROR : 0;
+
+fail:
+    if (port != NULL)
+        lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    kill(pid, SIGKILL);
+    reap_peer(pid);
+    res->error = 1;
+    return EXIT_ERROR;
+}
+
+int lshm_run_client(const struct config *cfg, struct results *res)
+{
+    struct lshm_ctx *ctx = NULL;
+    struct lshm_port *port = NULL;
+    int ret;
+
+    if (ctx_new_reported(&ctx) < 0)
+        goto fail;
+    /* Before lshm_connect: it reads the server's HELLO. */
+    if (drop_caps(cfg) < 0)
+        goto fail;
+    ret = lshm_connect(ctx, cfg->path, HANDSHAKE_MS, &port);
+    if (ret < 0) {
+        if (ret == -ENOENT || ret == -ECONNREFUSED)
+            err("no server at %s: %s", cfg->path, lshm_why(ret));
+        else if (ret == -ETIMEDOUT)
+            err("%s did not complete the handshake within %d ms", cfg->path, HANDSHAKE_MS);
+        else
+            err("cannot connect to %s: %s", cfg->path, lshm_why(ret));
+        goto fail;
+    }
+    run_session(cfg, ctx, port, cfg->path, false, res);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    return res->error ? EXIT_ERROR : 0;
+
+fail:
+    lshm_ctx_free(ctx);
+    res->error = 1;
+    return EXIT_ERROR;
+}

@@ -1,0 +1,122 @@
+/*
+ * shmping: measures and checks a liblinuxshm link.  Pieces shared by the
+ * files of the tool: options, results, timing, the payload pattern.
+ */
+#ifndef SHMPING_H
+#define SHMPING_H
+
+#include <signal.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "linuxshm.h"
+
+/* Exit statuses. */
+#define EXIT_LOST   1   /* replies lost or corrupt */
+#define EXIT_ERROR  2   /* no server, protocol failure, io_uring unavailable, ... */
+#define EXIT_USAGE  64  /* bad option or value (EX_USAGE) */
+
+#define MAX_SIZE        (64u << 20)
+#define COUNT_FOREVER   UINT64_MAX
+
+/* User message types of shmping's own protocol (a server echoes them all). */
+enum {
+    MSG_PING = LSHM_TYPE_USER_MIN,   /* echoed; stream = sequence number */
+    MSG_DATA,                        /* throughput: the forked peer counts it */
+    MSG_END,                         /* throughput: the peer answers with peer_stats */
+};
+
+enum mode { MODE_AUTO, MODE_SHM, MODE_INLINE, MODE_COPY };
+
+/* The answer to MSG_END: what the forked peer saw. */
+struct peer_stats {
+    uint64_t received;
+    uint64_t corrupt;
+    uint64_t bytes;
+};
+
+struct config {
+    const char *path;       /* server to ping, or NULL: a forked peer */
+    const char *listen;     /* -l PATH */
+    enum mode   mode;       /* never MODE_AUTO once options are parsed */
+    uint64_t    count;      /* COUNT_FOREVER: until -w or SIGINT */
+    size_t      size;
+    double      interval;   /* seconds */
+    double      deadline;   /* seconds, 0: none */
+    unsigned    batch;
+    bool        count_set, flood, quiet, throughput, verify, json, keep_caps;
+    bool        bench;      /* a --bench cell: no output, results only */
+};
+
+struct results {
+    uint64_t sent, received, corrupt;
+    double   time_ms;
+    double  *rtt_us;        /* one sample per reply */
+    size_t   nrtt, rtt_cap;
+    double   msgs_per_s, gb_per_s;
+    bool     interrupted;
+    int      error;         /* nonzero: EXIT_ERROR was reported on stderr */
+};
+
+struct rtt_summary {
+    double min, avg, max, mdev, p50, p90, p99, p999;
+};
+
+/* Set by SIGINT/SIGTERM; every loop of the tool checks it. */
+extern volatile sig_atomic_t stop_requested;
+
+/* util.c */
+uint64_t now_ns(void);
+void     pattern_fill(void *dst, size_t off, size_t len, uint32_t seq);
+/* First offset (relative to src) that differs from the pattern, or -1. */
+long     pattern_check(const void *src, size_t off, size_t len, uint32_t seq);
+/* Check a piece at offset off of payload seq; a mismatch is reported on stderr. */
+bool     verify_piece(const void *src, size_t off, size_t len, uint32_t seq);
+int      results_add_rtt(struct results *r, double us);
+void     results_free(struct results *r);
+void     rtt_summarize(const struct results *r, struct rtt_summary *s);
+int      drop_caps(const struct config *cfg);
+void     install_signals(void);
+void     peer_signals(void);
+const char *mode_name(enum mode m);
+void     features_text(unsigned feat, char *buf, size_t len);
+void     err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* A message's payload in shared-memory buffers (payload.c). */
+struct payload {
+    struct lshm_buf *bufs[LSHM_MAX_DESCS];
+    size_t           sizes[LSHM_MAX_DESCS];
+    unsigned         n;
+};
+
+int    payload_alloc(struct lshm_port *port, size_t size, struct payload *p);
+void   payload_free(struct payload *p);
+void   payload_copy_in(struct payload *p, const void *src);
+void   payload_fill(struct payload *p, uint32_t seq);
+void   payload_copy_msg(struct payload *p, const struct lshm_msg *m);
+size_t msg_iov_bytes(const struct lshm_msg *m);
+bool   msg_verify(const struct lshm_msg *m, uint32_t seq);
+
+/* client.c: io_uring modes (shm, inline), against a forked peer or a server. */
+int  lshm_run_forked(const struct config *cfg, struct results *res);
+int  lshm_run_client(const struct config *cfg, struct results *res);
+/* One-line text for a failed library call: the library's detail if any. */
+const char *lshm_why(int ret);
+
+/* server.c: the echo server (-l), and the forked peer of the io_uring modes. */
+int  serve(const struct config *cfg);
+int  peer_serve(const struct config *cfg, int sock);
+
+/* copy.c: the AF_UNIX stream baseline, against a forked peer. */
+int  copy_run_forked(const struct config *cfg, struct results *res);
+
+/* output.c */
+void print_header(const struct config *cfg, const char *peer, unsigned features);
+void print_reply(const struct config *cfg, uint32_t seq, size_t size, double us);
+void print_summary(const struct config *cfg, const struct results *res, const char *peer);
+int  print_probe(bool json);
+int  run_bench(const struct config *cfg);
+
+#endif
