@@ -133,7 +133,7 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
     /* Give queued messages and BYEs a bounded time to go out. */
     end = mono_ms() + CLOSE_DRAIN_MS;
     while (ctx_sending(ctx) && mono_ms() < end)
-        lshm_ring_run(ctx->ring, 10);
+        lshm_ctx_step(ctx, 10);
     for (port = ctx->ports; port != NULL; port = port->next)
         if (port->fd >= 0)
             shutdown(port->fd, SHUT_RDWR);
@@ -154,21 +154,70 @@ LSHM_EXPORT int lshm_ctx_fd(const struct lshm_ctx *ctx)
     return lshm_ring_fd(ctx->ring);
 }
 
+/* Free the ports whose free was put off while completions ran. */
+static void ctx_sweep(struct lshm_ctx *ctx)
+{
+    struct lshm_port *port, *next;
+
+    if (ctx->walking > 0 || ctx->zombies == 0)
+        return;
+    for (port = ctx->ports; port != NULL; port = next) {
+        next = port->next;
+        lshm_port_sweep(port);
+    }
+}
+
+/* Run the ring without calling any handler: for waits inside the library. */
+int lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms)
+{
+    int ret;
+
+    ctx->walking++;
+    ret = lshm_ring_run(ctx->ring, timeout_ms);
+    ctx->walking--;
+    ctx_sweep(ctx);
+    return ret;
+}
+
+int lshm_ctx_pump(struct lshm_ctx *ctx)
+{
+    int ret;
+
+    ctx->walking++;
+    ret = lshm_ring_pump(ctx->ring);
+    ctx->walking--;
+    ctx_sweep(ctx);
+    return ret;
+}
+
 LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 {
+    struct lshm_listener *l, *lnext;
     struct lshm_port *port;
     int ret;
 
     if (ctx == NULL)
         return lshm_fail(-EINVAL, "ctx is NULL");
+    ctx->walking++;
     /* Messages queued with LSHM_MORE go out with this run. */
     for (port = ctx->ports; port != NULL; port = port->next)
         if (port->sq_head != NULL && port->inflight == 0)
             lshm_port_kick(port);
     ret = lshm_ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
+    /* Handlers run here, outside any completion: they may send, close,
+     * or run the context again. */
+    for (l = ctx->listeners; l != NULL; l = lnext) {
+        lnext = l->next;
+        lshm_listener_dispatch(l);
+    }
+    for (port = ctx->ports; port != NULL; port = port->next)
+        if (port->rq_head != NULL || port->close_pending)
+            lshm_port_dispatch(port);
     /* Completions may have queued more (a next chain, an ACK): push it
      * now, or a caller that sleeps in epoll would never see it go. */
     lshm_ring_submit(ctx->ring);
+    ctx->walking--;
+    ctx_sweep(ctx);
     return ret;
 }
 
@@ -323,7 +372,7 @@ LSHM_EXPORT int lshm_port_peer(const struct lshm_port *port, pid_t *pid, uid_t *
 {
     if (port == NULL)
         return lshm_fail(-EINVAL, "port is NULL");
-    if (port->peer == NULL)
+    if (port->peer_pid == 0)
         return lshm_fail(-ENOTCONN, "handshake not complete");
     if (pid != NULL)
         *pid = port->peer_pid;

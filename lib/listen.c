@@ -82,10 +82,9 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
         return;
     }
     if (res >= 0) {
+        /* The handler, if any, runs from lshm_ctx_run (lshm_listener_dispatch). */
         if (lshm_port_new(l->ctx, res, &port) < 0) {
             close(res);
-        } else if (l->on_accept != NULL) {
-            l->on_accept(l, port, l->arg);
         } else if (l->nready == l->capready &&
                    (l->ready = realloc(l->ready, (l->capready = l->capready * 2 + 4) *
                                                      sizeof(*l->ready))) == NULL) {
@@ -177,6 +176,16 @@ LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
     return 0;
 }
 
+void lshm_listener_dispatch(struct lshm_listener *l)
+{
+    while (l->on_accept != NULL && !l->closing && l->nready > 0) {
+        struct lshm_port *port = l->ready[0];
+
+        memmove(l->ready, l->ready + 1, --l->nready * sizeof(*l->ready));
+        l->on_accept(l, port, l->arg);
+    }
+}
+
 LSHM_EXPORT int lshm_listener_set_handler(struct lshm_listener *l, lshm_accept_fn on_accept,
                                           void *arg)
 {
@@ -184,12 +193,7 @@ LSHM_EXPORT int lshm_listener_set_handler(struct lshm_listener *l, lshm_accept_f
         return lshm_fail(-EINVAL, "bad listener");
     l->on_accept = on_accept;
     l->arg = arg;
-    while (on_accept != NULL && l->nready > 0) {
-        struct lshm_port *port = l->ready[0];
-
-        memmove(l->ready, l->ready + 1, --l->nready * sizeof(*l->ready));
-        on_accept(l, port, arg);
-    }
+    lshm_listener_dispatch(l);
     return 0;
 }
 
@@ -304,7 +308,7 @@ LSHM_EXPORT int lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout
     /* Only this operation points at the stack: wait for it whatever else
      * completes meanwhile. */
     while (!c.done) {
-        ret = lshm_ring_run(ctx->ring, -1);
+        ret = lshm_ctx_step(ctx, -1);
         if (ret < 0 && ret != -EINTR)
             goto fail_wait;
     }
@@ -328,7 +332,7 @@ LSHM_EXPORT int lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout
 fail_wait:
     /* Can't leave c on the stack with the ring still holding it. */
     close(fd);
-    while (!c.done && lshm_ring_run(ctx->ring, 100) >= 0)
+    while (!c.done && lshm_ctx_step(ctx, 100) >= 0)
         ;
     return ret;
 fail:

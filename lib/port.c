@@ -81,8 +81,27 @@ static void port_free(struct lshm_port *port)
  * operation is in flight, no message points at it. */
 static void port_maybe_free(struct lshm_port *port)
 {
-    if (port->user_closed && port->refs == 0 && port->held == 0 && port_idle(port))
-        port_free(port);
+    if (!port->user_closed || port->refs > 0 || port->held > 0 || !port_idle(port))
+        return;
+    /* Someone may be walking the port list or holding this port in a
+     * completion: free it when that is over (lshm_port_sweep). */
+    if (port->ctx != NULL && port->ctx->walking > 0) {
+        if (!port->zombie) {
+            port->zombie = true;
+            port->ctx->zombies++;
+        }
+        return;
+    }
+    port_free(port);
+}
+
+void lshm_port_sweep(struct lshm_port *port)
+{
+    if (!port->zombie)
+        return;
+    port->zombie = false;
+    port->ctx->zombies--;
+    port_maybe_free(port);
 }
 
 static void smsg_free(struct smsg *m)
@@ -229,11 +248,14 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     lshm_log("port %u to pid %d closed: %s", port->id, (int)port->peer_pid, port->reason);
     drop_queues(port);
     port_shutdown(port);
-    if (notify && port->on_close != NULL) {
-        port->refs++;
-        port->on_close(port, err, port->arg);
-        port->refs--;
+    /* The peer's segments go once its last port is gone and no message
+     * or buffer holds them (those keep their own references). */
+    if (port->peer != NULL) {
+        lshm_peer_put(port->peer);
+        port->peer = NULL;
     }
+    /* The handler runs from lshm_ctx_run, never inside a completion. */
+    port->close_pending = notify;
     port_finish(port);
 }
 
@@ -465,7 +487,7 @@ int lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned 
         out->tracking->sent = true;
     if (!(flags & LSHM_MORE)) {
         lshm_port_kick(port);
-        lshm_ring_submit(port->ctx->ring);
+        lshm_ctx_pump(port->ctx);
     }
     return 0;
 }
@@ -483,17 +505,33 @@ static void deliver(struct lshm_port *port, struct rmsg *rm)
     if (port->ctx != NULL)
         port->ctx->msgs_received++;
     port->held++;
-    if (port->on_msg != NULL) {
-        port->refs++;
-        port->on_msg(port, &rm->pub, port->arg);
-        port->refs--;
-    } else {
-        if (port->rq_tail != NULL)
-            port->rq_tail->next = rm;
-        else
-            port->rq_head = rm;
-        port->rq_tail = rm;
+    if (port->rq_tail != NULL)
+        port->rq_tail->next = rm;
+    else
+        port->rq_head = rm;
+    port->rq_tail = rm;
+}
+
+/* Called by lshm_ctx_run: messages to the handler, then the close. */
+void lshm_port_dispatch(struct lshm_port *port)
+{
+    struct lshm_msg *msg;
+
+    if (port->in_handler || port->user_closed)
+        return;
+    port->in_handler = true;
+    port->refs++;
+    while (port->on_msg != NULL && !port->user_closed && (msg = lshm_port_pop(port)) != NULL)
+        port->on_msg(port, msg, port->arg);
+    if (port->close_pending && !port->user_closed &&
+        (port->on_msg == NULL || port->rq_head == NULL)) {
+        port->close_pending = false;
+        if (port->on_close != NULL)
+            port->on_close(port, port->error, port->arg);
     }
+    port->refs--;
+    port->in_handler = false;
+    port_maybe_free(port);
 }
 
 struct lshm_msg *lshm_port_pop(struct lshm_port *port)

@@ -21,6 +21,8 @@ struct lshm_ctx {
     struct lshm_listener   *listeners;
     uint64_t                msgs_sent;
     uint64_t                msgs_received;
+    unsigned                walking;    /* completions or handlers running */
+    unsigned                zombies;    /* ports whose free waits for that */
 };
 
 enum port_state {
@@ -76,6 +78,9 @@ struct lshm_port {
     lshm_msg_fn          on_msg;
     lshm_close_fn        on_close;
     void                *arg;
+    bool                 close_pending; /* on_close still to be called */
+    bool                 in_handler;    /* a handler of this port runs */
+    bool                 zombie;        /* to free when the walk ends */
     unsigned             refs;          /* handle + ops in flight + messages */
 };
 
@@ -115,10 +120,17 @@ void lshm_port_reap(struct lshm_port *port);   /* context going away */
 bool lshm_port_shm_ready(struct lshm_port *port);
 
 void lshm_port_forget(struct lshm_port *port); /* forked child's copy */
+void lshm_port_dispatch(struct lshm_port *port);
+void lshm_port_sweep(struct lshm_port *port);
+
+/* api.c: submit and dispatch completions, freeing closed ports after. */
+int  lshm_ctx_pump(struct lshm_ctx *ctx);
+int  lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms);
 
 /* listen.c */
 void lshm_listener_reap(struct lshm_listener *l);
 void lshm_listener_forget(struct lshm_listener *l);
+void lshm_listener_dispatch(struct lshm_listener *l);
 
 
 #endif

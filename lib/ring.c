@@ -361,6 +361,19 @@ static int dispatch(struct lshm_ring *r)
     return (int)n;
 }
 
+int lshm_ring_pump(struct lshm_ring *r)
+{
+    int ret;
+
+    ret = io_uring_submit_and_get_events(&r->ring);
+    r->stats.enters++;
+    if (ret > 0)
+        r->stats.submitted += ret;
+    if (ret < 0 && ret != -EBUSY && ret != -EAGAIN && ret != -EINTR)
+        return lshm_fail(ret, "io_uring_enter: %s", strerror(-ret));
+    return dispatch(r);
+}
+
 int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
 {
     struct io_uring_cqe *cqe;
@@ -368,8 +381,10 @@ int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
 
     n = dispatch(r);
     if (n > 0 || timeout_ms == 0) {
-        /* Nothing to wait for: submit and collect what is ready, one
-         * enter either way (DEFER_TASKRUN runs completions only here). */
+        /* Something happened, or the caller won't wait: submit and
+         * collect what is ready in one enter. */
+        if (n > 0 && io_uring_sq_ready(&r->ring) == 0)
+            return n;
         ret = io_uring_submit_and_get_events(&r->ring);
         r->stats.enters++;
         if (ret > 0)

@@ -57,6 +57,9 @@ int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
 int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op);
 
 int lshm_ring_submit(struct lshm_ring *r);
+/* Submit and collect completions without waiting, then dispatch them:
+ * under DEFER_TASKRUN a linked chain only moves on inside such a call. */
+int lshm_ring_pump(struct lshm_ring *r);
 /* Submit, wait up to timeout_ms (0: no wait, -1: forever) for a completion,
  * dispatch every completion; returns how many. */
 int lshm_ring_run(struct lshm_ring *r, int timeout_ms);

@@ -462,6 +462,7 @@ LTEST(segment, take_oosm)
 
 /* Shared between the racers; in MAP_SHARED memory for the process case. */
 struct race {
+    _Atomic uint32_t ready;    /* round the receiver waits for */
     _Atomic uint32_t go;       /* round number published */
     _Atomic uint32_t done;     /* rounds the other side finished */
     uint32_t         slot;
@@ -470,9 +471,10 @@ struct race {
     _Atomic int      stop;
 };
 
+/* A random head start for either side, so that both win some rounds. */
 static void spin(unsigned *seed)
 {
-    unsigned n = rand_r(seed) % 256;
+    unsigned n = rand_r(seed) % 1024;
 
     for (volatile unsigned i = 0; i < n; i++)
         ;
@@ -487,6 +489,7 @@ static int receiver(struct race *r, struct lshm_segment_header *hdr)
     for (uint32_t round = 1; round <= RACE_ROUNDS; round++) {
         unsigned n = 0;
 
+        atomic_store(&r->ready, round);
         while (atomic_load(&r->go) != round) {
             if (atomic_load(&r->stop))
                 return 0;
@@ -538,6 +541,12 @@ static void run_race(struct race *r, struct lshm_peer *peer)
         r->slot = a.chunk;
         r->stream = round * 2 + 1;
         lshm_tracking_set(hdr, a.chunk, r->stream);
+        /* Start the round only once the receiver is spinning for it. */
+        while (atomic_load(&r->ready) != round) {
+            if (++n % 1024 == 0)
+                sched_yield();
+            cr_assert(now_ms() < end + 5000, "round %u: the receiver is stuck", round);
+        }
         atomic_store(&r->go, round);
         spin(&seed);
         won = lshm_tracking_resolve(hdr, a.chunk, r->stream);

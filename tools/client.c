@@ -88,7 +88,9 @@ static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flag
     struct payload p = { .n = 0 };
     int ret;
 
-    if (cfg->mode == MODE_SHM && cfg->size > 0) {
+    if (type == MSG_END) {
+        /* no payload */
+    } else if (cfg->mode == MODE_SHM && cfg->size > 0) {
         ret = payload_alloc(s->port, cfg->size, &p);
         if (ret == -EAGAIN)
             s->blocked_on = LSHM_WAIT_SHM;
@@ -227,29 +229,35 @@ static int ping_session(struct session *s)
                         : (uint64_t)(cfg->interval * (double)NS_PER_S);
     uint64_t start = now_ns(), next_send = start, progress = start;
     uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
+    bool sending_over = false;
     int ret = 0;
 
     for (;;) {
         uint64_t now = now_ns();
-        bool more = res->sent < cfg->count;
         struct lshm_msg m;
+        bool more;
         int wait_ms;
 
         if (stop_requested) {
             res->interrupted = true;
             break;
         }
-        if (deadline && now >= deadline)
-            break;
+        /* A stream stops sending at the deadline and takes in what is on
+         * its way; a ping run stops there, as ping does. */
+        if (deadline && now >= deadline) {
+            if (!cfg->throughput)
+                break;
+            deadline = 0;
+            sending_over = true;
+        }
+        more = !sending_over && res->sent < cfg->count;
         if (!more && s->inflight == 0)
             break;
+        if (s->inflight == 0 && more && now < next_send)
+            progress = now;     /* idle until the next ping: not a stall */
         if (now - progress > STALL_NS) {
-            if (s->inflight == 0)
-                err("nothing could be queued to %s for %llu s", s->peer,
-                    (unsigned long long)(STALL_NS / NS_PER_S));
-            else
-                err("no reply from %s for %llu s", s->peer,
-                    (unsigned long long)(STALL_NS / NS_PER_S));
+            err("%s %s for %llu s", s->inflight ? "no reply from" : "nothing could be queued to",
+                s->peer, (unsigned long long)(STALL_NS / NS_PER_S));
             if (s->inflight == 0)
                 res->error = 1;
             break;
@@ -276,11 +284,17 @@ static int ping_session(struct session *s)
         }
 
         if (s->blocked_on) {
+            /* No room to send: take a reply if one is there, else wait. */
             ret = lshm_recv(s->port, &m, 0);
-            if (ret == -ETIMEDOUT)
+            if (ret == -ETIMEDOUT) {
                 ret = wait_room(s, false, 10);
-            else
-                s->blocked_on = 0;
+                if (ret < 0) {
+                    link_failed(s, ret);
+                    break;
+                }
+                continue;
+            }
+            s->blocked_on = 0;
         } else {
             wait_ms = WAIT_SLICE_MS;
             if (more && s->inflight < window)
@@ -290,13 +304,9 @@ static int ping_session(struct session *s)
             ret = lshm_recv(s->port, &m, wait_ms);
         }
         if (ret == 0) {
-            if (s->blocked_on == 0 || true) {
-                handle_reply(s, &m);
-                progress = now_ns();
-            }
-        } else if (ret != -ETIMEDOUT && ret != -EINTR && ret > 0) {
-            /* wait_room's mask */
-        } else if (ret < 0 && ret != -ETIMEDOUT && ret != -EINTR) {
+            handle_reply(s, &m);
+            progress = now_ns();
+        } else if (ret != -ETIMEDOUT && ret != -EINTR) {
             link_failed(s, ret);
             break;
         }
@@ -393,25 +403,16 @@ static int sink_session(struct session *s)
                 break;
             res->sent++;
         }
-        if (ret == -ECANCELED) {
-            ret = 0;
-            break;
-        }
         if (ret < 0)
             break;
     }
     res->interrupted = stop_requested;
-    if (ret < 0 && ret != -ETIMEDOUT) {
-        link_failed(s, ret);
-        return -1;
-    }
+    if (ret == -ECANCELED)
+        ret = 0;
+    if (ret == 0)
+        ret = send_blocking(s, MSG_END, (uint32_t)res->sent, 0, true, 0);
     if (ret < 0) {
-        res->error = 1;
-        return -1;
-    }
-    ret = send_blocking(s, MSG_END, (uint32_t)res->sent, 0, true, 0);
-    if (ret < 0) {
-        if (ret != -ETIMEDOUT)
+        if (ret != -ETIMEDOUT)      /* that one was reported already */
             link_failed(s, ret);
         res->error = 1;
         return -1;
@@ -458,79 +459,39 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
     return ret;
 }
 
-static int ctx_new_reported(struct lshm_ctx **ctx)
+int ctx_new_reported(struct lshm_ctx **ctx, const char *who)
 {
     int ret = lshm_ctx_new(ctx, NULL);
 
     if (ret == -EPERM || ret == -ENOSYS)
-        err("io_uring unavailable: %s", lshm_why(ret));
+        err("%sio_uring unavailable: %s", who, lshm_why(ret));
     else if (ret < 0)
-        err("cannot create an io_uring context: %s", lshm_why(ret));
+        err("%scannot create an io_uring context: %s", who, lshm_why(ret));
     return ret;
-}
-
-/* Reap the forked peer, killing it if it does not go within 5 s. */
-static int reap_peer(pid_t pid)
-{
-    uint64_t until = now_ns() + 5 * NS_PER_S;
-    int status;
-
-    for (;;) {
-        pid_t r = waitpid(pid, &status, WNOHANG);
-        if (r == pid)
-            return status;
-        if (r < 0 && errno != EINTR)
-            return -1;
-        if (now_ns() > until) {
-            kill(pid, SIGKILL);
-            waitpid(pid, &status, 0);
-            return -1;
-        }
-        usleep(1000);
-    }
 }
 
 int lshm_run_forked(const struct config *cfg, struct results *res)
 {
     struct lshm_ctx *ctx = NULL;
     struct lshm_port *port = NULL;
-    int sv[2], ret, status;
-    char peer[48];
+    int sock, ret, status;
     pid_t pid;
 
     /*
-     * The pair is made before fork and each side makes its own context
-     * afterwards: a ring made before fork() is unusable in the child.
+     * Each side makes its own context after fork: a ring made before fork()
+     * is unusable in the child.
      */
-    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
-        err("socketpair: %s", strerror(errno));
+    pid = fork_peer(cfg, SOCK_SEQPACKET, peer_serve, &sock);
+    if (pid < 0)
         return EXIT_ERROR;
-    }
-    fflush(stdout);
-    fflush(stderr);
-    pid = fork();
-    if (pid < 0) {
-        err("fork: %s", strerror(errno));
-        close(sv[0]);
-        close(sv[1]);
-        return EXIT_ERROR;
-    }
-    if (pid == 0) {
-        close(sv[0]);
-        peer_signals();
-        _exit(peer_serve(cfg, sv[1]));
-    }
-    close(sv[1]);
-    snprintf(peer, sizeof(peer), "peer");
-
-    if (ctx_new_reported(&ctx) < 0) {
-        close(sv[0]);
+    if (ctx_new_reported(&ctx, "") < 0) {
+        close(sock);
         goto fail;
     }
-    ret = lshm_port_adopt(ctx, sv[0], &port);
+    ret = lshm_port_adopt(ctx, sock, &port);
     if (ret < 0) {
         err("cannot adopt the socket of the forked peer: %s", lshm_why(ret));
-        close(sv[0]);
+        close(sock);
         goto fail;
     }
     if (drop_caps(cfg) < 0)
@@ -541,11 +502,11 @@ int lshm_run_forked(const struct config *cfg, struct results *res)
         err("handshake with the forked peer failed: %s", why ? why : lshm_why(ret));
         goto fail;
     }
-    run_session(cfg, ctx, port, peer, true, res);
+    run_session(cfg, ctx, port, "peer", true, res);
     lshm_port_close(port);
     lshm_ctx_free(ctx);
-    status = reap_peer(pid);
-    if (!res->error && (status < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)) {
+    status = reap_child(pid);
+    if (!res->error && status != 0) {
         if (status < 0)
             err("forked peer did not exit; killed");
         else if (WIFSIGNALED(status))
@@ -561,7 +522,7 @@ fail:
         lshm_port_close(port);
     lshm_ctx_free(ctx);
     kill(pid, SIGKILL);
-    reap_peer(pid);
+    reap_child(pid);
     res->error = 1;
     return EXIT_ERROR;
 }
@@ -572,7 +533,7 @@ int lshm_run_client(const struct config *cfg, struct results *res)
     struct lshm_port *port = NULL;
     int ret;
 
-    if (ctx_new_reported(&ctx) < 0)
+    if (ctx_new_reported(&ctx, "") < 0)
         goto fail;
     /* Before lshm_connect: it reads the server's HELLO. */
     if (drop_caps(cfg) < 0)

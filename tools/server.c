@@ -332,24 +332,13 @@ static void server_close(struct server *s)
     lshm_ctx_free(s->ctx);
 }
 
-static int ctx_create(struct lshm_ctx **ctx, const char *who)
-{
-    int ret = lshm_ctx_new(ctx, NULL);
-
-    if (ret == -EPERM || ret == -ENOSYS)
-        err("%sio_uring unavailable: %s", who, lshm_why(ret));
-    else if (ret < 0)
-        err("%scannot create an io_uring context: %s", who, lshm_why(ret));
-    return ret;
-}
-
 int serve(const struct config *cfg)
 {
     struct server s = { .cfg = cfg };
     char feat[160];
     int ret;
 
-    if (ctx_create(&s.ctx, "") < 0)
+    if (ctx_new_reported(&s.ctx, "") < 0)
         return EXIT_ERROR;
     ret = lshm_listen(s.ctx, cfg->listen, 0, &s.listener);
     if (ret < 0) {
@@ -387,7 +376,7 @@ int peer_serve(const struct config *cfg, int sock)
     struct lshm_port *port;
     int ret;
 
-    if (ctx_create(&s.ctx, "peer: ") < 0) {
+    if (ctx_new_reported(&s.ctx, "peer: ") < 0) {
         close(sock);
         return EXIT_ERROR;
     }

@@ -82,6 +82,12 @@ void     install_signals(void);
 void     peer_signals(void);
 const char *mode_name(enum mode m);
 void     features_text(unsigned feat, char *buf, size_t len);
+/* A socketpair of type, and a child running peer(cfg, its end) then exiting
+ * with what it returns; *sock is the parent's end.  -1 (reported) on failure. */
+pid_t    fork_peer(const struct config *cfg, int type,
+                   int (*peer)(const struct config *cfg, int sock), int *sock);
+/* The child's wait status; -1 if it had to be killed after 5 s. */
+int      reap_child(pid_t pid);
 void     err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* A message's payload in shared-memory buffers (payload.c). */
@@ -104,6 +110,8 @@ int  lshm_run_forked(const struct config *cfg, struct results *res);
 int  lshm_run_client(const struct config *cfg, struct results *res);
 /* One-line text for a failed library call: the library's detail if any. */
 const char *lshm_why(int ret);
+/* lshm_ctx_new() with the failure reported on stderr, prefixed by who. */
+int  ctx_new_reported(struct lshm_ctx **ctx, const char *who);
 
 /* server.c: the echo server (-l), and the forked peer of the io_uring modes. */
 int  serve(const struct config *cfg);
@@ -114,7 +122,8 @@ int  copy_run_forked(const struct config *cfg, struct results *res);
 
 /* output.c */
 void print_header(const struct config *cfg, const char *peer, unsigned features);
-void print_reply(const struct config *cfg, uint32_t seq, size_t size, double us);
+void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
+                 double us);
 void print_summary(const struct config *cfg, const struct results *res, const char *peer);
 int  print_probe(bool json);
 int  run_bench(const struct config *cfg);

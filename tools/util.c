@@ -8,7 +8,10 @@
 #include <string.h>
 #include <sys/capability.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "shmping.h"
 
@@ -269,4 +272,54 @@ void features_text(unsigned feat, char *buf, size_t len)
     }
     if (used == 0)
         snprintf(buf, len, "none");
+}
+
+pid_t fork_peer(const struct config *cfg, int type,
+                int (*peer)(const struct config *cfg, int sock), int *sock)
+{
+    int sv[2];
+    pid_t pid;
+
+    if (socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv) < 0) {
+        err("socketpair: %s", strerror(errno));
+        return -1;
+    }
+    /* What stdio holds must not come out twice. */
+    fflush(stdout);
+    fflush(stderr);
+    pid = fork();
+    if (pid < 0) {
+        err("fork: %s", strerror(errno));
+        close(sv[0]);
+        close(sv[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        close(sv[0]);
+        peer_signals();
+        _exit(peer(cfg, sv[1]));
+    }
+    close(sv[1]);
+    *sock = sv[0];
+    return pid;
+}
+
+int reap_child(pid_t pid)
+{
+    uint64_t until = now_ns() + 5000000000ull;
+    int status;
+
+    for (;;) {
+        pid_t r = waitpid(pid, &status, WNOHANG);
+        if (r == pid)
+            return status;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        if (now_ns() > until) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &status, 0);
+            return -1;
+        }
+        usleep(1000);
+    }
 }

@@ -1,0 +1,155 @@
+/*
+ * shmping --bench: round trip and one-way throughput for a few sizes in
+ * every mode against a forked peer, each cell a time-bounded run, and each
+ * figure's ratio to copy mode's for the same size.
+ */
+#include <stdio.h>
+#include <string.h>
+
+#include "shmping.h"
+
+#define CELL_S        0.4
+#define BENCH_BATCH   16
+
+struct cell {
+    bool   ran, failed;
+    double rtt_avg, rtt_p99, msgs_per_s, gb_per_s;
+};
+
+static const size_t sizes[] = { 64, 4096, 1u << 20 };
+static const enum mode modes[] = { MODE_COPY, MODE_SHM, MODE_INLINE };
+
+static int run_one(const struct config *cfg, struct results *res)
+{
+    memset(res, 0, sizeof(*res));
+    if (cfg->mode == MODE_COPY)
+        return copy_run_forked(cfg, res);
+    return lshm_run_forked(cfg, res);
+}
+
+/* Returns whether every reply came back (and verified). */
+static bool run_cell(const struct config *base, enum mode mode, size_t size, struct cell *c)
+{
+    struct config cfg = *base;
+    struct results res;
+    struct rtt_summary r;
+    bool complete = true;
+
+    cfg.mode = mode;
+    cfg.size = size;
+    cfg.count = COUNT_FOREVER;
+    cfg.deadline = CELL_S;
+    cfg.flood = true;
+    cfg.quiet = true;
+    cfg.bench = true;
+    cfg.json = false;
+    cfg.batch = 1;
+
+    cfg.throughput = false;
+    if (run_one(&cfg, &res) != 0)
+        c->failed = true;
+    rtt_summarize(&res, &r);
+    c->rtt_avg = r.avg;
+    c->rtt_p99 = r.p99;
+    complete &= res.received == res.sent && res.corrupt == 0;
+    results_free(&res);
+
+    cfg.throughput = true;
+    cfg.batch = base->batch > 1 ? base->batch : BENCH_BATCH;
+    if (!stop_requested && run_one(&cfg, &res) != 0)
+        c->failed = true;
+    c->msgs_per_s = res.msgs_per_s;
+    c->gb_per_s = res.gb_per_s;
+    complete &= res.received == res.sent && res.corrupt == 0;
+    results_free(&res);
+    c->ran = true;
+    return complete;
+}
+
+static double ratio(double v, double copy)
+{
+    return copy > 0 ? v / copy : 0;
+}
+
+static void print_row(size_t size, enum mode mode, const struct cell *c, const struct cell *copy)
+{
+    char sz[24];
+
+    if (size >= (1u << 20))
+        snprintf(sz, sizeof(sz), "%zu MiB", size >> 20);
+    else if (size >= 1024)
+        snprintf(sz, sizeof(sz), "%zu KiB", size >> 10);
+    else
+        snprintf(sz, sizeof(sz), "%zu B", size);
+    if (c->failed) {
+        printf("%-8s %-7s %s\n", sz, mode_name(mode), "failed (see above)");
+        return;
+    }
+    printf("%-8s %-7s %11.1f %6.2fx %11.1f %6.2fx %11.0f %6.2fx %9.3f %6.2fx\n",
+           sz, mode_name(mode),
+           c->rtt_avg, ratio(c->rtt_avg, copy->rtt_avg),
+           c->rtt_p99, ratio(c->rtt_p99, copy->rtt_p99),
+           c->msgs_per_s, ratio(c->msgs_per_s, copy->msgs_per_s),
+           c->gb_per_s, ratio(c->gb_per_s, copy->gb_per_s));
+    fflush(stdout);
+}
+
+static void json_row(bool first, size_t size, enum mode mode, const struct cell *c,
+                     const struct cell *copy)
+{
+    printf("%s{\"size\":%zu,\"mode\":\"%s\",\"failed\":%s,\"rtt_avg_us\":%.3f,"
+           "\"rtt_p99_us\":%.3f,\"msgs_per_s\":%.1f,\"gb_per_s\":%.6f,"
+           "\"rtt_avg_ratio\":%.4f,\"rtt_p99_ratio\":%.4f,\"msgs_per_s_ratio\":%.4f,"
+           "\"gb_per_s_ratio\":%.4f}",
+           first ? "" : ",", size, mode_name(mode), c->failed ? "true" : "false",
+           c->rtt_avg, c->rtt_p99, c->msgs_per_s, c->gb_per_s,
+           ratio(c->rtt_avg, copy->rtt_avg), ratio(c->rtt_p99, copy->rtt_p99),
+           ratio(c->msgs_per_s, copy->msgs_per_s), ratio(c->gb_per_s, copy->gb_per_s));
+}
+
+int run_bench(const struct config *cfg)
+{
+    struct lshm_probe p;
+    bool complete = true, failed = false, first = true;
+    char feat[160];
+
+    if (lshm_probe(&p) == 0 && p.io_uring != 0) {
+        err("io_uring unavailable: %s", p.io_uring_why);
+        return EXIT_ERROR;
+    }
+    if (cfg->json) {
+        printf("{\"cell_s\":%.2f,\"batch\":%u,\"bench\":[", CELL_S,
+               cfg->batch > 1 ? cfg->batch : BENCH_BATCH);
+    } else {
+        features_text(p.features, feat, sizeof(feat));
+        printf("shmping --bench: forked peer, %.1f s per figure, throughput batch %u, "
+               "io_uring %s\n", CELL_S, cfg->batch > 1 ? cfg->batch : BENCH_BATCH, feat);
+        printf("ratio: the figure over copy mode's for the same size "
+               "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster)\n\n");
+        printf("%-8s %-7s %11s %7s %11s %7s %11s %7s %9s %7s\n", "size", "mode",
+               "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio");
+    }
+    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]) && !stop_requested; i++) {
+        struct cell cells[3] = { { .ran = false } };
+
+        for (size_t m = 0; m < 3 && !stop_requested; m++) {
+            if (modes[m] == MODE_INLINE && sizes[i] > LSHM_INLINE_MAX)
+                continue;
+            complete &= run_cell(cfg, modes[m], sizes[i], &cells[m]);
+            failed |= cells[m].failed;
+            if (!cells[m].ran)
+                continue;
+            if (cfg->json)
+                json_row(first, sizes[i], modes[m], &cells[m], &cells[0]);
+            else
+                print_row(sizes[i], modes[m], &cells[m], &cells[0]);
+            first = false;
+        }
+    }
+    if (cfg->json)
+        printf("],\"interrupted\":%s}\n", stop_requested ? "true" : "false");
+    fflush(stdout);
+    if (failed)
+        return EXIT_ERROR;
+    return complete ? 0 : EXIT_LOST;
+}

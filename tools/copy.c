@@ -1,0 +1,338 @@
+/*
+ * shmping --mode copy: the baseline the other modes are measured against.
+ * The payload goes through an AF_UNIX SOCK_STREAM socketpair with blocking
+ * write and read, each message prefixed by a copy_hdr: no io_uring, no
+ * shared memory.  Only against a forked peer, which echoes MSG_PING after
+ * reading the whole message (so neither side ever writes while the other
+ * is blocked writing), counts MSG_DATA and answers MSG_END with its counts.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "shmping.h"
+
+#define NS_PER_S        1000000000ull
+#define REPLY_TIMEOUT_S 10
+
+struct copy_hdr {
+    uint32_t type;
+    uint32_t seq;
+    uint64_t len;
+};
+
+/* Writes everything, retrying short writes and EINTR: a message is never cut. */
+static int write_all(int fd, const void *hdr, size_t hlen, const void *data, size_t dlen)
+{
+    struct iovec iov[2] = {
+        { .iov_base = (void *)hdr, .iov_len = hlen },
+        { .iov_base = (void *)data, .iov_len = dlen },
+    };
+    struct iovec *v = iov;
+    int n = dlen ? 2 : 1;
+
+    while (n > 0) {
+        ssize_t w = writev(fd, v, n);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (n > 0 && (size_t)w >= v->iov_len) {
+            w -= (ssize_t)v->iov_len;
+            v++;
+            n--;
+        }
+        if (n > 0) {
+            v->iov_base = (uint8_t *)v->iov_base + w;
+            v->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/*
+ * len bytes, or 0 on end of file before the first byte; -EPIPE on end of file
+ * inside them; -EINTR only once a stop was requested; -EAGAIN on the receive
+ * timeout.
+ */
+static ssize_t read_full(int fd, void *buf, size_t len)
+{
+    size_t got = 0;
+
+    while (got < len) {
+        ssize_t r = read(fd, (uint8_t *)buf + got, len - got);
+        if (r == 0)
+            return got == 0 ? 0 : -EPIPE;
+        if (r < 0) {
+            if (errno == EINTR && !stop_requested)
+                continue;
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+        }
+        got += (size_t)r;
+    }
+    return (ssize_t)len;
+}
+
+static int copy_peer(const struct config *cfg, int fd)
+{
+    struct peer_stats st = { 0 };
+    size_t cap = cfg->size ? cfg->size : 1;
+    uint8_t *buf = malloc(cap);
+    int status = 0;
+
+    if (buf == NULL) {
+        err("peer: out of memory for a %zu-byte payload", cap);
+        return EXIT_ERROR;
+    }
+    for (;;) {
+        struct copy_hdr h;
+        ssize_t r = read_full(fd, &h, sizeof(h));
+
+        if (r == 0)
+            break;
+        if (r > 0 && h.len > MAX_SIZE) {
+            err("peer: message of %llu bytes, above the maximum", (unsigned long long)h.len);
+            status = EXIT_ERROR;
+            break;
+        }
+        if (r > 0 && h.len > cap) {
+            uint8_t *nb = realloc(buf, h.len);
+            if (nb == NULL) {
+                err("peer: out of memory for a %llu-byte payload", (unsigned long long)h.len);
+                status = EXIT_ERROR;
+                break;
+            }
+            buf = nb;
+            cap = h.len;
+        }
+        if (r > 0 && h.len > 0)
+            r = read_full(fd, buf, h.len);
+        if (r <= 0) {
+            if (r < 0 && r != -EPIPE)
+                err("peer: read: %s", strerror((int)-r));
+            status = r < 0 && r != -EPIPE ? EXIT_ERROR : 0;
+            break;
+        }
+        if (h.type == MSG_PING) {
+            r = write_all(fd, &h, sizeof(h), buf, h.len);
+        } else if (h.type == MSG_DATA) {
+            st.received++;
+            st.bytes += h.len;
+            if (cfg->verify && !verify_piece(buf, 0, h.len, h.seq))
+                st.corrupt++;
+        } else if (h.type == MSG_END) {
+            h.len = sizeof(st);
+            r = write_all(fd, &h, sizeof(h), &st, sizeof(st));
+        } else {
+            err("peer: unknown message type %u", h.type);
+            status = EXIT_ERROR;
+            break;
+        }
+        if (r < 0) {
+            if (r != -EPIPE)
+                err("peer: write: %s", strerror((int)-r));
+            break;
+        }
+    }
+    free(buf);
+    close(fd);
+    return status;
+}
+
+static void sleep_until(uint64_t when)
+{
+    uint64_t now = now_ns();
+    struct timespec ts;
+
+    if (when <= now)
+        return;
+    ts.tv_sec = (time_t)((when - now) / NS_PER_S);
+    ts.tv_nsec = (long)((when - now) % NS_PER_S);
+    nanosleep(&ts, NULL);   /* EINTR: the caller looks at stop_requested */
+}
+
+static const char *copy_why(ssize_t r)
+{
+    if (r == 0 || r == -EPIPE)
+        return "peer closed the connection";
+    if (r == -EAGAIN)
+        return "no reply within 10 s";
+    return strerror((int)-r);
+}
+
+static int copy_ping(const struct config *cfg, int fd, struct results *res,
+                     uint8_t *sendbuf, uint8_t *recvbuf)
+{
+    uint64_t interval = cfg->flood ? 0 : (uint64_t)(cfg->interval * (double)NS_PER_S);
+    uint64_t start = now_ns(), next_send = start;
+    uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
+
+    while (res->sent < cfg->count) {
+        uint32_t seq = (uint32_t)(res->sent + 1);
+        struct copy_hdr h = { .type = MSG_PING, .seq = seq, .len = cfg->size }, rh;
+        uint64_t t0, now = now_ns();
+        ssize_t r;
+        double us;
+
+        if (stop_requested) {
+            res->interrupted = true;
+            break;
+        }
+        if (deadline && now >= deadline)
+            break;
+        if (now < next_send) {
+            sleep_until(deadline && deadline < next_send ? deadline : next_send);
+            continue;
+        }
+        if (cfg->verify)
+            pattern_fill(sendbuf, 0, cfg->size, seq);
+        t0 = now_ns();
+        r = write_all(fd, &h, sizeof(h), sendbuf, cfg->size);
+        if (r < 0) {
+            err("connection to peer closed: %s", copy_why(r));
+            res->error = 1;
+            break;
+        }
+        res->sent++;
+        r = read_full(fd, &rh, sizeof(rh));
+        if (r > 0 && (rh.type != MSG_PING || rh.seq != seq || rh.len != cfg->size)) {
+            err("peer answered seq=%u with type %u, seq=%u, %llu bytes", seq, rh.type,
+                rh.seq, (unsigned long long)rh.len);
+            res->error = 1;
+            break;
+        }
+        if (r > 0 && cfg->size > 0)
+            r = read_full(fd, recvbuf, cfg->size);
+        if (r == -EINTR) {
+            res->interrupted = true;
+            break;
+        }
+        if (r <= 0) {
+            err("%s", copy_why(r));
+            if (r != -EAGAIN)
+                res->error = 1;
+            break;
+        }
+        us = (double)(now_ns() - t0) / 1e3;
+        res->received++;
+        if (cfg->verify && !verify_piece(recvbuf, 0, cfg->size, seq))
+            res->corrupt++;
+        if (results_add_rtt(res, us) < 0)
+            err("out of memory for RTT samples");
+        if (!cfg->quiet && !cfg->flood)
+            print_reply(cfg, "peer", seq, cfg->size, us);
+        next_send = interval ? next_send + interval : now;
+    }
+    res->time_ms = (double)(now_ns() - start) / 1e6;
+    return res->error ? -1 : 0;
+}
+
+static int copy_throughput(const struct config *cfg, int fd, struct results *res,
+                           uint8_t *sendbuf)
+{
+    uint64_t start = now_ns();
+    uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
+    struct copy_hdr h = { .type = MSG_DATA, .len = cfg->size };
+    struct peer_stats st;
+    ssize_t r = 0;
+
+    while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
+        h.seq = (uint32_t)(res->sent + 1);
+        if (cfg->verify)
+            pattern_fill(sendbuf, 0, cfg->size, h.seq);
+        r = write_all(fd, &h, sizeof(h), sendbuf, cfg->size);
+        if (r < 0)
+            break;
+        res->sent++;
+    }
+    res->interrupted = stop_requested;
+    if (r == 0) {
+        h = (struct copy_hdr){ .type = MSG_END, .seq = (uint32_t)res->sent, .len = 0 };
+        r = write_all(fd, &h, sizeof(h), NULL, 0);
+    }
+    if (r == 0) {
+        do
+            r = read_full(fd, &h, sizeof(h));
+        while (r == -EINTR);    /* a second look at stop: the answer is near */
+        if (r > 0 && (h.type != MSG_END || h.len != sizeof(st))) {
+            err("peer's answer to the end of the stream is malformed");
+            res->error = 1;
+            return -1;
+        }
+        if (r > 0)
+            r = read_full(fd, &st, sizeof(st));
+        if (r == 0)
+            r = -EPIPE;
+    }
+    if (r < 0) {
+        err("connection to peer closed: %s", copy_why(r));
+        res->error = 1;
+        return -1;
+    }
+    res->time_ms = (double)(now_ns() - start) / 1e6;
+    res->received = st.received;
+    res->corrupt = st.corrupt;
+    if (res->time_ms > 0) {
+        double secs = res->time_ms / 1e3;
+        res->msgs_per_s = (double)st.received / secs;
+        res->gb_per_s = (double)st.bytes / secs / 1e9;
+    }
+    return 0;
+}
+
+static int copy_peer_start(const struct config *cfg, int fd)
+{
+    if (drop_caps(cfg) < 0) {
+        close(fd);
+        return EXIT_ERROR;
+    }
+    return copy_peer(cfg, fd);
+}
+
+int copy_run_forked(const struct config *cfg, struct results *res)
+{
+    struct timeval tv = { .tv_sec = REPLY_TIMEOUT_S };
+    uint8_t *sendbuf = NULL, *recvbuf = NULL;
+    int sock, status;
+    pid_t pid;
+
+    pid = fork_peer(cfg, SOCK_STREAM, copy_peer_start, &sock);
+    if (pid < 0)
+        return EXIT_ERROR;
+    sendbuf = malloc(cfg->size ? cfg->size : 1);
+    recvbuf = malloc(cfg->size ? cfg->size : 1);
+    if (sendbuf == NULL || recvbuf == NULL) {
+        err("out of memory for a %zu-byte payload", cfg->size);
+        res->error = 1;
+        goto out;
+    }
+    memset(sendbuf, 0x5a, cfg->size);
+    /* A peer that hangs must not hang us: reads give up after 10 s. */
+    setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    if (drop_caps(cfg) < 0) {
+        res->error = 1;
+        goto out;
+    }
+    if (!cfg->json && !cfg->bench)
+        print_header(cfg, "peer", 0);
+    if (cfg->throughput)
+        copy_throughput(cfg, sock, res, sendbuf);
+    else
+        copy_ping(cfg, sock, res, sendbuf, recvbuf);
+out:
+    free(sendbuf);
+    free(recvbuf);
+    close(sock);    /* the peer ends at end of file */
+    status = reap_child(pid);
+    if (!res->error && status != 0) {
+        err("forked peer failed (wait status %d)", status);
+        res->error = 1;
+    }
+    return res->error ? EXIT_ERROR : 0;
+}

@@ -1,0 +1,243 @@
+/* shmping: what it prints: header, replies, summary (text or JSON), --probe. */
+#include <stdio.h>
+#include <string.h>
+
+#include "shmping.h"
+
+void print_header(const struct config *cfg, const char *peer, unsigned features)
+{
+    char feat[160], batch[32] = "";
+
+    if (cfg->throughput && cfg->batch > 1)
+        snprintf(batch, sizeof(batch), ", batch %u", cfg->batch);
+    if (cfg->mode == MODE_COPY) {
+        printf("SHMPING %s: %zu bytes, mode copy%s (AF_UNIX stream socket, "
+               "blocking write/read, no io_uring)\n",
+               peer, cfg->size, cfg->throughput ? ", throughput" : "");
+    } else {
+        features_text(features, feat, sizeof(feat));
+        printf("SHMPING %s: %zu bytes, mode %s%s%s, io_uring %s\n", peer, cfg->size,
+               mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, feat);
+    }
+    fflush(stdout);
+}
+
+void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
+                 double us)
+{
+    if (cfg->json || cfg->bench)
+        return;
+    printf("%zu bytes from %s: seq=%u time=%.1f us\n", size, peer, seq, us);
+    fflush(stdout);
+}
+
+static double lost_pct(const struct results *res)
+{
+    if (res->sent == 0 || res->received >= res->sent)
+        return 0;
+    return (double)(res->sent - res->received) * 100.0 / (double)res->sent;
+}
+
+static void json_string(const char *s)
+{
+    putchar('"');
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\')
+            printf("\\%c", c);
+        else if (c < 0x20)
+            printf("\\u%04x", c);
+        else
+            putchar(c);
+    }
+    putchar('"');
+}
+
+static void json_summary(const struct config *cfg, const struct results *res, const char *peer)
+{
+    struct rtt_summary r;
+
+    rtt_summarize(res, &r);
+    printf("{\"peer\":");
+    json_string(peer);
+    printf(",\"mode\":\"%s\",\"size\":%zu,\"throughput\":%s,\"batch\":%u,\"verify\":%s",
+           mode_name(cfg->mode), cfg->size, cfg->throughput ? "true" : "false", cfg->batch,
+           cfg->verify ? "true" : "false");
+    printf(",\"sent\":%llu,\"received\":%llu,\"corrupt\":%llu,\"lost_pct\":%.4g"
+           ",\"time_ms\":%.3f,\"interrupted\":%s",
+           (unsigned long long)res->sent, (unsigned long long)res->received,
+           (unsigned long long)res->corrupt, lost_pct(res), res->time_ms,
+           res->interrupted ? "true" : "false");
+    if (res->nrtt > 0)
+        printf(",\"rtt_min_us\":%.3f,\"rtt_avg_us\":%.3f,\"rtt_max_us\":%.3f"
+               ",\"rtt_mdev_us\":%.3f,\"rtt_p50_us\":%.3f,\"rtt_p90_us\":%.3f"
+               ",\"rtt_p99_us\":%.3f,\"rtt_p999_us\":%.3f",
+               r.min, r.avg, r.max, r.mdev, r.p50, r.p90, r.p99, r.p999);
+    else
+        printf(",\"rtt_min_us\":null,\"rtt_avg_us\":null,\"rtt_max_us\":null"
+               ",\"rtt_mdev_us\":null,\"rtt_p50_us\":null,\"rtt_p90_us\":null"
+               ",\"rtt_p99_us\":null,\"rtt_p999_us\":null");
+    if (cfg->throughput)
+        printf(",\"msgs_per_s\":%.1f,\"gb_per_s\":%.6f", res->msgs_per_s, res->gb_per_s);
+    printf("}\n");
+}
+
+void print_summary(const struct config *cfg, const struct results *res, const char *peer)
+{
+    struct rtt_summary r;
+    char corrupt[48] = "";
+
+    if (cfg->json) {
+        json_summary(cfg, res, peer);
+        fflush(stdout);
+        return;
+    }
+    if (res->corrupt > 0)
+        snprintf(corrupt, sizeof(corrupt), ", %llu corrupt", (unsigned long long)res->corrupt);
+    printf("\n--- %s shmping statistics ---\n", peer);
+    printf("%llu sent, %llu received%s, %g%% lost, time %.1f ms\n",
+           (unsigned long long)res->sent, (unsigned long long)res->received, corrupt,
+           lost_pct(res), res->time_ms);
+    if (res->nrtt > 0) {
+        rtt_summarize(res, &r);
+        printf("rtt min/avg/max/mdev = %.1f/%.1f/%.1f/%.1f us\n", r.min, r.avg, r.max, r.mdev);
+        printf("rtt p50/p90/p99/p99.9 = %.1f/%.1f/%.1f/%.1f us\n", r.p50, r.p90, r.p99, r.p999);
+    }
+    if (cfg->throughput)
+        printf("throughput: %.0f msgs/s, %.3f GB/s\n", res->msgs_per_s, res->gb_per_s);
+    fflush(stdout);
+}
+
+/* ---- --probe ---- */
+
+/* IORING_SETUP_* bits, spelled here so that the tool needs linuxshm.h only. */
+static const struct { unsigned bit; const char *name; } setup_names[] = {
+    { 1u << 0,  "IOPOLL" },        { 1u << 1,  "SQPOLL" },
+    { 1u << 2,  "SQ_AFF" },        { 1u << 3,  "CQSIZE" },
+    { 1u << 4,  "CLAMP" },         { 1u << 5,  "ATTACH_WQ" },
+    { 1u << 6,  "R_DISABLED" },    { 1u << 7,  "SUBMIT_ALL" },
+    { 1u << 8,  "COOP_TASKRUN" },  { 1u << 9,  "TASKRUN_FLAG" },
+    { 1u << 10, "SQE128" },        { 1u << 11, "CQE32" },
+    { 1u << 12, "SINGLE_ISSUER" }, { 1u << 13, "DEFER_TASKRUN" },
+    { 1u << 14, "NO_MMAP" },       { 1u << 15, "REGISTERED_FD_ONLY" },
+    { 1u << 16, "NO_SQARRAY" },
+};
+
+static void setup_text(unsigned flags, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < sizeof(setup_names) / sizeof(setup_names[0]); i++) {
+        if (!(flags & setup_names[i].bit))
+            continue;
+        int n = snprintf(buf + used, len - used, "%s%s", used ? " " : "", setup_names[i].name);
+        if (n < 0 || (size_t)n >= len - used)
+            return;
+        used += (size_t)n;
+    }
+    if (used == 0)
+        snprintf(buf, len, "none");
+}
+
+static void limit_text(uint64_t v, char *buf, size_t len)
+{
+    if (v == UINT64_MAX)
+        snprintf(buf, len, "unlimited");
+    else if (v >= (1u << 20) && v % (1u << 20) == 0)
+        snprintf(buf, len, "%llu MiB", (unsigned long long)(v >> 20));
+    else if (v >= 1024 && v % 1024 == 0)
+        snprintf(buf, len, "%llu KiB", (unsigned long long)(v >> 10));
+    else
+        snprintf(buf, len, "%llu", (unsigned long long)v);
+}
+
+static const char *yes(bool b)
+{
+    return b ? "yes" : "no";
+}
+
+static bool caps_held(const struct lshm_probe *p)
+{
+    return p->caps[0] != '\0' && strcmp(p->caps, "=") != 0;
+}
+
+static void probe_json(const struct lshm_probe *p)
+{
+    printf("{\"kernel\":");
+    json_string(p->kernel);
+    printf(",\"io_uring\":%s,\"io_uring_errno\":%d,\"io_uring_why\":",
+           p->io_uring == 0 ? "true" : "false", -p->io_uring);
+    json_string(p->io_uring_why);
+    printf(",\"setup_flags\":%u,\"features\":%u,\"op_sendmsg\":%s,\"op_recvmsg\":%s"
+           ",\"op_accept\":%s,\"multishot_recv\":%s,\"memfd\":%s,\"sealing\":%s"
+           ",\"noexec_seal\":%s",
+           p->setup_flags, p->features, p->op_sendmsg ? "true" : "false",
+           p->op_recvmsg ? "true" : "false", p->op_accept ? "true" : "false",
+           (p->features & LSHM_FEAT_MULTISHOT_RECV) ? "true" : "false",
+           p->memfd ? "true" : "false", p->sealing ? "true" : "false",
+           p->noexec_seal ? "true" : "false");
+    printf(",\"memlock_cur\":%.0f,\"memlock_max\":%.0f,\"nofile_cur\":%.0f,\"nofile_max\":%.0f"
+           ",\"max_map_count\":%ld,\"caps\":",
+           p->memlock_cur == UINT64_MAX ? -1.0 : (double)p->memlock_cur,
+           p->memlock_max == UINT64_MAX ? -1.0 : (double)p->memlock_max,
+           p->nofile_cur == UINT64_MAX ? -1.0 : (double)p->nofile_cur,
+           p->nofile_max == UINT64_MAX ? -1.0 : (double)p->nofile_max, p->max_map_count);
+    json_string(p->caps);
+    printf(",\"drops_caps\":%s}\n", caps_held(p) ? "true" : "false");
+}
+
+int print_probe(bool json)
+{
+    struct lshm_probe p;
+    char a[64], b[64], flags[256], feat[160];
+    int ret = lshm_probe(&p);
+
+    if (ret < 0) {
+        err("probe failed: %s", lshm_why(ret));
+        return EXIT_ERROR;
+    }
+    if (json) {
+        probe_json(&p);
+        return 0;
+    }
+    printf("kernel:           %s\n", p.kernel[0] ? p.kernel : "unknown");
+    if (p.io_uring == 0) {
+        setup_text(p.setup_flags, flags, sizeof(flags));
+        printf("io_uring:         available\n");
+        printf("  setup flags:    %s\n", flags);
+        printf("  opcodes:        SENDMSG %s, RECVMSG %s, ACCEPT %s\n",
+               yes(p.op_sendmsg), yes(p.op_recvmsg), yes(p.op_accept));
+        printf("  multishot recv: %s\n", yes(p.features & LSHM_FEAT_MULTISHOT_RECV));
+    } else {
+        printf("io_uring:         unavailable: %s\n",
+               p.io_uring_why[0] ? p.io_uring_why : strerror(-p.io_uring));
+    }
+    printf("memfd_create:     %s, sealing %s, MFD_NOEXEC_SEAL %s\n",
+           yes(p.memfd), yes(p.sealing), yes(p.noexec_seal));
+    limit_text(p.memlock_cur, a, sizeof(a));
+    limit_text(p.memlock_max, b, sizeof(b));
+    printf("RLIMIT_MEMLOCK:   %s (max %s)\n", a, b);
+    limit_text(p.nofile_cur, a, sizeof(a));
+    limit_text(p.nofile_max, b, sizeof(b));
+    printf("RLIMIT_NOFILE:    %s (max %s)\n", a, b);
+    if (p.max_map_count >= 0)
+        printf("vm.max_map_count: %ld\n", p.max_map_count);
+    else
+        printf("vm.max_map_count: unknown\n");
+    printf("capabilities:     %s\n",
+           p.caps[0] == '\0' ? "unknown" : caps_held(&p) ? p.caps : "none");
+
+    features_text(p.features, feat, sizeof(feat));
+    if (p.io_uring == 0 && p.memfd && p.sealing)
+        printf("library will use: io_uring (%s), sealed memfd segments\n", feat);
+    else if (!p.memfd || !p.sealing)
+        printf("library will use: nothing: memfd_create with sealing is required\n");
+    else
+        printf("library will use: nothing: io_uring is required\n");
+    if (caps_held(&p))
+        printf("shmping drops:    every capability after set-up (keep them with --keep-caps)\n");
+    else
+        printf("shmping drops:    nothing (no capabilities held)\n");
+    return 0;
+}
