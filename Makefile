@@ -64,15 +64,19 @@ $(O)/tools/shmping: $(TOOL_SRC) lib/linuxshm.h $(O)/liblinuxshm.a
 tools/shmping: $(O)/tools/shmping
 	cp $< $@
 
-$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(LIB_HDR) $(O)/liblinuxshm.a
+# TEST_INC/TEST_RUNNER: under TSan the suite runs on tests/tsan (see there).
+TEST_INC    ?=
+TEST_RUNNER ?=
+$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_RUNNER) $(LIB_HDR) $(O)/liblinuxshm.a
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(CFLAGS) -Itests -o $@ $(TEST_SRC) $(O)/liblinuxshm.a \
-	    $(LIBS) $(TEST_LIBS) -lm
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -o $@ $(TEST_SRC) $(TEST_RUNNER) \
+	    $(O)/liblinuxshm.a $(LIBS) $(TEST_LIBS) -lm
 
 # The Criterion suite, run against the objects of flavour $(O).
 check: $(O)/tests/run $(O)/tools/shmping all
 	LSHM_SHMPING=$(CURDIR)/$(O)/tools/shmping LSHM_TOP=$(CURDIR) \
 	    $(O)/tests/run $(TEST_ARGS)
+	sh tests/doc-checks.sh $(O)
 
 deps:
 	@sh tools/deps.sh
@@ -90,6 +94,7 @@ asan: deps
 
 tsan: deps
 	$(MAKE) O=build/tsan SAN="-fsanitize=thread -fno-omit-frame-pointer" \
+	    TEST_INC=-Itests/tsan TEST_RUNNER=tests/tsan/runner.c TEST_LIBS= \
 	    build/tsan/tests/run build/tsan/tools/shmping
 	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
 	    LSHM_SHMPING=$(CURDIR)/build/tsan/tools/shmping LSHM_TOP=$(CURDIR) LSHM_SANITIZER=tsan \
@@ -101,3 +106,52 @@ run: deps
 
 clean:
 	rm -rf build lib/*.so* lib/*.a tools/shmping
+
+# ---- install, uninstall, pkg-config, documentation checks ----
+# `make install` honours PREFIX, DESTDIR and the directories at the top;
+# `make uninstall` with the same values removes exactly what it installed.
+MAN1       := $(wildcard man/man1/*.1)
+MAN3       := $(wildcard man/man3/*.3)
+MAN7       := $(wildcard man/man7/*.7)
+PC         := $(O)/linuxshm.pc
+INSTALL    ?= install
+
+INSTALLED  := $(LIBDIR)/$(notdir $(SHLIB)) $(LIBDIR)/$(SONAME) $(LIBDIR)/liblinuxshm.so \
+              $(LIBDIR)/liblinuxshm.a $(INCLUDEDIR)/linuxshm.h $(PKGCONFIGDIR)/linuxshm.pc \
+              $(BINDIR)/shmping $(addprefix $(MANDIR)/,$(patsubst man/%,%,$(MAN1) $(MAN3) $(MAN7)))
+
+# In linuxshm.pc, a directory under PREFIX is written ${prefix}/...
+pc_dir = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
+
+.PHONY: check-docs pc-always
+pc-always:
+# Rewritten every time: PREFIX, LIBDIR and INCLUDEDIR can change between calls.
+$(PC): lib/linuxshm.pc.in pc-always
+	@mkdir -p $(dir $@)
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(call pc_dir,$(LIBDIR))|' \
+	    -e 's|@INCLUDEDIR@|$(call pc_dir,$(INCLUDEDIR))|' -e 's|@VERSION@|$(VERSION)|' \
+	    lib/linuxshm.pc.in > $@
+
+install: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB) $(PC) $(if $(TOOL_SRC),tools/shmping)
+	@test -f tools/shmping || { echo "make install: tools/shmping is missing," \
+	    "and there is no tools/*.c to build it from" >&2; exit 1; }
+	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(INCLUDEDIR) \
+	    $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(MANDIR)/man3 \
+	    $(DESTDIR)$(MANDIR)/man7
+	$(INSTALL) -m 755 $(SHLIB) $(DESTDIR)$(LIBDIR)/
+	ln -sf $(notdir $(SHLIB)) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/liblinuxshm.so
+	$(INSTALL) -m 644 $(STLIB) $(DESTDIR)$(LIBDIR)/
+	$(INSTALL) -m 644 lib/linuxshm.h $(DESTDIR)$(INCLUDEDIR)/
+	$(INSTALL) -m 644 $(PC) $(DESTDIR)$(PKGCONFIGDIR)/linuxshm.pc
+	$(INSTALL) -m 644 $(MAN1) $(DESTDIR)$(MANDIR)/man1/
+	$(INSTALL) -m 644 $(MAN3) $(DESTDIR)$(MANDIR)/man3/
+	$(INSTALL) -m 644 $(MAN7) $(DESTDIR)$(MANDIR)/man7/
+	$(INSTALL) -m 755 tools/shmping $(DESTDIR)$(BINDIR)/
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+
+# The checks of tests/doc-checks.sh alone (make check runs them too).
+check-docs: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB)
+	sh tests/doc-checks.sh $(O)

@@ -334,6 +334,7 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
     const unsigned all = LSHM_WAIT_READY | LSHM_WAIT_SEND | LSHM_WAIT_SHM |
                          LSHM_WAIT_RECV | LSHM_WAIT_IDLE;
     long long end = timeout_ms >= 0 ? mono_ms() + timeout_ms : 0;
+    bool polled = false;
     unsigned now;
     int ret;
 
@@ -352,9 +353,11 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
         if (timeout_ms >= 0) {
             long long left = end - mono_ms();
 
-            if (left <= 0)
+            /* Timeout 0 still polls once: completions waiting in the
+             * ring (a message that has arrived) are dispatched. */
+            if (left <= 0 && polled)
                 return lshm_fail(-ETIMEDOUT, "timed out");
-            step = left > INT32_MAX ? INT32_MAX : (int)left;
+            step = left <= 0 ? 0 : left > INT32_MAX ? INT32_MAX : (int)left;
         } else {
             step = -1;
         }
@@ -362,6 +365,7 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
          * timer: a peer that stops reading never sends the ACK. */
         if ((events & LSHM_WAIT_SHM) && (step < 0 || step > SHM_RECHECK_MS))
             step = SHM_RECHECK_MS;
+        polled = true;
         ret = lshm_ctx_run(port->ctx, step);
         if (ret < 0)
             return ret;
@@ -470,8 +474,8 @@ LSHM_EXPORT int lshm_buf_alloc(struct lshm_port *port, size_t size, struct lshm_
     ret = port_ready_for_shm(port);
     if (ret < 0)
         return ret;
-    if (size > LSHM_DATA_SIZE)
-        return lshm_fail(-EINVAL, "%zu bytes: a buffer holds at most %u", size, LSHM_DATA_SIZE);
+    if (size == 0 || size > LSHM_DATA_SIZE)
+        return lshm_fail(-EINVAL, "%zu bytes: a buffer holds 1 to %u", size, LSHM_DATA_SIZE);
     ret = port_alloc(port, false, &a);
     if (ret < 0)
         return ret;
@@ -565,8 +569,13 @@ LSHM_EXPORT int lshm_recv(struct lshm_port *port, struct lshm_msg *msg, int time
 
 LSHM_EXPORT void lshm_msg_done(struct lshm_msg *msg)
 {
+    struct lshm_msg copy;
+
     if (msg == NULL || msg->priv == NULL)
         return;
-    lshm_port_msg_done(msg);
+    /* A handler's msg is the library's own copy, freed by the release:
+     * mark it done first, release through a copy. */
+    copy = *msg;
     msg->priv = NULL;
+    lshm_port_msg_done(&copy);
 }

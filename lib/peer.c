@@ -231,6 +231,24 @@ static bool find_free(struct lshm_seg_table *t, uint16_t port_id, bool tracking,
     return false;
 }
 
+/*
+ * Segment ids are ordered per process pair, but ports to one process are
+ * not ordered with each other: the MMAP of a new segment may only go out
+ * once the receiver has mapped every segment another port announced.
+ */
+static bool other_port_pending(struct lshm_seg_table *t, uint16_t port_id)
+{
+    uint32_t i;
+
+    for (i = 0; i < t->size; i++) {
+        uint16_t over = __atomic_load_n(&t->elts[i]->hdr->sent_over, __ATOMIC_ACQUIRE);
+
+        if (over != LSHM_SENT_OVER_ANY && over != port_id)
+            return true;
+    }
+    return false;
+}
+
 static void set_oosm(struct lshm_seg_table *t, uint16_t port_id)
 {
     uint32_t i;
@@ -266,6 +284,11 @@ int lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit
         pthread_mutex_unlock(&t->mutex);
         return lshm_fail(-EAGAIN, "peer %d: all %u shared memory segments are full",
                          (int)peer->pid, limit);
+    }
+    if (other_port_pending(t, port_id)) {
+        pthread_mutex_unlock(&t->mutex);
+        return lshm_fail(-EAGAIN, "peer %d: a segment announced on another port is not "
+                         "mapped yet", (int)peer->pid);
     }
     ret = table_reserve(t, t->size + 1);
     if (ret < 0) {

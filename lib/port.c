@@ -552,6 +552,9 @@ void lshm_port_msg_done(struct lshm_msg *msg)
     struct rmsg *rm = msg->priv;
     struct lshm_port *port = rm->port;
 
+    /* The caller got the fd with the message: it is theirs to close
+     * (lshm_recv(3)); only undelivered messages close theirs. */
+    rm->pub.fd = -1;
     rmsg_release(rm);
     free(rm);
     port->held--;
@@ -846,12 +849,20 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         void *payload;
         unsigned plen;
 
-        if (lshm_ring_recvmsg_parse(buf, len, &port->recv_mh, &payload, &plen, &mh))
-            on_datagram(port, payload, plen, &mh);
-        else
+        if (!lshm_ring_recvmsg_parse(buf, len, &port->recv_mh, &payload, &plen, &mh))
             lshm_port_fail(port, -EPROTO, "malformed receive buffer");
+        else if (plen == 0 && mh.msg_controllen == 0 && !(mh.msg_flags & MSG_TRUNC))
+            /* EOF: multishot ends with an empty completion (res > 0: the
+             * recvmsg_out header).  A real datagram always carries
+             * SCM_CREDENTIALS (SO_PASSCRED), so an empty one is not this. */
+            lshm_port_fail(port, -EPIPE, "peer closed the connection");
+        else
+            on_datagram(port, payload, plen, &mh);
     } else if (res > 0) {
         on_datagram(port, port->recv_buf, (size_t)res, &port->recv_mh);
+    } else if (res == 0 && !port->recv_multishot && port->recv_mh.msg_controllen > 0) {
+        /* An empty datagram (it came with credentials), not EOF. */
+        on_datagram(port, port->recv_buf, 0, &port->recv_mh);
     } else if (res == 0) {
         lshm_port_fail(port, -EPIPE, "peer closed the connection");
     } else if (res == -ECONNRESET && port->recv_multishot && port->state != PORT_CLOSED) {

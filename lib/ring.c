@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -17,6 +18,8 @@
 struct lshm_ring {
     struct io_uring          ring;
     unsigned                 features;       /* LSHM_FEAT_* */
+    bool                     has_evfd;       /* evfd registered for lshm_ring_fd */
+    int                      evfd;
     struct io_uring_buf_ring *br;            /* NULL: no provided buffers */
     size_t                   br_size;
     uint8_t                  *bufs;          /* BUF_COUNT * LSHM_RING_BUF_SIZE */
@@ -151,6 +154,8 @@ int lshm_ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
 
 static void release(struct lshm_ring *r)
 {
+    if (r->has_evfd)
+        close(r->evfd);
     if (r->br != NULL)
         munmap(r->br, r->br_size);
     free(r->bufs);
@@ -177,9 +182,28 @@ void lshm_ring_forget(struct lshm_ring *r)
     release(r);
 }
 
-int lshm_ring_fd(const struct lshm_ring *r)
+/*
+ * With DEFER_TASKRUN a completion waits as task work until we enter, and
+ * that wakes no poll(2) on the ring fd.  A registered eventfd is signalled
+ * for that work too; it is made on first use and drained by lshm_ring_run.
+ */
+int lshm_ring_fd(const struct lshm_ring *cr)
 {
-    return r->ring.ring_fd;
+    struct lshm_ring *r = (struct lshm_ring *)cr;
+    int fd;
+
+    if (r->has_evfd)
+        return r->evfd;
+    fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (fd < 0)
+        return r->ring.ring_fd;
+    if (io_uring_register_eventfd(&r->ring, fd) < 0) {
+        close(fd);
+        return r->ring.ring_fd;
+    }
+    r->evfd = fd;
+    r->has_evfd = true;
+    return fd;
 }
 
 unsigned lshm_ring_features(const struct lshm_ring *r)
@@ -379,6 +403,13 @@ int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
     struct io_uring_cqe *cqe;
     int ret, n;
 
+    if (r->has_evfd) {
+        uint64_t v;
+
+        /* Reset before looking: whatever comes later signals it again. */
+        if (read(r->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+            lshm_log("eventfd read: %s", strerror(errno));
+    }
     n = dispatch(r);
     if (n > 0 || timeout_ms == 0) {
         /* Something happened, or the caller won't wait: submit and

@@ -513,8 +513,12 @@ static void *owner_thread(void *arg)
     uint64_t serial = 0;
     long long end = now_ms() + STRESS_MS;
 
-    while (now_ms() < end || nheld > 0) {
-        bool take = now_ms() < end && nheld < MAX_HELD && (nheld == 0 || rand_r(&seed) % 2);
+    for (;;) {
+        bool running = now_ms() < end;
+        bool take = running && nheld < MAX_HELD && (nheld == 0 || rand_r(&seed) % 2);
+
+        if (!running && nheld == 0)
+            break;
 
         if (take) {
             struct lshm_alloc a;
@@ -544,7 +548,7 @@ static void *owner_thread(void *arg)
                 o->ops++;
             }
         }
-        if (!take) {
+        if (!take && nheld > 0) {
             unsigned i = rand_r(&seed) % nheld;
             struct held *h = &held[i];
 
@@ -557,7 +561,7 @@ static void *owner_thread(void *arg)
     while (nheld > 0) {
         struct held *h = &held[--nheld];
 
-        stamp_give(h->buf->seg->data, h->buf->chunk, h->buf->nchunks, h->stamp);
+        o->bad += stamp_give(h->buf->seg->data, h->buf->chunk, h->buf->nchunks, h->stamp);
         lshm_buf_free(h->buf);
     }
     return NULL;

@@ -7,6 +7,8 @@
  */
 #include <fcntl.h>
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -632,7 +634,7 @@ static int pump_run(struct pump *p, long long deadline)
                 break;
             progress = true;
         }
-        for (k = 0; k < 256; k++) {
+        for (k = 0; k < 256 && p->rx_seq < p->n; k++) {
             ret = pump_recv_one(p);
             if (ret < 0)
                 return ret;
@@ -643,16 +645,18 @@ static int pump_run(struct pump *p, long long deadline)
         if (now_ms() > deadline)
             return -ETIMEDOUT;
         if (!progress) {
-            unsigned ev = LSHM_WAIT_RECV | (p->tx_seq < p->n ? p->want : 0);
+            unsigned ev = (p->rx_seq < p->n ? LSHM_WAIT_RECV : 0) |
+                          (p->tx_seq < p->n ? p->want : 0);
 
             ret = lshm_port_wait(p->port, ev, 1000);
             if (ret < 0 && ret != -ETIMEDOUT)
                 return ret;
         }
     }
-    /* Everything sent went out before the port may close. */
+    /* Everything sent went out before the port may close.  The parent
+     * closes only once it has all of ours, so its BYE may come first. */
     ret = lshm_port_wait(p->port, LSHM_WAIT_IDLE, 10000);
-    return ret < 0 ? ret : 0;
+    return ret < 0 && ret != -EPIPE ? ret : 0;
 }
 
 struct bulk_arg {
@@ -675,6 +679,7 @@ static int bulk_child(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
         struct lshm_msg m;
 
         CK(lshm_recv(port, &m, 20000) == -EPIPE);
+        CK(strstr(lshm_port_error(port), "BYE") != NULL);
     }
     return 0;
 }
@@ -704,4 +709,1680 @@ LTEST(port, bulk_100000_each_way_random_sizes_to_4MiB_verified)
     lshm_port_close(port);
     lshm_ctx_free(ctx);
     child_ok(pid, 20000);
+}
+
+/* ======================================================================
+ * 12. lshm_recv(..., 0) polls: a message that has arrived is returned
+ *     without a wait, and never needs some other call to run the ring
+ * ====================================================================== */
+
+static int send_one_then_wait_bye(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+
+    CK(send_pat(port, 7, 100, 0) == 0);
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+LTEST(port, recv_with_zero_timeout_returns_an_arrived_message)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, send_one_then_wait_bye, NULL);
+    struct lshm_msg m;
+    int ret = -1, i;
+
+    wait_ready(port);
+    usleep(200 * 1000);   /* the message is in our socket by now */
+    for (i = 0; i < 10 && (ret = lshm_recv(port, &m, 0)) != 0; i++)
+        usleep(10 * 1000);
+    cr_expect_eq(ret, 0, "lshm_recv(port, &m, 0) never returned the waiting message: %d", ret);
+    if (ret != 0)
+        ret = lshm_recv(port, &m, 5000);
+    cr_assert_eq(ret, 0);
+    cr_assert_eq(m.stream, 7);
+    cr_assert(msg_check(&m, 7, 100));
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * 2. fds passed with messages are usable, in message order
+ * ====================================================================== */
+
+#define NFDMSG 300
+
+/* Each message carries a pipe's write end: write its stream id through it. */
+static int fd_writer(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    uint32_t i;
+
+    for (i = 0; i < NFDMSG; i++) {
+        CK(lshm_recv(port, &m, 10000) == 0);
+        CK(m.stream == i);
+        CK(m.fd >= 0);
+        CK((fcntl(m.fd, F_GETFD) & FD_CLOEXEC) != 0);
+        CK(msg_check(&m, i, (i % 3 == 0) ? 40000 + i : i));
+        CK(write(m.fd, &i, sizeof(i)) == sizeof(i));
+        close(m.fd);
+        m.fd = -1;
+        lshm_msg_done(&m);
+    }
+    /* And the other way: pipe write ends for the parent, in order. */
+    for (i = 0; i < NFDMSG; i++) {
+        int p[2];
+
+        CK(pipe(p) == 0);
+        CK(write(p[1], &i, sizeof(i)) == sizeof(i));
+        close(p[1]);
+        if (i % 3 == 0)
+            CK(send_shm(port, i, 40000 + i, p[0]) == 0);
+        else {
+            uint8_t buf[LSHM_INLINE_MAX];
+            pat_fill(i, 0, buf, i);
+            CK(send_inline(port, T_DATA, i, buf, i, p[0]) == 0);
+        }
+    }
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+LTEST(port, fds_passed_with_messages_are_usable_and_in_order)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, fd_writer, NULL);
+    int rd[NFDMSG];
+    struct lshm_msg m;
+    uint32_t i, v;
+    int ret, fd;
+
+    wait_ready(port);
+    /* Inline and shared-memory messages alike carry one fd each. */
+    for (i = 0; i < NFDMSG; i++) {
+        int p[2];
+
+        cr_assert_eq(pipe2(p, O_CLOEXEC), 0);
+        rd[i] = p[0];
+        if (i % 3 == 0)
+            ret = send_shm(port, i, 40000 + i, p[1]);
+        else {
+            uint8_t buf[LSHM_INLINE_MAX];
+            pat_fill(i, 0, buf, i);
+            ret = send_inline(port, T_DATA, i, buf, i, p[1]);
+        }
+        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
+    }
+    for (i = 0; i < NFDMSG; i++) {
+        struct pollfd pfd = { .fd = rd[i], .events = POLLIN };
+
+        cr_assert_eq(poll(&pfd, 1, 10000), 1, "pipe %u: nothing written", i);
+        cr_assert_eq(read(rd[i], &v, sizeof(v)), (ssize_t)sizeof(v));
+        cr_assert_eq(v, i, "message %u's fd was pipe %u's", v, i);
+        /* The writer closed its copy, and the library closed ours after sending. */
+        cr_assert_eq(read(rd[i], &v, sizeof(v)), 0, "write end %u still open somewhere", i);
+        close(rd[i]);
+    }
+    for (i = 0; i < NFDMSG; i++) {
+        ret = lshm_recv(port, &m, 10000);
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        cr_assert_eq(m.stream, i);
+        cr_assert_geq(m.fd, 0);
+        cr_assert(msg_check(&m, i, (i % 3 == 0) ? 40000 + i : i));
+        /* The fd is the caller's: lshm_msg_done does not close it. */
+        fd = m.fd;
+        lshm_msg_done(&m);
+        cr_assert_eq(read(fd, &v, sizeof(v)), (ssize_t)sizeof(v),
+                     "the fd of message %u was closed by lshm_msg_done", i);
+        cr_assert_eq(v, i, "fd of message %u carries %u", i, v);
+        close(fd);
+    }
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * 3. one io_uring_enter for a batch of 1,000 messages
+ * ====================================================================== */
+
+static int recv_n_then_report(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned n = *(unsigned *)arg, i;
+    struct lshm_msg m;
+
+    for (i = 0; i < n; i++) {
+        CK(lshm_recv(port, &m, 10000) == 0);
+        CK(m.stream == i);
+        CK(msg_check(&m, i, i % 200));
+        lshm_msg_done(&m);
+    }
+    CK(send_inline(port, T_CTRL, n, NULL, 0, -1) == 0);
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+LTEST(port, batch_of_1000_with_LSHM_MORE_is_one_submit)
+{
+    struct lshm_ctx_params prm = { .ring_entries = 1024 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    unsigned n = 1000, i;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, recv_n_then_report, &n);
+    struct lshm_ctx_stats s0, s1, s2;
+    struct lshm_msg m;
+    int ret;
+
+    wait_ready(port);
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 5000), 0);
+    cr_assert_eq(lshm_ctx_stats(ctx, &s0), 0);
+    for (i = 0; i < n; i++) {
+        ret = send_pat(port, i, i % 200, LSHM_MORE);
+        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
+    }
+    cr_assert_eq(lshm_ctx_stats(ctx, &s1), 0);
+    cr_assert_eq(s1.enters, s0.enters, "LSHM_MORE entered the kernel %llu times",
+                 (unsigned long long)(s1.enters - s0.enters));
+    ret = lshm_flush(ctx);
+    cr_assert_geq(ret, 1000, "lshm_flush submitted %d", ret);
+    cr_assert_eq(lshm_ctx_stats(ctx, &s2), 0);
+    cr_log_info("batch: 1000 messages: %llu enters, %llu SQEs",
+                (unsigned long long)(s2.enters - s0.enters),
+                (unsigned long long)(s2.submitted - s0.submitted));
+    cr_assert_leq(s2.enters - s0.enters, 2, "%llu io_uring_enter calls for one batch",
+                  (unsigned long long)(s2.enters - s0.enters));
+    cr_assert_geq(s2.submitted - s0.submitted, 1000);
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    cr_assert_eq(m.stream, n);
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * 4. a receiver that stops reading: the bounded queue pushes back, then
+ *    everything arrives once, in order
+ * ====================================================================== */
+
+/* Sleep without running the ring, then read to the LAST message. */
+static int slow_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned sleep_ms = *(unsigned *)arg;
+    struct lshm_msg m;
+    uint32_t i = 0;
+    bool last = false;
+
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    usleep(sleep_ms * 1000);
+    while (!last) {
+        CK(lshm_recv(port, &m, 10000) == 0);
+        if (m.stream != i)
+            fprintf(stderr, "slow reader: got %u, expected %u\n", m.stream, i);
+        CK(m.stream == i);
+        CK(msg_check(&m, i, m.size));
+        CK(m.size == 8 + i % 1000);
+        last = (m.flags & LSHM_MSG_LAST) != 0;
+        lshm_msg_done(&m);
+        i++;
+    }
+    CK(send_inline(port, T_CTRL, i, NULL, 0, -1) == 0);
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+LTEST(port, stalled_receiver_send_queue_bound_then_all_in_order)
+{
+    struct lshm_ctx_params prm = { .send_queue = 64 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    unsigned sleep_ms = 1000;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, slow_reader, &sleep_ms);
+    uint8_t buf[LSHM_INLINE_MAX];
+    struct lshm_out out = { .type = T_DATA, .fd = -1, .data = buf };
+    uint32_t seq = 0, total;
+    long long t0;
+    struct lshm_msg m;
+    int ret;
+
+    wait_ready(port);
+    t0 = now_ms();
+    for (;;) {
+        out.stream = seq;
+        out.size = 8 + seq % 1000;
+        pat_fill(seq, 0, buf, out.size);
+        ret = lshm_send(port, &out, 0);
+        if (ret == -EAGAIN)
+            break;
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        seq++;
+        cr_assert_lt(now_ms() - t0, 900, "no -EAGAIN after %u messages", seq);
+    }
+    cr_assert_str_neq(lshm_last_error(), "");
+    cr_log_info("stalled receiver: -EAGAIN after %u messages in %lld ms (%s)", seq,
+                now_ms() - t0, lshm_last_error());
+    /* Still refused while the receiver sleeps: the bound holds. */
+    ret = lshm_port_wait(port, LSHM_WAIT_SEND, 100);
+    cr_assert_eq(ret, -ETIMEDOUT, "room appeared while the receiver sleeps: %d", ret);
+    cr_assert_eq(lshm_send(port, &out, 0), -EAGAIN);
+    total = seq + 5000;
+    while (seq < total) {
+        out.stream = seq;
+        out.size = 8 + seq % 1000;
+        out.last = seq + 1 == total;
+        pat_fill(seq, 0, buf, out.size);
+        ret = lshm_send(port, &out, 0);
+        if (ret == -EAGAIN) {
+            ret = lshm_port_wait(port, LSHM_WAIT_SEND, 10000);
+            cr_assert_gt(ret, 0, "%d %s", ret, lshm_last_error());
+            continue;
+        }
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        seq++;
+    }
+    ret = lshm_recv(port, &m, 20000);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    cr_assert_eq(m.stream, total, "receiver counted %u of %u", m.stream, total);
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * 5. FIFO through a full socket: batches of varying length, linked
+ * ====================================================================== */
+
+LTEST(port, fifo_kept_when_socket_is_full)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    unsigned sleep_ms = 500;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, slow_reader, &sleep_ms);
+    uint8_t buf[LSHM_INLINE_MAX];
+    struct lshm_out out = { .type = T_DATA, .fd = -1, .data = buf };
+    uint64_t rng = 99, eagain = 0;
+    uint32_t seq = 0, total = scaled(40000, 4);
+    long long t0;
+    struct lshm_msg m;
+    int ret;
+
+    wait_ready(port);
+    t0 = now_ms();
+    while (seq < total) {
+        unsigned batch = 1 + (unsigned)rng_below(&rng, 100), k;
+
+        for (k = 0; k < batch && seq < total; k++) {
+            out.stream = seq;
+            out.size = 8 + seq % 1000;
+            out.last = seq + 1 == total;
+            pat_fill(seq, 0, buf, out.size);
+            ret = lshm_send(port, &out, k + 1 < batch ? LSHM_MORE : 0);
+            if (ret == -EAGAIN) {
+                if (now_ms() - t0 < sleep_ms)
+                    eagain++;
+                lshm_flush(ctx);
+                ret = lshm_port_wait(port, LSHM_WAIT_SEND, 10000);
+                cr_assert_gt(ret, 0, "%d %s", ret, lshm_last_error());
+                continue;
+            }
+            cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+            seq++;
+        }
+        /* Sometimes let the ring run between batches too. */
+        if (rng_below(&rng, 4) == 0)
+            lshm_ctx_run(ctx, 0);
+    }
+    cr_assert_gt(eagain, 0, "the send queue never filled while the receiver slept");
+    ret = lshm_recv(port, &m, 20000);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    cr_assert_eq(m.stream, total, "receiver counted %u of %u in order", m.stream, total);
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * 6. out of chunks: -EAGAIN at the segment limit, then SHM_ACK wakes the
+ *    sender; a receiver holding every chunk cannot make it map more
+ * ====================================================================== */
+
+#define HOLD_SIZE MiB            /* 64 chunks: ten fill a segment */
+
+/* Receive and hold shared-memory messages until the inline "release". */
+static int hold_then_release(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg held[64], m;
+    unsigned n = 0, i;
+
+    for (;;) {
+        CK(lshm_recv(port, &m, 20000) == 0);
+        if (m.type == T_CTRL) {
+            lshm_msg_done(&m);
+            break;
+        }
+        CK(n < 64);
+        CK(m.stream == n);
+        CK(m.flags & LSHM_MSG_SHM);
+        CK(msg_check(&m, n, HOLD_SIZE));
+        held[n++] = m;
+    }
+    /* Everything is still held here: the sender must be out of chunks. */
+    for (i = 0; i < n; i++)
+        lshm_msg_done(&held[i]);
+    CK(lshm_port_wait(port, LSHM_WAIT_IDLE, 10000) > 0);   /* the SHM_ACK went out */
+    /* The next shared-memory message, in the memory just given back. */
+    CK(lshm_recv(port, &m, 20000) == 0);
+    CK(m.stream == 1000);
+    CK(msg_check(&m, 1000, HOLD_SIZE));
+    lshm_msg_done(&m);
+    CK(send_inline(port, T_CTRL, n, NULL, 0, -1) == 0);
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+LTEST(port, out_of_chunks_eagain_then_shm_ack_wakes_sender)
+{
+    struct lshm_ctx_params prm = { .max_segments = 1 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, hold_then_release, NULL);
+    int maps0 = count_maps("memfd:"), ret, i;
+    struct lshm_segment_header *hdr = NULL;
+    struct lshm_buf *b;
+    unsigned sent = 0;
+    struct lshm_msg m;
+    long long t0;
+
+    wait_ready(port);
+    for (;;) {
+        ret = lshm_buf_alloc(port, HOLD_SIZE, &b);
+        if (ret == -EAGAIN)
+            break;
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        cr_assert_eq(lshm_buf_capacity(b), HOLD_SIZE);
+        hdr = b->seg->hdr;
+        pat_fill(sent, 0, lshm_buf_data(b), HOLD_SIZE);
+        cr_assert_eq(lshm_buf_set_size(b, HOLD_SIZE), 0);
+        {
+            struct lshm_out out = { .type = T_DATA, .stream = sent, .bufs = &b, .nbufs = 1,
+                                    .fd = -1 };
+            cr_assert_eq(lshm_send(port, &out, 0), 0, "%s", lshm_last_error());
+        }
+        sent++;
+        cr_assert_leq(sent, 10, "more than one segment's worth of chunks handed out");
+    }
+    cr_assert_eq(sent, 10, "%u MiB before -EAGAIN, expected 10", sent);
+    cr_assert_str_neq(lshm_last_error(), "");
+    cr_assert_eq(count_maps("memfd:"), maps0 + 1, "one segment mapped for the peer");
+    /* Let the receiver take (and hold) all ten. */
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 10000), 0);
+    usleep(100 * 1000);
+    for (i = 0; i < 200; i++) {
+        cr_assert_eq(lshm_buf_alloc(port, 1, &b), -EAGAIN);
+        if (i % 50 == 0)
+            lshm_ctx_run(ctx, 1);
+    }
+    cr_assert_eq(count_maps("memfd:"), maps0 + 1, "the limit of one segment was exceeded");
+    cr_assert_eq(__atomic_load_n(&hdr->oosm, __ATOMIC_ACQUIRE), 1, "oosm not set");
+    ret = lshm_port_wait(port, LSHM_WAIT_SHM, 50);
+    cr_assert_eq(ret, -ETIMEDOUT, "chunks came back while all are held: %d", ret);
+
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    t0 = now_ms();
+    ret = lshm_port_wait(port, LSHM_WAIT_SHM, 10000);
+    cr_assert_gt(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert(ret & LSHM_WAIT_SHM);
+    cr_log_info("out of chunks: woken %lld ms after the release", now_ms() - t0);
+    /* The receiver took oosm (1 -> 0): that is what sends SHM_ACK. */
+    cr_assert_eq(__atomic_load_n(&hdr->oosm, __ATOMIC_ACQUIRE), 0, "oosm still set");
+    cr_assert_eq(send_shm(port, 1000, HOLD_SIZE, -1), 0, "%s", lshm_last_error());
+    cr_assert_eq(count_maps("memfd:"), maps0 + 1);
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    cr_assert_eq(m.stream, 10);
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * 7. tracking: cancelled before receipt (flagged, or dropped), cancelled
+ *    after receipt (not cancelled); no slot or chunk leaks
+ * ====================================================================== */
+
+#define TRACK_ROUNDS 2000
+#define MARK 0x80000000u
+
+/*
+ * Round r: the parent sends a tracked message (stream r + 1), then an
+ * untracked marker, and says on the pipe whether it cancelled before we
+ * read ('c') or wants us to read first ('r').  We run no ring while we
+ * block on the pipe, so nothing is received early.
+ */
+struct track_arg {
+    int  go;        /* read end of the parent's pipe */
+    bool dropping;  /* our context has LSHM_CTX_DROP_CANCELLED */
+};
+
+static int track_child(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct track_arg *a = arg;
+    struct lshm_msg m;
+    unsigned r;
+    char c;
+
+    for (r = 0; r < TRACK_ROUNDS; r++) {
+        uint32_t s = r + 1;
+        size_t size = (r % 2 == 0) ? 64 : 3 * LSHM_CHUNK_SIZE + r;
+
+        CK(read(a->go, &c, 1) == 1);
+        CK(lshm_recv(port, &m, 10000) == 0);
+        if (c == 'c' && a->dropping) {
+            CK(m.stream == (s | MARK));     /* the cancelled message was dropped */
+        } else {
+            CK(m.stream == s);
+            CK(!!(m.flags & LSHM_MSG_CANCELLED) == (c == 'c'));
+            CK(msg_check(&m, s, size));
+            lshm_msg_done(&m);
+            CK(lshm_recv(port, &m, 10000) == 0);
+            CK(m.stream == (s | MARK));
+        }
+        lshm_msg_done(&m);
+        CK(send_inline(port, T_CTRL, s, NULL, 0, -1) == 0);
+    }
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+static void tracking_rounds(bool dropping)
+{
+    struct lshm_ctx_params prm = { .max_segments = 1 };
+    struct lshm_ctx_params cprm = { .flags = dropping ? LSHM_CTX_DROP_CANCELLED : 0 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_port *port;
+    struct track_arg a;
+    int go[2], ret;
+    unsigned r, before = 0, after = 0;
+    struct lshm_msg m;
+    pid_t pid;
+
+    cr_assert_eq(pipe(go), 0);
+    a.go = go[0];
+    a.dropping = dropping;
+    pid = spawn(ctx, &cprm, &port, track_child, &a);
+    close(go[0]);
+    wait_ready(port);
+    for (r = 0; r < TRACK_ROUNDS; r++) {
+        uint32_t s = r + 1;
+        bool cancel_first = (r % 4) < 2;   /* both payload kinds in both cases */
+        size_t size = (r % 2 == 0) ? 64 : 3 * LSHM_CHUNK_SIZE + r;
+        struct lshm_tracking *t;
+        struct lshm_out out = { .type = T_DATA, .stream = s, .fd = -1 };
+        struct lshm_buf *b = NULL;
+        uint8_t buf[64];
+
+        ret = lshm_tracking_new(port, s, &t);
+        cr_assert_eq(ret, 0, "round %u: lshm_tracking_new: %d %s (slot leak?)", r, ret,
+                     lshm_last_error());
+        out.tracking = t;
+        if (size <= sizeof(buf)) {
+            pat_fill(s, 0, buf, size);
+            out.data = buf;
+            out.size = size;
+        } else {
+            ret = lshm_buf_alloc(port, size, &b);
+            cr_assert_eq(ret, 0, "round %u: lshm_buf_alloc: %d %s (chunk leak?)", r, ret,
+                         lshm_last_error());
+            cr_assert_geq(lshm_buf_capacity(b), size);
+            pat_fill(s, 0, lshm_buf_data(b), size);
+            lshm_buf_set_size(b, size);
+            out.bufs = &b;
+            out.nbufs = 1;
+        }
+        cr_assert_eq(lshm_send(port, &out, 0), 0, "%s", lshm_last_error());
+        cr_assert_eq(send_inline(port, T_DATA, s | MARK, NULL, 0, -1), 0);
+        if (cancel_first) {
+            cr_assert(lshm_tracking_cancel(t), "round %u: not cancelled before receipt", r);
+            before++;
+            cr_assert_eq(write(go[1], "c", 1), 1);
+        } else {
+            cr_assert_eq(write(go[1], "r", 1), 1);
+        }
+        ret = lshm_recv(port, &m, 10000);
+        cr_assert_eq(ret, 0, "round %u: %d %s", r, ret, lshm_last_error());
+        cr_assert_eq(m.type, T_CTRL);
+        cr_assert_eq(m.stream, s);
+        lshm_msg_done(&m);
+        if (!cancel_first) {
+            cr_assert_not(lshm_tracking_cancel(t), "round %u: cancelled after receipt", r);
+            after++;
+        }
+    }
+    cr_assert_eq(before + after, TRACK_ROUNDS);
+    cr_assert_not(lshm_tracking_cancel(NULL));
+    close(go[1]);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+LTEST(port, tracking_cancel_before_and_after_receipt_no_slot_leak)
+{
+    tracking_rounds(false);
+}
+
+LTEST(port, tracking_cancelled_messages_dropped_with_DROP_CANCELLED)
+{
+    tracking_rounds(true);
+}
+
+/* ======================================================================
+ * 8. a peer killed with SIGKILL mid-stream, 20 times: the survivor sees
+ *    the port close and gets back every fd and mapping
+ * ====================================================================== */
+
+/* Stream inline and shared-memory messages until killed. */
+static int streamer(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    uint32_t seq;
+
+    /* One shared-memory message from the parent first: a segment each way. */
+    CK(lshm_recv(port, &m, 10000) == 0);
+    CK(msg_check(&m, 4242, 100000));
+    lshm_msg_done(&m);
+    for (seq = 0;; seq++) {
+        if (seq % 2)
+            CK(send_shm(port, seq, 20000 + seq % 100000, -1) == 0);
+        else
+            CK(send_pat(port, seq, seq % 2000, 0) == 0);
+        /* Keep chunks flowing back (SHM_ACK or the recheck timer). */
+        if (lshm_recv(port, &m, 0) == 0)
+            lshm_msg_done(&m);
+    }
+}
+
+static void killed_peers(const struct lshm_ctx_params *prm, unsigned rounds)
+{
+    struct lshm_ctx *ctx = ctx_make(prm);
+    int fds0 = count_fds(), maps0 = count_maps("memfd:");
+    unsigned it;
+
+    for (it = 0; it < rounds; it++) {
+        struct lshm_port *port;
+        pid_t pid = spawn(ctx, NULL, &port, streamer, NULL);
+        struct lshm_msg held[2], m;
+        unsigned nheld = 0, got = 0, i;
+        uint32_t seq = 0;
+        int ret, st;
+
+        wait_ready(port);
+        cr_assert_eq(send_shm(port, 4242, 100000, -1), 0, "%s", lshm_last_error());
+        /* Read a while, keeping the first two shared-memory messages. */
+        while (got < 40 + it * 5) {
+            ret = lshm_recv(port, &m, 10000);
+            cr_assert_eq(ret, 0, "iteration %u: %d %s", it, ret, lshm_last_error());
+            cr_assert_eq(m.stream, seq++);
+            if ((m.flags & LSHM_MSG_SHM) && nheld < 2)
+                held[nheld++] = m;
+            else
+                lshm_msg_done(&m);
+            got++;
+        }
+        cr_assert_eq(kill(pid, SIGKILL), 0);
+        cr_assert_eq(waitpid(pid, &st, 0), pid);
+        cr_assert(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL,
+                  "iteration %u: the streamer ended before it was killed", it);
+        /* What was queued still arrives, in order; then the closure. */
+        for (;;) {
+            ret = lshm_recv(port, &m, 10000);
+            if (ret != 0)
+                break;
+            cr_assert_eq(m.stream, seq++);
+            lshm_msg_done(&m);
+        }
+        cr_assert(ret == -EPIPE || ret == -ECONNRESET,
+                  "iteration %u: after the kill lshm_recv gave %d %s", it, ret,
+                  lshm_last_error());
+        cr_assert_not_null(lshm_port_error(port));
+        cr_assert_lt(lshm_send(port, &(struct lshm_out){ .type = T_DATA, .fd = -1 }, 0), 0);
+        /* The dead peer's memory is still readable through what we hold. */
+        for (i = 0; i < nheld; i++) {
+            cr_assert(msg_check(&held[i], held[i].stream, held[i].size),
+                      "held message %u changed after the peer died", held[i].stream);
+            lshm_msg_done(&held[i]);
+        }
+        lshm_port_close(port);
+        for (i = 0; i < 5; i++)
+            lshm_ctx_run(ctx, 10);
+        cr_assert_eq(count_fds(), fds0, "iteration %u: %d fds, %d before", it, count_fds(),
+                     fds0);
+        cr_assert_eq(count_maps("memfd:"), maps0, "iteration %u: %d memfd mappings, %d before",
+                     it, count_maps("memfd:"), maps0);
+    }
+    lshm_ctx_free(ctx);
+}
+
+LTEST(port, peer_sigkilled_midstream_20_times_nothing_leaks)
+{
+    killed_peers(NULL, 20);
+}
+
+/* The same with single-shot receives (EOF comes as a 0 result there). */
+LTEST(port, peer_sigkilled_midstream_single_shot_receives_nothing_leaks)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_MULTISHOT };
+
+    killed_peers(&prm, 10);
+}
+
+/* ======================================================================
+ * 9. listeners: two clients at once, the socket's mode, stale and live
+ *    socket files
+ * ====================================================================== */
+
+struct client_arg {
+    const char *path;
+    unsigned    id;
+    unsigned    n;
+};
+
+/* Connect and stream n messages (inline and shm, pattern keyed by id),
+ * a window of 8 unanswered; check each echo (inline, size and seq). */
+static int client(struct lshm_ctx *ctx, struct lshm_port *unused, void *arg)
+{
+    struct client_arg *a = arg;
+    struct lshm_port *port;
+    struct lshm_msg m;
+    uint32_t sent = 0, got = 0;
+    uint64_t rng = a->id * 77 + 1;
+    int ret;
+
+    ret = lshm_connect(ctx, a->path, 10000, &port);
+    CK(ret == 0);
+    while (got < a->n) {
+        while (sent < a->n && sent - got < 8) {
+            uint32_t seq = a->id << 24 | sent;
+            size_t size = (sent % 2) ? 16385 + rng_below(&rng, 600000) : rng_below(&rng, 16385);
+
+            CK((size > LSHM_INLINE_MAX ? send_shm(port, seq, size, -1)
+                                       : send_pat(port, seq, size, 0)) == 0);
+            sent++;
+        }
+        CK(lshm_recv(port, &m, 10000) == 0);
+        CK(m.stream == (a->id << 24 | got));
+        CK(m.type == T_CTRL);
+        CK(m.size == 0);
+        lshm_msg_done(&m);
+        got++;
+    }
+    lshm_port_close(port);
+    return 0;
+}
+
+static int run_client(struct client_arg *a)
+{
+    struct lshm_ctx *ctx;
+    int rc;
+
+    if (lshm_ctx_new(&ctx, NULL) < 0)
+        return 90;
+    rc = client(ctx, NULL, a);
+    lshm_ctx_free(ctx);
+    return rc;
+}
+
+struct server {
+    unsigned open, closed, msgs;
+    int      error;
+};
+
+static void srv_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg)
+{
+    struct server *s = arg;
+    uint32_t seq = m->stream;
+
+    if (!msg_check(m, seq, m->size))
+        s->error = 1;
+    lshm_msg_done(m);
+    if (send_inline(port, T_CTRL, seq, NULL, 0, -1) != 0)
+        s->error = 2;
+    s->msgs++;
+}
+
+static void srv_on_close(struct lshm_port *port, int error, void *arg)
+{
+    struct server *s = arg;
+
+    if (error != -EPIPE)
+        s->error = 3;
+    s->closed++;
+    lshm_port_close(port);
+}
+
+static void srv_on_accept(struct lshm_listener *l, struct lshm_port *port, void *arg)
+{
+    struct server *s = arg;
+
+    s->open++;
+    if (lshm_port_set_handler(port, srv_on_msg, srv_on_close, s) != 0)
+        s->error = 4;
+}
+
+static char *tmp_dir(void)
+{
+    char *d = strdup("/tmp/lshm-test-XXXXXX");
+
+    cr_assert_not_null(mkdtemp(d));
+    return d;
+}
+
+LTEST(port, listener_serves_two_clients_at_once)
+{
+    char *dir = tmp_dir(), path[128];
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_listener *l;
+    struct server srv = { 0 };
+    struct client_arg a[2];
+    pid_t pid[2];
+    struct stat st;
+    long long end;
+    int i, ret;
+
+    snprintf(path, sizeof(path), "%s/sock", dir);
+    ret = lshm_listen(ctx, path, 0, &l);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(stat(path, &st), 0);
+    cr_assert(S_ISSOCK(st.st_mode));
+    cr_assert_eq(st.st_mode & 07777, 0600, "socket mode %o", st.st_mode & 07777);
+    cr_assert_eq(lshm_listener_set_handler(l, srv_on_accept, &srv), 0);
+    for (i = 0; i < 2; i++) {
+        a[i] = (struct client_arg){ .path = path, .id = i + 1, .n = 1000 };
+        pid[i] = fork();
+        cr_assert_geq(pid[i], 0);
+        if (pid[i] == 0) {
+            lshm_ctx_free(ctx);
+            _exit(run_client(&a[i]));
+        }
+    }
+    end = now_ms() + 30000;
+    while (srv.closed < 2 && srv.error == 0 && now_ms() < end)
+        cr_assert_geq(lshm_ctx_run(ctx, 100), 0);
+    cr_assert_eq(srv.error, 0);
+    cr_assert_eq(srv.open, 2);
+    cr_assert_eq(srv.closed, 2);
+    cr_assert_eq(srv.msgs, 2000);
+    child_ok(pid[0], 10000);
+    child_ok(pid[1], 10000);
+    lshm_listener_close(l);
+    cr_assert_neq(access(path, F_OK), 0, "lshm_listener_close left the socket file");
+    lshm_ctx_free(ctx);
+    rmdir(dir);
+    free(dir);
+}
+
+LTEST(port, listen_replaces_stale_socket_refuses_live_one)
+{
+    char *dir = tmp_dir(), path[128], file[128];
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_listener *l, *l2 = NULL;
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct lshm_port *p;
+    struct stat st;
+    int fd, ret;
+
+    snprintf(path, sizeof(path), "%s/sock", dir);
+    /* A stale socket file: bound, never listened on, its socket closed. */
+    strcpy(sun.sun_path, path);
+    fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    close(fd);
+    cr_assert_eq(stat(path, &st), 0);
+    ret = lshm_listen(ctx, path, 0640, &l);
+    cr_assert_eq(ret, 0, "stale socket not replaced: %d %s", ret, lshm_last_error());
+    cr_assert_eq(stat(path, &st), 0);
+    cr_assert_eq(st.st_mode & 07777, 0640, "socket mode %o", st.st_mode & 07777);
+    /* A live one is refused. */
+    ret = lshm_listen(ctx, path, 0, &l2);
+    cr_assert_eq(ret, -EADDRINUSE, "%d %s", ret, lshm_last_error());
+    cr_assert_null(l2);
+    cr_assert_eq(access(path, F_OK), 0, "the live server's socket file was removed");
+    /* Something that is not a socket is never replaced. */
+    snprintf(file, sizeof(file), "%s/file", dir);
+    fd = open(file, O_CREAT | O_WRONLY, 0600);
+    close(fd);
+    cr_assert_eq(lshm_listen(ctx, file, 0, &l2), -EEXIST);
+    unlink(file);
+    /* The liveness probe connected to the live listener: that connection
+     * ends at once and must not be a usable port (it reports closure). */
+    if (lshm_accept(l, &p, 200) == 0) {
+        struct lshm_msg m;
+
+        cr_log_warn("lshm_listen's liveness probe shows up as an accepted connection");
+        ret = lshm_recv(p, &m, 2000);
+        cr_assert_lt(ret, 0);
+        lshm_port_close(p);
+    }
+    lshm_listener_close(l);
+    lshm_ctx_free(ctx);
+    rmdir(dir);
+    free(dir);
+}
+
+/* ======================================================================
+ * 10. a HELLO with another protocol version is refused, saying so
+ * ====================================================================== */
+
+/* A raw HELLO: 16-byte header, 24-byte body. */
+static size_t raw_hello(uint8_t *buf, pid_t pid, uint16_t version)
+{
+    struct lshm_wire_msg h = { .pid = pid, .port_id = 77, .type = LSHM_WIRE_HELLO,
+                               .size = sizeof(struct lshm_wire_hello) };
+    struct lshm_wire_hello b = { .magic = LSHM_MAGIC, .version = version, .port_id = 77,
+                                 .header_size = 4096, .chunk_size = 16384,
+                                 .chunk_count = 640, .max_segments = 32 };
+
+    memcpy(buf, &h, sizeof(h));
+    memcpy(buf + sizeof(h), &b, sizeof(b));
+    return sizeof(h) + sizeof(b);
+}
+
+static void raw_send(int fd, const void *buf, size_t len)
+{
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+    cr_assert_eq(sendmsg(fd, &mh, MSG_NOSIGNAL), (ssize_t)len, "sendmsg: %m");
+}
+
+LTEST(port, hello_version_2_refused_on_adopted_port)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    uint8_t buf[64];
+    int peer, one = 1, ret;
+
+    cr_assert_eq(lshm_socketpair(ctx, &port, &peer), 0);
+    cr_assert_eq(setsockopt(peer, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
+    raw_send(peer, buf, raw_hello(buf, getpid(), 2));
+    ret = lshm_port_wait(port, LSHM_WAIT_READY, 5000);
+    cr_assert_eq(ret, -EPROTONOSUPPORT, "%d %s", ret, lshm_last_error());
+    cr_assert_not_null(lshm_port_error(port));
+    cr_assert(strstr(lshm_port_error(port), "version") != NULL, "reason: %s",
+              lshm_port_error(port));
+    cr_assert(strstr(lshm_last_error(), "version") != NULL, "%s", lshm_last_error());
+    cr_log_info("version 2: %s", lshm_port_error(port));
+    lshm_port_close(port);
+    close(peer);
+    lshm_ctx_free(ctx);
+}
+
+LTEST(port, hello_version_2_refused_by_lshm_connect)
+{
+    char *dir = tmp_dir(), path[128];
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct lshm_ctx *ctx;
+    struct lshm_port *port = NULL;
+    int lfd, ret, one = 1;
+    pid_t pid;
+
+    snprintf(path, sizeof(path), "%s/sock", dir);
+    strcpy(sun.sun_path, path);
+    lfd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    cr_assert_eq(bind(lfd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    cr_assert_eq(listen(lfd, 4), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        /* A raw server that speaks version 2. */
+        uint8_t buf[LSHM_WIRE_MAX];
+        int c = accept(lfd, NULL, NULL);
+
+        if (c < 0 || setsockopt(c, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
+            _exit(1);
+        if (send(c, buf, raw_hello(buf, getpid(), 2), MSG_NOSIGNAL) < 0)
+            _exit(2);
+        /* Wait for the client to hang up. */
+        while (recv(c, buf, sizeof(buf), 0) > 0)
+            ;
+        _exit(0);
+    }
+    close(lfd);
+    ctx = ctx_make(NULL);
+    ret = lshm_connect(ctx, path, 5000, &port);
+    cr_assert_eq(ret, -EPROTONOSUPPORT, "%d %s", ret, lshm_last_error());
+    cr_assert(strstr(lshm_last_error(), "version") != NULL, "%s", lshm_last_error());
+    cr_log_info("lshm_connect to a version 2 server: %s", lshm_last_error());
+    lshm_ctx_free(ctx);
+    child_ok(pid, 5000);
+    unlink(path);
+    rmdir(dir);
+    free(dir);
+}
+
+/* ======================================================================
+ * 12. context basics
+ * ====================================================================== */
+
+LTEST(port, ctx_new_rejects_bad_params)
+{
+    static const struct lshm_ctx_params bad[] = {
+        { .ring_entries = 3 },
+        { .ring_entries = 4 },
+        { .ring_entries = 8192 },
+        { .ring_entries = 1000 },
+        { .max_segments = 1025 },
+        { .send_queue = 65537 },
+        { .recv_queue = 65537 },
+        { .flags = 1u << 20 },
+        { .reserved = { [0] = 1 } },
+        { .reserved = { [10] = 1 } },
+    };
+    struct lshm_ctx *ctx = NULL;
+    unsigned i;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        int ret = lshm_ctx_new(&ctx, &bad[i]);
+
+        cr_expect_eq(ret, -EINVAL, "params %u accepted: %d", i, ret);
+        if (ret == 0)
+            lshm_ctx_free(ctx);
+        else
+            cr_expect_str_neq(lshm_last_error(), "", "params %u: no reason given", i);
+    }
+    cr_assert_eq(lshm_ctx_new(NULL, NULL), -EINVAL);
+    cr_assert_eq(lshm_ctx_stats(NULL, NULL), -EINVAL);
+    cr_assert_eq(lshm_ctx_fd(NULL), -EINVAL);
+    /* The edges are accepted. */
+    {
+        struct lshm_ctx_params ok = { .ring_entries = 8, .max_segments = 1024,
+                                      .send_queue = 65536, .recv_queue = 65536 };
+
+        cr_assert_eq(lshm_ctx_new(&ctx, &ok), 0, "%s", lshm_last_error());
+        lshm_ctx_free(ctx);
+    }
+}
+
+static int wait_go_send_one(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+
+    CK(lshm_recv(port, &m, 10000) == 0);
+    lshm_msg_done(&m);
+    usleep(100 * 1000);
+    CK(send_pat(port, 5, 300, 0) == 0);
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+static void ctx_fd_polls(const struct lshm_ctx_params *prm)
+{
+    struct lshm_ctx *ctx = ctx_make(prm);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, wait_go_send_one, NULL);
+    struct pollfd pfd = { .fd = lshm_ctx_fd(ctx), .events = POLLIN };
+    struct lshm_msg m;
+    int ret, n = 0;
+    long long end;
+
+    cr_assert_geq(pfd.fd, 0);
+    wait_ready(port);
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 5000), 0);
+    /* Only poll(2) from here on: the fd alone must say a message came. */
+    end = now_ms() + 5000;
+    for (;;) {
+        ret = poll(&pfd, 1, 5000);
+        cr_assert_eq(ret, 1, "lshm_ctx_fd never polled readable (%d)", ret);
+        cr_assert(pfd.revents & POLLIN);
+        n++;
+        ret = lshm_recv(port, &m, 0);
+        if (ret == 0)
+            break;
+        cr_assert_eq(ret, -ETIMEDOUT, "%d %s", ret, lshm_last_error());
+        cr_assert_lt(now_ms(), end, "readable %d times, no message", n);
+    }
+    /* The message is sent 100 ms after "go": poll must wake for it then,
+     * not at the end of its timeout. */
+    cr_assert_lt(now_ms() - (end - 5000), 2000, "poll woke only after %lld ms",
+                 now_ms() - (end - 5000));
+    cr_assert_eq(m.stream, 5);
+    cr_assert(msg_check(&m, 5, 300));
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+LTEST(port, ctx_fd_polls_readable_when_a_message_arrived)
+{
+    ctx_fd_polls(NULL);
+}
+
+LTEST(port, ctx_fd_polls_readable_without_multishot_or_defer_taskrun)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_MULTISHOT |
+                                            LSHM_CTX_NO_DEFER_TASKRUN };
+
+    ctx_fd_polls(&prm);
+}
+
+/* Ping-pong of 1,000 (inline and shm) on contexts forced onto fallbacks. */
+static void fallback_pingpong(unsigned flags)
+{
+    struct lshm_ctx_params prm = { .flags = flags };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    unsigned f = lshm_ctx_features(ctx), i;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, &prm, &port, echo_pull, NULL);
+    struct lshm_msg m;
+    int ret;
+
+    if (flags & LSHM_CTX_NO_MULTISHOT)
+        cr_assert_eq(f & (LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING), 0, "features %#x", f);
+    if (flags & LSHM_CTX_NO_DEFER_TASKRUN)
+        cr_assert_eq(f & LSHM_FEAT_DEFER_TASKRUN, 0, "features %#x", f);
+    wait_ready(port);
+    for (i = 0; i < 1000; i++) {
+        size_t size = (i % 4 == 3) ? 5000 + i : i % 700;
+
+        /* The echo copies inline: shared-memory payloads stay <= 16 KiB. */
+        ret = size > 4096 ? send_shm(port, i, size, -1) : send_pat(port, i, size, 0);
+        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
+        ret = lshm_recv(port, &m, 10000);
+        cr_assert_eq(ret, 0, "recv %u: %d %s", i, ret, lshm_last_error());
+        cr_assert_eq(m.stream, i);
+        cr_assert(msg_check(&m, i, size));
+        lshm_msg_done(&m);
+    }
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+LTEST(port, features_default_context_uses_multishot_and_defer_taskrun)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    unsigned f = lshm_ctx_features(ctx);
+
+    /* This kernel (6.x) has both; an older one would fall back. */
+    cr_log_info("default features %#x", f);
+    cr_expect(f & LSHM_FEAT_MULTISHOT_RECV, "features %#x", f);
+    cr_expect(f & LSHM_FEAT_DEFER_TASKRUN, "features %#x", f);
+    cr_expect(f & LSHM_FEAT_SINGLE_ISSUER, "features %#x", f);
+    lshm_ctx_free(ctx);
+}
+
+LTEST(port, pingpong_without_multishot_falls_back)
+{
+    fallback_pingpong(LSHM_CTX_NO_MULTISHOT);
+}
+
+LTEST(port, pingpong_without_defer_taskrun_falls_back)
+{
+    fallback_pingpong(LSHM_CTX_NO_DEFER_TASKRUN);
+}
+
+LTEST(port, pingpong_without_either_falls_back)
+{
+    fallback_pingpong(LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN);
+}
+
+/* ======================================================================
+ * Two threads, each with its own context and a port to the same child:
+ * the peer tables (segments, sent_over, the bitmaps) are shared by both
+ * ====================================================================== */
+
+#define THR_MSGS 1500
+
+struct thr_arg {
+    int          sock;
+    unsigned     id;
+    int          error;
+    char         why[160];
+    _Atomic int *started;   /* set by thread 1 once segment 0 is mapped */
+};
+
+#define TCK(c)                                                                     \
+    do {                                                                           \
+        if (!(c)) {                                                                \
+            snprintf(a->why, sizeof(a->why), "%s:%d: %s (%s)", __FILE__, __LINE__, \
+                     #c, lshm_last_error());                                       \
+            a->error = __LINE__;                                                   \
+            goto out;                                                              \
+        }                                                                          \
+    } while (0)
+
+/*
+ * Stream THR_MSGS (every other one in shared memory), a window of 4, each
+ * acknowledged by the child after it checked every byte.  Thread 2 starts
+ * once the child mapped segment 0 (made by thread 1's port), and no more
+ * than ~2 MiB is ever in flight, so segment 0 is the only one: see
+ * two_ports_create_segments_for_one_peer for what happens otherwise.
+ */
+static void *thr_main(void *arg)
+{
+    struct thr_arg *a = arg;
+    struct lshm_ctx *ctx = NULL;
+    struct lshm_port *port = NULL;
+    uint64_t rng = 1000 + a->id;
+    uint32_t sent = 0, acked = 0;
+    struct lshm_msg m;
+
+    TCK(lshm_ctx_new(&ctx, NULL) == 0);
+    TCK(lshm_port_adopt(ctx, a->sock, &port) == 0);
+    a->sock = -1;
+    TCK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    while (a->id != 1 && !atomic_load(a->started))
+        usleep(1000);
+    while (acked < THR_MSGS) {
+        while (sent < THR_MSGS && sent - acked < (acked ? 4u : 1u)) {
+            uint32_t seq = a->id << 24 | sent;
+            size_t size = (sent % 2 || sent == 0) ? 16385 + rng_below(&rng, 240 * KiB)
+                                                 : rng_below(&rng, 3000);
+
+            TCK((size > LSHM_INLINE_MAX ? send_shm(port, seq, size, -1)
+                                        : send_pat(port, seq, size, 0)) == 0);
+            sent++;
+        }
+        TCK(lshm_recv(port, &m, 10000) == 0);
+        TCK(m.type == T_CTRL);
+        TCK(m.stream == (a->id << 24 | acked));
+        lshm_msg_done(&m);
+        acked++;
+        if (a->id == 1)
+            atomic_store(a->started, 1);
+    }
+out:
+    if (a->id == 1)
+        atomic_store(a->started, 1);
+    if (port != NULL)
+        lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    if (a->sock >= 0)
+        close(a->sock);
+    return NULL;
+}
+
+struct two_srv {
+    int      error;
+    unsigned closed, msgs;
+};
+
+static void two_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg)
+{
+    struct two_srv *s = arg;
+    uint32_t seq = m->stream;
+
+    if (!msg_check(m, seq, m->size))
+        s->error = 1;
+    lshm_msg_done(m);
+    if (send_inline(port, T_CTRL, seq, NULL, 0, -1) != 0)
+        s->error = 2;
+    s->msgs++;
+}
+
+static void two_on_close(struct lshm_port *port, int error, void *arg)
+{
+    struct two_srv *s = arg;
+
+    if (error != -EPIPE) {
+        fprintf(stderr, "child %d: port closed: %d %s\n", getpid(), error,
+                lshm_port_error(port));
+        s->error = 3;
+    }
+    s->closed++;
+    lshm_port_close(port);
+}
+
+/* The child: one context, both ports, handlers. */
+static int two_port_server(int s0, int s1, unsigned per_port)
+{
+    struct two_srv srv = { 0 };
+    struct lshm_ctx *ctx;
+    struct lshm_port *p0, *p1;
+    long long end = now_ms() + 40000;
+
+    CK(lshm_ctx_new(&ctx, NULL) == 0);
+    CK(lshm_port_adopt(ctx, s0, &p0) == 0);
+    CK(lshm_port_adopt(ctx, s1, &p1) == 0);
+    CK(lshm_port_set_handler(p0, two_on_msg, two_on_close, &srv) == 0);
+    CK(lshm_port_set_handler(p1, two_on_msg, two_on_close, &srv) == 0);
+    while (srv.closed < 2 && srv.error == 0 && now_ms() < end)
+        CK(lshm_ctx_run(ctx, 100) >= 0);
+    CK(srv.error == 0);
+    CK(srv.closed == 2);
+    CK(srv.msgs == 2 * per_port);
+    lshm_ctx_free(ctx);
+    return 0;
+}
+
+LTEST(port, two_threads_two_contexts_share_one_peer)
+{
+    int sv[2][2], i;
+    struct thr_arg a[2];
+    pthread_t th[2];
+    _Atomic int started = 0;
+    pid_t pid;
+
+    for (i = 0; i < 2; i++)
+        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        close(sv[0][0]);
+        close(sv[1][0]);
+        _exit(two_port_server(sv[0][1], sv[1][1], THR_MSGS));
+    }
+    close(sv[0][1]);
+    close(sv[1][1]);
+    for (i = 0; i < 2; i++) {
+        a[i] = (struct thr_arg){ .sock = sv[i][0], .id = i + 1, .started = &started };
+        cr_assert_eq(pthread_create(&th[i], NULL, thr_main, &a[i]), 0);
+    }
+    for (i = 0; i < 2; i++) {
+        pthread_join(th[i], NULL);
+        cr_expect_eq(a[i].error, 0, "thread %d: %s", i, a[i].why);
+    }
+    child_ok(pid, 20000);
+}
+
+/*
+ * Two ports of one context to the same process, each needing a new
+ * segment: port A's MMAP(0) is queued behind a buffer not yet sent, port B
+ * makes segment 1 and sends it first.  Segment ids belong to the pair of
+ * processes and the receiver requires them in order, but two sockets keep
+ * no order between them: the receiver must not call this a violation.
+ */
+LTEST(port, two_ports_create_segments_for_one_peer)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *pa, *pb;
+    struct lshm_buf *ba, *bb;
+    struct lshm_msg m;
+    int sv[2][2], i, ret;
+    pid_t pid;
+
+    for (i = 0; i < 2; i++)
+        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        lshm_ctx_free(ctx);
+        close(sv[0][0]);
+        close(sv[1][0]);
+        _exit(two_port_server(sv[0][1], sv[1][1], 1));
+    }
+    close(sv[0][1]);
+    close(sv[1][1]);
+    cr_assert_eq(lshm_port_adopt(ctx, sv[0][0], &pa), 0);
+    cr_assert_eq(lshm_port_adopt(ctx, sv[1][0], &pb), 0);
+    wait_ready(pa);
+    wait_ready(pb);
+    cr_assert_eq(lshm_buf_alloc(pa, 100, &ba), 0);       /* segment 0, for port A */
+    ret = lshm_buf_alloc(pb, 100, &bb);                  /* segment 1, for port B */
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_neq(ba->seg, bb->seg);
+    pat_fill(1 << 24, 0, lshm_buf_data(ba), 100);
+    pat_fill(2 << 24, 0, lshm_buf_data(bb), 100);
+    lshm_buf_set_size(ba, 100);
+    lshm_buf_set_size(bb, 100);
+    cr_assert_eq(lshm_send(pb, &(struct lshm_out){ .type = T_DATA, .stream = 2 << 24,
+                                                   .bufs = &bb, .nbufs = 1, .fd = -1 }, 0), 0);
+    cr_assert_gt(lshm_port_wait(pb, LSHM_WAIT_IDLE, 5000), 0);
+    usleep(50 * 1000);
+    cr_assert_eq(lshm_send(pa, &(struct lshm_out){ .type = T_DATA, .stream = 1 << 24,
+                                                   .bufs = &ba, .nbufs = 1, .fd = -1 }, 0), 0);
+    ret = lshm_recv(pb, &m, 5000);
+    cr_expect_eq(ret, 0, "port B: %d %s", ret, lshm_port_error(pb));
+    if (ret == 0)
+        lshm_msg_done(&m);
+    ret = lshm_recv(pa, &m, 5000);
+    cr_expect_eq(ret, 0, "port A: %d %s", ret, lshm_port_error(pa));
+    if (ret == 0)
+        lshm_msg_done(&m);
+    lshm_port_close(pa);
+    lshm_port_close(pb);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * More lifetime and limit behaviour
+ * ====================================================================== */
+
+/* Run the ring without taking messages: reading must stop at recv_queue
+ * (plus what a multishot receive had already taken), then resume. */
+static int lazy_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned total = *(unsigned *)arg, i, max_held = 0;
+    long long end;
+    struct lshm_msg m;
+
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    end = now_ms() + 500;
+    while (now_ms() < end) {
+        CK(lshm_ctx_run(ctx, 10) >= 0);
+        if (port->held > max_held)
+            max_held = port->held;
+    }
+    fprintf(stderr, "lazy reader: %u held at most (recv_queue 16)\n", max_held);
+    CK(max_held >= 16);
+    CK(max_held <= 16 + 128);   /* at most the context's provided buffers more */
+    for (i = 0; i < total; i++) {
+        CK(lshm_recv(port, &m, 10000) == 0);
+        CK(m.stream == i);
+        CK(msg_check(&m, i, 100 + i % 300));
+        lshm_msg_done(&m);
+    }
+    CK(send_inline(port, T_CTRL, max_held, NULL, 0, -1) == 0);
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+static void recv_queue_bound(unsigned flags)
+{
+    struct lshm_ctx_params sprm = { .send_queue = 64 };
+    struct lshm_ctx_params rprm = { .recv_queue = 16, .flags = flags };
+    struct lshm_ctx *ctx = ctx_make(&sprm);
+    unsigned total = 3000, i, eagain = 0;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, &rprm, &port, lazy_reader, &total);
+    long long t0;
+    struct lshm_msg m;
+    int ret;
+
+    wait_ready(port);
+    t0 = now_ms();
+    for (i = 0; i < total; i++) {
+        uint8_t buf[400];
+        struct lshm_out out = { .type = T_DATA, .stream = i, .data = buf,
+                                .size = 100 + i % 300, .fd = -1 };
+
+        pat_fill(i, 0, buf, out.size);
+        while ((ret = lshm_send(port, &out, 0)) == -EAGAIN) {
+            if (now_ms() - t0 < 400)
+                eagain++;
+            cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_SEND, 10000), 0);
+        }
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    }
+    cr_assert_gt(eagain, 0, "the reader's bound never pushed back on the sender");
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    cr_log_info("recv_queue 16: reader held at most %u", m.stream);
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+LTEST(port, recv_queue_bound_stops_reading_then_resumes)
+{
+    recv_queue_bound(0);
+}
+
+LTEST(port, recv_queue_bound_single_shot_receives)
+{
+    recv_queue_bound(LSHM_CTX_NO_MULTISHOT);
+}
+
+/* Read n messages in order, then the close, which must be an orderly BYE. */
+static int read_all_then_bye(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned n = *(unsigned *)arg, i;
+    struct lshm_msg m;
+
+    for (i = 0; i < n; i++) {
+        int ret = lshm_recv(port, &m, 10000);
+
+        if (ret != 0)
+            fprintf(stderr, "reader: message %u of %u: %d %s\n", i, n, ret,
+                    lshm_port_error(port));
+        CK(ret == 0);
+        CK(m.stream == i);
+        CK(msg_check(&m, i, m.size));
+        lshm_msg_done(&m);
+    }
+    CK(lshm_recv(port, &m, 10000) == -EPIPE);
+    CK(strstr(lshm_port_error(port), "BYE") != NULL);
+    return 0;
+}
+
+LTEST(port, ctx_free_sends_what_is_queued_then_bye)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    unsigned n = 1000, i;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, read_all_then_bye, &n);
+
+    wait_ready(port);
+    for (i = 0; i < n; i++)
+        cr_assert_eq(i % 7 == 3 ? send_shm(port, i, 20000 + i, -1)
+                                : send_pat(port, i, i % 500, LSHM_MORE), 0);
+    lshm_ctx_free(ctx);     /* nothing waited for: the free must send it all */
+    child_ok(pid, 10000);
+}
+
+LTEST(port, port_close_sends_what_is_queued_then_bye)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    unsigned n = 1000, i;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, read_all_then_bye, &n);
+    long long end;
+    int st = -1;
+
+    wait_ready(port);
+    for (i = 0; i < n; i++)
+        cr_assert_eq(i % 7 == 3 ? send_shm(port, i, 20000 + i, -1)
+                                : send_pat(port, i, i % 500, LSHM_MORE), 0);
+    lshm_port_close(port);
+    end = now_ms() + 10000;
+    while (now_ms() < end && waitpid(pid, &st, WNOHANG) == 0)
+        lshm_ctx_run(ctx, 10);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "reader: %#x", st);
+    lshm_ctx_free(ctx);
+}
+
+/* Shared-memory messages held across lshm_port_close and lshm_ctx_free
+ * stay readable and are released by lshm_msg_done. */
+static int send_some_shm(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    uint32_t i;
+
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    for (i = 0; i < 4; i++)
+        CK(send_shm(port, i, 50000 + i, -1) == 0);
+    /* Wait until the parent is gone. */
+    while (lshm_recv(port, &m, 10000) == 0)
+        lshm_msg_done(&m);
+    return 0;
+}
+
+static void held_after_close(bool free_ctx)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, send_some_shm, NULL);
+    struct lshm_msg m[4];
+    unsigned i;
+
+    wait_ready(port);
+    for (i = 0; i < 4; i++) {
+        cr_assert_eq(lshm_recv(port, &m[i], 10000), 0);
+        cr_assert(m[i].flags & LSHM_MSG_SHM);
+    }
+    lshm_port_close(port);
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(ctx, 5);
+    if (free_ctx)
+        lshm_ctx_free(ctx);
+    for (i = 0; i < 4; i++) {
+        cr_assert(msg_check(&m[i], i, 50000 + i), "message %u changed", i);
+        lshm_msg_done(&m[i]);
+    }
+    if (!free_ctx) {
+        for (i = 0; i < 5; i++)
+            lshm_ctx_run(ctx, 5);
+        lshm_ctx_free(ctx);
+    }
+    child_ok(pid, 10000);
+}
+
+LTEST(port, messages_held_across_port_close_stay_valid)
+{
+    held_after_close(false);
+}
+
+LTEST(port, messages_held_across_ctx_free_stay_valid)
+{
+    held_after_close(true);
+}
+
+/* The receiver's max_segments (from its HELLO) limits the sender too. */
+LTEST(port, receiver_segment_limit_binds_the_sender)
+{
+    struct lshm_ctx_params cprm = { .max_segments = 1 };
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, &cprm, &port, hold_then_release, NULL);
+    int maps0 = count_maps("memfd:"), ret;
+    unsigned sent = 0;
+    struct lshm_buf *b;
+    struct lshm_msg m;
+
+    wait_ready(port);
+    for (;;) {
+        ret = lshm_buf_alloc(port, HOLD_SIZE, &b);
+        if (ret == -EAGAIN)
+            break;
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        pat_fill(sent, 0, lshm_buf_data(b), HOLD_SIZE);
+        lshm_buf_set_size(b, HOLD_SIZE);
+        cr_assert_eq(lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = sent,
+                                                         .bufs = &b, .nbufs = 1, .fd = -1 },
+                               0), 0);
+        sent++;
+        cr_assert_leq(sent, 10);
+    }
+    cr_assert_eq(sent, 10);
+    cr_assert_eq(count_maps("memfd:"), maps0 + 1);
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_SHM, 10000), 0);
+    cr_assert_eq(send_shm(port, 1000, HOLD_SIZE, -1), 0);
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.stream, 10);
+    lshm_msg_done(&m);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* lshm_port_close from inside the port's own message handler. */
+struct closer {
+    unsigned got;
+    bool     closed;
+};
+
+static void closer_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg)
+{
+    struct closer *c = arg;
+
+    lshm_msg_done(m);
+    if (++c->got == 5) {
+        lshm_port_close(port);
+        c->closed = true;
+    }
+}
+
+static int flood_until_closed(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    uint32_t i;
+
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    for (i = 0; i < 100000; i++) {
+        int ret = i % 3 ? send_pat(port, i, 200, 0) : send_shm(port, i, 30000, -1);
+
+        if (ret == -EPIPE || ret == -ECONNRESET)
+            return 0;
+        CK(ret == 0);
+    }
+    return 2;
+}
+
+LTEST(port, port_closed_inside_its_own_handler)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, flood_until_closed, NULL);
+    struct closer c = { 0, false };
+    long long end = now_ms() + 10000;
+    int i;
+
+    cr_assert_eq(lshm_port_set_handler(port, closer_on_msg, NULL, &c), 0);
+    while (!c.closed && now_ms() < end)
+        cr_assert_geq(lshm_ctx_run(ctx, 100), 0);
+    cr_assert(c.closed);
+    for (i = 0; i < 20; i++)
+        lshm_ctx_run(ctx, 5);
+    cr_assert_eq(c.got, 5, "the handler ran after lshm_port_close");
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+LTEST(port, connect_errors_are_clear)
+{
+    char *dir = tmp_dir(), path[128], longp[200];
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port = NULL;
+    int fd, ret;
+    long long t0;
+
+    snprintf(path, sizeof(path), "%s/none", dir);
+    cr_assert_eq(lshm_connect(ctx, path, 1000, &port), -ENOENT, "%s", lshm_last_error());
+    memset(longp, 'x', sizeof(longp) - 1);
+    longp[sizeof(longp) - 1] = '\0';
+    cr_assert_eq(lshm_connect(ctx, longp, 1000, &port), -ENAMETOOLONG);
+    /* A stale socket: nobody listens. */
+    snprintf(path, sizeof(path), "%s/stale", dir);
+    strcpy(sun.sun_path, path);
+    fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    close(fd);
+    cr_assert_eq(lshm_connect(ctx, path, 1000, &port), -ECONNREFUSED, "%s", lshm_last_error());
+    unlink(path);
+    /* A server that never says HELLO. */
+    snprintf(path, sizeof(path), "%s/mute", dir);
+    strcpy(sun.sun_path, path);
+    fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    cr_assert_eq(listen(fd, 4), 0);
+    t0 = now_ms();
+    ret = lshm_connect(ctx, path, 300, &port);
+    cr_assert_eq(ret, -ETIMEDOUT, "%d %s", ret, lshm_last_error());
+    cr_assert_geq(now_ms() - t0, 250);
+    cr_assert_lt(now_ms() - t0, 3000);
+    cr_assert_null(port);
+    close(fd);
+    unlink(path);
+    lshm_ctx_free(ctx);
+    rmdir(dir);
+    free(dir);
 }

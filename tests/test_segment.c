@@ -5,6 +5,7 @@
  */
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -287,6 +288,18 @@ LTEST(segment, import_refuses_regular_file)
     close(fd);
 }
 
+/* On tmpfs a plain file has seals too (just F_SEAL_SEAL): still not a memfd. */
+LTEST(segment, import_refuses_tmpfs_file)
+{
+    int fd = open("/dev/shm", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+
+    if (fd < 0)
+        cr_skip_test("O_TMPFILE in /dev/shm: %s", strerror(errno));
+    cr_assert_eq(ftruncate(fd, LSHM_SEGMENT_SIZE), 0);
+    expect_refused(fd, -EOPNOTSUPP, "tmpfs file");
+    close(fd);
+}
+
 LTEST(segment, import_refuses_pipe_socket_and_bad_fd)
 {
     int p[2], s[2];
@@ -471,11 +484,18 @@ struct race {
     _Atomic int      stop;
 };
 
-/* A random head start for either side, so that both win some rounds. */
+/*
+ * A random head start for either side, so that both win some rounds; the
+ * yield lets the other side win when both share one CPU.
+ */
 static void spin(unsigned *seed)
 {
     unsigned n = rand_r(seed) % 1024;
 
+    if (n % 4 == 0) {
+        sched_yield();
+        return;
+    }
     for (volatile unsigned i = 0; i < n; i++)
         ;
 }
@@ -522,25 +542,37 @@ static void *receiver_thread(void *arg)
 /*
  * The canceller's side of each round: take a slot, publish the stream,
  * start the round and race.  Exactly one side may win; the loser frees the
- * slot, so it is free once both are done.
+ * slot, so it is free once both are done.  One round in eight lets the
+ * receiver go first and one the canceller, so that both outcomes are
+ * checked even when the scheduler never lets the two really race.
  */
 static void run_race(struct race *r, struct lshm_peer *peer)
 {
-    unsigned seed = 777, mine = 0, theirs = 0, rounds = 0;
+    unsigned seed = 777, mine = 0, theirs = 0, raced = 0;
     long long end = now_ms() + RACE_MS;
     struct lshm_segment_header *hdr = NULL;
 
     for (uint32_t round = 1; round <= RACE_ROUNDS; round++) {
+        unsigned mode = round % 8, n = 0;
+        uint32_t skip = round % 97;
         struct lshm_alloc a;
-        bool won;
-        unsigned n = 0;
+        bool won = false, theirs_won;
 
+        /* Vary the slot: hold the ones below it for this round. */
+        if (hdr != NULL)
+            for (uint32_t k = 0; k < skip; k++)
+                cr_assert(lshm_chunk_try_busy(hdr->free_tracking_map, k), "slot %u", k);
         cr_assert_eq(lshm_peer_out_alloc(peer, 1, 1, true, false, &a), 0,
                      "round %u: no free tracking slot (a loser did not free one)", round);
+        if (hdr == NULL)
+            skip = 0;
         hdr = a.seg->hdr;
+        cr_assert_eq(a.chunk, skip, "round %u: slot %u", round, a.chunk);
         r->slot = a.chunk;
         r->stream = round * 2 + 1;
         lshm_tracking_set(hdr, a.chunk, r->stream);
+        if (mode == 1)
+            won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
         /* Start the round only once the receiver is spinning for it. */
         while (atomic_load(&r->ready) != round) {
             if (++n % 1024 == 0)
@@ -548,28 +580,40 @@ static void run_race(struct race *r, struct lshm_peer *peer)
             cr_assert(now_ms() < end + 5000, "round %u: the receiver is stuck", round);
         }
         atomic_store(&r->go, round);
-        spin(&seed);
-        won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
+        if (mode >= 2) {
+            spin(&seed);
+            won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
+        }
         while (atomic_load(&r->done) != round) {
             if (++n % 1024 == 0)
                 sched_yield();
             cr_assert(now_ms() < end + 5000, "round %u: the receiver is stuck", round);
         }
-        cr_assert_neq(won, atomic_load(&r->other_won[round - 1]),
-                      "round %u: %s won", round, won ? "both" : "neither");
+        if (mode == 0)
+            won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
+        theirs_won = atomic_load(&r->other_won[round - 1]);
+        cr_assert_neq(won, theirs_won, "round %u: %s won", round, won ? "both" : "neither");
+        if (mode < 2)
+            cr_assert_eq(won, mode == 1, "round %u: the first to resolve wins", round);
         cr_assert(lshm_chunk_is_free(hdr->free_tracking_map, a.chunk),
                   "round %u: slot %u not freed by the loser", round, a.chunk);
         cr_assert_eq(hdr->tracking[a.chunk], 0, "round %u: the winner zeroes the slot", round);
-        mine += won;
-        theirs += !won;
-        rounds++;
+        for (uint32_t k = 0; k < skip; k++)
+            lshm_chunk_set_free(hdr->free_tracking_map, k);
+        if (mode >= 2) {
+            mine += won;
+            theirs += theirs_won;
+            raced++;
+        }
         lshm_seg_unref(a.seg);
         if (now_ms() > end)
             break;
     }
     atomic_store(&r->stop, 1);
-    cr_expect_gt(mine, 0, "the canceller never won in %u rounds", rounds);
-    cr_expect_gt(theirs, 0, "the receiver never won in %u rounds", rounds);
+    /* Under load the two may never overlap: worth a note, not a failure. */
+    cr_log_info("tracking race: %u raced rounds, canceller won %u, receiver %u",
+                raced, mine, theirs);
+    cr_expect_gt(raced, 1000);
     for (unsigned w = 0; w < LSHM_FREE_WORDS; w++)
         cr_expect_eq(hdr->free_tracking_map[w], ~0ull, "no slot leaked");
     cr_expect_eq(hdr->free_tracking_map_padding, 0);

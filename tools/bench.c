@@ -9,7 +9,6 @@
 #include "shmping.h"
 
 #define CELL_S        0.4
-#define BENCH_BATCH   16
 
 struct cell {
     bool   ran, failed;
@@ -55,7 +54,7 @@ static bool run_cell(const struct config *base, enum mode mode, size_t size, str
     results_free(&res);
 
     cfg.throughput = true;
-    cfg.batch = base->batch > 1 ? base->batch : BENCH_BATCH;
+    cfg.batch = base->batch;
     if (!stop_requested && run_one(&cfg, &res) != 0)
         c->failed = true;
     c->msgs_per_s = res.msgs_per_s;
@@ -118,12 +117,11 @@ int run_bench(const struct config *cfg)
         return EXIT_ERROR;
     }
     if (cfg->json) {
-        printf("{\"cell_s\":%.2f,\"batch\":%u,\"bench\":[", CELL_S,
-               cfg->batch > 1 ? cfg->batch : BENCH_BATCH);
+        printf("{\"cell_s\":%.2f,\"batch\":%u,\"bench\":[", CELL_S, cfg->batch);
     } else {
         features_text(p.features, feat, sizeof(feat));
         printf("shmping --bench: forked peer, %.1f s per figure, throughput batch %u, "
-               "io_uring %s\n", CELL_S, cfg->batch > 1 ? cfg->batch : BENCH_BATCH, feat);
+               "io_uring %s\n", CELL_S, cfg->batch, feat);
         printf("ratio: the figure over copy mode's for the same size "
                "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster)\n\n");
         printf("%-8s %-7s %11s %7s %11s %7s %11s %7s %9s %7s\n", "size", "mode",

@@ -25,7 +25,9 @@
 #define PING_WINDOW     64
 #define STREAM_WINDOW   256
 #define MAX_WINDOW      1024
+#define MAX_INFLIGHT_BYTES (128ull << 20)
 #define STALL_NS        (10 * NS_PER_S)       /* no progress for this long: give up */
+#define DRAIN_NS        (2 * NS_PER_S)        /* after -w, for replies on their way */
 #define HANDSHAKE_MS    5000
 #define WAIT_SLICE_MS   100                   /* how often loops look at signals */
 
@@ -53,6 +55,8 @@ const char *lshm_why(int ret)
 
     if (detail == NULL || detail[0] == '\0')
         return strerror(-ret);
+    if (strstr(detail, strerror(-ret)) != NULL)
+        return detail;
     snprintf(buf, sizeof(buf), "%s (%s)", strerror(-ret), detail);
     return buf;
 }
@@ -217,7 +221,13 @@ static uint64_t session_window(const struct config *cfg)
         w = cfg->batch;
     else
         w = cfg->batch > PING_WINDOW ? cfg->batch : PING_WINDOW;
-    return w > MAX_WINDOW ? MAX_WINDOW : w;
+    if (w > MAX_WINDOW)
+        w = MAX_WINDOW;
+    /* Large payloads: keep what is in flight well inside the segments a
+     * peer may hold, so that sending waits for replies, not for chunks. */
+    if (cfg->size > 0 && w > MAX_INFLIGHT_BYTES / cfg->size)
+        w = MAX_INFLIGHT_BYTES / cfg->size > 0 ? MAX_INFLIGHT_BYTES / cfg->size : 1;
+    return w;
 }
 
 static int ping_session(struct session *s)
@@ -242,13 +252,13 @@ static int ping_session(struct session *s)
             res->interrupted = true;
             break;
         }
-        /* A stream stops sending at the deadline and takes in what is on
-         * its way; a ping run stops there, as ping does. */
+        /* At the deadline sending stops; replies on their way get a little
+         * longer to come in, so that a run cut short loses nothing. */
         if (deadline && now >= deadline) {
-            if (!cfg->throughput)
+            if (sending_over)
                 break;
-            deadline = 0;
             sending_over = true;
+            deadline = now + DRAIN_NS;
         }
         more = !sending_over && res->sent < cfg->count;
         if (!more && s->inflight == 0)
@@ -265,6 +275,18 @@ static int ping_session(struct session *s)
 
         if (more && s->inflight < window && now >= next_send && !s->blocked_on) {
             uint64_t n = cfg->batch;
+
+            /* Replies already here are timed now, not after this send. */
+            for (uint64_t k = 0; k < window && s->inflight > 0; k++) {
+                ret = lshm_recv(s->port, &m, 0);
+                if (ret < 0)
+                    break;
+                handle_reply(s, &m);
+            }
+            if (ret < 0 && ret != -ETIMEDOUT && ret != -EINTR) {
+                link_failed(s, ret);
+                break;
+            }
             if (n > cfg->count - res->sent)
                 n = cfg->count - res->sent;
             if (n > window - s->inflight)
@@ -405,6 +427,7 @@ static int sink_session(struct session *s)
         }
         if (ret < 0)
             break;
+
     }
     res->interrupted = stop_requested;
     if (ret == -ECANCELED)

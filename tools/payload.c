@@ -102,6 +102,8 @@ size_t msg_iov_bytes(const struct lshm_msg *m)
 {
     size_t sum = 0;
 
+    if (m->iov == NULL)
+        return 0;
     for (unsigned i = 0; i < m->niov; i++)
         sum += m->iov[i].len;
     return sum;
@@ -111,7 +113,7 @@ bool msg_verify(const struct lshm_msg *m, uint32_t seq)
 {
     size_t off = 0;
 
-    for (unsigned i = 0; i < m->niov; i++) {
+    for (unsigned i = 0; m->iov != NULL && i < m->niov; i++) {
         if (!verify_piece(m->iov[i].base, off, m->iov[i].len, seq))
             return false;
         off += m->iov[i].len;

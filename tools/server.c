@@ -52,33 +52,35 @@ struct server {
     struct peer_stats     stats;
 };
 
-static void client_log(struct client *c, FILE *f, const char *what, const char *why)
+/* The server's log: one line on stderr per client that goes. */
+static void client_log(struct client *c, const char *what, const char *why)
 {
     pid_t pid;
 
     if (lshm_port_peer(c->port, &pid, NULL, NULL) == 0)
-        fprintf(f, "shmping: client %u (pid %d) %s: %s\n", c->id, (int)pid, what, why);
+        err("client %u (pid %d) %s: %s", c->id, (int)pid, what, why);
     else
-        fprintf(f, "shmping: client %u %s: %s\n", c->id, what, why);
-    fflush(f);
+        err("client %u %s: %s", c->id, what, why);
 }
 
 /* Drop a client that broke the protocol or cannot be served; one log line. */
 static void client_drop(struct client *c, int ret)
 {
     const char *why = lshm_port_error(c->port);
-    char buf[256];
 
     if (c->dead)
         return;
     c->dead = true;
-    if (why == NULL)
+    if (ret == -EBADMSG)
+        why = "message pieces do not add up to its size";
+    else if (ret == -ENOBUFS)
+        why = "does not read its replies";
+    else if (why == NULL)
         why = lshm_why(ret);
-    snprintf(buf, sizeof(buf), "%s", why);
     if (c->srv->listener != NULL)
-        client_log(c, stderr, "dropped", buf);
+        client_log(c, "dropped", why);
     else if (ret != -EPIPE)
-        err("peer: %s", buf);
+        err("peer: %s", why);
 }
 
 static int send_stats(struct client *c, const struct lshm_msg *m)
@@ -124,9 +126,9 @@ static int serve_msg(struct client *c, struct lshm_msg *m)
     struct server *s = c->srv;
     int ret = 0;
 
-    if (msg_iov_bytes(m) != m->size || (m->size > 0 && m->iov == NULL) ||
+    if ((m->size > 0 && m->iov == NULL) || msg_iov_bytes(m) != m->size ||
         (!(m->flags & LSHM_MSG_SHM) && m->size > 0 && m->niov != 1))
-        return -EPROTO;
+        return -EBADMSG;
 
     if (s->sink && m->type == MSG_DATA) {
         s->stats.received++;
@@ -146,37 +148,40 @@ static int serve_msg(struct client *c, struct lshm_msg *m)
 static void on_msg(struct lshm_port *port, struct lshm_msg *msg, void *arg)
 {
     struct client *c = arg;
+    /* Our own copy: it may outlive this call in the pending FIFO, and
+     * lshm_msg_done() is only ever given a copy. */
+    struct lshm_msg m = *msg;
     struct pending *p;
     int ret;
 
     (void)port;
     /* A user fd is the receiver's to own; shmping has no use for it. */
-    if (msg->fd >= 0) {
-        close(msg->fd);
-        msg->fd = -1;
+    if (m.fd >= 0) {
+        close(m.fd);
+        m.fd = -1;
     }
     if (c->dead) {
-        lshm_msg_done(msg);
+        lshm_msg_done(&m);
         return;
     }
     if (c->head == NULL) {
-        ret = serve_msg(c, msg);
+        ret = serve_msg(c, &m);
         if (ret == 0)
             return;
         if (ret != -EAGAIN) {
             client_drop(c, ret);
-            lshm_msg_done(msg);
+            lshm_msg_done(&m);
             return;
         }
     }
     /* Behind earlier held echoes, or no room now: keep order, hold it. */
     if (c->npending >= MAX_PENDING || (p = malloc(sizeof(*p))) == NULL) {
         client_drop(c, c->npending >= MAX_PENDING ? -ENOBUFS : -ENOMEM);
-        lshm_msg_done(msg);
+        lshm_msg_done(&m);
         return;
     }
     p->next = NULL;
-    p->msg = *msg;
+    p->msg = m;
     *c->tail = p;
     c->tail = &p->next;
     c->npending++;
@@ -196,12 +201,10 @@ static void on_close(struct lshm_port *port, int error, void *arg)
             err("peer: link closed: %s", why ? why : lshm_why(error));
         return;
     }
-    if (error == -EPIPE) {
-        if (!c->srv->cfg->quiet)
-            client_log(c, stdout, "disconnected", why ? why : "closed");
-    } else {
-        client_log(c, stderr, "dropped", why ? why : lshm_why(error));
-    }
+    /* One line for every end, orderly or not: EOF from a client that died
+     * is an orderly end to the transport (-EPIPE), only the reason differs. */
+    client_log(c, error == -EPIPE ? "disconnected" : "dropped",
+               why ? why : lshm_why(error));
 }
 
 static struct client *client_add(struct server *s, struct lshm_port *port)

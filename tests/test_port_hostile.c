@@ -1,0 +1,759 @@
+/*
+ * Hostile peers.  A raw SOCK_SEQPACKET end (the peer socket of
+ * lshm_socketpair) speaks the protocol by hand: a correct HELLO, then one
+ * bad message.  Each must close only that port, with a reason, -EPROTO from
+ * lshm_recv, no crash, no fd or mapping left behind, while a second,
+ * well-behaved port of the same context (a forked child echoing) keeps
+ * working.  Every case runs with multishot receives and with single-shot
+ * ones (LSHM_CTX_NO_MULTISHOT): the two receive paths differ.
+ */
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "linuxshm.h"
+#include "port.h"
+#include "shm.h"
+#include "wire.h"
+
+#define T_DATA     16
+#define RAW_PORT   77
+
+#define CK(c)                                                                     \
+    do {                                                                          \
+        if (!(c)) {                                                               \
+            fprintf(stderr, "child %d: %s:%d: check failed: %s (%s)\n", getpid(), \
+                    __FILE__, __LINE__, #c, lshm_last_error());                   \
+            return 1;                                                             \
+        }                                                                         \
+    } while (0)
+
+static uint8_t pat(uint32_t seq, size_t off)
+{
+    return (uint8_t)(seq * 131 + off * 7 + (off >> 8));
+}
+
+/* ---- the well-behaved port: a forked child echoing inline ---- */
+
+static int echo(struct lshm_port *port)
+{
+    struct lshm_msg m;
+    int ret;
+
+    for (;;) {
+        uint8_t buf[LSHM_INLINE_MAX];
+        size_t off = 0;
+        unsigned i;
+        struct lshm_out out = { .type = T_DATA, .fd = -1 };
+
+        ret = lshm_recv(port, &m, 30000);
+        if (ret == -EPIPE)
+            return 0;
+        CK(ret == 0);
+        CK(m.size <= sizeof(buf));
+        for (i = 0; i < m.niov; i++) {
+            memcpy(buf + off, m.iov[i].base, m.iov[i].len);
+            off += m.iov[i].len;
+        }
+        out.stream = m.stream;
+        out.data = m.size ? buf : NULL;
+        out.size = m.size;
+        lshm_msg_done(&m);
+        while ((ret = lshm_send(port, &out, 0)) == -EAGAIN)
+            CK(lshm_port_wait(port, LSHM_WAIT_SEND, 10000) > 0);
+        CK(ret == 0);
+    }
+}
+
+struct hostile {
+    struct lshm_ctx  *ctx;
+    struct lshm_port *good;
+    pid_t             child;
+    uint32_t          seq;
+    struct lshm_port *bad;
+    int               raw;
+    int               fds1, maps1;   /* with the good port up, before the bad one */
+};
+
+/* n round trips on the good port, inline and through shared memory. */
+static void good_pingpong(struct hostile *h, unsigned n)
+{
+    unsigned i, j;
+
+    for (i = 0; i < n; i++) {
+        uint32_t seq = h->seq++;
+        size_t size = (i % 3 == 2) ? 10000 + i : 64 + i;
+        struct lshm_out out = { .type = T_DATA, .stream = seq, .fd = -1 };
+        uint8_t buf[256];
+        struct lshm_buf *b = NULL;
+        struct lshm_msg m;
+        int ret;
+
+        if (size <= sizeof(buf)) {
+            for (j = 0; j < size; j++)
+                buf[j] = pat(seq, j);
+            out.data = buf;
+            out.size = size;
+        } else {
+            ret = lshm_buf_alloc(h->good, size, &b);
+            cr_assert_eq(ret, 0, "good port: alloc %d %s", ret, lshm_last_error());
+            for (j = 0; j < size; j++)
+                ((uint8_t *)lshm_buf_data(b))[j] = pat(seq, j);
+            lshm_buf_set_size(b, size);
+            out.bufs = &b;
+            out.nbufs = 1;
+        }
+        ret = lshm_send(h->good, &out, 0);
+        cr_assert_eq(ret, 0, "good port: send %d %s", ret, lshm_last_error());
+        ret = lshm_recv(h->good, &m, 10000);
+        cr_assert_eq(ret, 0, "good port stopped working: %d %s", ret, lshm_last_error());
+        cr_assert_eq(m.stream, seq);
+        cr_assert_eq(m.size, size);
+        for (j = 0; j < size; j++)
+            cr_assert_eq(((uint8_t *)m.iov[0].base)[j], pat(seq, j));
+        lshm_msg_done(&m);
+    }
+}
+
+static void raw_sendv(int fd, const void *buf, size_t len, const int *fds, unsigned nfds)
+{
+    union {
+        struct cmsghdr align;
+        char           buf[CMSG_SPACE(sizeof(int) * 32)];
+    } cm;
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+
+    if (nfds > 0) {
+        struct cmsghdr *c;
+
+        cr_assert_leq(nfds, 32);
+        memset(&cm, 0, sizeof(cm));
+        mh.msg_control = cm.buf;
+        mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
+        c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+    }
+    cr_assert_eq(sendmsg(fd, &mh, MSG_NOSIGNAL), (ssize_t)len, "sendmsg: %m");
+}
+
+static size_t put_hdr(uint8_t *p, uint32_t stream, pid_t pid, uint8_t type, uint8_t flags,
+                      uint32_t size)
+{
+    struct lshm_wire_msg h = { .stream = stream, .pid = pid, .port_id = RAW_PORT,
+                               .type = type, .flags = flags, .size = size };
+
+    memcpy(p, &h, sizeof(h));
+    return sizeof(h);
+}
+
+static void raw_hello(int fd, pid_t pid)
+{
+    uint8_t buf[64];
+    struct lshm_wire_hello b = { .magic = LSHM_MAGIC, .version = 1, .port_id = RAW_PORT,
+                                 .header_size = 4096, .chunk_size = 16384,
+                                 .chunk_count = 640, .max_segments = 32 };
+    size_t off = put_hdr(buf, 0, pid, LSHM_WIRE_HELLO, 0, sizeof(b));
+
+    memcpy(buf + off, &b, sizeof(b));
+    raw_sendv(fd, buf, off + sizeof(b), NULL, 0);
+}
+
+/* A control or user message with no body beyond what is given. */
+static void raw_msg(struct hostile *h, uint32_t stream, pid_t pid, uint8_t type, uint8_t flags,
+                    uint32_t size, const void *body, size_t blen, const int *fds, unsigned nfds)
+{
+    uint8_t buf[LSHM_WIRE_MAX + 200];
+    size_t off = put_hdr(buf, stream, pid, type, flags, size);
+
+    cr_assert_leq(off + blen, sizeof(buf));
+    if (blen)
+        memcpy(buf + off, body, blen);
+    raw_sendv(h->raw, buf, off + blen, fds, nfds);
+}
+
+static void raw_mmap(struct hostile *h, uint32_t id, int fd)
+{
+    raw_msg(h, 0, getpid(), LSHM_WIRE_MMAP_MSG, 0, 4, &id, 4, &fd, 1);
+}
+
+/* One user message pointing into shared memory. */
+static void raw_desc(struct hostile *h, uint32_t size, const struct lshm_wire_desc *d,
+                     unsigned n)
+{
+    raw_msg(h, 1, getpid(), T_DATA, LSHM_WIRE_MMAP, size, d, n * sizeof(*d), NULL, 0);
+}
+
+/* A segment as the protocol lays it out, from us to us (the raw peer is
+ * this process); sealed or not. */
+static int make_segment(uint32_t id, bool seal, struct lshm_segment_header **map)
+{
+    int fd = memfd_create("lshm-hostile", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    struct lshm_segment_header *hdr;
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(ftruncate(fd, LSHM_SEGMENT_SIZE), 0);
+    hdr = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert_neq(hdr, MAP_FAILED);
+    hdr->magic = LSHM_MAGIC;
+    hdr->version = LSHM_PROTOCOL_VERSION;
+    hdr->sent_over = RAW_PORT;
+    hdr->id = id;
+    hdr->src_pid = getpid();
+    hdr->dst_pid = getpid();
+    memset(hdr->free_map, 0xff, sizeof(hdr->free_map));
+    memset(hdr->free_tracking_map, 0xff, sizeof(hdr->free_tracking_map));
+    if (seal)
+        cr_assert_eq(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL), 0);
+    if (map != NULL)
+        *map = hdr;
+    else
+        munmap(hdr, LSHM_SEGMENT_SIZE);
+    return fd;
+}
+
+static void hostile_setup(struct hostile *h, unsigned flags, bool hello)
+{
+    struct lshm_ctx_params prm = { .flags = flags };
+    int peer, one = 1, ret;
+
+    memset(h, 0, sizeof(*h));
+    ret = lshm_ctx_new(&h->ctx, &prm);
+    cr_assert_eq(ret, 0, "%s", lshm_last_error());
+    cr_assert_eq(lshm_socketpair(h->ctx, &h->good, &peer), 0);
+    h->child = fork();
+    cr_assert_geq(h->child, 0);
+    if (h->child == 0) {
+        struct lshm_ctx *c;
+        struct lshm_port *p;
+        int rc;
+
+        lshm_ctx_free(h->ctx);
+        if (lshm_ctx_new(&c, &prm) < 0 || lshm_port_adopt(c, peer, &p) < 0)
+            _exit(90);
+        rc = echo(p);
+        lshm_port_close(p);
+        lshm_ctx_free(c);
+        _exit(rc);
+    }
+    close(peer);
+    cr_assert_gt(lshm_port_wait(h->good, LSHM_WAIT_READY, 10000), 0);
+    good_pingpong(h, 6);   /* segments both ways exist from here on */
+    h->fds1 = count_fds();
+    h->maps1 = count_maps("memfd:");
+
+    cr_assert_eq(lshm_socketpair(h->ctx, &h->bad, &h->raw), 0);
+    cr_assert_eq(setsockopt(h->raw, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
+    if (hello) {
+        raw_hello(h->raw, getpid());
+        ret = lshm_port_wait(h->bad, LSHM_WAIT_READY, 5000);
+        cr_assert_gt(ret, 0, "raw HELLO refused: %d %s", ret, lshm_last_error());
+    }
+}
+
+/* The bad port closed with -EPROTO and a reason containing why. */
+static void hostile_closed(struct hostile *h, const char *why)
+{
+    struct lshm_msg m;
+    const char *reason;
+    int ret;
+
+    ret = lshm_recv(h->bad, &m, 5000);
+    if (ret == 0)
+        lshm_msg_done(&m);
+    cr_assert_eq(ret, -EPROTO, "lshm_recv on the hostile port: %d (%s)", ret,
+                 lshm_last_error());
+    reason = lshm_port_error(h->bad);
+    cr_assert_not_null(reason);
+    cr_assert(strstr(reason, why) != NULL, "reason \"%s\" does not say \"%s\"", reason, why);
+    cr_log_info("hostile: %s", reason);
+    cr_assert_eq(lshm_send(h->bad, &(struct lshm_out){ .type = T_DATA, .fd = -1 }, 0), -EPROTO);
+}
+
+/* The good port still works; nothing the bad one had is left. */
+static void hostile_finish(struct hostile *h)
+{
+    int i;
+
+    good_pingpong(h, 6);
+    lshm_port_close(h->bad);
+    h->bad = NULL;
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(h->ctx, 5);
+    close(h->raw);
+    h->raw = -1;
+    cr_assert_eq(count_fds(), h->fds1, "fds: %d, %d before the hostile port", count_fds(),
+                 h->fds1);
+    cr_assert_eq(count_maps("memfd:"), h->maps1, "memfd mappings: %d, %d before",
+                 count_maps("memfd:"), h->maps1);
+    good_pingpong(h, 3);
+}
+
+static void hostile_check(struct hostile *h, const char *why)
+{
+    hostile_closed(h, why);
+    hostile_finish(h);
+}
+
+static void hostile_teardown(struct hostile *h)
+{
+    int st;
+
+    lshm_port_close(h->good);
+    lshm_ctx_free(h->ctx);
+    st = wait_child(h->child, 10000);
+    cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "echo child: %#x", st);
+}
+
+/* Read end of a pipe whose write end was sent: EOF once every copy closed. */
+static void expect_eof(int rd)
+{
+    char c;
+
+    cr_assert_eq(read(rd, &c, 1), 0, "a write end we sent is still open");
+    close(rd);
+}
+
+typedef void (*hostile_case)(struct hostile *h);
+
+static void both_modes(hostile_case fn, bool hello)
+{
+    static const unsigned modes[] = { 0, LSHM_CTX_NO_MULTISHOT };
+    unsigned i;
+
+    for (i = 0; i < 2; i++) {
+        struct hostile h;
+
+        hostile_setup(&h, modes[i], hello);
+        fn(&h);
+        hostile_teardown(&h);
+    }
+}
+
+/* ---- the cases ---- */
+
+static void first_not_hello(struct hostile *h)
+{
+    uint8_t body[4] = { 1, 2, 3, 4 };
+
+    raw_msg(h, 1, getpid(), T_DATA, 0, 4, body, 4, NULL, 0);
+    cr_assert_eq(lshm_port_wait(h->bad, LSHM_WAIT_READY, 5000), -EPROTO);
+    hostile_check(h, "not HELLO");
+}
+
+LTEST(hostile, first_message_not_hello)
+{
+    both_modes(first_not_hello, false);
+}
+
+static void hello_pid_not_credentials(struct hostile *h)
+{
+    raw_hello(h->raw, getpid() + 1);
+    cr_assert_eq(lshm_port_wait(h->bad, LSHM_WAIT_READY, 5000), -EPROTO);
+    hostile_check(h, "PID namespace");
+}
+
+LTEST(hostile, hello_pid_differs_from_credentials)
+{
+    both_modes(hello_pid_not_credentials, false);
+}
+
+static void header_pid_not_credentials(struct hostile *h)
+{
+    uint8_t body[4] = { 0 };
+
+    raw_msg(h, 1, getpid() + 1, T_DATA, 0, 4, body, 4, NULL, 0);
+    hostile_check(h, "pid");
+}
+
+LTEST(hostile, header_pid_differs_from_credentials)
+{
+    both_modes(header_pid_not_credentials, true);
+}
+
+static void unknown_flag(struct hostile *h)
+{
+    uint8_t body[4] = { 0 };
+
+    raw_msg(h, 1, getpid(), T_DATA, 0x08, 4, body, 4, NULL, 0);
+    hostile_check(h, "unknown flag");
+}
+
+LTEST(hostile, unknown_flag_bit)
+{
+    both_modes(unknown_flag, true);
+}
+
+static void desc_unknown_segment(struct hostile *h)
+{
+    struct lshm_wire_desc d = { .mmap_id = 3, .chunk_id = 0, .size = 100 };
+
+    raw_desc(h, 100, &d, 1);
+    hostile_check(h, "never sent");
+}
+
+LTEST(hostile, descriptor_for_unknown_mmap_id)
+{
+    both_modes(desc_unknown_segment, true);
+}
+
+/* A valid segment and a valid descriptor first, then one past the end. */
+static void desc_out_of_data_area(struct hostile *h)
+{
+    struct lshm_segment_header *hdr;
+    struct lshm_wire_desc d = { .mmap_id = 0, .chunk_id = 0, .size = 100 };
+    int fd = make_segment(0, true, &hdr);
+    uint8_t *data = (uint8_t *)hdr + LSHM_HEADER_SIZE;
+    struct lshm_msg m;
+    unsigned i;
+
+    raw_mmap(h, 0, fd);
+    close(fd);
+    lshm_chunk_set_busy(hdr->free_map, 0);
+    for (i = 0; i < 100; i++)
+        data[i] = pat(1, i);
+    raw_desc(h, 100, &d, 1);
+    cr_assert_eq(lshm_recv(h->bad, &m, 5000), 0, "valid descriptor refused: %s",
+                 lshm_port_error(h->bad));
+    cr_assert_eq(m.size, 100);
+    cr_assert(m.flags & LSHM_MSG_SHM);
+    cr_assert_eq(m.niov, 1);
+    for (i = 0; i < 100; i++)
+        cr_assert_eq(((uint8_t *)m.iov[0].base)[i], pat(1, i));
+    cr_assert_eq(hdr->sent_over, LSHM_SENT_OVER_ANY, "receiver did not claim the segment");
+    lshm_msg_done(&m);
+    cr_assert(lshm_chunk_is_free(hdr->free_map, 0), "chunk 0 not given back");
+
+    d.chunk_id = 639;
+    d.size = 32768;
+    raw_desc(h, 32768, &d, 1);
+    hostile_closed(h, "past the data area");
+    munmap(hdr, LSHM_SEGMENT_SIZE);
+    hostile_finish(h);
+}
+
+LTEST(hostile, descriptor_past_the_data_area)
+{
+    both_modes(desc_out_of_data_area, true);
+}
+
+static void mmap_pipe(struct hostile *h)
+{
+    int p[2];
+
+    cr_assert_eq(pipe(p), 0);
+    raw_mmap(h, 0, p[1]);
+    close(p[1]);
+    hostile_closed(h, "not a regular file");
+    expect_eof(p[0]);
+    hostile_finish(h);
+}
+
+LTEST(hostile, mmap_with_a_pipe_fd)
+{
+    both_modes(mmap_pipe, true);
+}
+
+static void mmap_unsealed(struct hostile *h)
+{
+    int fd = make_segment(0, false, NULL);
+
+    raw_mmap(h, 0, fd);
+    close(fd);
+    hostile_check(h, "not sealed");
+}
+
+LTEST(hostile, mmap_with_an_unsealed_memfd)
+{
+    both_modes(mmap_unsealed, true);
+}
+
+static void mmap_skips_id(struct hostile *h)
+{
+    int fd = make_segment(1, true, NULL);
+
+    raw_mmap(h, 1, fd);
+    close(fd);
+    hostile_check(h, "expected 0");
+}
+
+LTEST(hostile, mmap_id_skipping_0)
+{
+    both_modes(mmap_skips_id, true);
+}
+
+static void three_fds(struct hostile *h)
+{
+    uint8_t body[4] = { 0 };
+    int p[2], fds[3], before;
+
+    cr_assert_eq(pipe(p), 0);
+    fds[0] = p[1];
+    fds[1] = dup(p[1]);
+    fds[2] = dup(p[1]);
+    raw_msg(h, 1, getpid(), T_DATA, 0, 4, body, 4, fds, 3);
+    close(fds[0]);
+    close(fds[1]);
+    close(fds[2]);
+    before = count_fds();
+    cr_assert_eq(lshm_recv(h->bad, &(struct lshm_msg){ 0 }, 5000), -EPROTO);
+    /* The three received copies are closed at once, not at port close. */
+    cr_assert_leq(count_fds(), before, "received fds kept open");
+    hostile_closed(h, "more than one fd");
+    expect_eof(p[0]);
+    hostile_finish(h);
+}
+
+LTEST(hostile, user_message_with_3_fds)
+{
+    both_modes(three_fds, true);
+}
+
+static void ctrl_with_fd(struct hostile *h)
+{
+    int p[2];
+
+    cr_assert_eq(pipe(p), 0);
+    raw_msg(h, 0, getpid(), LSHM_WIRE_SHM_ACK, 0, 0, NULL, 0, &p[1], 1);
+    close(p[1]);
+    hostile_closed(h, "fd on a message type");
+    expect_eof(p[0]);
+    hostile_finish(h);
+}
+
+LTEST(hostile, control_message_with_an_fd)
+{
+    both_modes(ctrl_with_fd, true);
+}
+
+static void oversized(struct hostile *h)
+{
+    static uint8_t body[LSHM_WIRE_MAX + 100];
+
+    raw_msg(h, 1, getpid(), T_DATA, 0, LSHM_WIRE_MAX + 100 - 16, body,
+            LSHM_WIRE_MAX + 100 - 16, NULL, 0);
+    hostile_check(h, "longer than");
+}
+
+LTEST(hostile, datagram_longer_than_wire_max_truncated)
+{
+    both_modes(oversized, true);
+}
+
+static void one_byte_over(struct hostile *h)
+{
+    static uint8_t body[LSHM_WIRE_MAX];
+
+    raw_msg(h, 1, getpid(), T_DATA, 0, LSHM_WIRE_MAX + 1 - 16, body, LSHM_WIRE_MAX + 1 - 16,
+            NULL, 0);
+    hostile_check(h, "longer than");
+}
+
+LTEST(hostile, datagram_one_byte_over_wire_max)
+{
+    both_modes(one_byte_over, true);
+}
+
+static void sum_mismatch(struct hostile *h)
+{
+    struct lshm_segment_header *hdr;
+    struct lshm_wire_desc d[2] = { { 0, 0, 100 }, { 0, 1, 200 } };
+    int fd = make_segment(0, true, &hdr);
+
+    raw_mmap(h, 0, fd);
+    close(fd);
+    raw_desc(h, 301, d, 2);
+    hostile_closed(h, "do not sum");
+    munmap(hdr, LSHM_SEGMENT_SIZE);
+    hostile_finish(h);
+}
+
+LTEST(hostile, descriptor_sizes_do_not_sum_to_size)
+{
+    both_modes(sum_mismatch, true);
+}
+
+/* An empty datagram is not EOF: it is a violation, the port keeps no fd. */
+static void empty_datagram(struct hostile *h)
+{
+    raw_sendv(h->raw, "", 0, NULL, 0);
+    hostile_check(h, "shorter than header");
+}
+
+LTEST(hostile, empty_datagram)
+{
+    both_modes(empty_datagram, true);
+}
+
+/* More fds than the receive's control buffer holds: MSG_CTRUNC; every
+ * fd that did arrive is closed (the kernel drops the rest). */
+static void too_many_fds(struct hostile *h)
+{
+    uint8_t body[4] = { 0 };
+    int p[2], fds[30], i;
+
+    cr_assert_eq(pipe(p), 0);
+    fds[0] = p[1];
+    for (i = 1; i < 30; i++)
+        fds[i] = dup(p[1]);
+    raw_msg(h, 1, getpid(), T_DATA, 0, 4, body, 4, fds, 30);
+    for (i = 0; i < 30; i++)
+        close(fds[i]);
+    hostile_closed(h, "truncated");
+    expect_eof(p[0]);
+    hostile_finish(h);
+}
+
+LTEST(hostile, too_many_fds_control_truncated)
+{
+    both_modes(too_many_fds, true);
+}
+
+static void second_hello(struct hostile *h)
+{
+    raw_hello(h->raw, getpid());
+    hostile_check(h, "second HELLO");
+}
+
+LTEST(hostile, second_hello)
+{
+    both_modes(second_hello, true);
+}
+
+static void tracking_unknown(struct hostile *h)
+{
+    uint8_t body[8 + 4] = { 0 };
+    struct lshm_wire_tracking t = { .mmap_id = 0, .tracking_id = 5 };
+
+    memcpy(body, &t, sizeof(t));
+    raw_msg(h, 9, getpid(), T_DATA, LSHM_WIRE_TRACKING, 4, body, sizeof(body), NULL, 0);
+    hostile_check(h, "does not exist");
+}
+
+LTEST(hostile, tracking_in_a_segment_never_sent)
+{
+    both_modes(tracking_unknown, true);
+}
+
+/* What the library sends the raw end: one datagram, and its fd if any. */
+static ssize_t raw_recv(int fd, struct lshm_wire_msg *hdr, void *body, size_t blen, int *rfd)
+{
+    uint8_t buf[LSHM_WIRE_MAX + 64];
+    union {
+        struct cmsghdr align;
+        char           buf[256];
+    } cm;
+    struct iovec iov = { .iov_base = buf, .iov_len = sizeof(buf) };
+    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                         .msg_controllen = sizeof(cm.buf) };
+    struct cmsghdr *c;
+    struct pollfd pfd = { .fd = fd, .events = POLLIN };
+    ssize_t n;
+
+    *rfd = -1;
+    cr_assert_eq(poll(&pfd, 1, 5000), 1, "the library sent nothing");
+    n = recvmsg(fd, &mh, MSG_CMSG_CLOEXEC);
+    cr_assert_geq(n, (ssize_t)sizeof(*hdr));
+    for (c = CMSG_FIRSTHDR(&mh); c != NULL; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            memcpy(rfd, CMSG_DATA(c), sizeof(int));
+    memcpy(hdr, buf, sizeof(*hdr));
+    if (body != NULL)
+        memcpy(body, buf + sizeof(*hdr), (size_t)n - sizeof(*hdr) < blen ?
+                                         (size_t)n - sizeof(*hdr) : blen);
+    return n;
+}
+
+/*
+ * The peer owns our segment's header as much as we do: with every free
+ * bit and both paddings set and oosm garbage, allocation, growth and
+ * tracking stay inside the segment.
+ */
+static void corrupt_header(struct hostile *h)
+{
+    struct lshm_wire_msg hdr;
+    struct lshm_segment_header *sh;
+    struct lshm_buf *b;
+    uint32_t mmap_id;
+    int fd, i, ret;
+    uint8_t *base;
+
+    ret = lshm_buf_alloc(h->bad, 100, &b);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    memset(lshm_buf_data(b), 0x5a, 100);
+    cr_assert_eq(lshm_buf_set_size(b, 100), 0);
+    cr_assert_eq(lshm_send(h->bad, &(struct lshm_out){ .type = T_DATA, .bufs = &b, .nbufs = 1,
+                                                       .fd = -1 }, 0), 0);
+    raw_recv(h->raw, &hdr, NULL, 0, &fd);          /* HELLO */
+    cr_assert_eq(hdr.type, LSHM_WIRE_HELLO);
+    cr_assert_eq(fd, -1);
+    raw_recv(h->raw, &hdr, &mmap_id, sizeof(mmap_id), &fd);
+    cr_assert_eq(hdr.type, LSHM_WIRE_MMAP_MSG);
+    cr_assert_eq(mmap_id, 0);
+    cr_assert_geq(fd, 0);
+    sh = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert_neq(sh, MAP_FAILED);
+    close(fd);
+    /* Everything free, sentinels gone, oosm garbage, tracking garbage. */
+    memset(sh->free_map, 0xff, sizeof(sh->free_map) + sizeof(sh->free_map_padding));
+    memset(sh->free_tracking_map, 0xff,
+           sizeof(sh->free_tracking_map) + sizeof(sh->free_tracking_map_padding));
+    sh->oosm = 0xdeadbeef;
+    memset(sh->tracking, 0xee, sizeof(sh->tracking));
+
+    for (i = 0; i < 3; i++) {
+        /* The free run starts at chunk 0, 630, 639 and "goes on" into the
+         * padding. */
+        uint32_t first = i == 0 ? 0 : i == 1 ? 630 : 639, c;
+
+        for (c = 0; c < first; c++)
+            lshm_chunk_set_busy(sh->free_map, c);
+        ret = lshm_buf_alloc(h->bad, LSHM_DATA_SIZE, &b);
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        base = (uint8_t *)b->seg->hdr;   /* the library's own mapping */
+        cr_assert_eq(lshm_buf_capacity(b), (size_t)(640 - first) * LSHM_CHUNK_SIZE,
+                     "capacity %zu from chunk %u", lshm_buf_capacity(b), first);
+        cr_assert_geq((uint8_t *)lshm_buf_data(b), base + LSHM_HEADER_SIZE);
+        cr_assert_leq((uint8_t *)lshm_buf_data(b) + lshm_buf_capacity(b),
+                      base + LSHM_SEGMENT_SIZE, "buffer runs past the segment");
+        /* Growth past the last chunk finds the padding set: refused anyway. */
+        lshm_buf_grow(b, LSHM_DATA_SIZE, 0);
+        cr_assert_leq((uint8_t *)lshm_buf_data(b) + lshm_buf_capacity(b),
+                      base + LSHM_SEGMENT_SIZE, "growth ran past the segment");
+        memset(lshm_buf_data(b), 0x77, lshm_buf_capacity(b));
+        lshm_buf_free(b);
+        memset(sh->free_map, 0xff, sizeof(sh->free_map) + sizeof(sh->free_map_padding));
+    }
+    for (i = 0; i < 700; i++) {
+        struct lshm_tracking *t;
+
+        ret = lshm_tracking_new(h->bad, 1 + i, &t);
+        if (ret == -EAGAIN)
+            break;
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        cr_assert_lt(t->slot, LSHM_CHUNK_COUNT, "tracking slot %u", t->slot);
+        lshm_tracking_cancel(t);
+        memset(sh->free_tracking_map, 0xff,
+               sizeof(sh->free_tracking_map) + sizeof(sh->free_tracking_map_padding));
+    }
+    munmap(sh, LSHM_SEGMENT_SIZE);
+    /* Not a violation by itself: close from our side. */
+    shutdown(h->raw, SHUT_RDWR);
+    cr_assert_eq(lshm_recv(h->bad, &(struct lshm_msg){ 0 }, 5000), -EPIPE);
+    hostile_finish(h);
+}
+
+LTEST(hostile, peer_corrupting_our_segment_header_stays_in_bounds)
+{
+    both_modes(corrupt_header, true);
+}

@@ -1,0 +1,733 @@
+/*
+ * shmping, run as users run it: the binary named by LSHM_SHMPING, its
+ * output, its exit status, its server.  Each run is bounded; a run that
+ * overstays is killed and fails the test.
+ */
+#include "common.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "linuxshm.h"
+
+#define RUN_MS      60000
+#define MAX_ARGS    32
+
+struct run {
+    int   status;   /* exit status; -1 killed (timeout) or died of a signal */
+    char *out;
+    char *err;
+};
+
+static const char *shmping_path(void)
+{
+    static char buf[4096];
+    const char *p = getenv("LSHM_SHMPING"), *top = getenv("LSHM_TOP");
+
+    if (p != NULL && p[0] != '\0')
+        return p;
+    snprintf(buf, sizeof(buf), "%s/build/default/tools/shmping", top ? top : ".");
+    return buf;
+}
+
+/* "a b c" -> argv for shmping (arguments never hold spaces here). */
+static void split_args(const char *args, char *buf, size_t len, char **argv)
+{
+    int n = 0;
+
+    snprintf(buf, len, "%s", args);
+    argv[n++] = (char *)shmping_path();
+    for (char *tok = strtok(buf, " "); tok != NULL && n < MAX_ARGS - 1; tok = strtok(NULL, " "))
+        argv[n++] = tok;
+    argv[n] = NULL;
+}
+
+static void append(char **s, size_t *len, const char *data, size_t n)
+{
+    char *p = realloc(*s, *len + n + 1);
+
+    cr_assert_not_null(p);
+    memcpy(p + *len, data, n);
+    *len += n;
+    p[*len] = '\0';
+    *s = p;
+}
+
+static pid_t spawn(const char *args, int *out_fd, int *err_fd)
+{
+    char buf[1024], *argv[MAX_ARGS];
+    int out[2], errp[2];
+    pid_t pid;
+
+    split_args(args, buf, sizeof(buf), argv);
+    cr_assert_eq(pipe2(out, O_CLOEXEC), 0);
+    cr_assert_eq(pipe2(errp, O_CLOEXEC), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        dup2(out[1], 1);
+        dup2(errp[1], 2);
+        execv(argv[0], argv);
+        fprintf(stderr, "exec %s: %s\n", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(out[1]);
+    close(errp[1]);
+    *out_fd = out[0];
+    *err_fd = errp[0];
+    return pid;
+}
+
+/* Collect a spawned run's output until it exits (or kill it at the bound). */
+static void finish(pid_t pid, int out_fd, int err_fd, int timeout_ms, struct run *r)
+{
+    long long end = now_ms() + timeout_ms;
+    struct pollfd p[2] = { { .fd = out_fd, .events = POLLIN }, { .fd = err_fd, .events = POLLIN } };
+    size_t olen = 0, elen = 0;
+    int open_fds = 2, status;
+    bool killed = false;
+
+    r->out = calloc(1, 1);
+    r->err = calloc(1, 1);
+    while (open_fds > 0) {
+        long long left = end - now_ms();
+        char chunk[4096];
+
+        if (left <= 0 && !killed) {
+            kill(pid, SIGKILL);
+            killed = true;
+        }
+        if (poll(p, 2, left > 0 ? (int)left : 100) < 0 && errno != EINTR)
+            break;
+        for (int i = 0; i < 2; i++) {
+            if (p[i].fd < 0 || !(p[i].revents & (POLLIN | POLLHUP | POLLERR)))
+                continue;
+            ssize_t n = read(p[i].fd, chunk, sizeof(chunk));
+            if (n > 0) {
+                append(i == 0 ? &r->out : &r->err, i == 0 ? &olen : &elen, chunk, (size_t)n);
+            } else {
+                close(p[i].fd);
+                p[i].fd = -1;
+                open_fds--;
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        if (p[i].fd >= 0)
+            close(p[i].fd);
+    status = wait_child(pid, killed ? 1000 : 10000);
+    r->status = status >= 0 && WIFEXITED(status) && !killed ? WEXITSTATUS(status) : -1;
+}
+
+static void run(struct run *r, const char *args)
+{
+    int out, err;
+    pid_t pid = spawn(args, &out, &err);
+
+    finish(pid, out, err, RUN_MS, r);
+}
+
+static void run_free(struct run *r)
+{
+    free(r->out);
+    free(r->err);
+}
+
+static void expect_ok(struct run *r, const char *args)
+{
+    run(r, args);
+    cr_expect_eq(r->status, 0, "shmping %s: exit %d\nstdout:\n%s\nstderr:\n%s", args,
+                 r->status, r->out, r->err);
+}
+
+static int count_lines(const char *s, const char *what)
+{
+    int n = 0;
+
+    for (const char *p = s; (p = strstr(p, what)) != NULL; p += strlen(what))
+        n++;
+    return n;
+}
+
+/* ---- output ---- */
+
+Test(shmping, summary_matches_count, .timeout = 120)
+{
+    struct run r;
+    double min, avg, max, mdev, p50, p90, p99, p999;
+    const char *l;
+
+    expect_ok(&r, "-c 5 -i 0.01");
+    cr_expect(strstr(r.out, "SHMPING peer") != NULL, "no header:\n%s", r.out);
+    cr_expect(strstr(r.out, "5 sent, 5 received, 0% lost, time ") != NULL,
+              "summary:\n%s", r.out);
+    cr_expect_eq(count_lines(r.out, " bytes from peer: seq="), 5, "reply lines:\n%s", r.out);
+    for (int seq = 1; seq <= 5; seq++) {
+        char want[64];
+        snprintf(want, sizeof(want), "64 bytes from peer: seq=%d time=", seq);
+        cr_expect(strstr(r.out, want) != NULL, "no line for seq=%d:\n%s", seq, r.out);
+    }
+    l = strstr(r.out, "rtt min/avg/max/mdev = ");
+    cr_assert_not_null(l, "no rtt line:\n%s", r.out);
+    cr_assert_eq(sscanf(l, "rtt min/avg/max/mdev = %lf/%lf/%lf/%lf us", &min, &avg, &max,
+                        &mdev), 4, "%s", l);
+    l = strstr(r.out, "rtt p50/p90/p99/p99.9 = ");
+    cr_assert_not_null(l, "no percentile line:\n%s", r.out);
+    cr_assert_eq(sscanf(l, "rtt p50/p90/p99/p99.9 = %lf/%lf/%lf/%lf us", &p50, &p90, &p99,
+                        &p999), 4, "%s", l);
+    cr_expect(min > 0 && min <= avg && avg <= max && mdev >= 0, "%s", r.out);
+    cr_expect(min <= p50 && p50 <= p90 && p90 <= p99 && p99 <= p999 && p999 <= max,
+              "%s", r.out);
+    run_free(&r);
+}
+
+Test(shmping, quiet_prints_header_and_summary, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "-q -c 3 -i 0.001 -s 100K");
+    cr_expect(strstr(r.out, "SHMPING peer: 102400 bytes, mode shm") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "bytes from") == NULL, "-q printed replies:\n%s", r.out);
+    cr_expect(strstr(r.out, "3 sent, 3 received, 0% lost") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
+Test(shmping, copy_mode_summary, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--mode copy -c 4 -i 0.001");
+    cr_expect(strstr(r.out, "mode copy") != NULL, "%s", r.out);
+    cr_expect_eq(count_lines(r.out, "64 bytes from peer: seq="), 4, "%s", r.out);
+    cr_expect(strstr(r.out, "4 sent, 4 received, 0% lost") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
+Test(shmping, deadline_stops_the_run, .timeout = 120)
+{
+    struct run r;
+    long long t0 = now_ms();
+
+    expect_ok(&r, "-w 0.5 -i 0.05 -q");
+    cr_expect_lt(now_ms() - t0, 5000);
+    cr_expect(strstr(r.out, " sent, ") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
+/* ---- --json ---- */
+
+/* The JSON object has the fields, and they agree with what was asked. */
+static void check_json(const char *json, const char *fields, const char *cond)
+{
+    static const char *script =
+        "import json, sys\n"
+        "d = json.loads(sys.argv[1])\n"
+        "missing = [f for f in sys.argv[2].split() if f not in d]\n"
+        "if missing: sys.exit('missing fields: %s' % missing)\n"
+        "if not eval(sys.argv[3]): sys.exit('condition failed: %s in %s' % (sys.argv[3], d))\n";
+    char *argv[] = { "python3", "-c", (char *)script, (char *)json, (char *)fields,
+                     (char *)cond, NULL };
+    int status;
+    pid_t pid = fork();
+
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    status = wait_child(pid, 30000);
+    if (status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 127)
+        cr_skip_test("python3 is not available");
+    cr_expect(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "JSON check failed for:\n%s", json);
+}
+
+#define PING_FIELDS "mode size sent received lost_pct time_ms rtt_min_us rtt_avg_us " \
+                    "rtt_max_us rtt_mdev_us rtt_p50_us rtt_p90_us rtt_p99_us rtt_p999_us"
+
+Test(shmping, json_has_every_field, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--json -c 3 -i 0.001");
+    check_json(r.out, PING_FIELDS,
+               "d['sent'] == 3 and d['received'] == 3 and d['lost_pct'] == 0 "
+               "and d['size'] == 64 and d['mode'] == 'inline' "
+               "and 0 < d['rtt_min_us'] <= d['rtt_p50_us'] <= d['rtt_max_us']");
+    run_free(&r);
+}
+
+Test(shmping, json_throughput_and_copy, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--json --throughput -c 2000 --batch 16 -s 4K");
+    check_json(r.out, PING_FIELDS " msgs_per_s gb_per_s",
+               "d['sent'] == 2000 and d['received'] == 2000 and d['msgs_per_s'] > 0 "
+               "and d['gb_per_s'] > 0");
+    run_free(&r);
+
+    expect_ok(&r, "--json --mode copy -c 3 -i 0.001 -s 1K");
+    check_json(r.out, PING_FIELDS,
+               "d['mode'] == 'copy' and d['size'] == 1024 and d['received'] == 3");
+    run_free(&r);
+}
+
+/* ---- options and exit statuses ---- */
+
+Test(shmping, bad_options_exit_64, .timeout = 120)
+{
+    static const struct { const char *args, *names; } bad[] = {
+        { "--bogus", "--bogus" },
+        { "-x", "-x" },
+        { "-c abc", "-c" },
+        { "-c 0", "-c" },
+        { "-s 65M", "-s" },
+        { "-s 1X", "-s" },
+        { "-s -1", "-s" },
+        { "-i -1", "-i" },
+        { "-i abc", "-i" },
+        { "-w 0", "-w" },
+        { "--mode bogus", "--mode" },
+        { "--mode copy /tmp/shmping-test-none.sock", "--mode copy" },
+        { "--batch 0", "--batch" },
+        { "--batch 1025", "--batch" },
+        { "--mode inline -s 20K", "inline" },
+        { "-c", "-c" },
+        { "one two", "two" },
+    };
+
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        struct run r;
+
+        run(&r, bad[i].args);
+        cr_expect_eq(r.status, 64, "shmping %s: exit %d, not 64", bad[i].args, r.status);
+        cr_expect(strstr(r.err, bad[i].names) != NULL,
+                  "shmping %s: the message does not name '%s': %s", bad[i].args,
+                  bad[i].names, r.err);
+        cr_expect_eq(r.out[0], '\0', "shmping %s printed on stdout: %s", bad[i].args, r.out);
+        run_free(&r);
+    }
+}
+
+Test(shmping, no_server_exits_2, .timeout = 120)
+{
+    struct run r;
+    char args[128];
+
+    snprintf(args, sizeof(args), "/tmp/shmping-test-%d-none.sock -c 1", (int)getpid());
+    run(&r, args);
+    cr_expect_eq(r.status, 2, "exit %d\n%s", r.status, r.err);
+    cr_expect(strstr(r.err, "no server at /tmp/shmping-test-") != NULL, "%s", r.err);
+    cr_expect_eq(count_lines(r.err, "\n"), 1, "not one line: %s", r.err);
+    run_free(&r);
+}
+
+Test(shmping, version_and_help, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--version");
+    cr_expect(strstr(r.out, "shmping ") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, lshm_version()) != NULL, "%s", r.out);
+    run_free(&r);
+    expect_ok(&r, "--help");
+    cr_expect(strstr(r.out, "usage: shmping") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
+Test(shmping, probe_prints_kernel_release, .timeout = 120)
+{
+    struct utsname u;
+    struct run r;
+
+    cr_assert_eq(uname(&u), 0);
+    expect_ok(&r, "--probe");
+    cr_expect(strstr(r.out, u.release) != NULL, "no '%s' in:\n%s", u.release, r.out);
+    cr_expect(strstr(r.out, "io_uring:") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "RLIMIT_MEMLOCK:") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "capabilities:") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
+Test(shmping, sigint_prints_summary_so_far, .timeout = 120)
+{
+    struct run r;
+    int out, err;
+    pid_t pid = spawn("-c 10000 -i 0.01", &out, &err);
+
+    usleep(500 * 1000);
+    kill(pid, SIGINT);
+    finish(pid, out, err, 10000, &r);
+    cr_expect(r.status == 0 || r.status == 1, "exit %d\n%s", r.status, r.err);
+    cr_expect(strstr(r.out, "--- peer shmping statistics ---") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, " sent, ") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "10000 sent") == NULL, "ran to the end:\n%s", r.out);
+    run_free(&r);
+}
+
+/* ---- --verify in every mode and size class ---- */
+
+static void verify_sizes(const char *mode, const char *const *sizes, size_t n,
+                         const char *extra)
+{
+    for (size_t i = 0; i < n; i++) {
+        char args[256];
+        struct run r;
+        bool huge = strcmp(sizes[i], "64M") == 0;
+
+        snprintf(args, sizeof(args), "--verify -q -i 0.001 -c %d --mode %s -s %s %s",
+                 huge ? 2 : 3, mode, sizes[i], extra);
+        expect_ok(&r, args);
+        cr_expect(strstr(r.out, huge ? "2 sent, 2 received, 0% lost" :
+                                       "3 sent, 3 received, 0% lost") != NULL,
+                  "shmping %s:\n%s", args, r.out);
+        run_free(&r);
+    }
+}
+
+static const char *const all_sizes[] = { "0", "1", "16384", "16385", "1M", "64M" };
+static const char *const inline_sizes[] = { "0", "1", "16384" };
+
+Test(shmping, verify_inline, .timeout = 120)
+{
+    verify_sizes("inline", inline_sizes, 3, "");
+}
+
+Test(shmping, verify_shm, .timeout = 120)
+{
+    verify_sizes("shm", all_sizes, 6, "");
+}
+
+Test(shmping, verify_copy, .timeout = 120)
+{
+    verify_sizes("copy", all_sizes, 6, "");
+}
+
+Test(shmping, verify_throughput, .timeout = 120)
+{
+    static const char *const cases[] = {
+        "--mode inline -s 16384 -c 3000 --batch 8",
+        "--mode inline -s 0 -c 3000",
+        "--mode shm -s 16385 -c 500 --batch 4",
+        "--mode shm -s 3M -c 20",
+        "--mode copy -s 64 -c 3000",
+        "--mode copy -s 1M -c 50",
+    };
+
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        char args[256], want[64];
+        struct run r;
+        int count = atoi(strstr(cases[i], "-c ") + 3);
+
+        snprintf(args, sizeof(args), "--throughput --verify -q %s", cases[i]);
+        expect_ok(&r, args);
+        snprintf(want, sizeof(want), "%d sent, %d received, 0%% lost", count, count);
+        cr_expect(strstr(r.out, want) != NULL, "shmping %s:\n%s", args, r.out);
+        cr_expect(strstr(r.out, "msgs/s") != NULL, "shmping %s:\n%s", args, r.out);
+        run_free(&r);
+    }
+}
+
+/* ---- the server ---- */
+
+struct server {
+    pid_t pid;
+    int   out, err;
+    char  path[108];
+};
+
+static void server_start(struct server *s, const char *extra)
+{
+    static int n;
+    char args[256];
+    struct stat st;
+    long long end = now_ms() + 10000;
+
+    snprintf(s->path, sizeof(s->path), "/tmp/shmping-test-%d-%d.sock", (int)getpid(), n++);
+    unlink(s->path);
+    snprintf(args, sizeof(args), "-l %s %s", s->path, extra);
+    s->pid = spawn(args, &s->out, &s->err);
+    while (stat(s->path, &st) != 0) {
+        if (now_ms() > end || waitpid(s->pid, NULL, WNOHANG) != 0) {
+            kill(s->pid, SIGKILL);
+            waitpid(s->pid, NULL, 0);
+            close(s->out);
+            close(s->err);
+            cr_assert_fail("the server did not create %s", s->path);
+        }
+        usleep(2000);
+    }
+}
+
+/* Stop it with sig; it must exit 0 and leave no socket behind. */
+static void server_stop(struct server *s, int sig, struct run *r)
+{
+    struct stat st;
+
+    kill(s->pid, sig);
+    finish(s->pid, s->out, s->err, 10000, r);
+    cr_expect_eq(r->status, 0, "server exit %d after signal %d\nstderr:\n%s", r->status, sig,
+                 r->err);
+    cr_expect(stat(s->path, &st) != 0 && errno == ENOENT, "%s is still there", s->path);
+    unlink(s->path);
+}
+
+Test(shmping, server_stops_on_sigterm_and_sigint, .timeout = 120)
+{
+    struct server s;
+    struct run r;
+
+    server_start(&s, "");
+    server_stop(&s, SIGTERM, &r);
+    cr_expect(strstr(r.out, "SHMPING server on ") != NULL, "%s", r.out);
+    run_free(&r);
+
+    server_start(&s, "-q");
+    server_stop(&s, SIGINT, &r);
+    run_free(&r);
+}
+
+Test(shmping, server_eight_verifying_clients, .timeout = 120)
+{
+    static const char *const clients[8] = {
+        "-s 64", "-s 0", "-s 16384 --mode inline", "-s 16385",
+        "-s 1M --batch 4", "-s 3M", "-s 1 --mode shm", "-s 100K --throughput -c 300",
+    };
+    struct { pid_t pid; int out, err; } c[8];
+    struct server s;
+    struct run r;
+
+    server_start(&s, "");
+    for (int i = 0; i < 8; i++) {
+        char args[256];
+        snprintf(args, sizeof(args), "%s --verify -q -c 40 -i 0.002 %s", s.path, clients[i]);
+        c[i].pid = spawn(args, &c[i].out, &c[i].err);
+    }
+    for (int i = 0; i < 8; i++) {
+        finish(c[i].pid, c[i].out, c[i].err, RUN_MS, &r);
+        cr_expect_eq(r.status, 0, "client %d (%s): exit %d\nstdout:\n%s\nstderr:\n%s", i,
+                     clients[i], r.status, r.out, r.err);
+        cr_expect(strstr(r.out, " received, 0% lost") != NULL, "client %d:\n%s", i, r.out);
+        run_free(&r);
+    }
+    server_stop(&s, SIGTERM, &r);
+    cr_expect_eq(count_lines(r.err, "dropped"), 0, "server log:\n%s", r.err);
+    run_free(&r);
+}
+
+Test(shmping, server_survives_a_killed_client, .timeout = 120)
+{
+    struct server s;
+    struct run r, victim;
+    int vo, ve, go, ge;
+    char args[256];
+    pid_t v, good;
+
+    server_start(&s, "-q");
+    snprintf(args, sizeof(args), "%s -f -c 100000000 -s 200K -q", s.path);
+    v = spawn(args, &vo, &ve);
+    snprintf(args, sizeof(args), "%s --verify -q -c 100 -i 0.005 -s 20K", s.path);
+    good = spawn(args, &go, &ge);
+    usleep(200 * 1000);
+    kill(v, SIGKILL);
+    finish(v, vo, ve, 10000, &victim);
+    run_free(&victim);
+
+    finish(good, go, ge, RUN_MS, &r);
+    cr_expect_eq(r.status, 0, "exit %d\n%s\n%s", r.status, r.out, r.err);
+    run_free(&r);
+
+    /* The server still serves. */
+    snprintf(args, sizeof(args), "%s --verify -q -c 5 -i 0.001", s.path);
+    expect_ok(&r, args);
+    run_free(&r);
+    server_stop(&s, SIGTERM, &r);
+    /* One line for each of the three clients' end, the killed one's included. */
+    cr_expect_eq(count_lines(r.err, "disconnected") + count_lines(r.err, "dropped"), 3,
+                 "server log:\n%s", r.err);
+    run_free(&r);
+}
+
+Test(shmping, server_refuses_a_second_server, .timeout = 120)
+{
+    struct server s;
+    struct run r;
+    char args[160];
+
+    server_start(&s, "-q");
+    snprintf(args, sizeof(args), "-l %s", s.path);
+    run(&r, args);
+    cr_expect_eq(r.status, 2, "exit %d\n%s", r.status, r.err);
+    cr_expect(strstr(r.err, s.path) != NULL, "%s", r.err);
+    run_free(&r);
+    server_stop(&s, SIGTERM, &r);
+    run_free(&r);
+}
+
+Test(shmping, server_drops_a_client_that_breaks_the_protocol, .timeout = 120)
+{
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    long long end;
+    struct server s;
+    struct run r;
+    char args[256], buf[LSHM_WIRE_MAX];
+    int fd;
+
+    server_start(&s, "-q");
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", s.path);
+    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0, "%s", strerror(errno));
+    cr_assert_eq(send(fd, "not a HELLO", 11, 0), 11);
+    /* The server's own HELLO may come first; then it must hang up. */
+    end = now_ms() + 10000;
+    for (;;) {
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        cr_assert_lt(now_ms(), end, "the server kept a client that sent garbage");
+        if (poll(&p, 1, 100) <= 0)
+            continue;
+        n = recv(fd, buf, sizeof(buf), 0);
+        if (n <= 0)
+            break;
+    }
+    close(fd);
+
+    snprintf(args, sizeof(args), "%s --verify -q -c 5 -i 0.001 -s 40K", s.path);
+    expect_ok(&r, args);
+    run_free(&r);
+    server_stop(&s, SIGTERM, &r);
+    cr_expect_eq(count_lines(r.err, "dropped"), 1, "server log:\n%s", r.err);
+    run_free(&r);
+}
+
+/* ---- a server that gets it wrong: shmping must notice ---- */
+
+enum fake { FAKE_FLIP_A_BYTE, FAKE_SKIP_SEQ_2 };
+
+/* An echo server made with the library itself, in a child, that corrupts
+ * or drops on purpose.  Inline payloads only (the sizes used here). */
+static pid_t fake_server(const char *path, enum fake how)
+{
+    long long end = now_ms() + 10000;
+    struct stat st;
+    pid_t pid;
+
+    unlink(path);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        static uint8_t buf[LSHM_INLINE_MAX];
+        struct lshm_listener *l;
+        struct lshm_port *port;
+        struct lshm_ctx *ctx;
+        struct lshm_msg m;
+
+        if (lshm_ctx_new(&ctx, NULL) < 0 || lshm_listen(ctx, path, 0, &l) < 0)
+            _exit(3);
+        if (lshm_accept(l, &port, 20000) < 0)
+            _exit(4);
+        while (lshm_recv(port, &m, 20000) == 0) {
+            struct lshm_out out = { .type = m.type, .last = 1, .stream = m.stream,
+                                    .data = buf, .fd = -1 };
+            bool skip = how == FAKE_SKIP_SEQ_2 && m.stream == 2;
+
+            for (unsigned i = 0; m.iov != NULL && i < m.niov; i++) {
+                if (out.size + m.iov[i].len > sizeof(buf))
+                    break;
+                memcpy(buf + out.size, m.iov[i].base, m.iov[i].len);
+                out.size += m.iov[i].len;
+            }
+            if (how == FAKE_FLIP_A_BYTE && out.size > 0)
+                buf[out.size / 2] ^= 0x40;
+            if (out.size == 0)
+                out.data = NULL;
+            lshm_msg_done(&m);
+            if (!skip)
+                lshm_send(port, &out, 0);
+        }
+        lshm_port_close(port);
+        lshm_listener_close(l);
+        lshm_ctx_free(ctx);
+        _exit(0);
+    }
+    while (stat(path, &st) != 0) {
+        if (now_ms() > end || waitpid(pid, NULL, WNOHANG) != 0) {
+            kill(pid, SIGKILL);
+            waitpid(pid, NULL, 0);
+            cr_assert_fail("the fake server did not create %s", path);
+        }
+        usleep(2000);
+    }
+    return pid;
+}
+
+Test(shmping, verify_catches_a_corrupt_echo, .timeout = 120)
+{
+    char path[108], args[256];
+    struct run r;
+    pid_t fake;
+
+    snprintf(path, sizeof(path), "/tmp/shmping-test-%d-flip.sock", (int)getpid());
+    fake = fake_server(path, FAKE_FLIP_A_BYTE);
+    snprintf(args, sizeof(args), "%s --verify -q -c 3 -i 0.001 -s 1000", path);
+    run(&r, args);
+    cr_expect_eq(r.status, 1, "exit %d\n%s\n%s", r.status, r.out, r.err);
+    cr_expect(strstr(r.err, "seq=1: payload differs at byte 500") != NULL, "%s", r.err);
+    cr_expect(strstr(r.out, "3 sent, 3 received, 3 corrupt") != NULL, "%s", r.out);
+    run_free(&r);
+    cr_expect_eq(wait_child(fake, 10000), 0);
+    unlink(path);
+}
+
+Test(shmping, lost_reply_exits_1, .timeout = 120)
+{
+    char path[108], args[256];
+    struct run r;
+    pid_t fake;
+
+    snprintf(path, sizeof(path), "/tmp/shmping-test-%d-skip.sock", (int)getpid());
+    fake = fake_server(path, FAKE_SKIP_SEQ_2);
+    snprintf(args, sizeof(args), "%s --json -c 3 -i 0.01 -w 0.3", path);
+    run(&r, args);
+    cr_expect_eq(r.status, 1, "exit %d\n%s\n%s", r.status, r.out, r.err);
+    check_json(r.out, PING_FIELDS, "d['sent'] == 3 and d['received'] == 2 "
+               "and abs(d['lost_pct'] - 100.0 / 3) < 0.01");
+    run_free(&r);
+    cr_expect_eq(wait_child(fake, 10000), 0);
+    unlink(path);
+}
+
+/* ---- --bench ---- */
+
+Test(shmping, bench_fits_in_15_seconds, .timeout = 120)
+{
+    static const char *const rows[] = {
+        "64 B     copy", "64 B     shm", "64 B     inline",
+        "4 KiB    copy", "4 KiB    shm", "4 KiB    inline",
+        "1 MiB    copy", "1 MiB    shm",
+    };
+    long long t0 = now_ms();
+    struct run r;
+
+    expect_ok(&r, "--bench");
+    cr_expect_lt(now_ms() - t0, 15000, "--bench took %lld ms", now_ms() - t0);
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++)
+        cr_expect(strstr(r.out, rows[i]) != NULL, "no row '%s':\n%s", rows[i], r.out);
+    cr_expect(strstr(r.out, "1 MiB    inline") == NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "failed") == NULL, "%s", r.out);
+    run_free(&r);
+}
