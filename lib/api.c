@@ -449,8 +449,7 @@ static int port_alloc(struct lshm_port *port, bool tracking, struct lshm_alloc *
     ret = lshm_peer_out_alloc(port->peer, port->id, seg_limit(port), tracking,
                               (port->ctx->p.flags & LSHM_CTX_SCRUB) != 0, a);
     if (ret == -EAGAIN)
-        return lshm_fail(ret, "out of shared memory: %u segments for pid %d are full",
-                         seg_limit(port), (int)port->peer_pid);
+        return ret;     /* the peer layer said why (limit, or a segment not mapped yet) */
     if (ret < 0)
         return lshm_fail(ret, "cannot allocate shared memory: %s", strerror(-ret));
     if (a->created) {

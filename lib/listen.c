@@ -82,18 +82,12 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
         return;
     }
     if (res >= 0) {
-        /* The handler, if any, runs from lshm_ctx_run (lshm_listener_dispatch). */
-        if (lshm_port_new(l->ctx, res, &port) < 0) {
+        /* The caller sees the port once its handshake is done
+         * (lshm_listener_ready); one that leaves before is never shown. */
+        if (lshm_port_new(l->ctx, res, &port) < 0)
             close(res);
-        } else if (l->nready == l->capready &&
-                   (l->ready = realloc(l->ready, (l->capready = l->capready * 2 + 4) *
-                                                     sizeof(*l->ready))) == NULL) {
-            /* Out of memory: the connection is refused, not lost silently. */
-            l->nready = l->capready = 0;
-            lshm_port_close(port);
-        } else {
-            l->ready[l->nready++] = port;
-        }
+        else
+            port->listener = l;
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
         lshm_log("accept on %s failed: %s", l->path, strerror(-res));
     }
@@ -112,7 +106,11 @@ static bool socket_is_live(const struct sockaddr_un *sun)
 
     if (fd < 0)
         return true;
-    live = connect(fd, (const struct sockaddr *)sun, sizeof(*sun)) == 0 || errno == EAGAIN;
+    /* Only ECONNREFUSED (or the file gone) means nobody is there: a live
+     * server of another socket type answers EPROTOTYPE, and its socket is
+     * not ours to take. */
+    live = connect(fd, (const struct sockaddr *)sun, sizeof(*sun)) == 0 ||
+           (errno != ECONNREFUSED && errno != ENOENT);
     close(fd);
     return live;
 }
@@ -176,6 +174,24 @@ LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
     return 0;
 }
 
+/* A port accepted on l completed its handshake: hand it to the caller. */
+void lshm_listener_ready(struct lshm_listener *l, struct lshm_port *port)
+{
+    if (l->nready == l->capready) {
+        unsigned cap = l->capready * 2 + 4;
+        struct lshm_port **ready = realloc(l->ready, cap * sizeof(*ready));
+
+        if (ready == NULL) {
+            /* Out of memory: the connection is refused, not lost silently. */
+            lshm_port_close(port);
+            return;
+        }
+        l->ready = ready;
+        l->capready = cap;
+    }
+    l->ready[l->nready++] = port;
+}
+
 void lshm_listener_dispatch(struct lshm_listener *l)
 {
     while (l->on_accept != NULL && !l->closing && l->nready > 0) {
@@ -227,6 +243,7 @@ LSHM_EXPORT int lshm_accept(struct lshm_listener *l, struct lshm_port **port, in
 
 LSHM_EXPORT void lshm_listener_close(struct lshm_listener *l)
 {
+    struct lshm_port *port;
     unsigned i;
 
     if (l == NULL || l->closing)
@@ -238,6 +255,11 @@ LSHM_EXPORT void lshm_listener_close(struct lshm_listener *l)
     for (i = 0; i < l->nready; i++)
         lshm_port_close(l->ready[i]);
     l->nready = 0;
+    for (port = l->ctx->ports; port != NULL; port = port->next)
+        if (port->listener == l) {
+            port->listener = NULL;
+            lshm_port_close(port);
+        }
     if (l->armed) {
         /* The accept in flight still points at l: free it at its end. */
         shutdown(l->fd, SHUT_RDWR);

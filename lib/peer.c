@@ -333,6 +333,22 @@ void lshm_peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg)
         lshm_seg_unref(seg);
 }
 
+void lshm_peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id)
+{
+    struct lshm_seg_table *t = &peer->out;
+    struct lshm_seg *seg;
+
+    pthread_mutex_lock(&t->mutex);
+    while (t->size > 0) {
+        seg = t->elts[t->size - 1];
+        if (__atomic_load_n(&seg->hdr->sent_over, __ATOMIC_ACQUIRE) != port_id)
+            break;
+        t->elts[--t->size] = NULL;
+        lshm_seg_unref(seg);
+    }
+    pthread_mutex_unlock(&t->mutex);
+}
+
 int lshm_peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limit)
 {
     struct lshm_seg_table *t = &peer->in;
@@ -363,15 +379,25 @@ uint32_t lshm_peer_in_next(struct lshm_peer *peer)
     return n;
 }
 
-struct lshm_seg *lshm_peer_in_get(struct lshm_peer *peer, uint32_t id)
+static struct lshm_seg *table_get(struct lshm_seg_table *t, uint32_t id)
 {
     struct lshm_seg *seg = NULL;
 
-    pthread_mutex_lock(&peer->in.mutex);
-    if (id < peer->in.size) {
-        seg = peer->in.elts[id];
+    pthread_mutex_lock(&t->mutex);
+    if (id < t->size) {
+        seg = t->elts[id];
         lshm_seg_ref(seg);
     }
-    pthread_mutex_unlock(&peer->in.mutex);
+    pthread_mutex_unlock(&t->mutex);
     return seg;
+}
+
+struct lshm_seg *lshm_peer_in_get(struct lshm_peer *peer, uint32_t id)
+{
+    return table_get(&peer->in, id);
+}
+
+struct lshm_seg *lshm_peer_out_get(struct lshm_peer *peer, uint32_t id)
+{
+    return table_get(&peer->out, id);
 }

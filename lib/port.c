@@ -181,10 +181,63 @@ static void drop_received(struct lshm_port *port)
     port->rq_tail = NULL;
 }
 
+/*
+ * Segments whose MMAP never left were never seen by the peer: take them
+ * out of the pair's table, newest first, so that their ids are given
+ * again and another port to that process is not kept waiting for them.
+ */
+static void drop_unannounced(struct lshm_port *port)
+{
+    struct lshm_seg **segs;
+    struct smsg *m;
+    unsigned n = 0;
+
+    if (port->peer == NULL)
+        return;
+    for (m = port->sq_head; m != NULL; m = m->next)
+        n += m->seg != NULL;
+    if (n == 0 || (segs = malloc(n * sizeof(*segs))) == NULL)
+        return;
+    n = 0;
+    for (m = port->sq_head; m != NULL; m = m->next)
+        if (m->seg != NULL)
+            segs[n++] = m->seg;
+    while (n > 0)
+        lshm_peer_out_drop(port->peer, segs[--n]);
+    free(segs);
+}
+
+/*
+ * A message that never reached the peer leaves its chunks to nobody: the
+ * receiver would have freed them.  Our own bytes, so decoding is safe.
+ */
+static void free_unsent_chunks(struct lshm_port *port, const struct smsg *m)
+{
+    struct lshm_wire_view v;
+    unsigned i;
+
+    if (port->peer == NULL || m->seg != NULL ||
+        lshm_wire_decode(m->data, m->len, m->fd >= 0, &v, NULL) < 0)
+        return;
+    for (i = 0; i < v.ndesc; i++) {
+        struct lshm_wire_desc d = lshm_wire_desc_at(&v, i);
+        struct lshm_seg *seg = lshm_peer_out_get(port->peer, d.mmap_id);
+
+        if (seg != NULL) {
+            lshm_seg_free_chunks(seg, d.chunk_id,
+                                 (d.size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE);
+            lshm_seg_unref(seg);
+        }
+    }
+}
+
 static void drop_queues(struct lshm_port *port)
 {
     struct smsg *m;
 
+    for (m = port->sq_head; m != NULL; m = m->next)
+        free_unsent_chunks(port, m);
+    drop_unannounced(port);
     while ((m = port->sq_head) != NULL) {
         port->sq_head = m->next;
         smsg_free(m);
@@ -226,6 +279,13 @@ static void port_shutdown(struct lshm_port *port)
 
 static void port_finish(struct lshm_port *port)
 {
+    /* The peer's segments go once its last port is gone and no message
+     * or buffer holds them (those keep their own references); sends in
+     * flight may still need the table to give their chunks back. */
+    if (port->state == PORT_CLOSED && port->inflight == 0 && port->peer != NULL) {
+        lshm_peer_put(port->peer);
+        port->peer = NULL;
+    }
     if (port->state == PORT_CLOSED && port->shutdown && port_idle(port) && port->fd >= 0) {
         close(port->fd);
         port->fd = -1;
@@ -240,6 +300,12 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
 
     if (port->state == PORT_CLOSED)
         return;
+    if (port->listener != NULL) {
+        /* Accepted but never shown to the caller: nobody will close it. */
+        port->listener = NULL;
+        port->user_closed = true;
+        notify = false;
+    }
     port->state = PORT_CLOSED;
     port->error = err;
     va_start(ap, fmt);
@@ -248,12 +314,8 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     lshm_log("port %u to pid %d closed: %s", port->id, (int)port->peer_pid, port->reason);
     drop_queues(port);
     port_shutdown(port);
-    /* The peer's segments go once its last port is gone and no message
-     * or buffer holds them (those keep their own references). */
-    if (port->peer != NULL) {
-        lshm_peer_put(port->peer);
-        port->peer = NULL;
-    }
+    if (port->peer != NULL)
+        lshm_peer_out_forget_port(port->peer, port->id);
     /* The handler runs from lshm_ctx_run, never inside a completion. */
     port->close_pending = notify;
     port_finish(port);
@@ -267,10 +329,14 @@ static void send_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
     struct lshm_port *port = m->port;
 
     port->inflight--;
+    if (port->ctx != NULL)
+        lshm_ring_sends(port->ctx->ring, -1);
     /* Completions of a linked chain come in order: m is the oldest. */
     port->if_head = m->next;
     if (port->if_head == NULL)
         port->if_tail = NULL;
+    if (res < 0)
+        free_unsent_chunks(port, m);
     smsg_free(m);
     if (res < 0) {
         lshm_port_fail(port, res == -ECANCELED ? -EPIPE : res,
@@ -339,6 +405,7 @@ void lshm_port_kick(struct lshm_port *port)
         m->next = NULL;
         port->sq_len--;
         port->inflight++;
+        lshm_ring_sends(r, 1);
         if (port->if_tail != NULL)
             port->if_tail->next = m;
         else
@@ -612,6 +679,10 @@ static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
     port->peer_port_id = v->hello.port_id;
     port->peer_max_segments = v->hello.max_segments;
     port->state = PORT_OPEN;
+    if (port->listener != NULL) {
+        lshm_listener_ready(port->listener, port);
+        port->listener = NULL;
+    }
     return 0;
 }
 
@@ -1019,6 +1090,14 @@ bool lshm_port_shm_ready(struct lshm_port *port)
     pthread_mutex_lock(&t->mutex);
     if (t->size < limit)
         ready = true;
+    /* As lshm_peer_out_alloc: no new segment while one announced on
+     * another port is not mapped yet (ids are ordered per process pair). */
+    for (i = 0; i < t->size && ready; i++) {
+        uint16_t over = __atomic_load_n(&t->elts[i]->hdr->sent_over, __ATOMIC_RELAXED);
+
+        if (over != LSHM_SENT_OVER_ANY && over != port->id)
+            ready = false;
+    }
     for (i = 0; i < t->size && !ready; i++) {
         struct lshm_segment_header *h = t->elts[i]->hdr;
         uint16_t over = __atomic_load_n(&h->sent_over, __ATOMIC_RELAXED);

@@ -81,6 +81,7 @@ struct lshm_port {
     bool                 close_pending; /* on_close still to be called */
     bool                 in_handler;    /* a handler of this port runs */
     bool                 zombie;        /* to free when the walk ends */
+    struct lshm_listener *listener;     /* accepted, handshake not done */
     unsigned             refs;          /* handle + ops in flight + messages */
 };
 
@@ -131,6 +132,7 @@ int  lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms);
 void lshm_listener_reap(struct lshm_listener *l);
 void lshm_listener_forget(struct lshm_listener *l);
 void lshm_listener_dispatch(struct lshm_listener *l);
+void lshm_listener_ready(struct lshm_listener *l, struct lshm_port *port);
 
 
 #endif

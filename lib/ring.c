@@ -24,6 +24,7 @@ struct lshm_ring {
     size_t                   br_size;
     uint8_t                  *bufs;          /* BUF_COUNT * LSHM_RING_BUF_SIZE */
     struct lshm_ctx_stats    stats;
+    unsigned                 sends;          /* sends submitted, not completed */
 };
 
 /* Set-up flags in the order we try them: best first. */
@@ -385,16 +386,49 @@ static int dispatch(struct lshm_ring *r)
     return (int)n;
 }
 
-int lshm_ring_pump(struct lshm_ring *r)
+void lshm_ring_sends(struct lshm_ring *r, int delta)
 {
+    r->sends += delta;
+}
+
+/*
+ * Submit and run completions without sleeping.  Under DEFER_TASKRUN each
+ * link of a chain runs as task work queued by the one before, and the
+ * kernel keeps running such work only while fewer than min_complete items
+ * ran: asking for the links behind the head lets a whole chain go out in
+ * this one enter.  The zero timeout keeps it from sleeping, but arming it
+ * costs a trip through the scheduler when too little happens, so a lone
+ * send (which completes during submission) asks for nothing.
+ */
+static int enter_nowait(struct lshm_ring *r)
+{
+    struct __kernel_timespec zero = { 0, 0 };
+    struct io_uring_cqe *cqe;
+    unsigned queued = io_uring_sq_ready(&r->ring);
+    unsigned want = r->sends > 1 ? r->sends - 1 : 0;
     int ret;
 
-    ret = io_uring_submit_and_get_events(&r->ring);
+    if (want > r->ring.cq.ring_entries)
+        want = r->ring.cq.ring_entries;
+    if (want == 0)
+        ret = io_uring_submit_and_get_events(&r->ring);
+    else
+        ret = io_uring_submit_and_wait_timeout(&r->ring, &cqe, want, &zero, NULL);
     r->stats.enters++;
-    if (ret > 0)
-        r->stats.submitted += ret;
-    if (ret < 0 && ret != -EBUSY && ret != -EAGAIN && ret != -EINTR)
+    r->stats.submitted += queued - io_uring_sq_ready(&r->ring);
+    if (ret == -ETIME || ret == -EINTR || ret == -EAGAIN || ret == -EBUSY)
+        ret = 0;
+    if (ret < 0)
         return lshm_fail(ret, "io_uring_enter: %s", strerror(-ret));
+    return 0;
+}
+
+int lshm_ring_pump(struct lshm_ring *r)
+{
+    int ret = enter_nowait(r);
+
+    if (ret < 0)
+        return ret;
     return dispatch(r);
 }
 
@@ -411,15 +445,20 @@ int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
             lshm_log("eventfd read: %s", strerror(errno));
     }
     n = dispatch(r);
+    if (n == 0 && timeout_ms != 0 && r->sends > 0) {
+        /* Move chains along before sleeping: their links only run in an
+         * enter that asks for them. */
+        ret = enter_nowait(r);
+        if (ret < 0)
+            return ret;
+        n = dispatch(r);
+    }
     if (n > 0 || timeout_ms == 0) {
         /* Something happened, or the caller won't wait: submit and
          * collect what is ready in one enter. */
-        if (n > 0 && io_uring_sq_ready(&r->ring) == 0)
+        if (n > 0 && io_uring_sq_ready(&r->ring) == 0 && r->sends == 0)
             return n;
-        ret = io_uring_submit_and_get_events(&r->ring);
-        r->stats.enters++;
-        if (ret > 0)
-            r->stats.submitted += ret;
+        ret = enter_nowait(r);
     } else {
         struct __kernel_timespec ts, *tsp = NULL;
         unsigned queued = io_uring_sq_ready(&r->ring);

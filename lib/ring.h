@@ -57,6 +57,8 @@ int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
 int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op);
 
 int lshm_ring_submit(struct lshm_ring *r);
+/* Sends in flight, counted by the caller: a chain needs them asked for. */
+void lshm_ring_sends(struct lshm_ring *r, int delta);
 /* Submit and collect completions without waiting, then dispatch them:
  * under DEFER_TASKRUN a linked chain only moves on inside such a call. */
 int lshm_ring_pump(struct lshm_ring *r);

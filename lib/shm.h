@@ -218,6 +218,13 @@ int  lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limi
 void lshm_peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg);
 
 /*
+ * Port port_id is closed at the peer's end: the segments at the end of the
+ * table it announced and the peer never mapped (sent_over still port_id)
+ * never will be; drop them so their ids can be announced again elsewhere.
+ */
+void lshm_peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id);
+
+/*
  * Add a validated incoming segment; its id must be the next one (the table
  * size) and below limit, else -EPROTO / -ENOSPC.  Takes a reference.
  */
@@ -228,6 +235,8 @@ uint32_t lshm_peer_in_next(struct lshm_peer *peer);
 
 /* The incoming segment id, referenced, or NULL. */
 struct lshm_seg *lshm_peer_in_get(struct lshm_peer *peer, uint32_t id);
+/* Our outgoing segment id, referenced, or NULL. */
+struct lshm_seg *lshm_peer_out_get(struct lshm_peer *peer, uint32_t id);
 
 /*
  * In a child after fork: forget the parent's peers without touching their

@@ -35,6 +35,23 @@ static struct lshm_alloc alloc_ok(struct lshm_peer *peer, uint16_t port, unsigne
     return a;
 }
 
+/* What lshm_seg_import does when the receiver has mapped the segment. */
+static void receiver_maps(struct lshm_seg *seg)
+{
+    __atomic_store_n(&seg->hdr->sent_over, (uint16_t)LSHM_SENT_OVER_ANY, __ATOMIC_RELEASE);
+}
+
+/* Claim every chunk still free in seg, as the sender's buffers would. */
+static void fill_chunks(struct lshm_seg *seg)
+{
+    uint32_t c = 0;
+
+    while (lshm_chunk_get_free(seg->hdr->free_map, &c))
+        ;
+    for (c = 0; c < LSHM_CHUNK_COUNT; c++)
+        cr_assert_not(lshm_chunk_is_free(seg->hdr->free_map, c), "chunk %u", c);
+}
+
 LTEST(peer, get_same_pid_same_peer)
 {
     struct lshm_peer *p1, *p2, *p3;
@@ -104,24 +121,117 @@ LTEST(peer, out_alloc_creates_then_reuses)
 LTEST(peer, sent_over_limits_use)
 {
     struct lshm_peer *peer;
-    struct lshm_alloc a, b, c;
+    struct lshm_alloc a, b, c, d, x;
 
     cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
     a = alloc_ok(peer, 1, 4);
+    cr_assert_eq(lshm_peer_out_alloc(peer, 2, 4, false, false, &x), -EAGAIN);
+    cr_assert(lshm_chunk_is_free(a.seg->hdr->free_map, 1),
+              "port 2 may not use port 1's unmapped segment");
+    cr_assert_eq(peer->out.size, 1);
+
+    /* Mapped, then filled by port 1: port 2 gets a segment of its own. */
+    receiver_maps(a.seg);
+    fill_chunks(a.seg);
     b = alloc_ok(peer, 2, 4);
-    cr_assert(b.created, "port 2 may not use port 1's unmapped segment");
+    cr_assert(b.created);
     cr_assert_neq(b.seg, a.seg);
     cr_assert_eq(b.seg->id, 1);
     cr_assert_eq(b.seg->hdr->sent_over, 2);
-    __atomic_store_n(&a.seg->hdr->sent_over, LSHM_SENT_OVER_ANY, __ATOMIC_RELEASE);
+    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 4, false, false, &x), -EAGAIN);
+    cr_assert(lshm_chunk_is_free(b.seg->hdr->free_map, 1),
+              "port 1 may not use port 2's unmapped segment");
+    cr_assert_eq(peer->out.size, 2);
+
+    /* The receiver frees chunk 1 of segment 0. */
+    lshm_seg_free_chunks(a.seg, 1, 1);
     c = alloc_ok(peer, 2, 4);
     cr_assert_not(c.created);
     cr_assert_eq(c.seg, a.seg, "mapped segments serve every port, first one first");
     cr_assert_eq(c.chunk, 1);
+
+    receiver_maps(b.seg);
+    d = alloc_ok(peer, 1, 4);
+    cr_assert_not(d.created);
+    cr_assert_eq(d.seg, b.seg, "once mapped, port 2's segment serves port 1 too");
+    cr_assert_eq(d.chunk, 1);
     lshm_seg_unref(a.seg);
     lshm_seg_unref(b.seg);
     lshm_seg_unref(c.seg);
+    lshm_seg_unref(d.seg);
     lshm_peer_put(peer);
+}
+
+/*
+ * Segment ids are ordered per process pair, ports are not: a port may not
+ * create (announce) a segment while one announced on another port is not
+ * mapped yet.  Its own unmapped segments do not hold it back.
+ */
+LTEST(peer, other_port_waits_for_mapping)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a, b, x;
+    int fds = count_fds();
+
+    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    a = alloc_ok(peer, 1, 8);
+    cr_assert(a.created);
+    cr_assert_eq(a.seg->id, 0);
+    cr_assert_eq(count_maps("memfd:lshm"), 1);
+    cr_assert_eq(count_fds(), fds + 1);
+
+    cr_assert_eq(lshm_peer_out_alloc(peer, 2, 8, false, false, &x), -EAGAIN);
+    cr_assert_eq(lshm_peer_out_alloc(peer, 2, 8, true, false, &x), -EAGAIN,
+                 "tracking too");
+    cr_assert_eq(peer->out.size, 1, "nothing created");
+    cr_assert_eq(count_maps("memfd:lshm"), 1, "no new mapping");
+    cr_assert_eq(count_fds(), fds + 1, "no new memfd");
+    cr_assert_eq(a.seg->hdr->oosm, 0, "not the limit: no oosm");
+    cr_assert(lshm_chunk_is_free(a.seg->hdr->free_map, 1));
+
+    /* The receiver maps segment 0: port 2 uses its free chunks, then creates. */
+    receiver_maps(a.seg);
+    for (uint32_t i = 1; i < LSHM_CHUNK_COUNT; i++) {
+        b = alloc_ok(peer, 2, 8);
+        cr_assert_not(b.created, "alloc %u", i);
+        cr_assert_eq(b.seg, a.seg);
+        cr_assert_eq(b.chunk, i);
+        lshm_seg_unref(b.seg);
+    }
+    b = alloc_ok(peer, 2, 8);
+    cr_assert(b.created, "segment 0 is full");
+    cr_assert_eq(b.seg->id, 1);
+    cr_assert_eq(b.seg->hdr->sent_over, 2);
+    cr_assert_eq(b.chunk, 0);
+    cr_assert_eq(peer->out.size, 2);
+    cr_assert_eq(count_maps("memfd:lshm"), 2);
+
+    /* Now port 1 waits for segment 1. */
+    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 8, false, false, &x), -EAGAIN);
+    cr_assert_eq(peer->out.size, 2);
+
+    /* A port is never held back by its own unmapped segments. */
+    receiver_maps(b.seg);
+    fill_chunks(b.seg);
+    for (uint32_t id = 2; id < 5; id++) {
+        x = alloc_ok(peer, 1, 8);
+        cr_assert(x.created, "segment %u", id);
+        cr_assert_eq(x.seg->id, id);
+        cr_assert_eq(x.seg->hdr->sent_over, 1);
+        fill_chunks(x.seg);
+        lshm_seg_unref(x.seg);
+    }
+    for (uint32_t id = 2; id < 5; id++)
+        cr_assert_eq(peer->out.elts[id]->hdr->sent_over, 1, "segment %u unmapped", id);
+    cr_assert_eq(lshm_peer_out_alloc(peer, 2, 8, false, false, &x), -EAGAIN);
+    cr_assert_eq(peer->out.size, 5);
+    cr_assert_eq(count_maps("memfd:lshm"), 5);
+
+    lshm_seg_unref(a.seg);
+    lshm_seg_unref(b.seg);
+    lshm_peer_put(peer);
+    cr_assert_eq(count_maps("memfd:lshm"), 0);
+    cr_assert_eq(count_fds(), fds);
 }
 
 LTEST(peer, limit_returns_eagain_and_sets_oosm)
@@ -131,17 +241,23 @@ LTEST(peer, limit_returns_eagain_and_sets_oosm)
     struct lshm_seg *s0, *s1;
 
     cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
-    /* A segment of another port must not be flagged. */
-    other = alloc_ok(peer, 9, 3);
     for (uint32_t i = 0; i < 2 * LSHM_CHUNK_COUNT; i++) {
         a = alloc_ok(peer, 1, 3);
         cr_assert_eq(a.created, i % LSHM_CHUNK_COUNT == 0, "alloc %u", i);
         cr_assert_eq(a.chunk, i % LSHM_CHUNK_COUNT);
-        cr_assert_eq(a.seg->id, 1 + i / LSHM_CHUNK_COUNT);
+        cr_assert_eq(a.seg->id, i / LSHM_CHUNK_COUNT);
         lshm_seg_unref(a.seg);
     }
-    s0 = peer->out.elts[1];
-    s1 = peer->out.elts[2];
+    s0 = peer->out.elts[0];
+    s1 = peer->out.elts[1];
+    /* Mapped (and full): another port may create a segment. */
+    receiver_maps(s0);
+    receiver_maps(s1);
+    /* A segment of another port must not be flagged. */
+    other = alloc_ok(peer, 9, 3);
+    cr_assert(other.created);
+    cr_assert_eq(other.seg->id, 2);
+    cr_assert_eq(other.seg->hdr->sent_over, 9);
     cr_assert_eq(s0->hdr->oosm, 0);
     cr_assert_eq(lshm_peer_out_alloc(peer, 1, 3, false, false, &a), -EAGAIN);
     cr_assert_eq(peer->out.size, 3, "no segment past the limit");
@@ -195,7 +311,11 @@ LTEST(peer, out_drop_undoes_creation)
     b = alloc_ok(peer, 1, 4);
     cr_assert(b.created);
     cr_assert_eq(b.seg->id, 0, "the id is handed out again");
-    c = alloc_ok(peer, 2, 4);
+    /* Another thread on the port fills it and creates segment 1. */
+    fill_chunks(b.seg);
+    c = alloc_ok(peer, 1, 4);
+    cr_assert(c.created);
+    cr_assert_eq(c.seg->id, 1);
     lshm_peer_out_drop(peer, b.seg);
     cr_assert_eq(peer->out.size, 2, "not the last one: kept");
     lshm_seg_unref(b.seg);
@@ -262,13 +382,14 @@ LTEST(peer, table_grows_like_unit)
 
     cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
     for (uint32_t i = 0; i < ARRAY_SIZE(caps); i++) {
-        /* A new port each time: no existing segment is usable. */
-        a = alloc_ok(peer, (uint16_t)(100 + i), ARRAY_SIZE(caps));
+        a = alloc_ok(peer, 100, ARRAY_SIZE(caps));
         cr_assert(a.created);
         cr_assert_eq(a.seg->id, i);
         cr_assert_eq(peer->out.size, i + 1);
         cr_assert_eq(peer->out.cap, caps[i], "size %u: cap %u, want %u", i + 1,
                      peer->out.cap, caps[i]);
+        /* Full: no existing segment is usable for the next alloc. */
+        fill_chunks(a.seg);
         lshm_seg_unref(a.seg);
     }
     for (uint32_t i = 0; i < ARRAY_SIZE(caps); i++)
@@ -285,8 +406,12 @@ LTEST(peer, put_releases_every_segment)
 
     cr_assert_eq(lshm_peer_get(PEER_PID, &peer), 0);
     cr_assert_eq(lshm_peer_get(PEER_PID, &again), 0);
-    for (uint16_t port = 1; port <= 3; port++) {
-        a = alloc_ok(peer, port, 8);
+    for (uint32_t id = 0; id < 3; id++) {
+        /* One port: segments still waiting for their MMAP hold no other back. */
+        a = alloc_ok(peer, 1, 8);
+        cr_assert(a.created);
+        cr_assert_eq(a.seg->id, id);
+        fill_chunks(a.seg);
         lshm_seg_unref(a.seg);
     }
     cr_assert_eq(peer->out.size, 3);
@@ -329,8 +454,9 @@ LTEST(peer, buffer_outlives_peer)
 }
 
 /*
- * Parent's state for the fork tests: two outgoing segments (one fd still
- * open, one sent) and one incoming.
+ * Parent's state for the fork tests: two outgoing segments (one sent,
+ * mapped by the receiver and full; one with its fd still open) and one
+ * incoming.
  */
 static struct lshm_peer *fork_setup(int *open_fd)
 {
@@ -339,11 +465,15 @@ static struct lshm_peer *fork_setup(int *open_fd)
     struct lshm_seg *in = incoming(0);
 
     cr_assert_eq(lshm_peer_get(PEER_PID, &peer), 0);
-    a = alloc_ok(peer, 1, 4);
-    *open_fd = a.seg->fd;
-    lshm_seg_unref(a.seg);
     a = alloc_ok(peer, 2, 4);
     lshm_seg_close_fd(a.seg);
+    receiver_maps(a.seg);
+    fill_chunks(a.seg);
+    lshm_seg_unref(a.seg);
+    a = alloc_ok(peer, 1, 4);
+    cr_assert(a.created);
+    cr_assert_eq(a.seg->id, 1);
+    *open_fd = a.seg->fd;
     lshm_seg_unref(a.seg);
     cr_assert_eq(lshm_peer_in_add(peer, in, 4), 0);
     lshm_seg_unref(in);
@@ -391,6 +521,7 @@ static void parent_checks(struct lshm_peer *peer, int open_fd, int status)
     cr_assert_eq(peer->out.size, 2);
     a = alloc_ok(peer, 1, 4);
     cr_assert_not(a.created);
+    cr_assert_eq(a.seg, peer->out.elts[1]);
     cr_assert_eq(a.chunk, 1);
     lshm_peers_forget();
     cr_assert_eq(peer->out.size, 2, "forget does nothing in the owner");

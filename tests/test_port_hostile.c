@@ -757,3 +757,63 @@ LTEST(hostile, peer_corrupting_our_segment_header_stays_in_bounds)
 {
     both_modes(corrupt_header, true);
 }
+
+/*
+ * A peer that frees chunks (sets their bits) but never sends SHM_ACK: the
+ * sender waiting for memory must still notice within its recheck period.
+ */
+LTEST(hostile, chunks_freed_without_shm_ack_wake_the_sender)
+{
+    struct lshm_ctx_params prm = { .max_segments = 1 };
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    struct lshm_segment_header *sh = NULL;
+    struct lshm_wire_msg hdr;
+    struct lshm_buf *b;
+    unsigned sent = 0;
+    int raw, one = 1, fd, ret;
+    long long t0;
+
+    cr_assert_eq(lshm_ctx_new(&ctx, &prm), 0);
+    cr_assert_eq(lshm_socketpair(ctx, &port, &raw), 0);
+    cr_assert_eq(setsockopt(raw, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
+    raw_hello(raw, getpid());
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_READY, 5000), 0);
+    while ((ret = lshm_buf_alloc(port, 1024 * 1024, &b)) == 0) {
+        lshm_buf_set_size(b, 1024 * 1024);
+        cr_assert_eq(lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = sent,
+                                                         .bufs = &b, .nbufs = 1, .fd = -1 },
+                               0), 0);
+        sent++;
+        cr_assert_leq(sent, 10);
+    }
+    cr_assert_eq(ret, -EAGAIN);
+    cr_assert_eq(sent, 10);
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 5000), 0);
+    /* Our side of the raw socket: HELLO, MMAP, ten user messages. */
+    raw_recv(raw, &hdr, NULL, 0, &fd);
+    cr_assert_eq(hdr.type, LSHM_WIRE_HELLO);
+    raw_recv(raw, &hdr, NULL, 0, &fd);
+    cr_assert_eq(hdr.type, LSHM_WIRE_MMAP_MSG);
+    cr_assert_geq(fd, 0);
+    sh = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert_neq(sh, MAP_FAILED);
+    close(fd);
+    cr_assert_eq(lshm_port_wait(port, LSHM_WAIT_SHM, 100), -ETIMEDOUT);
+    cr_assert_eq(__atomic_load_n(&sh->oosm, __ATOMIC_ACQUIRE), 1);
+    /* Free the first message's 64 chunks, say nothing. */
+    for (unsigned c = 0; c < 64; c++)
+        lshm_chunk_set_free(sh->free_map, c);
+    t0 = now_ms();
+    ret = lshm_port_wait(port, LSHM_WAIT_SHM, 2000);
+    cr_assert_gt(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_lt(now_ms() - t0, 500, "noticed only after %lld ms", now_ms() - t0);
+    ret = lshm_buf_alloc(port, 1024 * 1024, &b);
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(lshm_buf_capacity(b), 1024 * 1024);
+    lshm_buf_free(b);
+    munmap(sh, LSHM_SEGMENT_SIZE);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    close(raw);
+}

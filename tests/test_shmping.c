@@ -361,13 +361,40 @@ Test(shmping, probe_prints_kernel_release, .timeout = 120)
     run_free(&r);
 }
 
+/* Read fd until what shows (the rest of the stream stays to be read). */
+static bool wait_output(int fd, const char *what, int timeout_ms)
+{
+    long long end = now_ms() + timeout_ms;
+    char seen[8192];
+    size_t len = 0;
+
+    while (now_ms() < end) {
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        ssize_t n;
+
+        if (poll(&p, 1, 100) <= 0)
+            continue;
+        n = read(fd, seen + len, sizeof(seen) - 1 - len);
+        if (n <= 0)
+            return false;
+        len += (size_t)n;
+        seen[len] = '\0';
+        if (strstr(seen, what) != NULL)
+            return true;
+        if (len == sizeof(seen) - 1)
+            len = 0;
+    }
+    return false;
+}
+
 Test(shmping, sigint_prints_summary_so_far, .timeout = 120)
 {
     struct run r;
     int out, err;
     pid_t pid = spawn("-c 10000 -i 0.01", &out, &err);
 
-    usleep(500 * 1000);
+    /* Signal it once it is running (its handlers are in place by then). */
+    cr_expect(wait_output(out, "bytes from peer: seq=3 ", 20000), "no replies");
     kill(pid, SIGINT);
     finish(pid, out, err, 10000, &r);
     cr_expect(r.status == 0 || r.status == 1, "exit %d\n%s", r.status, r.err);
@@ -557,6 +584,58 @@ Test(shmping, server_survives_a_killed_client, .timeout = 120)
     /* One line for each of the three clients' end, the killed one's included. */
     cr_expect_eq(count_lines(r.err, "disconnected") + count_lines(r.err, "dropped"), 3,
                  "server log:\n%s", r.err);
+    run_free(&r);
+}
+
+/* The value of a "Name:\tvalue" line of /proc/PID/status, or "". */
+static void proc_status(pid_t pid, const char *name, char *val, size_t len)
+{
+    char path[64], line[256];
+    size_t n = strlen(name);
+    FILE *f;
+
+    val[0] = '\0';
+    snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+    f = fopen(path, "re");
+    if (f == NULL)
+        return;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        if (strncmp(line, name, n) == 0 && line[n] == ':') {
+            snprintf(val, len, "%s", line + n + 1 + strspn(line + n + 1, " \t"));
+            val[strcspn(val, "\n")] = '\0';
+            break;
+        }
+    }
+    fclose(f);
+}
+
+Test(shmping, server_drops_capabilities, .timeout = 120)
+{
+    char eff[64], nnp[16];
+    long long end;
+    struct server s;
+    struct run r;
+
+    proc_status(getpid(), "CapEff", eff, sizeof(eff));
+    if (strtoull(eff, NULL, 16) == 0)
+        cr_skip_test("the tests hold no capabilities: nothing to see dropped");
+
+    server_start(&s, "-q");
+    end = now_ms() + 5000;
+    do {
+        proc_status(s.pid, "CapEff", eff, sizeof(eff));
+        proc_status(s.pid, "NoNewPrivs", nnp, sizeof(nnp));
+    } while (strtoull(eff, NULL, 16) != 0 && now_ms() < end && usleep(2000) == 0);
+    cr_expect_eq(strtoull(eff, NULL, 16), 0, "the server kept capabilities %s", eff);
+    cr_expect_str_eq(nnp, "1");
+    server_stop(&s, SIGTERM, &r);
+    run_free(&r);
+
+    server_start(&s, "-q --keep-caps");
+    usleep(100 * 1000);
+    proc_status(s.pid, "CapEff", eff, sizeof(eff));
+    cr_expect_neq(strtoull(eff, NULL, 16), 0, "--keep-caps dropped them");
+    server_stop(&s, SIGTERM, &r);
     run_free(&r);
 }
 

@@ -211,6 +211,24 @@ static int send_pings(struct session *s, unsigned n)
     return (int)i;
 }
 
+/* Replies already here are timed now, not after the next send. */
+static int take_replies(struct session *s, uint64_t max)
+{
+    for (uint64_t k = 0; k < max && s->inflight > 0; k++) {
+        struct lshm_msg m;
+        int ret = lshm_recv(s->port, &m, 0);
+
+        if (ret == -ETIMEDOUT || ret == -EINTR)
+            break;
+        if (ret < 0) {
+            link_failed(s, ret);
+            return -1;
+        }
+        handle_reply(s, &m);
+    }
+    return 0;
+}
+
 static uint64_t session_window(const struct config *cfg)
 {
     uint64_t w;
@@ -276,17 +294,8 @@ static int ping_session(struct session *s)
         if (more && s->inflight < window && now >= next_send && !s->blocked_on) {
             uint64_t n = cfg->batch;
 
-            /* Replies already here are timed now, not after this send. */
-            for (uint64_t k = 0; k < window && s->inflight > 0; k++) {
-                ret = lshm_recv(s->port, &m, 0);
-                if (ret < 0)
-                    break;
-                handle_reply(s, &m);
-            }
-            if (ret < 0 && ret != -ETIMEDOUT && ret != -EINTR) {
-                link_failed(s, ret);
+            if (take_replies(s, window) < 0)
                 break;
-            }
             if (n > cfg->count - res->sent)
                 n = cfg->count - res->sent;
             if (n > window - s->inflight)
@@ -427,7 +436,6 @@ static int sink_session(struct session *s)
         }
         if (ret < 0)
             break;
-
     }
     res->interrupted = stop_requested;
     if (ret == -ECANCELED)

@@ -52,7 +52,7 @@ struct server {
     struct peer_stats     stats;
 };
 
-/* The server's log: one line on stderr per client that goes. */
+/* The server's log (stderr): one line for each client that goes. */
 static void client_log(struct client *c, const char *what, const char *why)
 {
     pid_t pid;
@@ -253,10 +253,8 @@ static void on_accept(struct lshm_listener *l, struct lshm_port *port, void *arg
         lshm_port_close(port);
         return;
     }
-    if (!s->cfg->quiet) {
-        printf("shmping: client %u connected\n", c->id);
-        fflush(stdout);
-    }
+    if (!s->cfg->quiet)
+        err("client %u connected", c->id);
 }
 
 /* Retry held echoes in order; returns whether some are still held. */
