@@ -301,10 +301,18 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     if (port->state == PORT_CLOSED)
         return;
     if (port->listener != NULL) {
-        /* Accepted but never shown to the caller: nobody will close it. */
+        struct lshm_listener *l = port->listener;
+
+        /* Accepted, never shown to the caller.  A client that leaves
+         * without a word (a liveness probe) stays unseen; one that broke
+         * the protocol is shown, closed, so the caller learns why. */
         port->listener = NULL;
-        port->user_closed = true;
-        notify = false;
+        if (err == -EPIPE || err == -ECONNRESET) {
+            port->user_closed = true;
+            notify = false;
+        } else {
+            lshm_listener_ready(l, port);
+        }
     }
     port->state = PORT_CLOSED;
     port->error = err;
