@@ -86,9 +86,9 @@ test: deps
 
 asan: deps
 	$(MAKE) O=build/asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
-	    ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    build/asan/tests/run build/asan/tools/shmping
 	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
 	    LSHM_SHMPING=$(CURDIR)/build/asan/tools/shmping LSHM_TOP=$(CURDIR) LSHM_SANITIZER=asan \
 	    build/asan/tests/run $(TEST_ARGS)
 
