@@ -45,7 +45,7 @@ struct config {
     size_t      size;
     double      interval;   /* seconds */
     double      deadline;   /* seconds, 0: none */
-    unsigned    batch;
+    unsigned    batch;      /* 0 until set: 1, or BENCH_BATCH for --bench */
     bool        count_set, flood, quiet, throughput, verify, json, keep_caps;
     bool        bench;      /* a --bench cell: no output, results only */
 };
