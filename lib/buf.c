@@ -47,6 +47,7 @@ int lshm_buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, size
     buf->nchunks = 1 + claim_run(a->seg, a->chunk + 1, want - 1);
     buf->size = size < capacity_of(buf) ? size : capacity_of(buf);
     buf->sent = false;
+    lshm_tsan_acquire(buf->seg);
     *out = buf;
     return 0;
 }
@@ -58,6 +59,7 @@ void lshm_buf_release_sent(struct lshm_buf *buf)
     /* The receiver frees the chunks it was told of; the rest are still ours. */
     if (kept < buf->nchunks)
         lshm_seg_free_chunks(buf->seg, buf->chunk + kept, buf->nchunks - kept);
+    lshm_tsan_release(buf->seg);
     lshm_seg_unref(buf->seg);
     free(buf);
 }
@@ -80,6 +82,7 @@ LSHM_EXPORT int lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size
                          capacity_of(buf) + (size_t)got * LSHM_CHUNK_SIZE, min_size);
     }
     buf->nchunks += got;
+    lshm_tsan_acquire(buf->seg);
     return 0;
 }
 

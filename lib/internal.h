@@ -13,6 +13,29 @@
 #define ARRAY_SIZE(a)  (sizeof(a) / sizeof((a)[0]))
 
 /*
+ * Chunks go to the peer process and come back through its stores to the
+ * free map: an order ThreadSanitizer cannot see, since it watches one
+ * process.  Tell it: handing chunks over releases the segment, claiming
+ * chunks acquires it.  Nothing at all outside a TSan build.
+ */
+#if defined(__SANITIZE_THREAD__)
+#define LSHM_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define LSHM_TSAN 1
+#endif
+#endif
+#ifdef LSHM_TSAN
+void __tsan_acquire(void *addr);
+void __tsan_release(void *addr);
+#define lshm_tsan_acquire(p) __tsan_acquire(p)
+#define lshm_tsan_release(p) __tsan_release(p)
+#else
+#define lshm_tsan_acquire(p) ((void)(p))
+#define lshm_tsan_release(p) ((void)(p))
+#endif
+
+/*
  * Record why the calling thread's last call failed, for lshm_last_error();
  * returns err so that a failure path reads "return lshm_fail(-EINVAL, ...)".
  */

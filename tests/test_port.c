@@ -20,15 +20,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "common.h"
 #include "linuxshm.h"
 #include "port.h"
+#include "port_util.h"
 #include "wire.h"
 
 #define KiB 1024u
 #define MiB (1024u * 1024u)
-#define T_DATA 16
-#define T_CTRL 17
 
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
 #define UNDER_SAN 1
@@ -48,16 +46,6 @@ static unsigned scaled(unsigned n, unsigned div)
         return n / div ? n / div : 1;
     return n;
 }
-
-/* In a child: report the failed check on stderr and exit with its line. */
-#define CK(c)                                                                     \
-    do {                                                                          \
-        if (!(c)) {                                                               \
-            fprintf(stderr, "child %d: %s:%d: check failed: %s (%s)\n", getpid(), \
-                    __FILE__, __LINE__, #c, lshm_last_error());                   \
-            return 1;                                                             \
-        }                                                                         \
-    } while (0)
 
 /* ---- payload pattern: a function of (sequence number, byte offset) ---- */
 
@@ -156,99 +144,18 @@ static size_t rng_logsize(uint64_t *s, size_t max)
     return v > max ? max : v;
 }
 
-/* ---- processes ---- */
-
-typedef int (*child_fn)(struct lshm_ctx *ctx, struct lshm_port *port, void *arg);
-
-/*
- * A socketpair port in ctx, and a child that makes its own context (params
- * cp, NULL for defaults) after fork, adopts the other end and runs fn.
- */
-static pid_t spawn(struct lshm_ctx *ctx, const struct lshm_ctx_params *cp,
-                   struct lshm_port **port, child_fn fn, void *arg)
-{
-    int peer, ret;
-    pid_t pid;
-
-    ret = lshm_socketpair(ctx, port, &peer);
-    cr_assert_eq(ret, 0, "lshm_socketpair: %d %s", ret, lshm_last_error());
-    pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        struct lshm_ctx *cctx;
-        struct lshm_port *cport;
-        int rc;
-
-        lshm_ctx_free(ctx);
-        if (lshm_ctx_new(&cctx, cp) < 0) {
-            fprintf(stderr, "child: lshm_ctx_new: %s\n", lshm_last_error());
-            _exit(90);
-        }
-        if (lshm_port_adopt(cctx, peer, &cport) < 0) {
-            fprintf(stderr, "child: lshm_port_adopt: %s\n", lshm_last_error());
-            _exit(91);
-        }
-        rc = fn(cctx, cport, arg);
-        lshm_port_close(cport);
-        lshm_ctx_free(cctx);
-        _exit(rc);
-    }
-    close(peer);
-    return pid;
-}
-
-static void child_ok(pid_t pid, int timeout_ms)
-{
-    int st = wait_child(pid, timeout_ms);
-
-    cr_assert_neq(st, -1, "child %d did not finish within %d ms", (int)pid, timeout_ms);
-    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0,
-              "child %d failed: %s %d", (int)pid, WIFEXITED(st) ? "exit" : "signal",
-              WIFEXITED(st) ? WEXITSTATUS(st) : WTERMSIG(st));
-}
-
-static struct lshm_ctx *ctx_make(const struct lshm_ctx_params *p)
-{
-    struct lshm_ctx *ctx;
-    int ret = lshm_ctx_new(&ctx, p);
-
-    cr_assert_eq(ret, 0, "lshm_ctx_new: %d %s", ret, lshm_last_error());
-    return ctx;
-}
-
-/* Send an inline message, waiting for room in the queue (bounded). */
-static int send_inline(struct lshm_port *port, uint8_t type, uint32_t stream, const void *data,
-                       size_t size, int fd)
-{
-    struct lshm_out out = {
-        .type = type, .stream = stream, .data = size ? data : NULL, .size = size, .fd = fd,
-    };
-    int ret;
-
-    while ((ret = lshm_send(port, &out, 0)) == -EAGAIN) {
-        ret = lshm_port_wait(port, LSHM_WAIT_SEND, 10000);
-        if (ret < 0)
-            return ret;
-    }
-    return ret;
-}
+/* ---- sending ---- */
 
 /* Inline message whose payload is pattern (seq, 0 .. size). */
 static int send_pat(struct lshm_port *port, uint32_t seq, size_t size, unsigned flags)
 {
     uint8_t buf[LSHM_INLINE_MAX];
     struct lshm_out out = { .type = T_DATA, .stream = seq, .fd = -1 };
-    int ret;
 
     pat_fill(seq, 0, buf, size);
     out.data = size ? buf : NULL;
     out.size = size;
-    while ((ret = lshm_send(port, &out, flags)) == -EAGAIN) {
-        ret = lshm_port_wait(port, LSHM_WAIT_SEND, 10000);
-        if (ret < 0)
-            return ret;
-    }
-    return ret;
+    return send_out(port, &out, flags);
 }
 
 /* A shared-memory message of size bytes (pattern seq), in as many buffers
@@ -286,11 +193,7 @@ static int send_shm(struct lshm_port *port, uint32_t seq, size_t size, int fd)
     }
     out.bufs = bufs;
     out.nbufs = n;
-    while ((ret = lshm_send(port, &out, 0)) == -EAGAIN) {
-        ret = lshm_port_wait(port, LSHM_WAIT_SEND, 10000);
-        if (ret < 0)
-            goto fail;
-    }
+    ret = send_out(port, &out, 0);
     if (ret == 0)
         return 0;
 fail:
@@ -299,43 +202,58 @@ fail:
     return ret;
 }
 
-static void wait_ready(struct lshm_port *port)
+/* Inline up to LSHM_INLINE_MAX bytes, in shared memory beyond. */
+static int send_any(struct lshm_port *port, uint32_t seq, size_t size)
 {
-    int ret = lshm_port_wait(port, LSHM_WAIT_READY, 10000);
+    return size > LSHM_INLINE_MAX ? send_shm(port, seq, size, -1) : send_pat(port, seq, size, 0);
+}
 
-    cr_assert_gt(ret, 0, "handshake: %d %s", ret, lshm_last_error());
+/* Fill the buffer b with pattern seq (size bytes) and send it as message seq. */
+static int send_buf(struct lshm_port *port, struct lshm_buf *b, uint32_t seq, size_t size)
+{
+    int ret;
+
+    pat_fill(seq, 0, lshm_buf_data(b), size);
+    ret = lshm_buf_set_size(b, size);
+    if (ret < 0)
+        return ret;
+    return lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = seq, .bufs = &b,
+                                               .nbufs = 1, .fd = -1 }, 0);
+}
+
+/* The peer's T_CTRL answer: its stream (what the peer counted). */
+static uint32_t recv_ctrl(struct lshm_port *port, int timeout_ms)
+{
+    struct lshm_msg m;
+    uint32_t stream;
+    int ret = lshm_recv(port, &m, timeout_ms);
+
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    stream = m.stream;
+    lshm_msg_done(&m);
+    return stream;
+}
+
+/* In a child: wait for the parent's BYE (the port then closes with -EPIPE). */
+static int wait_bye(struct lshm_port *port)
+{
+    struct lshm_msg m;
+
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+/* In a child: report value in an empty T_CTRL (recv_ctrl), then wait_bye. */
+static int report_then_bye(struct lshm_port *port, uint32_t value)
+{
+    CK(send_inline(port, T_CTRL, value, NULL, 0, -1) == 0);
+    return wait_bye(port);
 }
 
 /* ======================================================================
  * 13. ping-pong, pull style and handler style
  * ====================================================================== */
-
-/* Echo every message back (inline copy) until the peer closes. */
-static int echo_pull(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
-{
-    struct lshm_msg m;
-    int ret;
-
-    for (;;) {
-        uint8_t buf[LSHM_INLINE_MAX];
-        size_t off = 0;
-        unsigned i;
-
-        ret = lshm_recv(port, &m, 20000);
-        if (ret == -EPIPE)
-            return 0;
-        CK(ret == 0);
-        CK(m.size <= sizeof(buf));
-        for (i = 0; i < m.niov; i++) {
-            memcpy(buf + off, m.iov[i].base, m.iov[i].len);
-            off += m.iov[i].len;
-        }
-        if (m.fd >= 0)
-            close(m.fd);
-        CK(send_inline(port, m.type, m.stream, buf, m.size, -1) == 0);
-        lshm_msg_done(&m);
-    }
-}
 
 struct echo_state {
     int  error;
@@ -387,22 +305,29 @@ static int echo_handler(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
     return 0;
 }
 
-static void pingpong_pull(struct lshm_port *port, unsigned n, size_t size)
+/* One round trip through an echo child: message seq of size bytes
+ * (inline, or in shared memory when shm), and its echo checked. */
+static void echo_roundtrip(struct lshm_port *port, uint32_t seq, size_t size, bool shm)
 {
     struct lshm_msg m;
-    unsigned i;
     int ret;
 
-    for (i = 0; i < n; i++) {
-        ret = send_pat(port, i, size, 0);
-        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
-        ret = lshm_recv(port, &m, 10000);
-        cr_assert_eq(ret, 0, "recv %u: %d %s", i, ret, lshm_last_error());
-        cr_assert_eq(m.stream, i);
-        cr_assert_eq(m.type, T_DATA);
-        cr_assert(msg_check(&m, i, size), "echo %u differs", i);
-        lshm_msg_done(&m);
-    }
+    ret = shm ? send_shm(port, seq, size, -1) : send_pat(port, seq, size, 0);
+    cr_assert_eq(ret, 0, "send %u: %d %s", seq, ret, lshm_last_error());
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, 0, "recv %u: %d %s", seq, ret, lshm_last_error());
+    cr_assert_eq(m.stream, seq);
+    cr_assert_eq(m.type, T_DATA);
+    cr_assert(msg_check(&m, seq, size), "echo %u differs", seq);
+    lshm_msg_done(&m);
+}
+
+static void pingpong_pull(struct lshm_port *port, unsigned n, size_t size)
+{
+    unsigned i;
+
+    for (i = 0; i < n; i++)
+        echo_roundtrip(port, i, size, false);
 }
 
 LTEST(port, pingpong_64B_pull_style_10000)
@@ -416,9 +341,7 @@ LTEST(port, pingpong_64B_pull_style_10000)
     t0 = now_ms();
     pingpong_pull(port, 10000, 64);
     cr_log_info("pull ping-pong: 10000 round trips of 64 B in %lld ms", now_ms() - t0);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 struct pp_state {
@@ -461,9 +384,7 @@ LTEST(port, pingpong_64B_handler_style_10000)
     cr_assert_eq(st.error, 0);
     cr_assert_eq(st.got, st.n, "%u of %u echoes", st.got, st.n);
     cr_log_info("handler ping-pong: 10000 round trips of 64 B in %lld ms", now_ms() - t0);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -668,12 +589,8 @@ static int bulk_child(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
                 p.fail ? p.fail : "", lshm_last_error(), p.tx_seq, p.rx_seq);
     CK(ret == 0);
     /* Wait for the parent's BYE so that nothing it still sends is lost. */
-    {
-        struct lshm_msg m;
-
-        CK(lshm_recv(port, &m, 20000) == -EPIPE);
-        CK(strstr(lshm_port_error(port), "BYE") != NULL);
-    }
+    CK(wait_bye(port) == 0);
+    CK(strstr(lshm_port_error(port), "BYE") != NULL);
     return 0;
 }
 
@@ -719,11 +636,8 @@ LTEST(port, bulk_100000_each_way_random_sizes_to_4MiB_verified)
 
 static int send_one_then_wait_bye(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
 {
-    struct lshm_msg m;
-
     CK(send_pat(port, 7, 100, 0) == 0);
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return wait_bye(port);
 }
 
 LTEST(port, recv_with_zero_timeout_returns_an_arrived_message)
@@ -745,9 +659,7 @@ LTEST(port, recv_with_zero_timeout_returns_an_arrived_message)
     cr_assert_eq(m.stream, 7);
     cr_assert(msg_check(&m, 7, 100));
     lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -788,8 +700,7 @@ static int fd_writer(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
             CK(send_inline(port, T_DATA, i, buf, i, p[0]) == 0);
         }
     }
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return wait_bye(port);
 }
 
 LTEST(port, fds_passed_with_messages_are_usable_and_in_order)
@@ -842,9 +753,7 @@ LTEST(port, fds_passed_with_messages_are_usable_and_in_order)
         cr_assert_eq(v, i, "fd of message %u carries %u", i, v);
         close(fd);
     }
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -862,9 +771,7 @@ static int recv_n_then_report(struct lshm_ctx *ctx, struct lshm_port *port, void
         CK(msg_check(&m, i, i % 200));
         lshm_msg_done(&m);
     }
-    CK(send_inline(port, T_CTRL, n, NULL, 0, -1) == 0);
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return report_then_bye(port, n);
 }
 
 LTEST(port, batch_of_1000_with_LSHM_MORE_is_one_submit)
@@ -875,7 +782,6 @@ LTEST(port, batch_of_1000_with_LSHM_MORE_is_one_submit)
     struct lshm_port *port;
     pid_t pid = spawn(ctx, NULL, &port, recv_n_then_report, &n);
     struct lshm_ctx_stats s0, s1, s2;
-    struct lshm_msg m;
     int ret;
 
     wait_ready(port);
@@ -897,14 +803,8 @@ LTEST(port, batch_of_1000_with_LSHM_MORE_is_one_submit)
     cr_assert_leq(s2.enters - s0.enters, 2, "%llu io_uring_enter calls for one batch",
                   (unsigned long long)(s2.enters - s0.enters));
     cr_assert_geq(s2.submitted - s0.submitted, 1000);
-    ret = lshm_recv(port, &m, 10000);
-    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-    cr_assert_eq(m.type, T_CTRL);
-    cr_assert_eq(m.stream, n);
-    lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    cr_assert_eq(recv_ctrl(port, 10000), n);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -933,9 +833,18 @@ static int slow_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
         lshm_msg_done(&m);
         i++;
     }
-    CK(send_inline(port, T_CTRL, i, NULL, 0, -1) == 0);
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return report_then_bye(port, i);
+}
+
+/* Message seq of the stream slow_reader checks (pattern seq, 8 + seq % 1000
+ * bytes) into out and buf; LAST when it is the total-th (total 0: not yet
+ * known, never LAST). */
+static void slow_msg(struct lshm_out *out, uint8_t *buf, uint32_t seq, uint32_t total)
+{
+    out->stream = seq;
+    out->size = 8 + seq % 1000;
+    out->last = seq + 1 == total;
+    pat_fill(seq, 0, buf, out->size);
 }
 
 LTEST(port, stalled_receiver_send_queue_bound_then_all_in_order)
@@ -947,17 +856,14 @@ LTEST(port, stalled_receiver_send_queue_bound_then_all_in_order)
     pid_t pid = spawn(ctx, NULL, &port, slow_reader, &sleep_ms);
     uint8_t buf[LSHM_INLINE_MAX];
     struct lshm_out out = { .type = T_DATA, .fd = -1, .data = buf };
-    uint32_t seq = 0, total;
+    uint32_t seq = 0, total, got;
     long long t0;
-    struct lshm_msg m;
     int ret;
 
     wait_ready(port);
     t0 = now_ms();
     for (;;) {
-        out.stream = seq;
-        out.size = 8 + seq % 1000;
-        pat_fill(seq, 0, buf, out.size);
+        slow_msg(&out, buf, seq, 0);
         ret = lshm_send(port, &out, 0);
         if (ret == -EAGAIN)
             break;
@@ -974,10 +880,7 @@ LTEST(port, stalled_receiver_send_queue_bound_then_all_in_order)
     cr_assert_eq(lshm_send(port, &out, 0), -EAGAIN);
     total = seq + 5000;
     while (seq < total) {
-        out.stream = seq;
-        out.size = 8 + seq % 1000;
-        out.last = seq + 1 == total;
-        pat_fill(seq, 0, buf, out.size);
+        slow_msg(&out, buf, seq, total);
         ret = lshm_send(port, &out, 0);
         if (ret == -EAGAIN) {
             ret = lshm_port_wait(port, LSHM_WAIT_SEND, 10000);
@@ -987,14 +890,9 @@ LTEST(port, stalled_receiver_send_queue_bound_then_all_in_order)
         cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
         seq++;
     }
-    ret = lshm_recv(port, &m, 20000);
-    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-    cr_assert_eq(m.type, T_CTRL);
-    cr_assert_eq(m.stream, total, "receiver counted %u of %u", m.stream, total);
-    lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    got = recv_ctrl(port, 20000);
+    cr_assert_eq(got, total, "receiver counted %u of %u", got, total);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -1010,9 +908,8 @@ LTEST(port, fifo_kept_when_socket_is_full)
     uint8_t buf[LSHM_INLINE_MAX];
     struct lshm_out out = { .type = T_DATA, .fd = -1, .data = buf };
     uint64_t rng = 99, eagain = 0;
-    uint32_t seq = 0, total = scaled(40000, 4);
+    uint32_t seq = 0, total = scaled(40000, 4), got;
     long long t0;
-    struct lshm_msg m;
     int ret;
 
     wait_ready(port);
@@ -1021,10 +918,7 @@ LTEST(port, fifo_kept_when_socket_is_full)
         unsigned batch = 1 + (unsigned)rng_below(&rng, 100), k;
 
         for (k = 0; k < batch && seq < total; k++) {
-            out.stream = seq;
-            out.size = 8 + seq % 1000;
-            out.last = seq + 1 == total;
-            pat_fill(seq, 0, buf, out.size);
+            slow_msg(&out, buf, seq, total);
             ret = lshm_send(port, &out, k + 1 < batch ? LSHM_MORE : 0);
             if (ret == -EAGAIN) {
                 if (now_ms() - t0 < sleep_ms)
@@ -1042,14 +936,9 @@ LTEST(port, fifo_kept_when_socket_is_full)
             lshm_ctx_run(ctx, 0);
     }
     cr_assert_gt(eagain, 0, "the send queue never filled while the receiver slept");
-    ret = lshm_recv(port, &m, 20000);
-    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-    cr_assert_eq(m.type, T_CTRL);
-    cr_assert_eq(m.stream, total, "receiver counted %u of %u in order", m.stream, total);
-    lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    got = recv_ctrl(port, 20000);
+    cr_assert_eq(got, total, "receiver counted %u of %u in order", got, total);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -1086,9 +975,31 @@ static int hold_then_release(struct lshm_ctx *ctx, struct lshm_port *port, void 
     CK(m.stream == 1000);
     CK(msg_check(&m, 1000, HOLD_SIZE));
     lshm_msg_done(&m);
-    CK(send_inline(port, T_CTRL, n, NULL, 0, -1) == 0);
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return report_then_bye(port, n);
+}
+
+/* Send HOLD_SIZE shared-memory messages (stream and pattern 0, 1, ...)
+ * until allocation says -EAGAIN, never more than one segment's worth (10).
+ * Returns how many went out; *hdr, when hdr is not NULL, is their segment. */
+static unsigned send_held_until_eagain(struct lshm_port *port,
+                                       struct lshm_segment_header **hdr)
+{
+    struct lshm_buf *b;
+    unsigned sent = 0;
+    int ret;
+
+    for (;;) {
+        ret = lshm_buf_alloc(port, HOLD_SIZE, &b);
+        if (ret == -EAGAIN)
+            return sent;
+        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+        cr_assert_eq(lshm_buf_capacity(b), HOLD_SIZE);
+        if (hdr != NULL)
+            *hdr = b->seg->hdr;
+        cr_assert_eq(send_buf(port, b, sent, HOLD_SIZE), 0, "%s", lshm_last_error());
+        sent++;
+        cr_assert_leq(sent, 10, "more than one segment's worth of chunks handed out");
+    }
 }
 
 LTEST(port, out_of_chunks_eagain_then_shm_ack_wakes_sender)
@@ -1100,28 +1011,11 @@ LTEST(port, out_of_chunks_eagain_then_shm_ack_wakes_sender)
     int maps0 = count_maps("memfd:"), ret, i;
     struct lshm_segment_header *hdr = NULL;
     struct lshm_buf *b;
-    unsigned sent = 0;
-    struct lshm_msg m;
+    unsigned sent;
     long long t0;
 
     wait_ready(port);
-    for (;;) {
-        ret = lshm_buf_alloc(port, HOLD_SIZE, &b);
-        if (ret == -EAGAIN)
-            break;
-        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-        cr_assert_eq(lshm_buf_capacity(b), HOLD_SIZE);
-        hdr = b->seg->hdr;
-        pat_fill(sent, 0, lshm_buf_data(b), HOLD_SIZE);
-        cr_assert_eq(lshm_buf_set_size(b, HOLD_SIZE), 0);
-        {
-            struct lshm_out out = { .type = T_DATA, .stream = sent, .bufs = &b, .nbufs = 1,
-                                    .fd = -1 };
-            cr_assert_eq(lshm_send(port, &out, 0), 0, "%s", lshm_last_error());
-        }
-        sent++;
-        cr_assert_leq(sent, 10, "more than one segment's worth of chunks handed out");
-    }
+    sent = send_held_until_eagain(port, &hdr);
     cr_assert_eq(sent, 10, "%u MiB before -EAGAIN, expected 10", sent);
     cr_assert_str_neq(lshm_last_error(), "");
     cr_assert_eq(count_maps("memfd:"), maps0 + 1, "one segment mapped for the peer");
@@ -1148,14 +1042,8 @@ LTEST(port, out_of_chunks_eagain_then_shm_ack_wakes_sender)
     cr_assert_eq(__atomic_load_n(&hdr->oosm, __ATOMIC_ACQUIRE), 0, "oosm still set");
     cr_assert_eq(send_shm(port, 1000, HOLD_SIZE, -1), 0, "%s", lshm_last_error());
     cr_assert_eq(count_maps("memfd:"), maps0 + 1);
-    ret = lshm_recv(port, &m, 10000);
-    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-    cr_assert_eq(m.type, T_CTRL);
-    cr_assert_eq(m.stream, 10);
-    lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    cr_assert_eq(recv_ctrl(port, 10000), 10);
+    spawn_end(ctx, port, pid);
 }
 
 /* ======================================================================
@@ -1203,8 +1091,7 @@ static int track_child(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
         lshm_msg_done(&m);
         CK(send_inline(port, T_CTRL, s, NULL, 0, -1) == 0);
     }
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return wait_bye(port);
 }
 
 static void tracking_rounds(bool dropping)
@@ -1274,9 +1161,7 @@ static void tracking_rounds(bool dropping)
     cr_assert_eq(before + after, TRACK_ROUNDS);
     cr_assert_not(lshm_tracking_cancel(NULL));
     close(go[1]);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 LTEST(port, tracking_cancel_before_and_after_receipt_no_slot_leak)
@@ -1418,8 +1303,7 @@ static int client(struct lshm_ctx *ctx, struct lshm_port *unused, void *arg)
             uint32_t seq = a->id << 24 | sent;
             size_t size = (sent % 2) ? 16385 + rng_below(&rng, 600000) : rng_below(&rng, 16385);
 
-            CK((size > LSHM_INLINE_MAX ? send_shm(port, seq, size, -1)
-                                       : send_pat(port, seq, size, 0)) == 0);
+            CK(send_any(port, seq, size) == 0);
             sent++;
         }
         CK(lshm_recv(port, &m, 10000) == 0);
@@ -1445,6 +1329,8 @@ static int run_client(struct client_arg *a)
     return rc;
 }
 
+/* A server acknowledging every message it checked with an empty T_CTRL of
+ * its stream (the listener's ports, and the two ports of the child below). */
 struct server {
     unsigned open, closed, msgs;
     int      error;
@@ -1467,8 +1353,11 @@ static void srv_on_close(struct lshm_port *port, int error, void *arg)
 {
     struct server *s = arg;
 
-    if (error != -EPIPE)
+    if (error != -EPIPE) {
+        fprintf(stderr, "pid %d: port closed: %d %s\n", getpid(), error,
+                lshm_port_error(port));
         s->error = 3;
+    }
     s->closed++;
     lshm_port_close(port);
 }
@@ -1488,6 +1377,22 @@ static char *tmp_dir(void)
 
     cr_assert_not_null(mkdtemp(d));
     return d;
+}
+
+/* A socket of type bound to dir/name (its path into path[128]), listening
+ * if asked; its fd.  Closed unlistened, it leaves a stale socket file. */
+static int bound_socket(char *path, const char *dir, const char *name, int type, bool listening)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    int fd;
+
+    snprintf(path, 128, "%s/%s", dir, name);
+    strcpy(sun.sun_path, path);
+    fd = socket(AF_UNIX, type, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    if (listening)
+        cr_assert_eq(listen(fd, 4), 0);
+    return fd;
 }
 
 LTEST(port, listener_serves_two_clients_at_once)
@@ -1539,17 +1444,12 @@ LTEST(port, listen_replaces_stale_socket_refuses_live_one)
     char *dir = tmp_dir(), path[128], file[128];
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_listener *l, *l2 = NULL;
-    struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct lshm_port *p;
     struct stat st;
     int fd, ret;
 
-    snprintf(path, sizeof(path), "%s/sock", dir);
     /* A stale socket file: bound, never listened on, its socket closed. */
-    strcpy(sun.sun_path, path);
-    fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
-    close(fd);
+    close(bound_socket(path, dir, "sock", SOCK_SEQPACKET, false));
     cr_assert_eq(stat(path, &st), 0);
     ret = lshm_listen(ctx, path, 0640, &l);
     cr_assert_eq(ret, 0, "stale socket not replaced: %d %s", ret, lshm_last_error());
@@ -1563,14 +1463,9 @@ LTEST(port, listen_replaces_stale_socket_refuses_live_one)
     /* A live server of another socket type is not "stale" either. */
     {
         char spath[128];
-        struct sockaddr_un ss = { .sun_family = AF_UNIX };
         struct lshm_listener *l3 = NULL;
-        int sfd = socket(AF_UNIX, SOCK_STREAM, 0);
+        int sfd = bound_socket(spath, dir, "stream", SOCK_STREAM, true);
 
-        snprintf(spath, sizeof(spath), "%s/stream", dir);
-        strcpy(ss.sun_path, spath);
-        cr_assert_eq(bind(sfd, (struct sockaddr *)&ss, sizeof(ss)), 0);
-        cr_assert_eq(listen(sfd, 4), 0);
         ret = lshm_listen(ctx, spath, 0, &l3);
         cr_expect_eq(ret, -EADDRINUSE, "a live SOCK_STREAM server's socket was replaced: "
                      "%d %s", ret, lshm_last_error());
@@ -1605,38 +1500,14 @@ LTEST(port, listen_replaces_stale_socket_refuses_live_one)
  * 10. a HELLO with another protocol version is refused, saying so
  * ====================================================================== */
 
-/* A raw HELLO: 16-byte header, 24-byte body. */
-static size_t raw_hello(uint8_t *buf, pid_t pid, uint16_t version)
-{
-    struct lshm_wire_msg h = { .pid = pid, .port_id = 77, .type = LSHM_WIRE_HELLO,
-                               .size = sizeof(struct lshm_wire_hello) };
-    struct lshm_wire_hello b = { .magic = LSHM_MAGIC, .version = version, .port_id = 77,
-                                 .header_size = 4096, .chunk_size = 16384,
-                                 .chunk_count = 640, .max_segments = 32 };
-
-    memcpy(buf, &h, sizeof(h));
-    memcpy(buf + sizeof(h), &b, sizeof(b));
-    return sizeof(h) + sizeof(b);
-}
-
-static void raw_send(int fd, const void *buf, size_t len)
-{
-    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
-    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-
-    cr_assert_eq(sendmsg(fd, &mh, MSG_NOSIGNAL), (ssize_t)len, "sendmsg: %m");
-}
-
 LTEST(port, hello_version_2_refused_on_adopted_port)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *port;
     uint8_t buf[64];
-    int peer, one = 1, ret;
+    int peer = raw_peer(ctx, &port), ret;
 
-    cr_assert_eq(lshm_socketpair(ctx, &port, &peer), 0);
-    cr_assert_eq(setsockopt(peer, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
-    raw_send(peer, buf, raw_hello(buf, getpid(), 2));
+    raw_sendv(peer, buf, raw_hello_build(buf, getpid(), 2), NULL, 0);
     ret = lshm_port_wait(port, LSHM_WAIT_READY, 5000);
     cr_assert_eq(ret, -EPROTONOSUPPORT, "%d %s", ret, lshm_last_error());
     cr_assert_not_null(lshm_port_error(port));
@@ -1652,17 +1523,11 @@ LTEST(port, hello_version_2_refused_on_adopted_port)
 LTEST(port, hello_version_2_refused_by_lshm_connect)
 {
     char *dir = tmp_dir(), path[128];
-    struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct lshm_ctx *ctx;
     struct lshm_port *port = NULL;
-    int lfd, ret, one = 1;
+    int lfd = bound_socket(path, dir, "sock", SOCK_SEQPACKET, true), ret, one = 1;
     pid_t pid;
 
-    snprintf(path, sizeof(path), "%s/sock", dir);
-    strcpy(sun.sun_path, path);
-    lfd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
-    cr_assert_eq(bind(lfd, (struct sockaddr *)&sun, sizeof(sun)), 0);
-    cr_assert_eq(listen(lfd, 4), 0);
     pid = fork();
     cr_assert_geq(pid, 0);
     if (pid == 0) {
@@ -1672,7 +1537,7 @@ LTEST(port, hello_version_2_refused_by_lshm_connect)
 
         if (c < 0 || setsockopt(c, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
             _exit(1);
-        if (send(c, buf, raw_hello(buf, getpid(), 2), MSG_NOSIGNAL) < 0)
+        if (send(c, buf, raw_hello_build(buf, getpid(), 2), MSG_NOSIGNAL) < 0)
             _exit(2);
         /* Wait for the client to hang up. */
         while (recv(c, buf, sizeof(buf), 0) > 0)
@@ -1743,8 +1608,7 @@ static int wait_go_send_one(struct lshm_ctx *ctx, struct lshm_port *port, void *
     lshm_msg_done(&m);
     usleep(100 * 1000);
     CK(send_pat(port, 5, 300, 0) == 0);
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return wait_bye(port);
 }
 
 static void ctx_fd_polls(const struct lshm_ctx_params *prm)
@@ -1781,9 +1645,7 @@ static void ctx_fd_polls(const struct lshm_ctx_params *prm)
     cr_assert_eq(m.stream, 5);
     cr_assert(msg_check(&m, 5, 300));
     lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 LTEST(port, ctx_fd_polls_readable_when_a_message_arrived)
@@ -1807,8 +1669,6 @@ static void fallback_pingpong(unsigned flags)
     unsigned f = lshm_ctx_features(ctx), i;
     struct lshm_port *port;
     pid_t pid = spawn(ctx, &prm, &port, echo_pull, NULL);
-    struct lshm_msg m;
-    int ret;
 
     if (flags & LSHM_CTX_NO_MULTISHOT)
         cr_assert_eq(f & (LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING), 0, "features %#x", f);
@@ -1819,17 +1679,9 @@ static void fallback_pingpong(unsigned flags)
         size_t size = (i % 4 == 3) ? 5000 + i : i % 700;
 
         /* The echo copies inline: shared-memory payloads stay <= 16 KiB. */
-        ret = size > 4096 ? send_shm(port, i, size, -1) : send_pat(port, i, size, 0);
-        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
-        ret = lshm_recv(port, &m, 10000);
-        cr_assert_eq(ret, 0, "recv %u: %d %s", i, ret, lshm_last_error());
-        cr_assert_eq(m.stream, i);
-        cr_assert(msg_check(&m, i, size));
-        lshm_msg_done(&m);
+        echo_roundtrip(port, i, size, size > 4096);
     }
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 LTEST(port, features_default_context_uses_multishot_and_defer_taskrun)
@@ -1913,8 +1765,7 @@ static void *thr_main(void *arg)
             size_t size = (sent % 2 || sent == 0) ? 16385 + rng_below(&rng, 240 * KiB)
                                                  : rng_below(&rng, 3000);
 
-            TCK((size > LSHM_INLINE_MAX ? send_shm(port, seq, size, -1)
-                                        : send_pat(port, seq, size, 0)) == 0);
+            TCK(send_any(port, seq, size) == 0);
             sent++;
         }
         TCK(lshm_recv(port, &m, 10000) == 0);
@@ -1936,41 +1787,73 @@ out:
     return NULL;
 }
 
-struct two_srv {
-    int      error;
-    unsigned closed, msgs;
-};
+/* A child's work on its ends of two socketpairs. */
+typedef int (*two_fn)(int s0, int s1, unsigned arg);
 
-static void two_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg)
+/* Two socketpairs, and a child running fn on one end of each (ctx, when not
+ * NULL, freed there first); mine[] are the parent's ends. */
+static pid_t fork_two(struct lshm_ctx *ctx, int mine[2], two_fn fn, unsigned arg)
 {
-    struct two_srv *s = arg;
-    uint32_t seq = m->stream;
+    int sv[2][2], i;
+    pid_t pid;
 
-    if (!msg_check(m, seq, m->size))
-        s->error = 1;
-    lshm_msg_done(m);
-    if (send_inline(port, T_CTRL, seq, NULL, 0, -1) != 0)
-        s->error = 2;
-    s->msgs++;
+    for (i = 0; i < 2; i++)
+        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        if (ctx != NULL)
+            lshm_ctx_free(ctx);
+        close(sv[0][0]);
+        close(sv[1][0]);
+        _exit(fn(sv[0][1], sv[1][1], arg));
+    }
+    close(sv[0][1]);
+    close(sv[1][1]);
+    mine[0] = sv[0][0];
+    mine[1] = sv[1][0];
+    return pid;
 }
 
-static void two_on_close(struct lshm_port *port, int error, void *arg)
+/* fork_two, with ports A and B of ctx on the parent's ends, handshakes done. */
+static pid_t spawn_two(struct lshm_ctx *ctx, struct lshm_port **pa, struct lshm_port **pb,
+                       two_fn fn, unsigned arg)
 {
-    struct two_srv *s = arg;
+    int mine[2];
+    pid_t pid = fork_two(ctx, mine, fn, arg);
 
-    if (error != -EPIPE) {
-        fprintf(stderr, "child %d: port closed: %d %s\n", getpid(), error,
-                lshm_port_error(port));
-        s->error = 3;
-    }
-    s->closed++;
-    lshm_port_close(port);
+    cr_assert_eq(lshm_port_adopt(ctx, mine[0], pa), 0);
+    cr_assert_eq(lshm_port_adopt(ctx, mine[1], pb), 0);
+    wait_ready(*pa);
+    wait_ready(*pb);
+    return pid;
+}
+
+/* The end of a spawn_two. */
+static void spawn_two_end(struct lshm_ctx *ctx, struct lshm_port *pa, struct lshm_port *pb,
+                          pid_t pid)
+{
+    lshm_port_close(pa);
+    lshm_port_close(pb);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* One message (any) on port within 5 s, expected; what names the port. */
+static void expect_msg(struct lshm_port *port, const char *what)
+{
+    struct lshm_msg m;
+    int ret = lshm_recv(port, &m, 5000);
+
+    cr_expect_eq(ret, 0, "%s: %d %s", what, ret, lshm_port_error(port));
+    if (ret == 0)
+        lshm_msg_done(&m);
 }
 
 /* The child: one context, both ports, handlers. */
 static int two_port_server(int s0, int s1, unsigned per_port)
 {
-    struct two_srv srv = { 0 };
+    struct server srv = { 0 };
     struct lshm_ctx *ctx;
     struct lshm_port *p0, *p1;
     long long end = now_ms() + 40000;
@@ -1978,8 +1861,8 @@ static int two_port_server(int s0, int s1, unsigned per_port)
     CK(lshm_ctx_new(&ctx, NULL) == 0);
     CK(lshm_port_adopt(ctx, s0, &p0) == 0);
     CK(lshm_port_adopt(ctx, s1, &p1) == 0);
-    CK(lshm_port_set_handler(p0, two_on_msg, two_on_close, &srv) == 0);
-    CK(lshm_port_set_handler(p1, two_on_msg, two_on_close, &srv) == 0);
+    CK(lshm_port_set_handler(p0, srv_on_msg, srv_on_close, &srv) == 0);
+    CK(lshm_port_set_handler(p1, srv_on_msg, srv_on_close, &srv) == 0);
     while (srv.closed < 2 && srv.error == 0 && now_ms() < end)
         CK(lshm_ctx_run(ctx, 100) >= 0);
     CK(srv.error == 0);
@@ -1991,25 +1874,14 @@ static int two_port_server(int s0, int s1, unsigned per_port)
 
 LTEST(port, two_threads_two_contexts_share_one_peer)
 {
-    int sv[2][2], i;
+    int sv[2], i;
     struct thr_arg a[2];
     pthread_t th[2];
     _Atomic int started = 0;
-    pid_t pid;
+    pid_t pid = fork_two(NULL, sv, two_port_server, THR_MSGS);
 
-    for (i = 0; i < 2; i++)
-        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
-    pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        close(sv[0][0]);
-        close(sv[1][0]);
-        _exit(two_port_server(sv[0][1], sv[1][1], THR_MSGS));
-    }
-    close(sv[0][1]);
-    close(sv[1][1]);
     for (i = 0; i < 2; i++) {
-        a[i] = (struct thr_arg){ .sock = sv[i][0], .id = i + 1, .started = &started };
+        a[i] = (struct thr_arg){ .sock = sv[i], .id = i + 1, .started = &started };
         cr_assert_eq(pthread_create(&th[i], NULL, thr_main, &a[i]), 0);
     }
     for (i = 0; i < 2; i++) {
@@ -2033,29 +1905,12 @@ LTEST(port, two_ports_create_segments_for_one_peer)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *pa, *pb;
+    pid_t pid = spawn_two(ctx, &pa, &pb, two_port_server, 1);
     struct lshm_buf *ba, *bb;
-    struct lshm_msg m;
-    int sv[2][2], i, ret;
     unsigned spurious = 0;
     long long end;
-    pid_t pid;
+    int ret;
 
-    for (i = 0; i < 2; i++)
-        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
-    pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        lshm_ctx_free(ctx);
-        close(sv[0][0]);
-        close(sv[1][0]);
-        _exit(two_port_server(sv[0][1], sv[1][1], 1));
-    }
-    close(sv[0][1]);
-    close(sv[1][1]);
-    cr_assert_eq(lshm_port_adopt(ctx, sv[0][0], &pa), 0);
-    cr_assert_eq(lshm_port_adopt(ctx, sv[1][0], &pb), 0);
-    wait_ready(pa);
-    wait_ready(pb);
     cr_assert_eq(lshm_buf_alloc(pa, 100, &ba), 0);       /* segment 0, for port A */
     end = now_ms() + 3000;
     while ((ret = lshm_buf_alloc(pb, 100, &bb)) == -EAGAIN && now_ms() < end) {
@@ -2068,28 +1923,13 @@ LTEST(port, two_ports_create_segments_for_one_peer)
                     spurious);
     cr_assert_eq(ret, 0, "port B gets no shared memory while port A holds an unsent "
                  "buffer: %d %s", ret, lshm_last_error());
-    pat_fill(1 << 24, 0, lshm_buf_data(ba), 100);
-    pat_fill(2 << 24, 0, lshm_buf_data(bb), 100);
-    lshm_buf_set_size(ba, 100);
-    lshm_buf_set_size(bb, 100);
-    cr_assert_eq(lshm_send(pb, &(struct lshm_out){ .type = T_DATA, .stream = 2 << 24,
-                                                   .bufs = &bb, .nbufs = 1, .fd = -1 }, 0), 0);
+    cr_assert_eq(send_buf(pb, bb, 2 << 24, 100), 0);
     cr_assert_gt(lshm_port_wait(pb, LSHM_WAIT_IDLE, 5000), 0);
     usleep(50 * 1000);
-    cr_assert_eq(lshm_send(pa, &(struct lshm_out){ .type = T_DATA, .stream = 1 << 24,
-                                                   .bufs = &ba, .nbufs = 1, .fd = -1 }, 0), 0);
-    ret = lshm_recv(pb, &m, 5000);
-    cr_expect_eq(ret, 0, "port B: %d %s", ret, lshm_port_error(pb));
-    if (ret == 0)
-        lshm_msg_done(&m);
-    ret = lshm_recv(pa, &m, 5000);
-    cr_expect_eq(ret, 0, "port A: %d %s", ret, lshm_port_error(pa));
-    if (ret == 0)
-        lshm_msg_done(&m);
-    lshm_port_close(pa);
-    lshm_port_close(pb);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    cr_assert_eq(send_buf(pa, ba, 1 << 24, 100), 0);
+    expect_msg(pb, "port B");
+    expect_msg(pa, "port A");
+    spawn_two_end(ctx, pa, pb, pid);
 }
 
 /* ======================================================================
@@ -2120,9 +1960,7 @@ static int lazy_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
         CK(msg_check(&m, i, 100 + i % 300));
         lshm_msg_done(&m);
     }
-    CK(send_inline(port, T_CTRL, max_held, NULL, 0, -1) == 0);
-    CK(lshm_recv(port, &m, 20000) == -EPIPE);
-    return 0;
+    return report_then_bye(port, max_held);
 }
 
 static void recv_queue_bound(unsigned flags)
@@ -2130,11 +1968,10 @@ static void recv_queue_bound(unsigned flags)
     struct lshm_ctx_params sprm = { .send_queue = 64 };
     struct lshm_ctx_params rprm = { .recv_queue = 16, .flags = flags };
     struct lshm_ctx *ctx = ctx_make(&sprm);
-    unsigned total = 3000, i, eagain = 0;
+    unsigned total = 3000, i, eagain = 0, held;
     struct lshm_port *port;
     pid_t pid = spawn(ctx, &rprm, &port, lazy_reader, &total);
     long long t0;
-    struct lshm_msg m;
     int ret;
 
     wait_ready(port);
@@ -2153,14 +1990,9 @@ static void recv_queue_bound(unsigned flags)
         cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
     }
     cr_assert_gt(eagain, 0, "the reader's bound never pushed back on the sender");
-    ret = lshm_recv(port, &m, 10000);
-    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-    cr_assert_eq(m.type, T_CTRL);
-    cr_log_info("recv_queue 16: reader held at most %u", m.stream);
-    lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    held = recv_ctrl(port, 10000);
+    cr_log_info("recv_queue 16: reader held at most %u", held);
+    spawn_end(ctx, port, pid);
 }
 
 LTEST(port, recv_queue_bound_stops_reading_then_resumes)
@@ -2195,17 +2027,26 @@ static int read_all_then_bye(struct lshm_ctx *ctx, struct lshm_port *port, void 
     return 0;
 }
 
+/* A child that reads 1000 messages then the BYE, and the 1000 queued for
+ * it (the inline ones with LSHM_MORE: nothing has waited for them). */
+static pid_t spawn_queued(struct lshm_ctx *ctx, struct lshm_port **port)
+{
+    unsigned n = 1000, i;
+    pid_t pid = spawn(ctx, NULL, port, read_all_then_bye, &n);
+
+    wait_ready(*port);
+    for (i = 0; i < n; i++)
+        cr_assert_eq(i % 7 == 3 ? send_shm(*port, i, 20000 + i, -1)
+                                : send_pat(*port, i, i % 500, LSHM_MORE), 0);
+    return pid;
+}
+
 LTEST(port, ctx_free_sends_what_is_queued_then_bye)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
-    unsigned n = 1000, i;
     struct lshm_port *port;
-    pid_t pid = spawn(ctx, NULL, &port, read_all_then_bye, &n);
+    pid_t pid = spawn_queued(ctx, &port);
 
-    wait_ready(port);
-    for (i = 0; i < n; i++)
-        cr_assert_eq(i % 7 == 3 ? send_shm(port, i, 20000 + i, -1)
-                                : send_pat(port, i, i % 500, LSHM_MORE), 0);
     lshm_ctx_free(ctx);     /* nothing waited for: the free must send it all */
     child_ok(pid, 10000);
 }
@@ -2213,16 +2054,11 @@ LTEST(port, ctx_free_sends_what_is_queued_then_bye)
 LTEST(port, port_close_sends_what_is_queued_then_bye)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
-    unsigned n = 1000, i;
     struct lshm_port *port;
-    pid_t pid = spawn(ctx, NULL, &port, read_all_then_bye, &n);
+    pid_t pid = spawn_queued(ctx, &port);
     long long end;
     int st = -1;
 
-    wait_ready(port);
-    for (i = 0; i < n; i++)
-        cr_assert_eq(i % 7 == 3 ? send_shm(port, i, 20000 + i, -1)
-                                : send_pat(port, i, i % 500, LSHM_MORE), 0);
     lshm_port_close(port);
     end = now_ms() + 10000;
     while (now_ms() < end && waitpid(pid, &st, WNOHANG) == 0)
@@ -2294,37 +2130,16 @@ LTEST(port, receiver_segment_limit_binds_the_sender)
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *port;
     pid_t pid = spawn(ctx, &cprm, &port, hold_then_release, NULL);
-    int maps0 = count_maps("memfd:"), ret;
-    unsigned sent = 0;
-    struct lshm_buf *b;
-    struct lshm_msg m;
+    int maps0 = count_maps("memfd:");
 
     wait_ready(port);
-    for (;;) {
-        ret = lshm_buf_alloc(port, HOLD_SIZE, &b);
-        if (ret == -EAGAIN)
-            break;
-        cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-        pat_fill(sent, 0, lshm_buf_data(b), HOLD_SIZE);
-        lshm_buf_set_size(b, HOLD_SIZE);
-        cr_assert_eq(lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = sent,
-                                                         .bufs = &b, .nbufs = 1, .fd = -1 },
-                               0), 0);
-        sent++;
-        cr_assert_leq(sent, 10);
-    }
-    cr_assert_eq(sent, 10);
+    cr_assert_eq(send_held_until_eagain(port, NULL), 10);
     cr_assert_eq(count_maps("memfd:"), maps0 + 1);
     cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
     cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_SHM, 10000), 0);
     cr_assert_eq(send_shm(port, 1000, HOLD_SIZE, -1), 0);
-    ret = lshm_recv(port, &m, 10000);
-    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
-    cr_assert_eq(m.stream, 10);
-    lshm_msg_done(&m);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    cr_assert_eq(recv_ctrl(port, 10000), 10);
+    spawn_end(ctx, port, pid);
 }
 
 /* lshm_port_close from inside the port's own message handler. */
@@ -2382,7 +2197,6 @@ LTEST(port, port_closed_inside_its_own_handler)
 LTEST(port, connect_errors_are_clear)
 {
     char *dir = tmp_dir(), path[128], longp[200];
-    struct sockaddr_un sun = { .sun_family = AF_UNIX };
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *port = NULL;
     int fd, ret;
@@ -2394,19 +2208,11 @@ LTEST(port, connect_errors_are_clear)
     longp[sizeof(longp) - 1] = '\0';
     cr_assert_eq(lshm_connect(ctx, longp, 1000, &port), -ENAMETOOLONG);
     /* A stale socket: nobody listens. */
-    snprintf(path, sizeof(path), "%s/stale", dir);
-    strcpy(sun.sun_path, path);
-    fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
-    close(fd);
+    close(bound_socket(path, dir, "stale", SOCK_SEQPACKET, false));
     cr_assert_eq(lshm_connect(ctx, path, 1000, &port), -ECONNREFUSED, "%s", lshm_last_error());
     unlink(path);
     /* A server that never says HELLO. */
-    snprintf(path, sizeof(path), "%s/mute", dir);
-    strcpy(sun.sun_path, path);
-    fd = socket(AF_UNIX, SOCK_SEQPACKET, 0);
-    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
-    cr_assert_eq(listen(fd, 4), 0);
+    fd = bound_socket(path, dir, "mute", SOCK_SEQPACKET, true);
     t0 = now_ms();
     ret = lshm_connect(ctx, path, 300, &port);
     cr_assert_eq(ret, -ETIMEDOUT, "%d %s", ret, lshm_last_error());
@@ -2425,7 +2231,7 @@ LTEST(port, connect_errors_are_clear)
  * it; port B to the same process must still get shared memory: the pair's
  * segment ids must not stay blocked by an announcement that never left.
  */
-static int close_a_serve_b(int sa, int sb)
+static int close_a_serve_b(int sa, int sb, unsigned unused)
 {
     struct lshm_ctx *ctx;
     struct lshm_port *pa, *pb;
@@ -2454,28 +2260,12 @@ LTEST(port, segment_announced_on_a_dead_port_does_not_block_the_others)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *pa, *pb;
+    pid_t pid = spawn_two(ctx, &pa, &pb, close_a_serve_b, 0);
     struct lshm_buf *ba, *bb;
     struct lshm_msg m;
-    int sv[2][2], i, ret;
     long long end;
-    pid_t pid;
+    int ret;
 
-    for (i = 0; i < 2; i++)
-        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
-    pid = fork();
-    cr_assert_geq(pid, 0);
-    if (pid == 0) {
-        lshm_ctx_free(ctx);
-        close(sv[0][0]);
-        close(sv[1][0]);
-        _exit(close_a_serve_b(sv[0][1], sv[1][1]));
-    }
-    close(sv[0][1]);
-    close(sv[1][1]);
-    cr_assert_eq(lshm_port_adopt(ctx, sv[0][0], &pa), 0);
-    cr_assert_eq(lshm_port_adopt(ctx, sv[1][0], &pb), 0);
-    wait_ready(pa);
-    wait_ready(pb);
     cr_assert_eq(lshm_buf_alloc(pa, 100, &ba), 0);   /* segment 0, announced on A */
     /* Sending on B kicks only B: A's MMAP stays queued while A dies. */
     cr_assert_eq(send_inline(pb, T_CTRL, 0, NULL, 0, -1), 0);
@@ -2490,15 +2280,8 @@ LTEST(port, segment_announced_on_a_dead_port_does_not_block_the_others)
     cr_expect_eq(ret, 0, "port B gets no shared memory after port A died with segment 0 "
                  "unannounced: %d %s", ret, lshm_last_error());
     if (ret == 0) {
-        pat_fill(7, 0, lshm_buf_data(bb), 100);
-        lshm_buf_set_size(bb, 100);
-        cr_assert_eq(lshm_send(pb, &(struct lshm_out){ .type = T_DATA, .stream = 7,
-                                                       .bufs = &bb, .nbufs = 1, .fd = -1 },
-                               0), 0);
-        ret = lshm_recv(pb, &m, 5000);
-        cr_expect_eq(ret, 0, "port B: %d %s", ret, lshm_port_error(pb));
-        if (ret == 0)
-            lshm_msg_done(&m);
+        cr_assert_eq(send_buf(pb, bb, 7, 100), 0);
+        expect_msg(pb, "port B");
     } else {
         /* Let the child finish anyway. */
         cr_assert_eq(send_pat(pb, 7, 100, 0), 0);
@@ -2563,9 +2346,7 @@ LTEST(port, before_handshake_inline_queues_shm_is_ENOTCONN)
     lshm_port_close(p2);
     close(peer2);
     pingpong_pull(port, 10, 64);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 static int send_100(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
@@ -2619,9 +2400,7 @@ LTEST(port, handler_set_late_gets_waiting_messages_first_in_order)
         cr_assert_geq(lshm_ctx_run(ctx, 100), 0);
     cr_assert_eq(o.error, 0, "out of order at %u", o.next);
     cr_assert_eq(o.next, 100);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
-    child_ok(pid, 10000);
+    spawn_end(ctx, port, pid);
 }
 
 struct deathwatch {

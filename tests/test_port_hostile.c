@@ -17,60 +17,18 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "common.h"
 #include "linuxshm.h"
 #include "port.h"
+#include "port_util.h"
 #include "shm.h"
 #include "wire.h"
-
-#define T_DATA     16
-#define RAW_PORT   77
-
-#define CK(c)                                                                     \
-    do {                                                                          \
-        if (!(c)) {                                                               \
-            fprintf(stderr, "child %d: %s:%d: check failed: %s (%s)\n", getpid(), \
-                    __FILE__, __LINE__, #c, lshm_last_error());                   \
-            return 1;                                                             \
-        }                                                                         \
-    } while (0)
 
 static uint8_t pat(uint32_t seq, size_t off)
 {
     return (uint8_t)(seq * 131 + off * 7 + (off >> 8));
 }
 
-/* ---- the well-behaved port: a forked child echoing inline ---- */
-
-static int echo(struct lshm_port *port)
-{
-    struct lshm_msg m;
-    int ret;
-
-    for (;;) {
-        uint8_t buf[LSHM_INLINE_MAX];
-        size_t off = 0;
-        unsigned i;
-        struct lshm_out out = { .type = T_DATA, .fd = -1 };
-
-        ret = lshm_recv(port, &m, 30000);
-        if (ret == -EPIPE)
-            return 0;
-        CK(ret == 0);
-        CK(m.size <= sizeof(buf));
-        for (i = 0; i < m.niov; i++) {
-            memcpy(buf + off, m.iov[i].base, m.iov[i].len);
-            off += m.iov[i].len;
-        }
-        out.stream = m.stream;
-        out.data = m.size ? buf : NULL;
-        out.size = m.size;
-        lshm_msg_done(&m);
-        while ((ret = lshm_send(port, &out, 0)) == -EAGAIN)
-            CK(lshm_port_wait(port, LSHM_WAIT_SEND, 10000) > 0);
-        CK(ret == 0);
-    }
-}
+/* ---- the well-behaved port: a forked child echoing inline (echo_pull) ---- */
 
 struct hostile {
     struct lshm_ctx  *ctx;
@@ -122,31 +80,6 @@ static void good_pingpong(struct hostile *h, unsigned n)
     }
 }
 
-static void raw_sendv(int fd, const void *buf, size_t len, const int *fds, unsigned nfds)
-{
-    union {
-        struct cmsghdr align;
-        char           buf[CMSG_SPACE(sizeof(int) * 32)];
-    } cm;
-    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
-    struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
-
-    if (nfds > 0) {
-        struct cmsghdr *c;
-
-        cr_assert_leq(nfds, 32);
-        memset(&cm, 0, sizeof(cm));
-        mh.msg_control = cm.buf;
-        mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-        c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-        memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
-    }
-    cr_assert_eq(sendmsg(fd, &mh, MSG_NOSIGNAL), (ssize_t)len, "sendmsg: %m");
-}
-
 static size_t put_hdr(uint8_t *p, uint32_t stream, pid_t pid, uint8_t type, uint8_t flags,
                       uint32_t size)
 {
@@ -160,13 +93,8 @@ static size_t put_hdr(uint8_t *p, uint32_t stream, pid_t pid, uint8_t type, uint
 static void raw_hello(int fd, pid_t pid)
 {
     uint8_t buf[64];
-    struct lshm_wire_hello b = { .magic = LSHM_MAGIC, .version = 1, .port_id = RAW_PORT,
-                                 .header_size = 4096, .chunk_size = 16384,
-                                 .chunk_count = 640, .max_segments = 32 };
-    size_t off = put_hdr(buf, 0, pid, LSHM_WIRE_HELLO, 0, sizeof(b));
 
-    memcpy(buf + off, &b, sizeof(b));
-    raw_sendv(fd, buf, off + sizeof(b), NULL, 0);
+    raw_sendv(fd, buf, raw_hello_build(buf, pid, 1), NULL, 0);
 }
 
 /* A control or user message with no body beyond what is given. */
@@ -224,36 +152,19 @@ static int make_segment(uint32_t id, bool seal, struct lshm_segment_header **map
 
 static void hostile_setup(struct hostile *h, unsigned flags, bool hello)
 {
+    static int echo_timeout_ms = 30000;
     struct lshm_ctx_params prm = { .flags = flags };
-    int peer, one = 1, ret;
+    int ret;
 
     memset(h, 0, sizeof(*h));
-    ret = lshm_ctx_new(&h->ctx, &prm);
-    cr_assert_eq(ret, 0, "%s", lshm_last_error());
-    cr_assert_eq(lshm_socketpair(h->ctx, &h->good, &peer), 0);
-    h->child = fork();
-    cr_assert_geq(h->child, 0);
-    if (h->child == 0) {
-        struct lshm_ctx *c;
-        struct lshm_port *p;
-        int rc;
-
-        lshm_ctx_free(h->ctx);
-        if (lshm_ctx_new(&c, &prm) < 0 || lshm_port_adopt(c, peer, &p) < 0)
-            _exit(90);
-        rc = echo(p);
-        lshm_port_close(p);
-        lshm_ctx_free(c);
-        _exit(rc);
-    }
-    close(peer);
-    cr_assert_gt(lshm_port_wait(h->good, LSHM_WAIT_READY, 10000), 0);
+    h->ctx = ctx_make(&prm);
+    h->child = spawn(h->ctx, &prm, &h->good, echo_pull, &echo_timeout_ms);
+    wait_ready(h->good);
     good_pingpong(h, 6);   /* segments both ways exist from here on */
     h->fds1 = count_fds();
     h->maps1 = count_maps("memfd:");
 
-    cr_assert_eq(lshm_socketpair(h->ctx, &h->bad, &h->raw), 0);
-    cr_assert_eq(setsockopt(h->raw, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
+    h->raw = raw_peer(h->ctx, &h->bad);
     if (hello) {
         raw_hello(h->raw, getpid());
         ret = lshm_port_wait(h->bad, LSHM_WAIT_READY, 5000);
@@ -307,21 +218,19 @@ static void hostile_check(struct hostile *h, const char *why)
 
 static void hostile_teardown(struct hostile *h)
 {
-    int st;
-
-    lshm_port_close(h->good);
-    lshm_ctx_free(h->ctx);
-    st = wait_child(h->child, 10000);
-    cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0, "echo child: %#x", st);
+    spawn_end(h->ctx, h->good, h->child);
 }
 
-/* Read end of a pipe whose write end was sent: EOF once every copy closed. */
-static void expect_eof(int rd)
+/* hostile_check for a message that carried a pipe's write end: rd, the read
+ * end, sees EOF once every copy was closed. */
+static void hostile_check_eof(struct hostile *h, const char *why, int rd)
 {
     char c;
 
+    hostile_closed(h, why);
     cr_assert_eq(read(rd, &c, 1), 0, "a write end we sent is still open");
     close(rd);
+    hostile_finish(h);
 }
 
 typedef void (*hostile_case)(struct hostile *h);
@@ -368,12 +277,18 @@ LTEST(hostile, hello_pid_differs_from_credentials)
     both_modes(hello_pid_not_credentials, false);
 }
 
-static void header_pid_not_credentials(struct hostile *h)
+/* A user message with a 4-byte body, its header from pid with flags: refused for why. */
+static void bad_header(struct hostile *h, pid_t pid, uint8_t flags, const char *why)
 {
     uint8_t body[4] = { 0 };
 
-    raw_msg(h, 1, getpid() + 1, T_DATA, 0, 4, body, 4, NULL, 0);
-    hostile_check(h, "pid");
+    raw_msg(h, 1, pid, T_DATA, flags, 4, body, 4, NULL, 0);
+    hostile_check(h, why);
+}
+
+static void header_pid_not_credentials(struct hostile *h)
+{
+    bad_header(h, getpid() + 1, 0, "pid");
 }
 
 LTEST(hostile, header_pid_differs_from_credentials)
@@ -383,10 +298,7 @@ LTEST(hostile, header_pid_differs_from_credentials)
 
 static void unknown_flag(struct hostile *h)
 {
-    uint8_t body[4] = { 0 };
-
-    raw_msg(h, 1, getpid(), T_DATA, 0x08, 4, body, 4, NULL, 0);
-    hostile_check(h, "unknown flag");
+    bad_header(h, getpid(), 0x08, "unknown flag");
 }
 
 LTEST(hostile, unknown_flag_bit)
@@ -454,9 +366,7 @@ static void mmap_pipe(struct hostile *h)
     cr_assert_eq(pipe(p), 0);
     raw_mmap(h, 0, p[1]);
     close(p[1]);
-    hostile_closed(h, "not a regular file");
-    expect_eof(p[0]);
-    hostile_finish(h);
+    hostile_check_eof(h, "not a regular file", p[0]);
 }
 
 LTEST(hostile, mmap_with_a_pipe_fd)
@@ -464,13 +374,19 @@ LTEST(hostile, mmap_with_a_pipe_fd)
     both_modes(mmap_pipe, true);
 }
 
+/* MMAP of a segment made with id and seal: refused for why. */
+static void bad_mmap(struct hostile *h, uint32_t id, bool seal, const char *why)
+{
+    int fd = make_segment(id, seal, NULL);
+
+    raw_mmap(h, id, fd);
+    close(fd);
+    hostile_check(h, why);
+}
+
 static void mmap_unsealed(struct hostile *h)
 {
-    int fd = make_segment(0, false, NULL);
-
-    raw_mmap(h, 0, fd);
-    close(fd);
-    hostile_check(h, "not sealed");
+    bad_mmap(h, 0, false, "not sealed");
 }
 
 LTEST(hostile, mmap_with_an_unsealed_memfd)
@@ -480,11 +396,7 @@ LTEST(hostile, mmap_with_an_unsealed_memfd)
 
 static void mmap_skips_id(struct hostile *h)
 {
-    int fd = make_segment(1, true, NULL);
-
-    raw_mmap(h, 1, fd);
-    close(fd);
-    hostile_check(h, "expected 0");
+    bad_mmap(h, 1, true, "expected 0");
 }
 
 LTEST(hostile, mmap_id_skipping_0)
@@ -492,26 +404,34 @@ LTEST(hostile, mmap_id_skipping_0)
     both_modes(mmap_skips_id, true);
 }
 
-static void three_fds(struct hostile *h)
+/* A user message (4-byte body) carrying n copies of a pipe's write end, our
+ * copies closed once sent; returns the read end. */
+static int send_pipe_copies(struct hostile *h, unsigned n)
 {
     uint8_t body[4] = { 0 };
-    int p[2], fds[3], before;
+    int p[2], fds[30];
+    unsigned i;
 
+    cr_assert_leq(n, 30);
     cr_assert_eq(pipe(p), 0);
     fds[0] = p[1];
-    fds[1] = dup(p[1]);
-    fds[2] = dup(p[1]);
-    raw_msg(h, 1, getpid(), T_DATA, 0, 4, body, 4, fds, 3);
-    close(fds[0]);
-    close(fds[1]);
-    close(fds[2]);
-    before = count_fds();
+    for (i = 1; i < n; i++)
+        fds[i] = dup(p[1]);
+    raw_msg(h, 1, getpid(), T_DATA, 0, 4, body, 4, fds, n);
+    for (i = 0; i < n; i++)
+        close(fds[i]);
+    return p[0];
+}
+
+static void three_fds(struct hostile *h)
+{
+    int rd = send_pipe_copies(h, 3);
+    int before = count_fds();
+
     cr_assert_eq(lshm_recv(h->bad, &(struct lshm_msg){ 0 }, 5000), -EPROTO);
     /* The three received copies are closed at once, not at port close. */
     cr_assert_leq(count_fds(), before, "received fds kept open");
-    hostile_closed(h, "more than one fd");
-    expect_eof(p[0]);
-    hostile_finish(h);
+    hostile_check_eof(h, "more than one fd", rd);
 }
 
 LTEST(hostile, user_message_with_3_fds)
@@ -526,9 +446,7 @@ static void ctrl_with_fd(struct hostile *h)
     cr_assert_eq(pipe(p), 0);
     raw_msg(h, 0, getpid(), LSHM_WIRE_SHM_ACK, 0, 0, NULL, 0, &p[1], 1);
     close(p[1]);
-    hostile_closed(h, "fd on a message type");
-    expect_eof(p[0]);
-    hostile_finish(h);
+    hostile_check_eof(h, "fd on a message type", p[0]);
 }
 
 LTEST(hostile, control_message_with_an_fd)
@@ -599,19 +517,7 @@ LTEST(hostile, empty_datagram)
  * fd that did arrive is closed (the kernel drops the rest). */
 static void too_many_fds(struct hostile *h)
 {
-    uint8_t body[4] = { 0 };
-    int p[2], fds[30], i;
-
-    cr_assert_eq(pipe(p), 0);
-    fds[0] = p[1];
-    for (i = 1; i < 30; i++)
-        fds[i] = dup(p[1]);
-    raw_msg(h, 1, getpid(), T_DATA, 0, 4, body, 4, fds, 30);
-    for (i = 0; i < 30; i++)
-        close(fds[i]);
-    hostile_closed(h, "truncated");
-    expect_eof(p[0]);
-    hostile_finish(h);
+    hostile_check_eof(h, "truncated", send_pipe_copies(h, 30));
 }
 
 LTEST(hostile, too_many_fds_control_truncated)
@@ -765,18 +671,15 @@ LTEST(hostile, peer_corrupting_our_segment_header_stays_in_bounds)
 LTEST(hostile, chunks_freed_without_shm_ack_wake_the_sender)
 {
     struct lshm_ctx_params prm = { .max_segments = 1 };
-    struct lshm_ctx *ctx;
+    struct lshm_ctx *ctx = ctx_make(&prm);
     struct lshm_port *port;
+    int raw = raw_peer(ctx, &port), fd, ret;
     struct lshm_segment_header *sh = NULL;
     struct lshm_wire_msg hdr;
     struct lshm_buf *b;
     unsigned sent = 0;
-    int raw, one = 1, fd, ret;
     long long t0;
 
-    cr_assert_eq(lshm_ctx_new(&ctx, &prm), 0);
-    cr_assert_eq(lshm_socketpair(ctx, &port, &raw), 0);
-    cr_assert_eq(setsockopt(raw, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)), 0);
     raw_hello(raw, getpid());
     cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_READY, 5000), 0);
     while ((ret = lshm_buf_alloc(port, 1024 * 1024, &b)) == 0) {

@@ -754,40 +754,40 @@ static pid_t fake_server(const char *path, enum fake how)
     return pid;
 }
 
-Test(shmping, verify_catches_a_corrupt_echo, .timeout = 120)
+/* shmping with opts against a fake server (socket named after tag) that
+ * misbehaves as how: it must exit 1; its output in r, the server gone. */
+static void run_against_fake(struct run *r, enum fake how, const char *tag, const char *opts)
 {
     char path[108], args[256];
-    struct run r;
     pid_t fake;
 
-    snprintf(path, sizeof(path), "/tmp/shmping-test-%d-flip.sock", (int)getpid());
-    fake = fake_server(path, FAKE_FLIP_A_BYTE);
-    snprintf(args, sizeof(args), "%s --verify -q -c 3 -i 0.001 -s 1000", path);
-    run(&r, args);
-    cr_expect_eq(r.status, 1, "exit %d\n%s\n%s", r.status, r.out, r.err);
-    cr_expect(strstr(r.err, "seq=1: payload differs at byte 500") != NULL, "%s", r.err);
-    cr_expect(strstr(r.out, "3 sent, 3 received, 3 corrupt") != NULL, "%s", r.out);
-    run_free(&r);
+    snprintf(path, sizeof(path), "/tmp/shmping-test-%d-%s.sock", (int)getpid(), tag);
+    fake = fake_server(path, how);
+    snprintf(args, sizeof(args), "%s %s", path, opts);
+    run(r, args);
+    cr_expect_eq(r->status, 1, "exit %d\n%s\n%s", r->status, r->out, r->err);
     cr_expect_eq(wait_child(fake, 10000), 0);
     unlink(path);
 }
 
+Test(shmping, verify_catches_a_corrupt_echo, .timeout = 120)
+{
+    struct run r;
+
+    run_against_fake(&r, FAKE_FLIP_A_BYTE, "flip", "--verify -q -c 3 -i 0.001 -s 1000");
+    cr_expect(strstr(r.err, "seq=1: payload differs at byte 500") != NULL, "%s", r.err);
+    cr_expect(strstr(r.out, "3 sent, 3 received, 3 corrupt") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
 Test(shmping, lost_reply_exits_1, .timeout = 120)
 {
-    char path[108], args[256];
     struct run r;
-    pid_t fake;
 
-    snprintf(path, sizeof(path), "/tmp/shmping-test-%d-skip.sock", (int)getpid());
-    fake = fake_server(path, FAKE_SKIP_SEQ_2);
-    snprintf(args, sizeof(args), "%s --json -c 3 -i 0.01 -w 0.3", path);
-    run(&r, args);
-    cr_expect_eq(r.status, 1, "exit %d\n%s\n%s", r.status, r.out, r.err);
+    run_against_fake(&r, FAKE_SKIP_SEQ_2, "skip", "--json -c 3 -i 0.01 -w 0.3");
     check_json(r.out, PING_FIELDS, "d['sent'] == 3 and d['received'] == 2 "
                "and abs(d['lost_pct'] - 100.0 / 3) < 0.01");
     run_free(&r);
-    cr_expect_eq(wait_child(fake, 10000), 0);
-    unlink(path);
 }
 
 /* ---- --bench ---- */

@@ -450,14 +450,7 @@ static int sink_session(struct session *s)
     }
     if (sink_answer(s, &st) < 0)
         return -1;
-    res->time_ms = (double)(now_ns() - start) / 1e6;
-    res->received = st.received;
-    res->corrupt = st.corrupt;
-    if (res->time_ms > 0) {
-        double secs = res->time_ms / 1e3;
-        res->msgs_per_s = (double)st.received / secs;
-        res->gb_per_s = (double)st.bytes / secs / 1e9;
-    }
+    results_set_throughput(res, start, &st);
     return 0;
 }
 

@@ -111,7 +111,7 @@ void print_summary(const struct config *cfg, const struct results *res, const ch
 /* ---- --probe ---- */
 
 /* IORING_SETUP_* bits, spelled here so that the tool needs linuxshm.h only. */
-static const struct { unsigned bit; const char *name; } setup_names[] = {
+static const struct flag_name setup_names[] = {
     { 1u << 0,  "IOPOLL" },        { 1u << 1,  "SQPOLL" },
     { 1u << 2,  "SQ_AFF" },        { 1u << 3,  "CQSIZE" },
     { 1u << 4,  "CLAMP" },         { 1u << 5,  "ATTACH_WQ" },
@@ -125,19 +125,7 @@ static const struct { unsigned bit; const char *name; } setup_names[] = {
 
 static void setup_text(unsigned flags, char *buf, size_t len)
 {
-    size_t used = 0;
-
-    buf[0] = '\0';
-    for (size_t i = 0; i < sizeof(setup_names) / sizeof(setup_names[0]); i++) {
-        if (!(flags & setup_names[i].bit))
-            continue;
-        int n = snprintf(buf + used, len - used, "%s%s", used ? " " : "", setup_names[i].name);
-        if (n < 0 || (size_t)n >= len - used)
-            return;
-        used += (size_t)n;
-    }
-    if (used == 0)
-        snprintf(buf, len, "none");
+    flags_text(flags, setup_names, sizeof(setup_names) / sizeof(setup_names[0]), buf, len);
 }
 
 static void limit_text(uint64_t v, char *buf, size_t len)

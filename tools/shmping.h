@@ -77,10 +77,21 @@ bool     verify_piece(const void *src, size_t off, size_t len, uint32_t seq);
 int      results_add_rtt(struct results *r, double us);
 void     results_free(struct results *r);
 void     rtt_summarize(const struct results *r, struct rtt_summary *s);
+/* A throughput run's results: time since start (now_ns), what the peer counted. */
+void     results_set_throughput(struct results *r, uint64_t start, const struct peer_stats *st);
 int      drop_caps(const struct config *cfg);
 void     install_signals(void);
 void     peer_signals(void);
 const char *mode_name(enum mode m);
+/* A bit of a flag word and its name, for flags_text. */
+struct flag_name {
+    unsigned    bit;
+    const char *name;
+};
+/* The names of the bits of flags set, from names[0 .. n), space-separated
+ * in buf ("none" when there is none). */
+void     flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf,
+                    size_t len);
 void     features_text(unsigned feat, char *buf, size_t len);
 /* A socketpair of type, and a child running peer(cfg, its end) then exiting
  * with what it returns; *sock is the parent's end.  -1 (reported) on failure. */

@@ -134,6 +134,18 @@ void results_free(struct results *r)
     r->nrtt = r->rtt_cap = 0;
 }
 
+void results_set_throughput(struct results *r, uint64_t start, const struct peer_stats *st)
+{
+    r->time_ms = (double)(now_ns() - start) / 1e6;
+    r->received = st->received;
+    r->corrupt = st->corrupt;
+    if (r->time_ms > 0) {
+        double secs = r->time_ms / 1e3;
+        r->msgs_per_s = (double)st->received / secs;
+        r->gb_per_s = (double)st->bytes / secs / 1e9;
+    }
+}
+
 static int cmp_double(const void *a, const void *b)
 {
     double x = *(const double *)a, y = *(const double *)b;
@@ -248,9 +260,26 @@ const char *mode_name(enum mode m)
     }
 }
 
+void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        if (!(flags & names[i].bit))
+            continue;
+        int w = snprintf(buf + used, len - used, "%s%s", used ? " " : "", names[i].name);
+        if (w < 0 || (size_t)w >= len - used)
+            break;
+        used += (size_t)w;
+    }
+    if (used == 0)
+        snprintf(buf, len, "none");
+}
+
 void features_text(unsigned feat, char *buf, size_t len)
 {
-    static const struct { unsigned bit; const char *name; } names[] = {
+    static const struct flag_name names[] = {
         { LSHM_FEAT_SINGLE_ISSUER,    "single_issuer" },
         { LSHM_FEAT_DEFER_TASKRUN,    "defer_taskrun" },
         { LSHM_FEAT_COOP_TASKRUN,     "coop_taskrun" },
@@ -259,19 +288,8 @@ void features_text(unsigned feat, char *buf, size_t len)
         { LSHM_FEAT_MULTISHOT_ACCEPT, "multishot_accept" },
         { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
     };
-    size_t used = 0;
 
-    buf[0] = '\0';
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
-        if (!(feat & names[i].bit))
-            continue;
-        int n = snprintf(buf + used, len - used, "%s%s", used ? " " : "", names[i].name);
-        if (n < 0 || (size_t)n >= len - used)
-            break;
-        used += (size_t)n;
-    }
-    if (used == 0)
-        snprintf(buf, len, "none");
+    flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
 }
 
 pid_t fork_peer(const struct config *cfg, int type,

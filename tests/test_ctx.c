@@ -1,0 +1,131 @@
+/*
+ * A context without io_uring: the error must say why and what to do.  A
+ * seccomp filter in a forked child plays the container runtime that hides
+ * io_uring_setup (EPERM) or the kernel built without it (ENOSYS).
+ */
+#include <errno.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "linuxshm.h"
+
+enum {
+    OK = 0,
+    NO_FILTER = 10,
+    WRONG_CTX_ERROR,
+    WRONG_CTX_TEXT,
+    WRONG_PROBE,
+};
+
+/* Make io_uring_setup(2) fail with err in this process. */
+static int deny_io_uring(int err)
+{
+    struct sock_filter prog[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (err & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog fprog = { .len = sizeof(prog) / sizeof(prog[0]), .filter = prog };
+
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
+        return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &fprog, 0, 0);
+}
+
+static int child(int err, const char *must_say)
+{
+    struct lshm_probe p;
+    struct lshm_ctx *ctx;
+    int ret;
+
+    if (deny_io_uring(err) < 0)
+        return NO_FILTER;
+    ret = lshm_ctx_new(&ctx, NULL);
+    if (ret != -err) {
+        if (ret == 0)
+            lshm_ctx_free(ctx);
+        fprintf(stderr, "lshm_ctx_new: %d, expected %d\n", ret, -err);
+        return WRONG_CTX_ERROR;
+    }
+    if (strstr(lshm_last_error(), must_say) == NULL) {
+        fprintf(stderr, "lshm_last_error: \"%s\" does not say \"%s\"\n", lshm_last_error(),
+                must_say);
+        return WRONG_CTX_TEXT;
+    }
+    memset(&p, 0, sizeof(p));
+    if (lshm_probe(&p) != 0 || p.io_uring != -err || strstr(p.io_uring_why, must_say) == NULL) {
+        fprintf(stderr, "lshm_probe: io_uring %d, why \"%s\"\n", p.io_uring, p.io_uring_why);
+        return WRONG_PROBE;
+    }
+    return OK;
+}
+
+static void expect_refusal(int err, const char *must_say)
+{
+    int status;
+    pid_t pid;
+
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0)
+        _exit(child(err, must_say));
+    status = wait_child(pid, 20000);
+    cr_assert(status >= 0 && WIFEXITED(status), "child did not finish");
+    if (WEXITSTATUS(status) == NO_FILTER)
+        cr_skip_test("seccomp filters are not available here");
+    cr_assert_eq(WEXITSTATUS(status), OK, "child failed with %d (see its stderr)",
+                 WEXITSTATUS(status));
+}
+
+LTEST(ctx, io_uring_refused_by_seccomp_says_so)
+{
+    expect_refusal(EPERM, "seccomp");
+}
+
+LTEST(ctx, io_uring_missing_from_kernel_says_so)
+{
+    expect_refusal(ENOSYS, "CONFIG_IO_URING");
+}
+
+LTEST(ctx, bad_params_rejected)
+{
+    struct lshm_ctx_params p;
+    struct lshm_ctx *ctx;
+
+    memset(&p, 0, sizeof(p));
+    p.ring_entries = 100;
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), -EINVAL);
+    cr_assert_neq(strstr(lshm_last_error(), "ring_entries"), NULL);
+    memset(&p, 0, sizeof(p));
+    p.reserved[3] = 1;
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), -EINVAL);
+    memset(&p, 0, sizeof(p));
+    p.flags = 1u << 30;
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), -EINVAL);
+    memset(&p, 0, sizeof(p));
+    p.max_segments = 1025;
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), -EINVAL);
+    cr_assert_eq(lshm_ctx_new(NULL, NULL), -EINVAL);
+}
+
+LTEST(ctx, version_matches_header)
+{
+    char want[32];
+
+    snprintf(want, sizeof(want), "%d.%d.%d", LSHM_VERSION_MAJOR, LSHM_VERSION_MINOR,
+             LSHM_VERSION_PATCH);
+    cr_assert_str_eq(lshm_version(), want);
+}
