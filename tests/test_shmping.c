@@ -301,6 +301,8 @@ Test(shmping, bad_options_exit_64, .timeout = 120)
         { "-w 0", "-w" },
         { "--mode bogus", "--mode" },
         { "--mode copy /tmp/shmping-test-none.sock", "--mode copy" },
+        { "--mode seqpacket -l /tmp/shmping-test-none.sock", "--mode seqpacket" },
+        { "--mode seqpacket -s 16385", "seqpacket" },
         { "--batch 0", "--batch" },
         { "--batch 1025", "--batch" },
         { "--mode inline -s 20K", "inline" },
@@ -442,6 +444,11 @@ Test(shmping, verify_copy, .timeout = 120)
     verify_sizes("copy", all_sizes, 6, "");
 }
 
+Test(shmping, verify_seqpacket, .timeout = 120)
+{
+    verify_sizes("seqpacket", inline_sizes, 3, "");
+}
+
 Test(shmping, verify_throughput, .timeout = 120)
 {
     static const char *const cases[] = {
@@ -451,6 +458,7 @@ Test(shmping, verify_throughput, .timeout = 120)
         "--mode shm -s 3M -c 20",
         "--mode copy -s 64 -c 3000",
         "--mode copy -s 1M -c 50",
+        "--mode seqpacket -s 16384 -c 3000",
     };
 
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -795,8 +803,8 @@ Test(shmping, lost_reply_exits_1, .timeout = 120)
 Test(shmping, bench_fits_in_15_seconds, .timeout = 120)
 {
     static const char *const rows[] = {
-        "64 B     copy", "64 B     shm", "64 B     inline",
-        "4 KiB    copy", "4 KiB    shm", "4 KiB    inline",
+        "64 B     copy", "64 B     seqpacket", "64 B     shm", "64 B     inline",
+        "4 KiB    copy", "4 KiB    seqpacket", "4 KiB    shm", "4 KiB    inline",
         "1 MiB    copy", "1 MiB    shm",
     };
     long long t0 = now_ms();
@@ -807,6 +815,7 @@ Test(shmping, bench_fits_in_15_seconds, .timeout = 120)
     for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++)
         cr_expect(strstr(r.out, rows[i]) != NULL, "no row '%s':\n%s", rows[i], r.out);
     cr_expect(strstr(r.out, "1 MiB    inline") == NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "1 MiB    seqpacket") == NULL, "%s", r.out);
     cr_expect(strstr(r.out, "failed") == NULL, "%s", r.out);
     run_free(&r);
 }

@@ -16,12 +16,13 @@ struct cell {
 };
 
 static const size_t sizes[] = { 64, 4096, 1u << 20 };
-static const enum mode modes[] = { MODE_COPY, MODE_SHM, MODE_INLINE };
+static const enum mode modes[] = { MODE_COPY, MODE_SEQPACKET, MODE_SHM, MODE_INLINE };
+#define NMODES (sizeof(modes) / sizeof(modes[0]))
 
 static int run_one(const struct config *cfg, struct results *res)
 {
     memset(res, 0, sizeof(*res));
-    if (cfg->mode == MODE_COPY)
+    if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET)
         return copy_run_forked(cfg, res);
     return lshm_run_forked(cfg, res);
 }
@@ -81,10 +82,10 @@ static void print_row(size_t size, enum mode mode, const struct cell *c, const s
     else
         snprintf(sz, sizeof(sz), "%zu B", size);
     if (c->failed) {
-        printf("%-8s %-7s %s\n", sz, mode_name(mode), "failed (see above)");
+        printf("%-8s %-9s %s\n", sz, mode_name(mode), "failed (see above)");
         return;
     }
-    printf("%-8s %-7s %11.1f %6.2fx %11.1f %6.2fx %11.0f %6.2fx %9.3f %6.2fx\n",
+    printf("%-8s %-9s %11.1f %6.2fx %11.1f %6.2fx %11.0f %6.2fx %9.3f %6.2fx\n",
            sz, mode_name(mode),
            c->rtt_avg, ratio(c->rtt_avg, copy->rtt_avg),
            c->rtt_p99, ratio(c->rtt_p99, copy->rtt_p99),
@@ -124,14 +125,15 @@ int run_bench(const struct config *cfg)
                "io_uring %s\n", CELL_S, cfg->batch, feat);
         printf("ratio: the figure over copy mode's for the same size "
                "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster)\n\n");
-        printf("%-8s %-7s %11s %7s %11s %7s %11s %7s %9s %7s\n", "size", "mode",
+        printf("%-8s %-9s %11s %7s %11s %7s %11s %7s %9s %7s\n", "size", "mode",
                "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio");
     }
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]) && !stop_requested; i++) {
-        struct cell cells[3] = { { .ran = false } };
+        struct cell cells[NMODES] = { { .ran = false } };
 
-        for (size_t m = 0; m < 3 && !stop_requested; m++) {
-            if (modes[m] == MODE_INLINE && sizes[i] > LSHM_INLINE_MAX)
+        for (size_t m = 0; m < NMODES && !stop_requested; m++) {
+            if ((modes[m] == MODE_INLINE || modes[m] == MODE_SEQPACKET) &&
+                sizes[i] > LSHM_INLINE_MAX)
                 continue;
             complete &= run_cell(cfg, modes[m], sizes[i], &cells[m]);
             failed |= cells[m].failed;

@@ -1,10 +1,13 @@
 /*
- * shmping --mode copy: the baseline the other modes are measured against.
- * The payload goes through an AF_UNIX SOCK_STREAM socketpair with blocking
- * write and read, each message prefixed by a copy_hdr: no io_uring, no
- * shared memory.  Only against a forked peer, which echoes MSG_PING after
- * reading the whole message (so neither side ever writes while the other
- * is blocked writing), counts MSG_DATA and answers MSG_END with its counts.
+ * shmping --mode copy and --mode seqpacket: the baselines the other modes
+ * are measured against.  The payload goes through an AF_UNIX socketpair
+ * with blocking write and read, each message prefixed by a copy_hdr: no
+ * io_uring, no shared memory.  copy is a SOCK_STREAM (any size); seqpacket
+ * is a SOCK_SEQPACKET, one datagram per message (what the library's own
+ * transport is made of, without the library).  Only against a forked peer,
+ * which echoes MSG_PING after reading the whole message (so neither side
+ * ever writes while the other is blocked writing), counts MSG_DATA and
+ * answers MSG_END with its counts.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -79,11 +82,70 @@ static ssize_t read_full(int fd, void *buf, size_t len)
     return (ssize_t)len;
 }
 
+/*
+ * One message: its header into h and its payload into *buf (grown to fit
+ * on a stream).  A datagram must be read whole in one call, or the rest of
+ * it is lost, so a packet socket reads header and payload together into a
+ * buffer of the largest size the mode allows.  Returns as read_full().
+ */
+static ssize_t read_msg(int fd, bool packet, struct copy_hdr *h, uint8_t **buf, size_t *cap)
+{
+    ssize_t r;
+
+    if (packet) {
+        struct iovec iov[2] = {
+            { .iov_base = h, .iov_len = sizeof(*h) },
+            { .iov_base = *buf, .iov_len = *cap },
+        };
+
+        do
+            r = readv(fd, iov, 2);
+        while (r < 0 && errno == EINTR && !stop_requested);
+        if (r < 0)
+            return errno == EWOULDBLOCK ? -EAGAIN : -errno;
+        if (r == 0)
+            return 0;
+        if ((size_t)r < sizeof(*h) || h->len != (uint64_t)r - sizeof(*h))
+            return -EPROTO;
+        return r;
+    }
+    r = read_full(fd, h, sizeof(*h));
+    if (r <= 0)
+        return r;
+    if (h->len > MAX_SIZE)
+        return -EMSGSIZE;
+    if (h->len > *cap) {
+        uint8_t *nb = realloc(*buf, h->len);
+
+        if (nb == NULL)
+            return -ENOMEM;
+        *buf = nb;
+        *cap = h->len;
+    }
+    if (h->len > 0)
+        r = read_full(fd, *buf, h->len);
+    return r == 0 ? -EPIPE : r;
+}
+
+static bool mode_is_packet(const struct config *cfg)
+{
+    return cfg->mode == MODE_SEQPACKET;
+}
+
+/* Payload room: a datagram carries the whole message, so it is sized once. */
+static size_t payload_room(const struct config *cfg)
+{
+    if (mode_is_packet(cfg))
+        return SEQPACKET_MAX;
+    return cfg->size ? cfg->size : 1;
+}
+
 static int copy_peer(const struct config *cfg, int fd)
 {
     struct peer_stats st = { 0 };
-    size_t cap = cfg->size ? cfg->size : 1;
+    size_t cap = payload_room(cfg);
     uint8_t *buf = malloc(cap);
+    bool packet = mode_is_packet(cfg);
     int status = 0;
 
     if (buf == NULL) {
@@ -92,31 +154,14 @@ static int copy_peer(const struct config *cfg, int fd)
     }
     for (;;) {
         struct copy_hdr h;
-        ssize_t r = read_full(fd, &h, sizeof(h));
+        ssize_t r = read_msg(fd, packet, &h, &buf, &cap);
 
         if (r == 0)
             break;
-        if (r > 0 && h.len > MAX_SIZE) {
-            err("peer: message of %llu bytes, above the maximum", (unsigned long long)h.len);
-            status = EXIT_ERROR;
-            break;
-        }
-        if (r > 0 && h.len > cap) {
-            uint8_t *nb = realloc(buf, h.len);
-            if (nb == NULL) {
-                err("peer: out of memory for a %llu-byte payload", (unsigned long long)h.len);
-                status = EXIT_ERROR;
-                break;
-            }
-            buf = nb;
-            cap = h.len;
-        }
-        if (r > 0 && h.len > 0)
-            r = read_full(fd, buf, h.len);
-        if (r <= 0) {
-            if (r < 0 && r != -EPIPE)
+        if (r < 0) {
+            if (r != -EPIPE)
                 err("peer: read: %s", strerror((int)-r));
-            status = r < 0 && r != -EPIPE ? EXIT_ERROR : 0;
+            status = r != -EPIPE ? EXIT_ERROR : 0;
             break;
         }
         if (h.type == MSG_PING) {
@@ -167,7 +212,7 @@ static const char *copy_why(ssize_t r)
 }
 
 static int copy_ping(const struct config *cfg, int fd, struct results *res,
-                     uint8_t *sendbuf, uint8_t *recvbuf)
+                     uint8_t *sendbuf, uint8_t **recvbuf, size_t *recvcap)
 {
     uint64_t interval = cfg->flood ? 0 : (uint64_t)(cfg->interval * (double)NS_PER_S);
     uint64_t start = now_ns(), next_send = start;
@@ -200,15 +245,13 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
             break;
         }
         res->sent++;
-        r = read_full(fd, &rh, sizeof(rh));
+        r = read_msg(fd, mode_is_packet(cfg), &rh, recvbuf, recvcap);
         if (r > 0 && (rh.type != MSG_PING || rh.seq != seq || rh.len != cfg->size)) {
             err("peer answered seq=%u with type %u, seq=%u, %llu bytes", seq, rh.type,
                 rh.seq, (unsigned long long)rh.len);
             res->error = 1;
             break;
         }
-        if (r > 0 && cfg->size > 0)
-            r = read_full(fd, recvbuf, cfg->size);
         if (r == -EINTR) {
             res->interrupted = true;
             break;
@@ -221,7 +264,7 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
         }
         us = (double)(now_ns() - t0) / 1e3;
         res->received++;
-        if (cfg->verify && !verify_piece(recvbuf, 0, cfg->size, seq))
+        if (cfg->verify && !verify_piece(*recvbuf, 0, cfg->size, seq))
             res->corrupt++;
         if (results_add_rtt(res, us) < 0)
             err("out of memory for RTT samples");
@@ -234,7 +277,7 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
 }
 
 static int copy_throughput(const struct config *cfg, int fd, struct results *res,
-                           uint8_t *sendbuf)
+                           uint8_t *sendbuf, uint8_t **recvbuf, size_t *recvcap)
 {
     uint64_t start = now_ns();
     uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
@@ -258,7 +301,7 @@ static int copy_throughput(const struct config *cfg, int fd, struct results *res
     }
     if (r == 0) {
         do
-            r = read_full(fd, &h, sizeof(h));
+            r = read_msg(fd, mode_is_packet(cfg), &h, recvbuf, recvcap);
         while (r == -EINTR);    /* a second look at stop: the answer is near */
         if (r > 0 && (h.type != MSG_END || h.len != sizeof(st))) {
             err("peer's answer to the end of the stream is malformed");
@@ -266,7 +309,7 @@ static int copy_throughput(const struct config *cfg, int fd, struct results *res
             return -1;
         }
         if (r > 0)
-            r = read_full(fd, &st, sizeof(st));
+            memcpy(&st, *recvbuf, sizeof(st));
         if (r == 0)
             r = -EPIPE;
     }
@@ -292,14 +335,16 @@ int copy_run_forked(const struct config *cfg, struct results *res)
 {
     struct timeval tv = { .tv_sec = REPLY_TIMEOUT_S };
     uint8_t *sendbuf = NULL, *recvbuf = NULL;
+    size_t recvcap = payload_room(cfg);
     int sock, status;
     pid_t pid;
 
-    pid = fork_peer(cfg, SOCK_STREAM, copy_peer_start, &sock);
+    pid = fork_peer(cfg, mode_is_packet(cfg) ? SOCK_SEQPACKET : SOCK_STREAM, copy_peer_start,
+                    &sock);
     if (pid < 0)
         return EXIT_ERROR;
     sendbuf = malloc(cfg->size ? cfg->size : 1);
-    recvbuf = malloc(cfg->size ? cfg->size : 1);
+    recvbuf = malloc(recvcap < sizeof(struct peer_stats) ? sizeof(struct peer_stats) : recvcap);
     if (sendbuf == NULL || recvbuf == NULL) {
         err("out of memory for a %zu-byte payload", cfg->size);
         res->error = 1;
@@ -315,9 +360,9 @@ int copy_run_forked(const struct config *cfg, struct results *res)
     if (!cfg->json && !cfg->bench)
         print_header(cfg, "peer", 0);
     if (cfg->throughput)
-        copy_throughput(cfg, sock, res, sendbuf);
+        copy_throughput(cfg, sock, res, sendbuf, &recvbuf, &recvcap);
     else
-        copy_ping(cfg, sock, res, sendbuf, recvbuf);
+        copy_ping(cfg, sock, res, sendbuf, &recvbuf, &recvcap);
 out:
     free(sendbuf);
     free(recvbuf);

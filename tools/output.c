@@ -10,10 +10,11 @@ void print_header(const struct config *cfg, const char *peer, unsigned features)
 
     if (cfg->throughput && cfg->batch > 1)
         snprintf(batch, sizeof(batch), ", batch %u", cfg->batch);
-    if (cfg->mode == MODE_COPY) {
-        printf("SHMPING %s: %zu bytes, mode copy%s (AF_UNIX stream socket, "
+    if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) {
+        printf("SHMPING %s: %zu bytes, mode %s%s (AF_UNIX %s socket, "
                "blocking write/read, no io_uring)\n",
-               peer, cfg->size, cfg->throughput ? ", throughput" : "");
+               peer, cfg->size, mode_name(cfg->mode), cfg->throughput ? ", throughput" : "",
+               cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
         features_text(features, feat, sizeof(feat));
         printf("SHMPING %s: %zu bytes, mode %s%s%s, io_uring %s\n", peer, cfg->size,

@@ -54,7 +54,8 @@ static void usage(FILE *f)
 "  -l PATH         run the echo server on PATH\n"
 "  --mode MODE     shm: payload in shared memory; inline: in the datagram\n"
 "                  (at most 16K); copy: AF_UNIX stream socket with blocking\n"
-"                  write/read, no io_uring, forked peer only\n"
+"                  write/read, no io_uring, forked peer only; seqpacket:\n"
+"                  the same over SOCK_SEQPACKET, one datagram (at most 16K)\n"
 "                  (default: shm above 16K, inline otherwise)\n"
 "  --throughput    one-way stream, the peer counts; prints msgs/s and GB/s\n"
 "                  (default: for 1 s unless -c or -w)\n"
@@ -188,8 +189,11 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
                 cfg->mode = MODE_INLINE;
             else if (strcmp(optarg, "copy") == 0)
                 cfg->mode = MODE_COPY;
+            else if (strcmp(optarg, "seqpacket") == 0)
+                cfg->mode = MODE_SEQPACKET;
             else
-                return usage_error("--mode %s: the mode must be shm, inline or copy", optarg);
+                return usage_error("--mode %s: the mode must be shm, inline, copy or seqpacket",
+                                   optarg);
             break;
         case OPT_THROUGHPUT:
             cfg->throughput = true;
@@ -243,11 +247,15 @@ static int check_options(struct config *cfg, bool probe)
         return usage_error("-l %s and PATH %s: serve or ping, not both", cfg->listen, cfg->path);
     if (cfg->bench && (cfg->path || cfg->listen))
         return usage_error("--bench runs against a forked peer; it takes no PATH or -l");
-    if (cfg->mode == MODE_COPY && cfg->path)
-        return usage_error("--mode copy works with a forked peer only, not with PATH %s",
-                           cfg->path);
-    if (cfg->mode == MODE_COPY && cfg->listen)
-        return usage_error("--mode copy works with a forked peer only, not with -l");
+    if ((cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) && cfg->path)
+        return usage_error("--mode %s works with a forked peer only, not with PATH %s",
+                           mode_name(cfg->mode), cfg->path);
+    if ((cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) && cfg->listen)
+        return usage_error("--mode %s works with a forked peer only, not with -l",
+                           mode_name(cfg->mode));
+    if (cfg->mode == MODE_SEQPACKET && cfg->size > SEQPACKET_MAX)
+        return usage_error("--mode seqpacket: -s %zu is above one datagram's %u bytes",
+                           cfg->size, SEQPACKET_MAX);
     if (cfg->mode == MODE_INLINE && cfg->size > LSHM_INLINE_MAX)
         return usage_error("--mode inline: -s %zu is above the inline maximum %u; "
                            "use --mode shm", cfg->size, LSHM_INLINE_MAX);
@@ -297,7 +305,7 @@ int main(int argc, char **argv)
     if (cfg.listen)
         return serve(&cfg);
 
-    if (cfg.mode == MODE_COPY)
+    if (cfg.mode == MODE_COPY || cfg.mode == MODE_SEQPACKET)
         ret = copy_run_forked(&cfg, &res);
     else if (cfg.path)
         ret = lshm_run_client(&cfg, &res);

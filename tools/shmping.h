@@ -19,6 +19,7 @@
 #define EXIT_USAGE  64  /* bad option or value (EX_USAGE) */
 
 #define MAX_SIZE        (64u << 20)
+#define SEQPACKET_MAX   LSHM_INLINE_MAX   /* --mode seqpacket: one datagram */
 #define COUNT_FOREVER   UINT64_MAX
 
 /* User message types of shmping's own protocol (a server echoes them all). */
@@ -28,7 +29,7 @@ enum {
     MSG_END,                         /* throughput: the peer answers with peer_stats */
 };
 
-enum mode { MODE_AUTO, MODE_SHM, MODE_INLINE, MODE_COPY };
+enum mode { MODE_AUTO, MODE_SHM, MODE_INLINE, MODE_COPY, MODE_SEQPACKET };
 
 /* The answer to MSG_END: what the forked peer saw. */
 struct peer_stats {

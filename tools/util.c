@@ -256,6 +256,7 @@ const char *mode_name(enum mode m)
     case MODE_SHM:    return "shm";
     case MODE_INLINE: return "inline";
     case MODE_COPY:   return "copy";
+    case MODE_SEQPACKET: return "seqpacket";
     default:          return "auto";
     }
 }
