@@ -18,6 +18,7 @@
 #define DEFAULT_RECV_QUEUE   256u
 #define SHM_RECHECK_MS       10
 #define CLOSE_DRAIN_MS       1000
+#define DEFAULT_HANDSHAKE_MS 10000u
 
 static long long mono_ms(void)
 {
@@ -55,6 +56,8 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
         p->send_queue = DEFAULT_SEND_QUEUE;
     if (p->recv_queue == 0)
         p->recv_queue = DEFAULT_RECV_QUEUE;
+    if (p->handshake_ms == 0)
+        p->handshake_ms = DEFAULT_HANDSHAKE_MS;
     if (!is_power_of_two(p->ring_entries) || p->ring_entries < 8 || p->ring_entries > 4096)
         return lshm_fail(-EINVAL, "ring_entries %u: a power of two from 8 to 4096",
                          p->ring_entries);
@@ -62,6 +65,8 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
         return lshm_fail(-EINVAL, "max_segments %u: at most 1024", p->max_segments);
     if (p->send_queue > 65536 || p->recv_queue > 65536)
         return lshm_fail(-EINVAL, "send_queue and recv_queue: at most 65536");
+    if (p->handshake_ms > 3600000)
+        return lshm_fail(-EINVAL, "handshake_ms %u: at most an hour", p->handshake_ms);
     return 0;
 }
 
@@ -190,6 +195,39 @@ int lshm_ctx_pump(struct lshm_ctx *ctx)
     return ret;
 }
 
+static void hs_timer_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct lshm_ctx *ctx = (struct lshm_ctx *)((char *)op - offsetof(struct lshm_ctx, hs_timer));
+
+    ctx->hs_armed = false;
+}
+
+/*
+ * A client that connects and never says HELLO would hold its socket and
+ * port forever: past handshake_ms it is closed, and handed to the caller
+ * closed with the reason, like any client that broke the protocol.
+ */
+static void check_handshakes(struct lshm_ctx *ctx)
+{
+    long long now = mono_ms(), next = 0;
+    struct lshm_port *port;
+
+    for (port = ctx->ports; port != NULL; port = port->next) {
+        if (port->listener == NULL)
+            continue;
+        if (now >= port->hello_by)
+            lshm_port_fail(port, -ETIMEDOUT, "no HELLO within %u ms of the connection",
+                           ctx->p.handshake_ms);
+        else if (next == 0 || port->hello_by < next)
+            next = port->hello_by;
+    }
+    if (next != 0 && !ctx->hs_armed) {
+        ctx->hs_timer.complete = hs_timer_done;
+        if (lshm_ring_timeout(ctx->ring, (unsigned)(next - now) + 1, &ctx->hs_timer) == 0)
+            ctx->hs_armed = true;
+    }
+}
+
 LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 {
     struct lshm_listener *l, *lnext;
@@ -204,6 +242,7 @@ LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
         if (port->sq_head != NULL && port->inflight == 0)
             lshm_port_kick(port);
     ret = lshm_ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
+    check_handshakes(ctx);
     /* Handlers run here, outside any completion: they may send, close,
      * or run the context again. */
     for (l = ctx->listeners; l != NULL; l = lnext) {

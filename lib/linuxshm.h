@@ -53,7 +53,8 @@ struct lshm_ctx_params {
     unsigned int max_segments;   /* segments per peer and direction; 0: 32 */
     unsigned int send_queue;     /* messages queued per port; 0: 1024 */
     unsigned int recv_queue;     /* messages held for the caller per port; 0: 256 */
-    unsigned int reserved[11];   /* must be zero */
+    unsigned int handshake_ms;   /* an accepted client's HELLO must come within; 0: 10000 */
+    unsigned int reserved[10];   /* must be zero */
 };
 
 /* Features of a context's ring, from lshm_ctx_features(). */

@@ -84,10 +84,12 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
     if (res >= 0) {
         /* The caller sees the port once its handshake is done
          * (lshm_listener_ready); one that leaves before is never shown. */
-        if (lshm_port_new(l->ctx, res, &port) < 0)
+        if (lshm_port_new(l->ctx, res, &port) < 0) {
             close(res);
-        else
+        } else {
             port->listener = l;
+            port->hello_by = mono_ms() + l->ctx->p.handshake_ms;
+        }
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
         lshm_log("accept on %s failed: %s", l->path, strerror(-res));
     }

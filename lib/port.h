@@ -22,6 +22,8 @@ struct lshm_ctx {
     uint64_t                msgs_sent;
     uint64_t                msgs_received;
     unsigned                walking;    /* completions or handlers running */
+    struct lshm_op          hs_timer;   /* wakes the context for handshake deadlines */
+    bool                    hs_armed;
     unsigned                zombies;    /* ports whose free waits for that */
 };
 
@@ -82,6 +84,7 @@ struct lshm_port {
     bool                 in_handler;    /* a handler of this port runs */
     bool                 zombie;        /* to free when the walk ends */
     struct lshm_listener *listener;     /* accepted, handshake not done */
+    long long            hello_by;      /* then: its HELLO is due by (CLOCK_MONOTONIC ms) */
     unsigned             refs;          /* handle + ops in flight + messages */
 };
 

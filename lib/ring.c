@@ -25,6 +25,7 @@ struct lshm_ring {
     uint8_t                  *bufs;          /* BUF_COUNT * LSHM_RING_BUF_SIZE */
     struct lshm_ctx_stats    stats;
     unsigned                 sends;          /* sends submitted, not completed */
+    struct __kernel_timespec timeout_ts;     /* of the one timeout SQE */
 };
 
 /* Set-up flags in the order we try them: best first. */
@@ -330,6 +331,21 @@ int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
     if (sqe == NULL)
         return -EBUSY;
     io_uring_prep_connect(sqe, fd, addr, len);
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+int lshm_ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe = get_sqe(r);
+
+    if (sqe == NULL)
+        return -EBUSY;
+    /* The kernel reads the timespec when the SQE is submitted, which may
+     * be later than this call: it lives in the ring. */
+    r->timeout_ts.tv_sec = ms / 1000;
+    r->timeout_ts.tv_nsec = (long long)(ms % 1000) * 1000000;
+    io_uring_prep_timeout(sqe, &r->timeout_ts, 0, 0);
     io_uring_sqe_set_data(sqe, op);
     return 0;
 }

@@ -55,6 +55,8 @@ int lshm_ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multi
 int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
                       socklen_t len, struct lshm_op *op);
 int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op);
+/* One completion after ms milliseconds (-ETIME), unless cancelled. */
+int lshm_ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op);
 
 int lshm_ring_submit(struct lshm_ring *r);
 /* Sends in flight, counted by the caller: a chain needs them asked for. */

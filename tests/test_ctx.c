@@ -9,8 +9,11 @@
 #include <linux/seccomp.h>
 #include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -128,4 +131,47 @@ LTEST(ctx, version_matches_header)
     snprintf(want, sizeof(want), "%d.%d.%d", LSHM_VERSION_MAJOR, LSHM_VERSION_MINOR,
              LSHM_VERSION_PATCH);
     cr_assert_str_eq(lshm_version(), want);
+}
+
+/*
+ * A client that connects and never says HELLO is closed after
+ * handshake_ms, and handed over closed so that the server can log why.
+ */
+LTEST(ctx, silent_client_closed_after_handshake_timeout)
+{
+    struct lshm_ctx_params p = { .handshake_ms = 200 };
+    char dir[] = "/tmp/lshm-ctx-XXXXXX", path[64], byte;
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    struct lshm_listener *l;
+    struct lshm_port *port;
+    struct lshm_ctx *ctx;
+    long long t0;
+    int fd, ret;
+
+    cr_assert_not_null(mkdtemp(dir));
+    snprintf(path, sizeof(path), "%s/s", dir);
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), 0);
+    cr_assert_eq(lshm_listen(ctx, path, 0, &l), 0);
+    snprintf(sa.sun_path, sizeof(sa.sun_path), "%s", path);
+    fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    t0 = now_ms();
+    ret = lshm_accept(l, &port, 5000);
+    cr_assert_eq(ret, 0, "lshm_accept: %d %s", ret, lshm_last_error());
+    cr_expect_geq(now_ms() - t0, 150, "closed after %lld ms, before its deadline",
+                  now_ms() - t0);
+    cr_assert_not_null(lshm_port_error(port), "the silent client's port is still open");
+    cr_expect_neq(strstr(lshm_port_error(port), "no HELLO"), NULL, "%s", lshm_port_error(port));
+    cr_expect_eq(lshm_recv(port, &(struct lshm_msg){ 0 }, 0), -ETIMEDOUT);
+    lshm_port_close(port);
+    /* The client sees our HELLO, then the end. */
+    while ((ret = (int)recv(fd, path, sizeof(path), 0)) > 0)
+        ;
+    cr_expect_eq(ret, 0, "the client's socket was not closed");
+    (void)byte;
+    close(fd);
+    lshm_listener_close(l);
+    lshm_ctx_free(ctx);
+    rmdir(dir);
 }

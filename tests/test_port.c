@@ -1571,9 +1571,10 @@ LTEST(port, ctx_new_rejects_bad_params)
         { .max_segments = 1025 },
         { .send_queue = 65537 },
         { .recv_queue = 65537 },
+        { .handshake_ms = 3600001 },
         { .flags = 1u << 20 },
         { .reserved = { [0] = 1 } },
-        { .reserved = { [10] = 1 } },
+        { .reserved = { [9] = 1 } },
     };
     struct lshm_ctx *ctx = NULL;
     unsigned i;
