@@ -351,7 +351,8 @@ static unsigned port_events(struct lshm_port *port, unsigned events)
 {
     unsigned now = 0;
 
-    if ((events & LSHM_WAIT_READY) && port->state == PORT_OPEN)
+    /* The handshake stays done once done, even after the port closed. */
+    if ((events & LSHM_WAIT_READY) && port->peer_pid != 0)
         now |= LSHM_WAIT_READY;
     if ((events & LSHM_WAIT_SEND) && port->state != PORT_CLOSED &&
         port->sq_len + port->inflight < port->ctx->p.send_queue)

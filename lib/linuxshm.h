@@ -49,7 +49,7 @@ struct lshm_tracking;
 
 struct lshm_ctx_params {
     unsigned int flags;          /* LSHM_CTX_* */
-    unsigned int ring_entries;   /* submission queue size; 0: 256 */
+    unsigned int ring_entries;   /* submission queue size; 0: 1024 */
     unsigned int max_segments;   /* segments per peer and direction; 0: 32 */
     unsigned int send_queue;     /* messages queued per port; 0: 1024 */
     unsigned int recv_queue;     /* messages held for the caller per port; 0: 256 */

@@ -2,6 +2,7 @@
  * Peers: one per remote process, shared by every context and port of this
  * process that talks to it, with the tables of segments in each direction.
  */
+#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -135,6 +136,7 @@ static void forget_locked(void)
         next = p->next;
         table_forget(&p->out);
         table_forget(&p->in);
+        free(p->socks);
         free(p);
     }
     registry = NULL;
@@ -154,7 +156,38 @@ void lshm_peers_forget(void)
     pthread_mutex_unlock(&registry_lock);
 }
 
+/* Has the other end closed every port of p?  Registry lock held. */
+static bool all_hung_up(const struct lshm_peer *p)
+{
+    unsigned i;
+
+    if (p->nsocks == 0)
+        return false;
+    for (i = 0; i < p->nsocks; i++) {
+        struct pollfd pfd = { .fd = p->socks[i], .events = POLLRDHUP };
+
+        if (poll(&pfd, 1, 0) != 1 || !(pfd.revents & (POLLRDHUP | POLLHUP)))
+            return false;
+    }
+    return true;
+}
+
+static void unlink_locked(struct lshm_peer *peer)
+{
+    struct lshm_peer **pp;
+
+    for (pp = &registry; *pp != NULL && *pp != peer; pp = &(*pp)->next)
+        ;
+    if (*pp != NULL)
+        *pp = peer->next;
+}
+
 int lshm_peer_get(pid_t pid, struct lshm_peer **peer)
+{
+    return lshm_peer_get_sock(pid, -1, peer);
+}
+
+int lshm_peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer)
 {
     struct lshm_peer *p;
 
@@ -166,6 +199,23 @@ int lshm_peer_get(pid_t pid, struct lshm_peer **peer)
     for (p = registry; p != NULL; p = p->next)
         if (p->pid == pid)
             break;
+    if (p != NULL && sock >= 0 && all_hung_up(p)) {
+        /* Its ports here are closed at the other end: a new pair. */
+        unlink_locked(p);
+        p->detached = true;
+        p = NULL;
+    }
+    if (sock >= 0 && p != NULL && p->nsocks == p->capsocks) {
+        unsigned cap = p->capsocks * 2 + 4;
+        int *socks = realloc(p->socks, cap * sizeof(*socks));
+
+        if (socks == NULL) {
+            pthread_mutex_unlock(&registry_lock);
+            return -ENOMEM;
+        }
+        p->socks = socks;
+        p->capsocks = cap;
+    }
     if (p == NULL) {
         p = calloc(1, sizeof(*p));
         if (p == NULL) {
@@ -175,9 +225,17 @@ int lshm_peer_get(pid_t pid, struct lshm_peer **peer)
         p->pid = pid;
         table_init(&p->out);
         table_init(&p->in);
+        if (sock >= 0 && (p->socks = malloc(4 * sizeof(*p->socks))) == NULL) {
+            free(p);
+            pthread_mutex_unlock(&registry_lock);
+            return -ENOMEM;
+        }
+        p->capsocks = sock >= 0 ? 4 : 0;
         p->next = registry;
         registry = p;
     }
+    if (sock >= 0)
+        p->socks[p->nsocks++] = sock;
     p->refs++;
     pthread_mutex_unlock(&registry_lock);
     *peer = p;
@@ -186,7 +244,13 @@ int lshm_peer_get(pid_t pid, struct lshm_peer **peer)
 
 void lshm_peer_put(struct lshm_peer *peer)
 {
+    lshm_peer_put_sock(peer, -1);
+}
+
+void lshm_peer_put_sock(struct lshm_peer *peer, int sock)
+{
     struct lshm_peer **pp;
+    unsigned i;
 
     if (peer == NULL)
         return;
@@ -195,15 +259,27 @@ void lshm_peer_put(struct lshm_peer *peer)
     check_owner_locked();
     for (pp = &registry; *pp != NULL && *pp != peer; pp = &(*pp)->next)
         ;
-    if (*pp == NULL || --peer->refs > 0) {
+    if (*pp == NULL && !peer->detached) {
         pthread_mutex_unlock(&registry_lock);
         return;
     }
-    *pp = peer->next;
+    for (i = 0; sock >= 0 && i < peer->nsocks; i++) {
+        if (peer->socks[i] == sock) {
+            peer->socks[i] = peer->socks[--peer->nsocks];
+            break;
+        }
+    }
+    if (--peer->refs > 0) {
+        pthread_mutex_unlock(&registry_lock);
+        return;
+    }
+    if (*pp != NULL)
+        *pp = peer->next;
     pthread_mutex_unlock(&registry_lock);
 
     table_release(&peer->out);
     table_release(&peer->in);
+    free(peer->socks);
     free(peer);
 }
 

@@ -69,10 +69,11 @@ static void port_free(struct lshm_port *port)
         if (port->next != NULL)
             port->next->prev = port->prev;
     }
+    /* Off the peer's list of sockets before the fd number can be reused. */
+    if (port->peer != NULL)
+        lshm_peer_put_sock(port->peer, port->fd);
     if (port->fd >= 0)
         close(port->fd);
-    if (port->peer != NULL)
-        lshm_peer_put(port->peer);
     free(port->recv_buf);
     free(port);
 }
@@ -283,7 +284,7 @@ static void port_finish(struct lshm_port *port)
      * or buffer holds them (those keep their own references); sends in
      * flight may still need the table to give their chunks back. */
     if (port->state == PORT_CLOSED && port->inflight == 0 && port->peer != NULL) {
-        lshm_peer_put(port->peer);
+        lshm_peer_put_sock(port->peer, port->fd);
         port->peer = NULL;
     }
     if (port->state == PORT_CLOSED && port->shutdown && port_idle(port) && port->fd >= 0) {
@@ -676,7 +677,7 @@ static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
                        (int)v->hdr.pid, (int)cred->pid);
         return -EPROTO;
     }
-    ret = lshm_peer_get(cred->pid, &port->peer);
+    ret = lshm_peer_get_sock(cred->pid, port->fd, &port->peer);
     if (ret < 0) {
         lshm_port_fail(port, ret, "out of memory for peer %d", (int)cred->pid);
         return ret;
@@ -731,6 +732,14 @@ static int read_tracking(struct lshm_port *port, const struct lshm_wire_view *v,
     struct lshm_seg *seg = lshm_peer_in_get(port->peer, v->tracking.mmap_id);
     uint32_t expect = v->hdr.stream;
     uint32_t slot = v->tracking.tracking_id;
+
+    /* 0 is what a cancel leaves in the slot: a stream 0 could never tell
+     * a cancelled message from a live one. */
+    if (expect == 0) {
+        lshm_seg_unref(seg);
+        lshm_port_fail(port, -EPROTO, "protocol violation: tracked message with stream 0");
+        return -EPROTO;
+    }
 
     if (seg == NULL || slot >= LSHM_CHUNK_COUNT) {
         if (seg != NULL)
@@ -1076,6 +1085,10 @@ void lshm_port_reap(struct lshm_port *port)
     }
     port->sq_tail = NULL;
     drop_queues(port);
+    if (port->peer != NULL) {
+        lshm_peer_put_sock(port->peer, port->fd);
+        port->peer = NULL;
+    }
     if (port->fd >= 0) {
         close(port->fd);
         port->fd = -1;

@@ -188,12 +188,25 @@ struct lshm_peer {
     struct lshm_seg_table out;        /* segments we created for it */
     struct lshm_seg_table in;         /* segments it sent us */
     struct lshm_peer     *next;
+    bool                  detached;   /* out of the registry, a new pair began */
+    int                  *socks;      /* sockets of the ports; registry lock */
+    unsigned              nsocks, capsocks;
 };
 
 /* Find or create the peer for pid, taking a reference. */
 int  lshm_peer_get(pid_t pid, struct lshm_peer **peer);
 /* Drop a reference; at zero the tables let go of their segments. */
 void lshm_peer_put(struct lshm_peer *peer);
+
+/*
+ * The same for a port whose socket is sock.  The pair's segment ids start
+ * again from 0 once the last port between the two processes closed, and
+ * the peer may see that before this process does (its ports here still
+ * unread): when every socket of the known peer is hung up at the other
+ * end, that peer is left to its ports and a new one begins.
+ */
+int  lshm_peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer);
+void lshm_peer_put_sock(struct lshm_peer *peer, int sock);
 
 struct lshm_alloc {
     struct lshm_seg *seg;      /* referenced */
