@@ -20,6 +20,12 @@
  *   peer_max_segments    the peer's HELLO bounds the library's segments
  *   segment_ids_per_pair two ports share the pair's ids; a later connection
  *                        starts again from 0
+ *   pair_restarts_after_peer_closed_unread_port
+ *                        the peer closed every port, one still unread here
+ *                        (recv_queue 1): its new port starts again from 0
+ *   second_port_mmap_id_0_while_first_open_is_violation
+ *                        with a port still open at the peer, id 0 on another
+ *                        is refused; only that port closes
  */
 #include <dirent.h>
 #include <errno.h>
@@ -1786,4 +1792,310 @@ LTEST(interop, segment_ids_per_pair)
     st = wait_child(pid, TIMEOUT_MS);
     cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0,
               "the independent peer failed (status %#x), see its line on stderr", st);
+}
+
+/* ========= 9. a new pair while the library still holds an unread port ========= */
+
+/*
+ * Two ports of the library, A and C, in a context that holds one message
+ * per port: once A's first message is queued and unread, the library reads
+ * no more of A.  The peer then ends A (more messages, BYE, close) and,
+ * having no port left, starts a new pair on C from id 0, as the page says:
+ * the library has not seen A end yet, but A is hung up at the other end.
+ */
+static void peer_restart_main(struct peer *p)
+{
+    static const struct w_desc d1[] = { { 0, 0, 3000 } };    /* old segment 0 */
+    static const struct w_desc d3[] = { { 0, 1, 20000 } };   /* old segment 0, chunks 1-2 */
+    static const struct w_desc d4[] = { { 0, 0, 5000 } };    /* new segment 0 */
+    static uint8_t two[7];
+    struct peer *a = &p[0], *c = &p[1];
+    struct seg_hdr *old, *nw;
+    unsigned i;
+
+    peer_handshake(a);
+    old = peer_make_segment(a, (const uint32_t[]){ 0, 1, 2 }, 3);
+    peer_fill(a, d1, 1, 1);
+    peer_send_user(a, 1, 16, false, NULL, d1, 1, NULL, 0, -1);
+    /* The library holds message 1 and has stopped reading A. */
+    peer_expect_signal(a, "held");
+    PCK(__atomic_load_n(&old->sent_over, __ATOMIC_ACQUIRE) == P_SENT_OVER_ANY);
+    for (i = 0; i < sizeof(two); i++)
+        two[i] = pat(2, i);
+    peer_fill(a, d3, 1, 3);
+    peer_send_user(a, 2, 16, false, NULL, NULL, 0, two, sizeof(two), -1);
+    peer_send_user(a, 3, 16, true, NULL, d3, 1, NULL, 0, -1);
+    peer_bye(a);
+    PCK(close(a->sock) == 0);
+    a->sock = -1;
+
+    /* No port left: the pair is over for us.  (We keep our mapping of the
+     * old segment only to watch its chunks come back.) */
+    memset(p->pr, 0, sizeof(*p->pr));
+    peer_handshake(c);
+    nw = peer_make_segment(c, (const uint32_t[]){ 0 }, 1);
+    PCK(nw->id == 0 && nw != old);
+    peer_fill(c, d4, 1, 4);
+    peer_send_user(c, 4, 17, true, NULL, d4, 1, NULL, 0, -1);
+    PCK(wait_u16(&nw->sent_over, P_SENT_OVER_ANY, TIMEOUT_MS));
+
+    /* The library released every message: each chunk came back to the
+     * segment it was in. */
+    peer_expect_signal(c, "done");
+    if (!wait_bit(nw->free_map, 0, TIMEOUT_MS))
+        PFAIL("chunk 0 of the new segment 0 never came back");
+    for (i = 0; i < 3; i++)
+        if (!wait_bit(old->free_map, i, TIMEOUT_MS))
+            PFAIL("chunk %u of the old segment 0 never came back", i);
+    for (i = 0; i < P_MAP_WORDS; i++) {
+        PCK(old->free_map[i] == ~0ull && nw->free_map[i] == ~0ull);
+        PCK(old->free_tracking_map[i] == ~0ull && nw->free_tracking_map[i] == ~0ull);
+    }
+    peer_bye(c);
+    peer_drain(c, false);
+    munmap(old, P_SEGMENT_SIZE);
+    munmap(nw, P_SEGMENT_SIZE);
+}
+
+/* Two ports in a context holding one message per port; fork the peer. */
+static pid_t restart_start(struct lshm_ctx **ctx, struct lshm_port **pa,
+                           struct lshm_port **pc, peer_fn fn)
+{
+    struct lshm_ctx_params prm;
+    int socks[2], ret;
+    pid_t pid;
+
+    memset(&prm, 0, sizeof(prm));
+    prm.recv_queue = 1;
+    ret = lshm_ctx_new(ctx, &prm);
+    cr_assert_eq(ret, 0, "lshm_ctx_new: %d %s", ret, lshm_last_error());
+    cr_assert_eq(lshm_socketpair(*ctx, pa, &socks[0]), 0);
+    cr_assert_eq(lshm_socketpair(*ctx, pc, &socks[1]), 0);
+    fflush(NULL);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0)
+        peer_run(socks, 2, fn);
+    close(socks[0]);
+    close(socks[1]);
+    return pid;
+}
+
+/* A's first message is queued, unread: reading A stops; say so to the peer. */
+static void restart_hold_first(struct lshm_ctx *ctx, struct lshm_port *pa)
+{
+    struct lshm_out held = { .type = T_SIGNAL, .data = "held", .size = 4, .fd = -1 };
+    int ret = lshm_port_wait(pa, LSHM_WAIT_RECV, TIMEOUT_MS);
+
+    cr_assert(ret > 0 && (ret & LSHM_WAIT_RECV), "A's first message: %d %s", ret,
+              lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    /* Let the stop reach the kernel before the peer writes more to A. */
+    lshm_ctx_run(ctx, 0);
+    ret = lshm_send(pa, &held, 0);
+    cr_assert_eq(ret, 0, "lshm_send: %d %s", ret, lshm_last_error());
+}
+
+static void restart_finish(struct lshm_ctx *ctx, pid_t pid)
+{
+    int st;
+
+    lshm_ctx_free(ctx);
+    st = wait_child(pid, TIMEOUT_MS);
+    cr_assert(st != -1 && WIFEXITED(st) && WEXITSTATUS(st) == 0,
+              "the independent peer failed (status %#x), see its line on stderr", st);
+}
+
+LTEST(interop, pair_restarts_after_peer_closed_unread_port)
+{
+    struct lshm_out done = { .type = T_SIGNAL, .data = "done", .size = 4, .fd = -1 };
+    struct lshm_port *pa, *pc;
+    struct lshm_msg m1, m2, m3, m4, x;
+    struct lshm_ctx *ctx;
+    int maps0, ret;
+    pid_t pid;
+
+    maps0 = count_maps("memfd:");
+    pid = restart_start(&ctx, &pa, &pc, peer_restart_main);
+    restart_hold_first(ctx, pa);
+
+    /* C: HELLO and MMAP id 0 of a new segment, while A's end of file and
+     * BYE wait unread in A's socket. */
+    ret = lshm_recv(pc, &m4, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "C: %d (%s)", ret,
+                 lshm_port_error(pc) ? lshm_port_error(pc) : lshm_last_error());
+    cr_assert_null(lshm_port_error(pc));
+    /* The race of the review: A has not been read past its first message. */
+    cr_assert_null(lshm_port_error(pa), "A was read to its end before C's HELLO (%s): "
+                   "the race was not reproduced", lshm_port_error(pa));
+    cr_assert_eq(m4.stream, 4);
+    cr_assert_eq(m4.type, 17);
+    cr_assert_eq(m4.flags, LSHM_MSG_SHM | LSHM_MSG_LAST, "flags %#x", m4.flags);
+    cr_assert_eq(m4.size, 5000);
+    cr_assert_eq(m4.niov, 1);
+    check_bytes(&m4, 4);
+    cr_expect_eq(count_maps("memfd:"), maps0 + 2, "both segments 0 mapped: %d -> %d", maps0,
+                 count_maps("memfd:"));
+
+    /* A still delivers what it holds, from the old segment 0 ... */
+    ret = lshm_recv(pa, &m1, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "A: %d (%s)", ret,
+                 lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    cr_assert_eq(m1.stream, 1);
+    cr_assert_eq(m1.flags, LSHM_MSG_SHM);
+    cr_assert_eq(m1.size, 3000);
+    cr_assert_eq(m1.niov, 1);
+    check_bytes(&m1, 1);
+    check_bytes(&m4, 4);
+    cr_assert_neq(m1.iov[0].base, m4.iov[0].base);
+    lshm_msg_done(&m1);
+    /* ... then, reading again, the rest, and the BYE. */
+    ret = lshm_recv(pa, &m2, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "A: %d (%s)", ret,
+                 lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    cr_assert_eq(m2.stream, 2);
+    cr_assert_eq(m2.flags, 0);
+    cr_assert_eq(m2.size, 7);
+    check_bytes(&m2, 2);
+    ret = lshm_recv(pa, &m3, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "A: %d (%s)", ret,
+                 lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    cr_assert_eq(m3.stream, 3);
+    cr_assert_eq(m3.flags, LSHM_MSG_SHM | LSHM_MSG_LAST);
+    cr_assert_eq(m3.size, 20000);
+    check_bytes(&m3, 3);
+    ret = lshm_recv(pa, &x, TIMEOUT_MS);
+    cr_assert_eq(ret, -EPIPE, "A after its queue: %d", ret);
+    cr_assert_not_null(lshm_port_error(pa));
+    cr_log_info("interop: A closed: %s", lshm_port_error(pa));
+    cr_assert_null(lshm_port_error(pc), "C closed: %s", lshm_port_error(pc));
+    check_bytes(&m3, 3);
+    check_bytes(&m4, 4);
+    lshm_msg_done(&m2);
+    lshm_msg_done(&m3);
+    lshm_port_close(pa);
+    lshm_msg_done(&m4);
+
+    ret = lshm_send(pc, &done, 0);
+    cr_assert_eq(ret, 0, "lshm_send on C: %d %s", ret, lshm_last_error());
+    ret = lshm_recv(pc, &x, TIMEOUT_MS);
+    cr_assert_eq(ret, -EPIPE, "C after BYE: %d (%s)", ret,
+                 lshm_port_error(pc) ? lshm_port_error(pc) : "");
+    lshm_port_close(pc);
+    restart_finish(ctx, pid);
+}
+
+/*
+ * The same, but A stays open at the peer's side: the pair goes on, and an
+ * MMAP id 0 on a second port is a violation that closes that port only.
+ */
+static void peer_second_port_main(struct peer *p)
+{
+    static const struct w_desc d1[] = { { 0, 0, 3000 } };
+    static const struct w_desc d2[] = { { 0, 1, 100 } };
+    static struct pair fresh;
+    struct peer *a = &p[0], *c = &p[1];
+    struct report r = { .tag = 30 };
+    uint64_t fnv = FNV_INIT;
+    struct seg_hdr *h0, *wrong;
+    struct pmsg m;
+    unsigned i;
+
+    peer_handshake(a);
+    h0 = peer_make_segment(a, (const uint32_t[]){ 0, 1 }, 2);
+    peer_fill(a, d1, 1, 1);
+    peer_send_user(a, 1, 16, false, NULL, d1, 1, NULL, 0, -1);
+    peer_expect_signal(a, "held");
+    PCK(__atomic_load_n(&h0->sent_over, __ATOMIC_ACQUIRE) == P_SENT_OVER_ANY);
+    peer_fill(a, d2, 1, 2);
+    peer_send_user(a, 2, 16, false, NULL, d2, 1, NULL, 0, -1);
+
+    /* A stays open.  C acts as if the pair were new: id 0 again. */
+    c->pr = &fresh;
+    peer_handshake(c);
+    wrong = peer_make_segment(c, (const uint32_t[]){ 0 }, 1);
+    PCK(wrong->id == 0);
+    peer_drain(c, false);               /* the library closes C */
+    PCK(wrong->sent_over == c->port_id); /* never mapped */
+    munmap(wrong, P_SEGMENT_SIZE);
+
+    /* A works on: the library sends over it, in its own segment. */
+    PCK(peer_next(a, &m, TIMEOUT_MS));
+    PCK(m.h.stream == 5 && m.h.type == 18 && m.ndesc == 1 && m.h.size == 1000);
+    PCK(m.desc[0].mmap_id == 0);
+    r.bytes = peer_check_payload(a, &m, &fnv);
+    peer_free_descs(a, m.desc, 1);
+    peer_oosm_ack(a, 0);
+    r.fnv = fnv;
+    /* Both our messages came back. */
+    PCK(wait_bit(h0->free_map, 0, TIMEOUT_MS) && wait_bit(h0->free_map, 1, TIMEOUT_MS));
+    for (i = 0; i < P_MAP_WORDS; i++)
+        PCK(h0->free_map[i] == ~0ull);
+    peer_report(a, &r);
+    peer_bye(a);
+    peer_drain(a, false);
+}
+
+LTEST(interop, second_port_mmap_id_0_while_first_open_is_violation)
+{
+    struct lshm_out out = { .type = 18, .stream = 5, .fd = -1 };
+    struct lshm_port *pa, *pc;
+    struct lshm_msg m1, m2, rep, x;
+    struct lshm_ctx *ctx;
+    struct lshm_buf *buf;
+    struct report r;
+    const char *why;
+    int ret;
+    pid_t pid;
+
+    pid = restart_start(&ctx, &pa, &pc, peer_second_port_main);
+    restart_hold_first(ctx, pa);
+
+    ret = lshm_recv(pc, &x, TIMEOUT_MS);
+    cr_assert_eq(ret, -EPROTO, "C's MMAP id 0 while A is open: %d", ret);
+    why = lshm_port_error(pc);
+    cr_assert_not_null(why);
+    cr_log_info("interop: C closed: %s", why);
+    cr_assert(strstr(why, "protocol violation") && strstr(why, "MMAP id 0, expected 1"),
+              "C closed for another reason: %s", why);
+    cr_assert_null(lshm_port_error(pa), "A closed too: %s", lshm_port_error(pa));
+    lshm_port_close(pc);
+
+    ret = lshm_recv(pa, &m1, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "A: %d (%s)", ret,
+                 lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    cr_assert_eq(m1.stream, 1);
+    cr_assert_eq(m1.size, 3000);
+    check_bytes(&m1, 1);
+    lshm_msg_done(&m1);
+    ret = lshm_recv(pa, &m2, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "A: %d (%s)", ret,
+                 lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    cr_assert_eq(m2.stream, 2);
+    cr_assert_eq(m2.flags, LSHM_MSG_SHM);
+    cr_assert_eq(m2.size, 100);
+    check_bytes(&m2, 2);
+    lshm_msg_done(&m2);
+
+    ret = lshm_buf_alloc(pa, 1000, &buf);
+    cr_assert_eq(ret, 0, "lshm_buf_alloc on A: %d %s", ret, lshm_last_error());
+    fill_buf(buf, 5, 0, 1000);
+    cr_assert_eq(lshm_buf_set_size(buf, 1000), 0);
+    out.bufs = &buf;
+    out.nbufs = 1;
+    ret = lshm_send(pa, &out, 0);
+    cr_assert_eq(ret, 0, "lshm_send on A: %d %s", ret, lshm_last_error());
+    ret = lshm_recv(pa, &rep, TIMEOUT_MS);
+    cr_assert_eq(ret, 0, "A: %d (%s)", ret,
+                 lshm_port_error(pa) ? lshm_port_error(pa) : lshm_last_error());
+    cr_assert_eq(rep.type, T_REPORT);
+    cr_assert_eq(rep.size, sizeof(r));
+    memcpy(&r, rep.iov[0].base, sizeof(r));
+    lshm_msg_done(&rep);
+    cr_assert_eq(r.tag, 30);
+    cr_assert_eq(r.bytes, 1000);
+    cr_assert_eq(r.fnv, fnv_pat(FNV_INIT, 5, 1000));
+    ret = lshm_recv(pa, &x, TIMEOUT_MS);
+    cr_assert_eq(ret, -EPIPE, "A after BYE: %d", ret);
+    lshm_port_close(pa);
+    restart_finish(ctx, pid);
 }
