@@ -158,7 +158,7 @@ static void rmsg_release(struct rmsg *rm)
         struct smsg *m = smsg_new(rm->port, sizeof(struct lshm_wire_msg));
 
         if (m != NULL) {
-            m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_SHM_ACK, getpid(),
+            m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_SHM_ACK, rm->port->ctx->pid,
                                            rm->port->id, 0);
             smsg_queue(rm->port, m);
             lshm_port_kick(rm->port);
@@ -441,10 +441,10 @@ static int queue_ctrl(struct lshm_port *port, uint8_t type, uint32_t mmap_id)
     if (m == NULL)
         return -ENOMEM;
     if (type == LSHM_WIRE_HELLO)
-        m->len = lshm_wire_encode_hello(m->data, getpid(), port->id,
+        m->len = lshm_wire_encode_hello(m->data, port->ctx->pid, port->id,
                                         port->ctx->p.max_segments);
     else
-        m->len = lshm_wire_encode_ctrl(m->data, type, getpid(), port->id, mmap_id);
+        m->len = lshm_wire_encode_ctrl(m->data, type, port->ctx->pid, port->id, mmap_id);
     smsg_queue(port, m);
     return 0;
 }
@@ -455,7 +455,7 @@ int lshm_port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg)
 
     if (m == NULL)
         return -ENOMEM;
-    m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_MMAP_MSG, getpid(), port->id, seg->id);
+    m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_MMAP_MSG, port->ctx->pid, port->id, seg->id);
     lshm_seg_ref(seg);
     m->seg = seg;
     smsg_queue(port, m);
@@ -525,7 +525,7 @@ int lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned 
         return ret;
     memset(&hdr, 0, sizeof(hdr));
     hdr.stream = out->stream;
-    hdr.pid = getpid();
+    hdr.pid = port->ctx->pid;   /* getpid() is a system call */
     hdr.port_id = port->id;
     hdr.type = out->type;
     hdr.flags = out->last ? LSHM_WIRE_LAST : 0;
@@ -711,7 +711,7 @@ static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int f
                        "segments", v->mmap_id, port->ctx->p.max_segments);
         return -EPROTO;
     }
-    ret = lshm_seg_import(fd, v->mmap_id, port->peer_pid, getpid(), &seg);
+    ret = lshm_seg_import(fd, v->mmap_id, port->peer_pid, port->ctx->pid, &seg);
     if (ret < 0) {
         lshm_port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
                        v->mmap_id, lshm_seg_strerror(ret));
