@@ -20,14 +20,6 @@
 #define CLOSE_DRAIN_MS       1000
 #define DEFAULT_HANDSHAKE_MS 10000u
 
-static long long mono_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
-}
-
 static bool is_power_of_two(unsigned v)
 {
     return v != 0 && (v & (v - 1)) == 0;
@@ -136,8 +128,8 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
             lshm_port_release(port);
     }
     /* Give queued messages and BYEs a bounded time to go out. */
-    end = mono_ms() + CLOSE_DRAIN_MS;
-    while (ctx_sending(ctx) && mono_ms() < end)
+    end = lshm_now_ms() + CLOSE_DRAIN_MS;
+    while (ctx_sending(ctx) && lshm_now_ms() < end)
         lshm_ctx_step(ctx, 10);
     for (port = ctx->ports; port != NULL; port = port->next)
         if (port->fd >= 0)
@@ -209,7 +201,7 @@ static void hs_timer_done(struct lshm_op *op, int res, bool more, void *buf, uns
  */
 static void check_handshakes(struct lshm_ctx *ctx)
 {
-    long long now = mono_ms(), next = 0;
+    long long now = lshm_now_ms(), next = 0;
     struct lshm_port *port;
 
     for (port = ctx->ports; port != NULL; port = port->next) {
@@ -373,7 +365,7 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
 {
     const unsigned all = LSHM_WAIT_READY | LSHM_WAIT_SEND | LSHM_WAIT_SHM |
                          LSHM_WAIT_RECV | LSHM_WAIT_IDLE;
-    long long end = timeout_ms >= 0 ? mono_ms() + timeout_ms : 0;
+    long long end = timeout_ms >= 0 ? lshm_now_ms() + timeout_ms : 0;
     bool polled = false;
     unsigned now;
     int ret;
@@ -391,7 +383,7 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
         if (port->state == PORT_CLOSED)
             return lshm_fail(port->error ? port->error : -EPIPE, "%s", port->reason);
         if (timeout_ms >= 0) {
-            long long left = end - mono_ms();
+            long long left = end - lshm_now_ms();
 
             /* Timeout 0 still polls once: completions waiting in the
              * ring (a message that has arrived) are dispatched. */
@@ -549,24 +541,21 @@ LSHM_EXPORT int lshm_tracking_new(struct lshm_port *port, uint32_t stream,
     t->seg = a.seg;
     t->slot = a.chunk;
     t->stream = stream;
-    __atomic_store_n(&a.seg->hdr->tracking[a.chunk], stream, __ATOMIC_RELEASE);
+    lshm_tracking_set(a.seg->hdr, a.chunk, stream);
     *out = t;
     return 0;
 }
 
 LSHM_EXPORT bool lshm_tracking_cancel(struct lshm_tracking *t)
 {
-    uint32_t expect;
     bool cancelled;
 
     if (t == NULL)
         return false;
-    expect = t->stream;
     /* Unit's race: whoever swaps the stream id to 0 wins; the loser gives
      * the slot back.  A tracking never sent has no other party. */
-    cancelled = __atomic_compare_exchange_n(&t->seg->hdr->tracking[t->slot], &expect, 0,
-                                            false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-    if (!cancelled || !t->sent)
+    cancelled = lshm_tracking_resolve(t->seg->hdr, t->slot, t->stream);
+    if (cancelled && !t->sent)
         lshm_chunk_set_free(t->seg->hdr->free_tracking_map, t->slot);
     lshm_seg_unref(t->seg);
     free(t);

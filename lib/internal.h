@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <time.h>
 
 #include "linuxshm.h"
 
@@ -34,6 +35,15 @@ void __tsan_release(void *addr);
 #define lshm_tsan_acquire(p) ((void)(p))
 #define lshm_tsan_release(p) ((void)(p))
 #endif
+
+/* Milliseconds on CLOCK_MONOTONIC, for deadlines. */
+static inline long long lshm_now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
 
 /*
  * Record why the calling thread's last call failed, for lshm_last_error();

@@ -13,14 +13,6 @@
 
 #include "port.h"
 
-static long long mono_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
-}
-
 static int fill_addr(const char *path, struct sockaddr_un *sun)
 {
     size_t len;
@@ -88,7 +80,7 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
             close(res);
         } else {
             port->listener = l;
-            port->hello_by = mono_ms() + l->ctx->p.handshake_ms;
+            port->hello_by = lshm_now_ms() + l->ctx->p.handshake_ms;
         }
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
         lshm_log("accept on %s failed: %s", l->path, strerror(-res));
@@ -217,7 +209,7 @@ LSHM_EXPORT int lshm_listener_set_handler(struct lshm_listener *l, lshm_accept_f
 
 LSHM_EXPORT int lshm_accept(struct lshm_listener *l, struct lshm_port **port, int timeout_ms)
 {
-    long long end = mono_ms() + timeout_ms;
+    long long end = lshm_now_ms() + timeout_ms;
     int ret;
 
     if (l == NULL || port == NULL || l->closing)
@@ -228,7 +220,7 @@ LSHM_EXPORT int lshm_accept(struct lshm_listener *l, struct lshm_port **port, in
         int step = -1;
 
         if (timeout_ms >= 0) {
-            long long left = end - mono_ms();
+            long long left = end - lshm_now_ms();
 
             if (left <= 0)
                 return lshm_fail(-ETIMEDOUT, "no connection within %d ms", timeout_ms);

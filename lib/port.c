@@ -730,30 +730,25 @@ static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int f
 static int read_tracking(struct lshm_port *port, const struct lshm_wire_view *v, bool *cancelled)
 {
     struct lshm_seg *seg = lshm_peer_in_get(port->peer, v->tracking.mmap_id);
-    uint32_t expect = v->hdr.stream;
+    uint32_t stream = v->hdr.stream;
     uint32_t slot = v->tracking.tracking_id;
 
     /* 0 is what a cancel leaves in the slot: a stream 0 could never tell
      * a cancelled message from a live one. */
-    if (expect == 0) {
+    if (stream == 0) {
         lshm_seg_unref(seg);
         lshm_port_fail(port, -EPROTO, "protocol violation: tracked message with stream 0");
         return -EPROTO;
     }
-
     if (seg == NULL || slot >= LSHM_CHUNK_COUNT) {
-        if (seg != NULL)
-            lshm_seg_unref(seg);
+        lshm_seg_unref(seg);
         lshm_port_fail(port, -EPROTO, "protocol violation: tracking %u/%u does not exist",
                        v->tracking.mmap_id, slot);
         return -EPROTO;
     }
     /* The race of Unit's tracking: whoever swaps the stream id out wins,
      * the loser gives the slot back. */
-    *cancelled = !__atomic_compare_exchange_n(&seg->hdr->tracking[slot], &expect, 0, false,
-                                              __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
-    if (*cancelled)
-        lshm_chunk_set_free(seg->hdr->free_tracking_map, slot);
+    *cancelled = !lshm_tracking_resolve(seg->hdr, slot, stream);
     lshm_seg_unref(seg);
     return 0;
 }
