@@ -109,13 +109,48 @@ static bool socket_is_live(const struct sockaddr_un *sun)
     return live;
 }
 
+/*
+ * Bind and listen under a temporary name beside path, set the mode, then
+ * link the socket to path: the path appears only once a server listens on
+ * it, with its final mode, and an existing path (a server that won a race)
+ * is never replaced.  umask(2) is left alone: it belongs to the process.
+ */
+static int bind_listening(int fd, const struct sockaddr_un *sun, mode_t mode)
+{
+    const char *path = sun->sun_path;
+    struct sockaddr_un tmp = *sun;
+    int n, ret;
+
+    n = snprintf(tmp.sun_path, sizeof(tmp.sun_path), "%s.%d.tmp", path, (int)getpid());
+    if (n < 0 || (size_t)n >= sizeof(tmp.sun_path))
+        tmp = *sun;     /* no room for a longer name: bind in place */
+    unlink(tmp.sun_path);
+    if (bind(fd, (const struct sockaddr *)&tmp, sizeof(tmp)) < 0)
+        return lshm_fail(-errno, "bind %s: %s", tmp.sun_path, strerror(errno));
+    if (chmod(tmp.sun_path, mode) < 0 || listen(fd, 128) < 0) {
+        ret = lshm_fail(-errno, "listen %s: %s", path, strerror(errno));
+        unlink(tmp.sun_path);
+        return ret;
+    }
+    if (strcmp(tmp.sun_path, path) == 0)
+        return 0;
+    ret = link(tmp.sun_path, path) < 0 ? -errno : 0;
+    if (ret == -EPERM || ret == -EOPNOTSUPP)
+        ret = rename(tmp.sun_path, path) < 0 ? -errno : 0;   /* no hard links here */
+    unlink(tmp.sun_path);
+    if (ret == -EEXIST)
+        return lshm_fail(-EADDRINUSE, "another server took %s meanwhile", path);
+    if (ret < 0)
+        return lshm_fail(ret, "link %s: %s", path, strerror(-ret));
+    return 0;
+}
+
 LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
                             struct lshm_listener **out)
 {
     struct lshm_listener *l;
     struct sockaddr_un sun;
     struct stat st;
-    mode_t old;
     int fd, ret;
 
     if (ctx == NULL || out == NULL || mode < 0 || mode > 0777)
@@ -133,18 +168,8 @@ LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
     fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return lshm_fail(-errno, "socket: %s", strerror(errno));
-    /* Create the node with the final mode: no window where it is wider. */
-    old = umask(0777 & ~(mode ? mode : 0600));
-    ret = bind(fd, (struct sockaddr *)&sun, sizeof(sun));
-    umask(old);
+    ret = bind_listening(fd, &sun, mode ? mode : 0600);
     if (ret < 0) {
-        ret = lshm_fail(-errno, "bind %s: %s", path, strerror(errno));
-        close(fd);
-        return ret;
-    }
-    if (listen(fd, 128) < 0) {
-        ret = lshm_fail(-errno, "listen %s: %s", path, strerror(errno));
-        unlink(path);
         close(fd);
         return ret;
     }
