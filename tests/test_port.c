@@ -1055,13 +1055,16 @@ LTEST(port, out_of_chunks_eagain_then_shm_ack_wakes_sender)
 #define MARK 0x80000000u
 
 /*
- * Round r: the parent sends a tracked message (stream r + 1), then an
- * untracked marker, and says on the pipe whether it cancelled before we
- * read ('c') or wants us to read first ('r').  We run no ring while we
- * block on the pipe, so nothing is received early.
+ * Round r: we say on the idle pipe that we run no ring until told; the
+ * parent sends a tracked message (stream r + 1), then an untracked marker,
+ * and says on the go pipe whether it cancelled before we read ('c') or
+ * wants us to read first ('r').  Between the two pipes we run no ring, so
+ * nothing is received early: the reply of the round before may still be
+ * in io_uring_enter when the parent reads it, hence the idle byte.
  */
 struct track_arg {
-    int  go;        /* read end of the parent's pipe */
+    int  go;        /* read end of the parent's go pipe */
+    int  idle;      /* write end of our idle pipe */
     bool dropping;  /* our context has LSHM_CTX_DROP_CANCELLED */
 };
 
@@ -1076,6 +1079,7 @@ static int track_child(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
         uint32_t s = r + 1;
         size_t size = (r % 2 == 0) ? 64 : 3 * LSHM_CHUNK_SIZE + r;
 
+        CK(write(a->idle, "i", 1) == 1);
         CK(read(a->go, &c, 1) == 1);
         CK(lshm_recv(port, &m, 10000) == 0);
         if (c == 'c' && a->dropping) {
@@ -1101,16 +1105,19 @@ static void tracking_rounds(bool dropping)
     struct lshm_ctx *ctx = ctx_make(&prm);
     struct lshm_port *port;
     struct track_arg a;
-    int go[2], ret;
+    int go[2], idle[2], ret;
     unsigned r, before = 0, after = 0;
     struct lshm_msg m;
     pid_t pid;
 
     cr_assert_eq(pipe(go), 0);
+    cr_assert_eq(pipe(idle), 0);
     a.go = go[0];
+    a.idle = idle[1];
     a.dropping = dropping;
     pid = spawn(ctx, &cprm, &port, track_child, &a);
     close(go[0]);
+    close(idle[1]);
     wait_ready(port);
     for (r = 0; r < TRACK_ROUNDS; r++) {
         uint32_t s = r + 1;
@@ -1120,7 +1127,9 @@ static void tracking_rounds(bool dropping)
         struct lshm_out out = { .type = T_DATA, .stream = s, .fd = -1 };
         struct lshm_buf *b = NULL;
         uint8_t buf[64];
+        char i;
 
+        cr_assert_eq(read(idle[0], &i, 1), 1, "round %u: the child is gone", r);
         ret = lshm_tracking_new(port, s, &t);
         cr_assert_eq(ret, 0, "round %u: lshm_tracking_new: %d %s (slot leak?)", r, ret,
                      lshm_last_error());
@@ -1161,6 +1170,7 @@ static void tracking_rounds(bool dropping)
     cr_assert_eq(before + after, TRACK_ROUNDS);
     cr_assert_not(lshm_tracking_cancel(NULL));
     close(go[1]);
+    close(idle[0]);
     spawn_end(ctx, port, pid);
 }
 
