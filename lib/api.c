@@ -86,12 +86,16 @@ fail:
     return ret;
 }
 
-static bool ctx_sending(const struct lshm_ctx *ctx)
+static void check_deadlines(struct lshm_ctx *ctx);
+
+/* Is a port still sending, or reading what its peer sent before our BYE? */
+static bool ctx_closing(const struct lshm_ctx *ctx)
 {
     const struct lshm_port *port;
 
     for (port = ctx->ports; port != NULL; port = port->next)
-        if (port->state != PORT_CLOSED && (port->sq_head != NULL || port->inflight > 0))
+        if (port->draining ||
+            (port->state != PORT_CLOSED && (port->sq_head != NULL || port->inflight > 0)))
             return true;
     return false;
 }
@@ -127,10 +131,13 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
         if (!port->user_closed)
             lshm_port_release(port);
     }
-    /* Give queued messages and BYEs a bounded time to go out. */
+    /* Give queued messages and BYEs a bounded time to go out, and the
+     * drains after them (LSHM_DRAIN_MS each) a chance to end. */
     end = lshm_now_ms() + CLOSE_DRAIN_MS;
-    while (ctx_sending(ctx) && lshm_now_ms() < end)
+    while (ctx_closing(ctx) && lshm_now_ms() < end) {
         lshm_ctx_step(ctx, 10);
+        check_deadlines(ctx);
+    }
     for (port = ctx->ports; port != NULL; port = port->next)
         if (port->fd >= 0)
             shutdown(port->fd, SHUT_RDWR);
@@ -187,37 +194,53 @@ int lshm_ctx_pump(struct lshm_ctx *ctx)
     return ret;
 }
 
-static void hs_timer_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+static void timer_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
 {
-    struct lshm_ctx *ctx = (struct lshm_ctx *)((char *)op - offsetof(struct lshm_ctx, hs_timer));
+    struct lshm_timer *t = (struct lshm_timer *)((char *)op - offsetof(struct lshm_timer, op));
 
-    ctx->hs_armed = false;
+    t->armed = false;
+}
+
+void lshm_ctx_wake_in(struct lshm_ctx *ctx, struct lshm_timer *t, unsigned ms)
+{
+    if (t->armed)
+        return;
+    t->op.complete = timer_done;
+    if (lshm_ring_timeout(ctx->ring, ms, &t->op) == 0)
+        t->armed = true;
 }
 
 /*
  * A client that connects and never says HELLO would hold its socket and
  * port forever: past handshake_ms it is closed, and handed to the caller
- * closed with the reason, like any client that broke the protocol.
+ * closed with the reason, like any client that broke the protocol.  A
+ * port we closed reads what the peer sent before it saw our BYE, up to
+ * LSHM_DRAIN_MS: a peer that never closes its end does not keep it.
  */
-static void check_handshakes(struct lshm_ctx *ctx)
+static void check_deadlines(struct lshm_ctx *ctx)
 {
-    long long now = lshm_now_ms(), next = 0;
+    long long now = lshm_now_ms(), hs_next = 0, drain_next = 0;
     struct lshm_port *port;
 
     for (port = ctx->ports; port != NULL; port = port->next) {
-        if (port->listener == NULL)
-            continue;
-        if (now >= port->hello_by)
-            lshm_port_fail(port, -ETIMEDOUT, "no HELLO within %u ms of the connection",
-                           ctx->p.handshake_ms);
-        else if (next == 0 || port->hello_by < next)
-            next = port->hello_by;
+        if (port->listener != NULL) {
+            if (now >= port->due)
+                lshm_port_fail(port, -ETIMEDOUT, "no HELLO within %u ms of the connection",
+                               ctx->p.handshake_ms);
+            else if (hs_next == 0 || port->due < hs_next)
+                hs_next = port->due;
+        } else if (port->draining) {
+            if (now >= port->due)
+                lshm_port_fail(port, -ETIMEDOUT, "no end of file within %u ms of BYE",
+                               LSHM_DRAIN_MS);
+            else if (drain_next == 0 || port->due < drain_next)
+                drain_next = port->due;
+        }
     }
-    if (next != 0 && !ctx->hs_armed) {
-        ctx->hs_timer.complete = hs_timer_done;
-        if (lshm_ring_timeout(ctx->ring, (unsigned)(next - now) + 1, &ctx->hs_timer) == 0)
-            ctx->hs_armed = true;
-    }
+    if (hs_next != 0)
+        lshm_ctx_wake_in(ctx, &ctx->hs_timer, (unsigned)(hs_next - now) + 1);
+    if (drain_next != 0)
+        lshm_ctx_wake_in(ctx, &ctx->drain_timer, (unsigned)(drain_next - now) + 1);
 }
 
 LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
@@ -234,7 +257,7 @@ LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
         if (port->sq_head != NULL && port->inflight == 0)
             lshm_port_kick(port);
     ret = lshm_ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
-    check_handshakes(ctx);
+    check_deadlines(ctx);
     /* Handlers run here, outside any completion: they may send, close,
      * or run the context again. */
     for (l = ctx->listeners; l != NULL; l = lnext) {

@@ -80,7 +80,7 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
             close(res);
         } else {
             port->listener = l;
-            port->hello_by = lshm_now_ms() + l->ctx->p.handshake_ms;
+            port->due = lshm_now_ms() + l->ctx->p.handshake_ms;
         }
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
         lshm_log("accept on %s failed: %s", l->path, strerror(-res));

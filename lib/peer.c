@@ -247,6 +247,24 @@ void lshm_peer_put(struct lshm_peer *peer)
     lshm_peer_put_sock(peer, -1);
 }
 
+void lshm_peer_hang_up(struct lshm_peer *peer, int sock)
+{
+    unsigned i;
+
+    pthread_mutex_lock(&registry_lock);
+    for (i = 0; i < peer->nsocks; i++) {
+        if (peer->socks[i] == sock) {
+            peer->socks[i] = peer->socks[--peer->nsocks];
+            if (peer->nsocks == 0 && !peer->detached) {
+                unlink_locked(peer);
+                peer->detached = true;
+            }
+            break;
+        }
+    }
+    pthread_mutex_unlock(&registry_lock);
+}
+
 void lshm_peer_put_sock(struct lshm_peer *peer, int sock)
 {
     struct lshm_peer **pp;

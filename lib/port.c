@@ -59,6 +59,12 @@ static bool port_idle(const struct lshm_port *port)
     return port->inflight == 0 && !port->recv_armed;
 }
 
+/* Does the port still read: open, or closed by us and draining? */
+static bool port_reading(const struct lshm_port *port)
+{
+    return !port->shutdown && (port->state != PORT_CLOSED || port->draining);
+}
+
 static void port_free(struct lshm_port *port)
 {
     if (port->ctx != NULL) {
@@ -209,27 +215,48 @@ static void drop_unannounced(struct lshm_port *port)
 }
 
 /*
- * A message that never reached the peer leaves its chunks to nobody: the
- * receiver would have freed them.  Our own bytes, so decoding is safe.
+ * Do a receiver's part for a decoded user message that nobody will read:
+ * resolve its tracking slot and free the chunks of its descriptors, in
+ * the peer's segments (incoming) or ours.  A segment not in the table is
+ * skipped.
  */
-static void free_unsent_chunks(struct lshm_port *port, const struct smsg *m)
+static void discard_view(struct lshm_peer *peer, const struct lshm_wire_view *v, bool incoming)
 {
-    struct lshm_wire_view v;
+    struct lshm_seg *(*get)(struct lshm_peer *, uint32_t) =
+        incoming ? lshm_peer_in_get : lshm_peer_out_get;
+    struct lshm_seg *seg;
     unsigned i;
 
-    if (port->peer == NULL || m->seg != NULL ||
-        lshm_wire_decode(m->data, m->len, m->fd >= 0, &v, NULL) < 0)
-        return;
-    for (i = 0; i < v.ndesc; i++) {
-        struct lshm_wire_desc d = lshm_wire_desc_at(&v, i);
-        struct lshm_seg *seg = lshm_peer_out_get(port->peer, d.mmap_id);
+    if (v->has_tracking && (seg = get(peer, v->tracking.mmap_id)) != NULL) {
+        lshm_tracking_resolve(seg->hdr, v->tracking.tracking_id, v->hdr.stream);
+        lshm_seg_unref(seg);
+    }
+    for (i = 0; i < v->ndesc; i++) {
+        struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
 
-        if (seg != NULL) {
+        if ((seg = get(peer, d.mmap_id)) != NULL) {
             lshm_seg_free_chunks(seg, d.chunk_id,
                                  (d.size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE);
             lshm_seg_unref(seg);
         }
     }
+}
+
+/*
+ * A message that never reached the peer leaves its chunks and tracking
+ * slot to nobody: the receiver would have freed the chunks and raced the
+ * canceller for the slot.  We take the receiver's part: the slot goes
+ * back with the caller's lshm_tracking_cancel(), which returns false.
+ * Our own bytes, so decoding is safe.
+ */
+static void free_unsent_chunks(struct lshm_port *port, const struct smsg *m)
+{
+    struct lshm_wire_view v;
+
+    if (port->peer == NULL || m->seg != NULL ||
+        lshm_wire_decode(m->data, m->len, m->fd >= 0, &v, NULL) < 0)
+        return;
+    discard_view(port->peer, &v, false);
 }
 
 static void drop_queues(struct lshm_port *port)
@@ -283,7 +310,8 @@ static void port_finish(struct lshm_port *port)
     /* The peer's segments go once its last port is gone and no message
      * or buffer holds them (those keep their own references); sends in
      * flight may still need the table to give their chunks back. */
-    if (port->state == PORT_CLOSED && port->inflight == 0 && port->peer != NULL) {
+    if (port->state == PORT_CLOSED && !port->draining && port->inflight == 0 &&
+        port->peer != NULL) {
         lshm_peer_put_sock(port->peer, port->fd);
         port->peer = NULL;
     }
@@ -299,8 +327,17 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     bool notify = port->state != PORT_CLOSED && !port->user_closed;
     va_list ap;
 
-    if (port->state == PORT_CLOSED)
+    if (port->state == PORT_CLOSED) {
+        /* Closed by us already: the drain after our BYE ends here.  The
+         * receive's completion (or the caller) finishes the port. */
+        if (port->draining) {
+            lshm_log("port %u to pid %d: drain after BYE ended", port->id,
+                     (int)port->peer_pid);
+            port->draining = false;
+            port_shutdown(port);
+        }
         return;
+    }
     if (port->listener != NULL) {
         struct lshm_listener *l = port->listener;
 
@@ -381,6 +418,29 @@ static void fill_msghdr(struct smsg *m)
 }
 
 /*
+ * Our BYE went out, but the peer may have sent messages before it saw it:
+ * dropped unread, their chunks and tracking slots would be lost to the
+ * peer for as long as the pair lives.  So we stop writing, keep reading
+ * until the peer's end of file (or LSHM_DRAIN_MS), and release what comes
+ * without delivering it.  Only an open port has anything to drain.
+ */
+static bool port_drain(struct lshm_port *port)
+{
+    if (port->peer == NULL || port->ctx == NULL || port->shutdown || port->fd < 0 ||
+        shutdown(port->fd, SHUT_WR) < 0)
+        return false;
+    lshm_peer_hang_up(port->peer, port->fd);
+    port->draining = true;
+    port->due = lshm_now_ms() + LSHM_DRAIN_MS;
+    port->recv_stopped = false;
+    recv_arm(port);
+    if (!port->draining)
+        return true;    /* no receive could be armed: shut down already */
+    lshm_ctx_wake_in(port->ctx, &port->ctx->drain_timer, LSHM_DRAIN_MS + 1);
+    return true;
+}
+
+/*
  * Submit the queue as one linked chain when nothing is in flight.  A link
  * keeps the sends in order even when the socket is full (unlinked sends
  * can complete out of order then), and a chain must fit in the SQ to stay
@@ -430,7 +490,8 @@ done:
         port->state = PORT_CLOSED;
         port->error = -EPIPE;
         snprintf(port->reason, sizeof(port->reason), "closed by this process");
-        port_shutdown(port);
+        if (!port_drain(port))
+            port_shutdown(port);
     }
 }
 
@@ -860,7 +921,7 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
             cred = &cred_copy;
         }
     }
-    if (port->state == PORT_CLOSED) {
+    if (!port_reading(port)) {
         close_fds(fds, nfds);
         return;
     }
@@ -904,7 +965,10 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
         lshm_port_fail(port, -EPROTO, "protocol violation: second HELLO");
         break;
     case LSHM_WIRE_MMAP_MSG:
-        on_mmap(port, &v, fds[0]);
+        /* Draining, a new segment is not mapped: the peer takes back what
+         * it announced on a port that closed before mapping it. */
+        if (!port->draining)
+            on_mmap(port, &v, fds[0]);
         close(fds[0]);
         break;
     case LSHM_WIRE_SHM_ACK:
@@ -914,7 +978,14 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
         lshm_port_fail(port, -EPIPE, "peer closed the port (BYE)");
         break;
     default:
-        on_user(port, &v, nfds ? fds[0] : -1);
+        if (port->draining) {
+            /* Checked like any other; read and discarded.  Descriptors
+             * into a segment not mapped (see MMAP) are the peer's. */
+            close_fds(fds, nfds);
+            discard_view(port->peer, &v, true);
+        } else {
+            on_user(port, &v, nfds ? fds[0] : -1);
+        }
         break;
     }
 }
@@ -948,7 +1019,7 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         on_datagram(port, port->recv_buf, 0, &port->recv_mh);
     } else if (res == 0) {
         lshm_port_fail(port, -EPIPE, "peer closed the connection");
-    } else if (res == -ECONNRESET && port->recv_multishot && port->state != PORT_CLOSED) {
+    } else if (res == -ECONNRESET && port->recv_multishot && port_reading(port)) {
         /* Multishot can end with ECONNRESET while datagrams are still
          * queued: drain them with single-shot receives. */
         port->recv_multishot = false;
@@ -957,11 +1028,13 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
     }
     if (buf != NULL && ring != NULL)
         lshm_ring_buf_put(ring, buf);
-    if (port->state == PORT_CLOSED || port->shutdown) {
+    if (!port_reading(port)) {
         /* Nothing more will be read: stop a multishot still armed. */
         if (port->recv_armed && ring != NULL && !port->shutdown)
             lshm_ring_cancel(ring, &port->recv_op);
-    } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue) {
+    } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue &&
+               !port->draining) {
+        /* (A drain holds nothing new: what it reads is released.) */
         if (port->recv_armed && !port->recv_stopped)
             lshm_ring_cancel(ring, &port->recv_op);
         port->recv_stopped = true;
@@ -977,7 +1050,7 @@ static void recv_arm(struct lshm_port *port)
     struct lshm_ring *r = port->ctx->ring;
     int ret;
 
-    if (port->recv_armed || port->state == PORT_CLOSED || port->shutdown)
+    if (port->recv_armed || !port_reading(port))
         return;
     port->recv_op.complete = recv_done;
     memset(&port->recv_mh, 0, sizeof(port->recv_mh));
@@ -1062,8 +1135,10 @@ void lshm_port_reap(struct lshm_port *port)
     port->user_closed = true;
     port->ctx = NULL;
     port->recv_armed = false;
+    port->draining = false;
     port->inflight = 0;
-    /* The ring is gone: sends it held will never complete. */
+    /* The ring is gone: sends it held will never complete; whether they
+     * went out is unknown, so their chunks stay with the peer. */
     while ((m = port->if_head) != NULL) {
         port->if_head = m->next;
         smsg_free(m);
@@ -1074,11 +1149,7 @@ void lshm_port_reap(struct lshm_port *port)
         port->error = -EPIPE;
         snprintf(port->reason, sizeof(port->reason), "context freed");
     }
-    while ((m = port->sq_head) != NULL) {
-        port->sq_head = m->next;
-        smsg_free(m);
-    }
-    port->sq_tail = NULL;
+    /* What was never submitted gives back its chunks, slots and ids. */
     drop_queues(port);
     if (port->peer != NULL) {
         lshm_peer_put_sock(port->peer, port->fd);

@@ -13,6 +13,13 @@
 #include "shm.h"
 #include "wire.h"
 
+/* A wake-up of the context: every deadline of its kind is the same delay
+ * after its start, so the one armed is never later than a new one. */
+struct lshm_timer {
+    struct lshm_op op;
+    bool           armed;
+};
+
 struct lshm_ctx {
     struct lshm_ring       *ring;
     pid_t                   pid;        /* creator: another pid is a forked child */
@@ -22,8 +29,8 @@ struct lshm_ctx {
     uint64_t                msgs_sent;
     uint64_t                msgs_received;
     unsigned                walking;    /* completions or handlers running */
-    struct lshm_op          hs_timer;   /* wakes the context for handshake deadlines */
-    bool                    hs_armed;
+    struct lshm_timer       hs_timer;   /* wakes the context for handshake deadlines */
+    struct lshm_timer       drain_timer;    /* and for the ends of drains */
     unsigned                zombies;    /* ports whose free waits for that */
 };
 
@@ -84,7 +91,9 @@ struct lshm_port {
     bool                 in_handler;    /* a handler of this port runs */
     bool                 zombie;        /* to free when the walk ends */
     struct lshm_listener *listener;     /* accepted, handshake not done */
-    long long            hello_by;      /* then: its HELLO is due by (CLOCK_MONOTONIC ms) */
+    bool                 draining;      /* closed by us: BYE sent, reading to EOF */
+    long long            due;           /* CLOCK_MONOTONIC ms: the HELLO (listener) or
+                                         * the drain's end (draining) is due by then */
     unsigned             refs;          /* handle + ops in flight + messages */
 };
 
@@ -130,6 +139,11 @@ void lshm_port_sweep(struct lshm_port *port);
 /* api.c: submit and dispatch completions, freeing closed ports after. */
 int  lshm_ctx_pump(struct lshm_ctx *ctx);
 int  lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms);
+/* Make the context's wait end within ms (if t is not armed already). */
+void lshm_ctx_wake_in(struct lshm_ctx *ctx, struct lshm_timer *t, unsigned ms);
+
+/* How long a port closed by this process reads after its BYE. */
+#define LSHM_DRAIN_MS 500
 
 /* listen.c */
 void lshm_listener_reap(struct lshm_listener *l);

@@ -207,6 +207,14 @@ void lshm_peer_put(struct lshm_peer *peer);
  */
 int  lshm_peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer);
 void lshm_peer_put_sock(struct lshm_peer *peer, int sock);
+/*
+ * sock has said BYE and shut down its writing side: for the peer, whose
+ * new-pair test sees that, the port is gone.  Take it off the list, and
+ * if it was the last, leave the pair to its remaining references as the
+ * peer will: a port made from now on begins a new pair.  The reference
+ * stays until lshm_peer_put_sock.
+ */
+void lshm_peer_hang_up(struct lshm_peer *peer, int sock);
 
 struct lshm_alloc {
     struct lshm_seg *seg;      /* referenced */

@@ -1943,6 +1943,209 @@ LTEST(port, two_ports_create_segments_for_one_peer)
     spawn_two_end(ctx, pa, pb, pid);
 }
 
+/*
+ * Port A closed by the child while we stream tracked messages in shared
+ * memory on it; port B keeps the pair of processes, and so the segment,
+ * alive.  Whatever was in flight when A closed (read by the child, left in
+ * its socket, queued or parked on our side) must give back its chunk and
+ * its tracking slot: with one segment, a leak would show in its maps.
+ */
+#define MIDCLOSE_WINDOW 64      /* trackings we keep before cancelling */
+
+static int close_midstream_child(int s0, int s1, unsigned nread)
+{
+    struct lshm_ctx *ctx;
+    struct lshm_port *a, *b;
+    struct lshm_msg m;
+    unsigned i;
+
+    CK(lshm_ctx_new(&ctx, NULL) == 0);
+    CK(lshm_port_adopt(ctx, s0, &a) == 0);
+    CK(lshm_port_adopt(ctx, s1, &b) == 0);
+    for (i = 0; i < nread; i++) {
+        CK(lshm_recv(a, &m, 10000) == 0);
+        CK(m.type == T_DATA && m.stream == i + 1);
+        lshm_msg_done(&m);
+    }
+    lshm_port_close(a);
+    /* Waiting here runs the context: A's close completes meanwhile. */
+    do {
+        CK(lshm_recv(b, &m, 20000) == 0);
+        i = m.type;
+        lshm_msg_done(&m);
+    } while (i != T_CTRL);
+    lshm_port_close(b);
+    lshm_ctx_free(ctx);
+    return 0;
+}
+
+/* Free chunks and free tracking slots of a segment. */
+static void seg_free_counts(const struct lshm_segment_header *hdr, unsigned *chunks,
+                            unsigned *slots)
+{
+    unsigned c;
+
+    *chunks = *slots = 0;
+    for (c = 0; c < LSHM_CHUNK_COUNT; c++) {
+        *chunks += lshm_chunk_is_free(hdr->free_map, c);
+        *slots += lshm_chunk_is_free(hdr->free_tracking_map, c);
+    }
+}
+
+LTEST(port, peer_closing_midstream_leaks_no_chunk_or_tracking_slot)
+{
+    struct lshm_ctx_params prm = { .max_segments = 1, .send_queue = 256 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_tracking *win[MIDCLOSE_WINDOW] = { NULL };
+    struct lshm_segment_header *hdr = NULL;
+    struct lshm_port *pa, *pb;
+    unsigned sent = 0, cancelled = 0, chunks = 0, slots = 0, i;
+    int ret = 0;
+    long long end;
+    pid_t pid = spawn_two(ctx, &pa, &pb, close_midstream_child, 50);
+
+    for (;;) {
+        uint32_t s = sent + 1;
+        struct lshm_tracking **t = &win[sent % MIDCLOSE_WINDOW];
+        struct lshm_out out = { .type = T_DATA, .stream = s, .fd = -1 };
+        struct lshm_buf *b;
+
+        cr_assert_lt(sent, 1000000, "the child never closed port A");
+        if (*t != NULL) {
+            cancelled += lshm_tracking_cancel(*t);
+            *t = NULL;
+        }
+        ret = lshm_buf_alloc(pa, 1000 + sent % 15000, &b);
+        if (ret == -EAGAIN) {
+            ret = lshm_port_wait(pa, LSHM_WAIT_SHM, 100);
+            if (ret < 0 && ret != -ETIMEDOUT)
+                break;
+            continue;
+        }
+        if (ret < 0)
+            break;
+        if (hdr == NULL)
+            hdr = b->seg->hdr;
+        lshm_buf_set_size(b, 1000 + sent % 15000);
+        ret = lshm_tracking_new(pa, s, t);
+        if (ret < 0) {
+            lshm_buf_free(b);
+            break;
+        }
+        out.tracking = *t;
+        out.bufs = &b;
+        out.nbufs = 1;
+        ret = send_out(pa, &out, 0);
+        if (ret < 0) {
+            lshm_buf_free(b);
+            cancelled += lshm_tracking_cancel(*t);
+            *t = NULL;
+            break;
+        }
+        sent++;
+    }
+    cr_assert(ret == -EPIPE, "port A ended with %d (%s), not the child's close", ret,
+              lshm_last_error());
+    cr_assert_gt(sent, 50, "only %u sent before the close", sent);
+    cr_assert_not_null(hdr);
+    for (i = 0; i < MIDCLOSE_WINDOW; i++)
+        cancelled += lshm_tracking_cancel(win[i]);
+    lshm_port_close(pa);
+    /* The child gives chunks back as it reads what was left; allow it time. */
+    end = now_ms() + 5000;
+    do {
+        lshm_ctx_run(ctx, 10);
+        seg_free_counts(hdr, &chunks, &slots);
+    } while ((chunks < LSHM_CHUNK_COUNT || slots < LSHM_CHUNK_COUNT) && now_ms() < end);
+    cr_log_info("closed mid-stream: %u sent, %u cancelled before receipt; free %u chunks, "
+                "%u slots of %u", sent, cancelled, chunks, slots, LSHM_CHUNK_COUNT);
+    cr_assert_eq(chunks, LSHM_CHUNK_COUNT, "%u chunks lost", LSHM_CHUNK_COUNT - chunks);
+    cr_assert_eq(slots, LSHM_CHUNK_COUNT, "%u tracking slots lost", LSHM_CHUNK_COUNT - slots);
+    /* The pair and its segment are still good for port B. */
+    cr_assert_eq(send_shm(pb, 1, 3 * LSHM_CHUNK_SIZE, -1), 0, "%s", lshm_last_error());
+    cr_assert_eq(send_inline(pb, T_CTRL, 0, NULL, 0, -1), 0);
+    lshm_port_close(pb);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/*
+ * A client closes its only port and connects again at once, while the
+ * server has not read the old port to its end (it holds recv_queue
+ * messages).  The client's old port still reads after its BYE, but for the
+ * new-pair rule it is gone on both sides: the server sees it hung up, and
+ * the client must not keep the old pair for the new port either, or its
+ * next segment id would not be the 0 the server expects.
+ */
+#define RECONNECT_OLD 180     /* more than recv_queue + the ring's 128 buffers */
+
+static int close_then_reconnect(const char *path)
+{
+    struct lshm_ctx *ctx;
+    struct lshm_port *a, *b;
+    struct lshm_msg m;
+    unsigned i;
+
+    CK(lshm_ctx_new(&ctx, NULL) == 0);
+    CK(lshm_connect(ctx, path, 10000, &a) == 0);
+    for (i = 0; i < RECONNECT_OLD; i++)
+        CK(send_shm(a, i, 20000 + i, -1) == 0);
+    CK(lshm_port_wait(a, LSHM_WAIT_IDLE, 10000) > 0);
+    lshm_port_close(a);
+    CK(lshm_connect(ctx, path, 10000, &b) == 0);
+    CK(send_shm(b, 100, 30000, -1) == 0);
+    CK(lshm_recv(b, &m, 20000) == 0);       /* the server has checked it all */
+    CK(m.type == T_CTRL);
+    lshm_msg_done(&m);
+    lshm_port_close(b);
+    lshm_ctx_free(ctx);
+    return 0;
+}
+
+LTEST(port, reconnect_while_the_old_port_drains_starts_a_new_pair_on_both_sides)
+{
+    struct lshm_ctx_params prm = { .recv_queue = 16 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    char *dir = tmp_dir(), path[128];
+    struct lshm_listener *l;
+    struct lshm_port *pa, *pb;
+    struct lshm_msg m;
+    unsigned i;
+    pid_t pid;
+    int ret;
+
+    snprintf(path, sizeof(path), "%s/sock", dir);
+    cr_assert_eq(lshm_listen(ctx, path, 0, &l), 0, "%s", lshm_last_error());
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        lshm_ctx_free(ctx);
+        _exit(close_then_reconnect(path));
+    }
+    cr_assert_eq(lshm_accept(l, &pa, 10000), 0, "%s", lshm_last_error());
+    /* We do not read port A: it stops at recv_queue, its BYE unread. */
+    cr_assert_eq(lshm_accept(l, &pb, 10000), 0, "%s", lshm_last_error());
+    ret = lshm_recv(pb, &m, 10000);
+    cr_assert_eq(ret, 0, "new port: %d %s", ret, lshm_port_error(pb));
+    cr_assert(msg_check(&m, 100, 30000), "new port: payload damaged");
+    lshm_msg_done(&m);
+    for (i = 0; i < RECONNECT_OLD; i++) {
+        ret = lshm_recv(pa, &m, 10000);
+        cr_assert_eq(ret, 0, "old port, message %u: %d %s", i, ret, lshm_port_error(pa));
+        cr_assert(msg_check(&m, i, 20000 + i), "old port: message %u damaged", i);
+        lshm_msg_done(&m);
+    }
+    cr_assert_eq(lshm_recv(pa, &m, 10000), -EPIPE, "%s", lshm_port_error(pa));
+    cr_assert_eq(send_inline(pb, T_CTRL, 1, NULL, 0, -1), 0);
+    child_ok(pid, 10000);
+    lshm_port_close(pa);
+    lshm_port_close(pb);
+    lshm_listener_close(l);
+    lshm_ctx_free(ctx);
+    rmdir(dir);
+    free(dir);
+}
+
 /* ======================================================================
  * More lifetime and limit behaviour
  * ====================================================================== */

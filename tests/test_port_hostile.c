@@ -720,3 +720,75 @@ LTEST(hostile, chunks_freed_without_shm_ack_wake_the_sender)
     lshm_ctx_free(ctx);
     close(raw);
 }
+
+/*
+ * We close a port while the peer still sends: what it sent before it saw
+ * our BYE is read and released, not dropped with the socket (its chunks
+ * and tracking slot would stay lost to the peer while the pair lives).  A
+ * peer that then never closes its end does not keep our socket either.
+ */
+static void drain_after_bye(struct hostile *h)
+{
+    uint8_t body[sizeof(struct lshm_wire_tracking) + sizeof(struct lshm_wire_desc)];
+    struct lshm_wire_tracking t = { .mmap_id = 0, .tracking_id = 7 };
+    struct lshm_wire_desc d = { .mmap_id = 0, .chunk_id = 5, .size = 20000 };
+    struct lshm_segment_header *hdr;
+    struct lshm_wire_msg wm;
+    int fd = make_segment(0, true, &hdr), rfd, open_fds, i;
+    long long t0;
+    char c;
+
+    raw_mmap(h, 0, fd);
+    close(fd);
+    /* Let the library map it while the port is open, as a peer would. */
+    for (i = 0; i < 50 && hdr->sent_over != LSHM_SENT_OVER_ANY; i++)
+        lshm_ctx_run(h->ctx, 10);
+    cr_assert_eq(hdr->sent_over, LSHM_SENT_OVER_ANY, "segment not claimed");
+
+    lshm_port_close(h->bad);
+    h->bad = NULL;
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(h->ctx, 5);
+    /* HELLO, then BYE, then end of file: we stopped writing. */
+    cr_assert_gt(raw_recv(h->raw, &wm, NULL, 0, &rfd), 0);
+    cr_assert_eq(wm.type, LSHM_WIRE_HELLO);
+    cr_assert_gt(raw_recv(h->raw, &wm, NULL, 0, &rfd), 0);
+    cr_assert_eq(wm.type, LSHM_WIRE_BYE);
+    cr_assert_eq(recv(h->raw, &c, 1, MSG_DONTWAIT), 0, "no end of file after BYE");
+
+    /* Sent before it saw the BYE: two chunks and a tracking slot. */
+    lshm_chunk_set_busy(hdr->free_map, 5);
+    lshm_chunk_set_busy(hdr->free_map, 6);
+    lshm_chunk_set_busy(hdr->free_tracking_map, 7);
+    __atomic_store_n(&hdr->tracking[7], 9, __ATOMIC_RELEASE);
+    memcpy(body, &t, sizeof(t));
+    memcpy(body + sizeof(t), &d, sizeof(d));
+    raw_msg(h, 9, getpid(), T_DATA, LSHM_WIRE_TRACKING | LSHM_WIRE_MMAP, d.size, body,
+            sizeof(body), NULL, 0);
+    open_fds = count_fds();
+    t0 = now_ms();
+    while (count_fds() == open_fds && now_ms() - t0 < 3000)
+        lshm_ctx_run(h->ctx, 10);
+    cr_assert_eq(count_fds(), open_fds - 1, "our socket still open %lld ms after BYE",
+                 now_ms() - t0);
+    cr_log_info("drain: socket closed %lld ms after BYE (peer kept its end open)",
+                now_ms() - t0);
+    cr_assert(lshm_chunk_is_free(hdr->free_map, 5) && lshm_chunk_is_free(hdr->free_map, 6),
+              "chunks of a message sent before our BYE not given back");
+    cr_assert_eq(__atomic_load_n(&hdr->tracking[7], __ATOMIC_ACQUIRE), 0,
+                 "tracking slot of a message sent before our BYE not resolved");
+    munmap(hdr, LSHM_SEGMENT_SIZE);
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(h->ctx, 5);
+    close(h->raw);
+    h->raw = -1;
+    cr_assert_eq(count_fds(), h->fds1, "fds: %d, %d before the port", count_fds(), h->fds1);
+    cr_assert_eq(count_maps("memfd:"), h->maps1, "memfd mappings: %d, %d before",
+                 count_maps("memfd:"), h->maps1);
+    good_pingpong(h, 3);
+}
+
+LTEST(hostile, closing_port_reads_what_the_peer_sent_before_bye)
+{
+    both_modes(drain_after_bye, true);
+}
