@@ -161,14 +161,23 @@ LSHM_EXPORT int lshm_ctx_fd(const struct lshm_ctx *ctx)
 /* Free the ports whose free was put off while completions ran. */
 static void ctx_sweep(struct lshm_ctx *ctx)
 {
-    struct lshm_port *port, *next;
+    struct lshm_port *port;
 
-    if (ctx->walking > 0 || ctx->zombies == 0)
+    if (ctx->walking > 0)
         return;
-    for (port = ctx->ports; port != NULL; port = next) {
-        next = port->next;
+    while ((port = lshm_port_list_pop(ctx, PL_ZOMBIE)) != NULL)
         lshm_port_sweep(port);
-    }
+}
+
+/* Submit what was queued on ports with nothing in flight (LSHM_MORE). */
+static void ctx_kick(struct lshm_ctx *ctx)
+{
+    unsigned n = ctx->lists[PL_KICK].len;
+    struct lshm_port *port;
+
+    /* Only those listed now: a port the ring has no room for comes back. */
+    while (n-- > 0 && (port = lshm_port_list_pop(ctx, PL_KICK)) != NULL)
+        lshm_port_kick(port);
 }
 
 /* Run the ring without calling any handler: for waits inside the library. */
@@ -201,13 +210,23 @@ static void timer_done(struct lshm_op *op, int res, bool more, void *buf, unsign
     t->armed = false;
 }
 
-void lshm_ctx_wake_in(struct lshm_ctx *ctx, struct lshm_timer *t, unsigned ms)
+/* Wake the context within ms, unless t is armed already (see port.h). */
+static void wake_in(struct lshm_ctx *ctx, struct lshm_timer *t, unsigned ms)
 {
     if (t->armed)
         return;
     t->op.complete = timer_done;
     if (lshm_ring_timeout(ctx->ring, ms, &t->op) == 0)
         t->armed = true;
+}
+
+void lshm_ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due)
+{
+    long long now = lshm_now_ms();
+
+    if (ctx->next_due == 0 || due < ctx->next_due)
+        ctx->next_due = due;
+    wake_in(ctx, t, due > now ? (unsigned)(due - now) + 1 : 1);
 }
 
 /*
@@ -222,6 +241,9 @@ static void check_deadlines(struct lshm_ctx *ctx)
     long long now = lshm_now_ms(), hs_next = 0, drain_next = 0;
     struct lshm_port *port;
 
+    /* The walk only when a deadline may have passed. */
+    if (ctx->next_due == 0 || now < ctx->next_due)
+        return;
     for (port = ctx->ports; port != NULL; port = port->next) {
         if (port->listener != NULL) {
             if (now >= port->due)
@@ -237,36 +259,40 @@ static void check_deadlines(struct lshm_ctx *ctx)
                 drain_next = port->due;
         }
     }
+    ctx->next_due = 0;
     if (hs_next != 0)
-        lshm_ctx_wake_in(ctx, &ctx->hs_timer, (unsigned)(hs_next - now) + 1);
+        lshm_ctx_due(ctx, &ctx->hs_timer, hs_next);
     if (drain_next != 0)
-        lshm_ctx_wake_in(ctx, &ctx->drain_timer, (unsigned)(drain_next - now) + 1);
+        lshm_ctx_due(ctx, &ctx->drain_timer, drain_next);
 }
 
 LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 {
     struct lshm_listener *l, *lnext;
     struct lshm_port *port;
+    unsigned n;
     int ret;
 
     if (ctx == NULL)
         return lshm_fail(-EINVAL, "ctx is NULL");
     ctx->walking++;
     /* Messages queued with LSHM_MORE go out with this run. */
-    for (port = ctx->ports; port != NULL; port = port->next)
-        if (port->sq_head != NULL && port->inflight == 0)
-            lshm_port_kick(port);
+    ctx_kick(ctx);
+    /* Handlers still to call (a nested run left them): do not sleep. */
+    if (ctx->lists[PL_READY].head != NULL)
+        timeout_ms = 0;
     ret = lshm_ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
     check_deadlines(ctx);
     /* Handlers run here, outside any completion: they may send, close,
-     * or run the context again. */
+     * or run the context again.  Ports made ready meanwhile wait for the
+     * next run, which will not sleep. */
     for (l = ctx->listeners; l != NULL; l = lnext) {
         lnext = l->next;
         lshm_listener_dispatch(l);
     }
-    for (port = ctx->ports; port != NULL; port = port->next)
-        if (port->rq_head != NULL || port->close_pending)
-            lshm_port_dispatch(port);
+    n = ctx->lists[PL_READY].len;
+    while (n-- > 0 && (port = lshm_port_list_pop(ctx, PL_READY)) != NULL)
+        lshm_port_dispatch(port);
     /* Completions may have queued more (a next chain, an ACK): push it
      * now, or a caller that sleeps in epoll would never see it go. */
     lshm_ring_submit(ctx->ring);
@@ -277,12 +303,9 @@ LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 
 LSHM_EXPORT int lshm_flush(struct lshm_ctx *ctx)
 {
-    struct lshm_port *port;
-
     if (ctx == NULL)
         return lshm_fail(-EINVAL, "ctx is NULL");
-    for (port = ctx->ports; port != NULL; port = port->next)
-        lshm_port_kick(port);
+    ctx_kick(ctx);
     return lshm_ring_submit(ctx->ring);
 }
 
@@ -472,8 +495,11 @@ LSHM_EXPORT int lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg
         on_msg(port, msg, arg);
         port->refs--;
         if (port->user_closed)
-            break;
+            return 0;
     }
+    /* A close not yet reported goes to the new handler in the next run. */
+    if (port->close_pending)
+        lshm_port_list_add(port, PL_READY);
     return 0;
 }
 

@@ -81,6 +81,7 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
         } else {
             port->listener = l;
             port->due = lshm_now_ms() + l->ctx->p.handshake_ms;
+            lshm_ctx_due(l->ctx, &l->ctx->hs_timer, port->due);
         }
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
         lshm_log("accept on %s failed: %s", l->path, strerror(-res));

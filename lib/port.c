@@ -65,8 +65,59 @@ static bool port_reading(const struct lshm_port *port)
     return !port->shutdown && (port->state != PORT_CLOSED || port->draining);
 }
 
+/* ---- the context's lists (port.h) ---- */
+
+void lshm_port_list_add(struct lshm_port *port, enum port_list_id which)
+{
+    struct port_list *l;
+    struct port_link *k = &port->links[which];
+
+    if (k->on || port->ctx == NULL)
+        return;
+    l = &port->ctx->lists[which];
+    k->on = true;
+    k->next = NULL;
+    k->prev = l->tail;
+    if (l->tail != NULL)
+        l->tail->links[which].next = port;
+    else
+        l->head = port;
+    l->tail = port;
+    l->len++;
+}
+
+static void list_del(struct lshm_port *port, enum port_list_id which)
+{
+    struct port_list *l = &port->ctx->lists[which];
+    struct port_link *k = &port->links[which];
+
+    if (!k->on)
+        return;
+    if (k->prev != NULL)
+        k->prev->links[which].next = k->next;
+    else
+        l->head = k->next;
+    if (k->next != NULL)
+        k->next->links[which].prev = k->prev;
+    else
+        l->tail = k->prev;
+    k->on = false;
+    l->len--;
+}
+
+struct lshm_port *lshm_port_list_pop(struct lshm_ctx *ctx, enum port_list_id which)
+{
+    struct lshm_port *port = ctx->lists[which].head;
+
+    if (port != NULL)
+        list_del(port, which);
+    return port;
+}
+
 static void port_free(struct lshm_port *port)
 {
+    unsigned i;
+
     if (port->ctx != NULL) {
         if (port->prev != NULL)
             port->prev->next = port->next;
@@ -74,6 +125,8 @@ static void port_free(struct lshm_port *port)
             port->ctx->ports = port->next;
         if (port->next != NULL)
             port->next->prev = port->prev;
+        for (i = 0; i < PL_COUNT; i++)
+            list_del(port, i);
     }
     /* Off the peer's list of sockets before the fd number can be reused. */
     if (port->peer != NULL)
@@ -90,24 +143,18 @@ static void port_maybe_free(struct lshm_port *port)
 {
     if (!port->user_closed || port->refs > 0 || port->held > 0 || !port_idle(port))
         return;
-    /* Someone may be walking the port list or holding this port in a
+    /* Someone may be walking a list of ports or holding this port in a
      * completion: free it when that is over (lshm_port_sweep). */
     if (port->ctx != NULL && port->ctx->walking > 0) {
-        if (!port->zombie) {
-            port->zombie = true;
-            port->ctx->zombies++;
-        }
+        lshm_port_list_add(port, PL_ZOMBIE);
         return;
     }
     port_free(port);
 }
 
+/* Off the zombie list, with nothing walking: free it if still unreachable. */
 void lshm_port_sweep(struct lshm_port *port)
 {
-    if (!port->zombie)
-        return;
-    port->zombie = false;
-    port->ctx->zombies--;
     port_maybe_free(port);
 }
 
@@ -144,6 +191,9 @@ static void smsg_queue(struct lshm_port *port, struct smsg *m)
         port->sq_head = m;
     port->sq_tail = m;
     port->sq_len++;
+    /* Whoever queued may not kick (LSHM_MORE): the next run will. */
+    if (port->inflight == 0)
+        lshm_port_list_add(port, PL_KICK);
 }
 
 static void rmsg_release(struct rmsg *rm)
@@ -364,6 +414,8 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
         lshm_peer_out_forget_port(port->peer, port->id);
     /* The handler runs from lshm_ctx_run, never inside a completion. */
     port->close_pending = notify;
+    if (notify)
+        lshm_port_list_add(port, PL_READY);
     port_finish(port);
 }
 
@@ -434,9 +486,8 @@ static bool port_drain(struct lshm_port *port)
     port->due = lshm_now_ms() + LSHM_DRAIN_MS;
     port->recv_stopped = false;
     recv_arm(port);
-    if (!port->draining)
-        return true;    /* no receive could be armed: shut down already */
-    lshm_ctx_wake_in(port->ctx, &port->ctx->drain_timer, LSHM_DRAIN_MS + 1);
+    if (port->draining)     /* else no receive could be armed: shut down already */
+        lshm_ctx_due(port->ctx, &port->ctx->drain_timer, port->due);
     return true;
 }
 
@@ -484,6 +535,9 @@ void lshm_port_kick(struct lshm_port *port)
     if (port->sq_head == NULL)
         port->sq_tail = NULL;
 done:
+    /* No room in the ring for any of it: the next run tries again. */
+    if (port->sq_head != NULL && port->inflight == 0 && port->state != PORT_CLOSED)
+        lshm_port_list_add(port, PL_KICK);
     /* A closing port says BYE after the last queued message. */
     if (port->user_closed && port->state != PORT_CLOSED && port->inflight == 0 &&
         port->sq_head == NULL) {
@@ -647,6 +701,8 @@ static void deliver(struct lshm_port *port, struct rmsg *rm)
     else
         port->rq_head = rm;
     port->rq_tail = rm;
+    if (port->on_msg != NULL)
+        lshm_port_list_add(port, PL_READY);
 }
 
 /* Called by lshm_ctx_run: messages to the handler, then the close. */

@@ -20,6 +20,28 @@ struct lshm_timer {
     bool           armed;
 };
 
+/*
+ * The ports a context must visit in its next run, so that a run costs
+ * what happened, not how many ports there are.  A port is on a list at
+ * most once (its link says so) and leaves it when freed.
+ */
+enum port_list_id {
+    PL_READY,   /* a handler to call: messages (with on_msg) or a close */
+    PL_KICK,    /* queued messages and nothing in flight */
+    PL_ZOMBIE,  /* freed while the context walked: free after it */
+    PL_COUNT
+};
+
+struct port_list {
+    struct lshm_port *head, *tail;
+    unsigned          len;
+};
+
+struct port_link {
+    struct lshm_port *prev, *next;
+    bool              on;
+};
+
 struct lshm_ctx {
     struct lshm_ring       *ring;
     pid_t                   pid;        /* creator: another pid is a forked child */
@@ -31,7 +53,8 @@ struct lshm_ctx {
     unsigned                walking;    /* completions or handlers running */
     struct lshm_timer       hs_timer;   /* wakes the context for handshake deadlines */
     struct lshm_timer       drain_timer;    /* and for the ends of drains */
-    unsigned                zombies;    /* ports whose free waits for that */
+    long long               next_due;   /* earliest port deadline, 0: none */
+    struct port_list        lists[PL_COUNT];
 };
 
 enum port_state {
@@ -89,7 +112,7 @@ struct lshm_port {
     void                *arg;
     bool                 close_pending; /* on_close still to be called */
     bool                 in_handler;    /* a handler of this port runs */
-    bool                 zombie;        /* to free when the walk ends */
+    struct port_link     links[PL_COUNT];   /* on the context's lists */
     struct lshm_listener *listener;     /* accepted, handshake not done */
     bool                 draining;      /* closed by us: BYE sent, reading to EOF */
     long long            due;           /* CLOCK_MONOTONIC ms: the HELLO (listener) or
@@ -136,11 +159,14 @@ void lshm_port_forget(struct lshm_port *port); /* forked child's copy */
 void lshm_port_dispatch(struct lshm_port *port);
 void lshm_port_sweep(struct lshm_port *port);
 
+void lshm_port_list_add(struct lshm_port *port, enum port_list_id which);
+struct lshm_port *lshm_port_list_pop(struct lshm_ctx *ctx, enum port_list_id which);
+
 /* api.c: submit and dispatch completions, freeing closed ports after. */
 int  lshm_ctx_pump(struct lshm_ctx *ctx);
 int  lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms);
-/* Make the context's wait end within ms (if t is not armed already). */
-void lshm_ctx_wake_in(struct lshm_ctx *ctx, struct lshm_timer *t, unsigned ms);
+/* A port deadline at due (CLOCK_MONOTONIC ms); t wakes the context for it. */
+void lshm_ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due);
 
 /* How long a port closed by this process reads after its BYE. */
 #define LSHM_DRAIN_MS 500
