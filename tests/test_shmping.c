@@ -5,6 +5,7 @@
  */
 #include "common.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -306,6 +307,10 @@ Test(shmping, bad_options_exit_64, .timeout = 120)
         { "--batch 0", "--batch" },
         { "--batch 1025", "--batch" },
         { "--mode inline -s 20K", "inline" },
+        { "--idle abc", "--idle" },
+        { "--idle 20001", "--idle" },
+        { "--idle 4 --mode copy", "--idle" },
+        { "--idle 2 --bench", "--idle" },
         { "-c", "-c" },
         { "one two", "two" },
     };
@@ -617,6 +622,55 @@ static void proc_status(pid_t pid, const char *name, char *val, size_t len)
     fclose(f);
 }
 
+/* Entries of /proc/PID/fd, or -1. */
+static int proc_fds(pid_t pid)
+{
+    char path[64];
+    struct dirent *e;
+    int n = 0;
+    DIR *d;
+
+    snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+    d = opendir(path);
+    if (d == NULL)
+        return -1;
+    while ((e = readdir(d)) != NULL)
+        n += e->d_name[0] != '.';
+    closedir(d);
+    return n;
+}
+
+/*
+ * --idle: the server holds that many more ports (an fd each, past the
+ * usual soft limit of 1024), a client with as many of its own gets every
+ * reply, and both report them.
+ */
+Test(shmping, idle_ports_open_and_replies_all_come_back, .timeout = 120)
+{
+    struct server s;
+    struct run r;
+    char args[256];
+    long long end = now_ms() + 10000;
+    int fds;
+
+    server_start(&s, "--idle 3000");
+    while ((fds = proc_fds(s.pid)) < 3000 && now_ms() < end)
+        usleep(5000);
+    cr_expect_geq(fds, 3000, "the server holds %d fds, not 3000 idle ports' worth", fds);
+    snprintf(args, sizeof(args), "%s --idle 2999 --verify -f -c 2000 --json", s.path);
+    expect_ok(&r, args);
+    check_json(r.out, PING_FIELDS " idle_ports",
+               "d['idle_ports'] == 3000 and d['received'] == 2000 and d['corrupt'] == 0");
+    run_free(&r);
+    server_stop(&s, SIGTERM, &r);
+    cr_expect(strstr(r.out, ", 3000 idle ports, ") != NULL, "%s", r.out);
+    run_free(&r);
+
+    expect_ok(&r, "--idle 1000 --verify -f -c 2000 -q -s 100K");
+    cr_expect(strstr(r.out, "2000 sent, 2000 received, 0% lost") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
 Test(shmping, server_drops_capabilities, .timeout = 120)
 {
     char eff[64], nnp[16];
@@ -803,7 +857,8 @@ Test(shmping, lost_reply_exits_1, .timeout = 120)
 Test(shmping, bench_fits_in_15_seconds, .timeout = 120)
 {
     static const char *const rows[] = {
-        "64 B     copy", "64 B     seqpacket", "64 B     shm", "64 B     inline",
+        "64 B     copy", "64 B     seqpacket", "64 B     shm", "64 B     inline ",
+        "64 B     inline*", "inline*: inline with 1000 idle ports in each process",
         "4 KiB    copy", "4 KiB    seqpacket", "4 KiB    shm", "4 KiB    inline",
         "1 MiB    copy", "1 MiB    shm",
     };

@@ -19,6 +19,10 @@ static const size_t sizes[] = { 64, 4096, 1u << 20 };
 static const enum mode modes[] = { MODE_COPY, MODE_SEQPACKET, MODE_SHM, MODE_INLINE };
 #define NMODES (sizeof(modes) / sizeof(modes[0]))
 
+/* The last row: inline 64 B again, with BENCH_IDLE idle ports in each
+ * process, against the same copy figures. */
+#define IDLE_LABEL "inline*"
+
 static int run_one(const struct config *cfg, struct results *res)
 {
     memset(res, 0, sizeof(*res));
@@ -28,7 +32,8 @@ static int run_one(const struct config *cfg, struct results *res)
 }
 
 /* Returns whether every reply came back (and verified). */
-static bool run_cell(const struct config *base, enum mode mode, size_t size, struct cell *c)
+static bool run_cell(const struct config *base, enum mode mode, size_t size, unsigned idle,
+                     struct cell *c)
 {
     struct config cfg = *base;
     struct results res;
@@ -37,6 +42,7 @@ static bool run_cell(const struct config *base, enum mode mode, size_t size, str
 
     cfg.mode = mode;
     cfg.size = size;
+    cfg.idle = idle;
     cfg.count = COUNT_FOREVER;
     cfg.deadline = CELL_S;
     cfg.flood = true;
@@ -71,7 +77,8 @@ static double ratio(double v, double copy)
     return copy > 0 ? v / copy : 0;
 }
 
-static void print_row(size_t size, enum mode mode, const struct cell *c, const struct cell *copy)
+static void print_row(size_t size, const char *label, const struct cell *c,
+                      const struct cell *copy)
 {
     char sz[24];
 
@@ -82,11 +89,11 @@ static void print_row(size_t size, enum mode mode, const struct cell *c, const s
     else
         snprintf(sz, sizeof(sz), "%zu B", size);
     if (c->failed) {
-        printf("%-8s %-9s %s\n", sz, mode_name(mode), "failed (see above)");
+        printf("%-8s %-9s %s\n", sz, label, "failed (see above)");
         return;
     }
     printf("%-8s %-9s %11.1f %6.2fx %11.1f %6.2fx %11.0f %6.2fx %9.3f %6.2fx\n",
-           sz, mode_name(mode),
+           sz, label,
            c->rtt_avg, ratio(c->rtt_avg, copy->rtt_avg),
            c->rtt_p99, ratio(c->rtt_p99, copy->rtt_p99),
            c->msgs_per_s, ratio(c->msgs_per_s, copy->msgs_per_s),
@@ -94,23 +101,44 @@ static void print_row(size_t size, enum mode mode, const struct cell *c, const s
     fflush(stdout);
 }
 
-static void json_row(bool first, size_t size, enum mode mode, const struct cell *c,
-                     const struct cell *copy)
+static void json_row(bool first, size_t size, enum mode mode, unsigned idle,
+                     const struct cell *c, const struct cell *copy)
 {
-    printf("%s{\"size\":%zu,\"mode\":\"%s\",\"failed\":%s,\"rtt_avg_us\":%.3f,"
+    printf("%s{\"size\":%zu,\"mode\":\"%s\",\"idle_ports\":%u,\"failed\":%s,"
+           "\"rtt_avg_us\":%.3f,"
            "\"rtt_p99_us\":%.3f,\"msgs_per_s\":%.1f,\"gb_per_s\":%.6f,"
            "\"rtt_avg_ratio\":%.4f,\"rtt_p99_ratio\":%.4f,\"msgs_per_s_ratio\":%.4f,"
            "\"gb_per_s_ratio\":%.4f}",
-           first ? "" : ",", size, mode_name(mode), c->failed ? "true" : "false",
+           first ? "" : ",", size, mode_name(mode), idle, c->failed ? "true" : "false",
            c->rtt_avg, c->rtt_p99, c->msgs_per_s, c->gb_per_s,
            ratio(c->rtt_avg, copy->rtt_avg), ratio(c->rtt_p99, copy->rtt_p99),
            ratio(c->msgs_per_s, copy->msgs_per_s), ratio(c->gb_per_s, copy->gb_per_s));
 }
 
+struct bench {
+    const struct config *cfg;
+    bool complete, failed, first;
+};
+
+/* One cell, run and printed; copy is the copy mode cell of its size. */
+static void bench_row(struct bench *b, size_t size, enum mode mode, unsigned idle,
+                      const char *label, struct cell *c, const struct cell *copy)
+{
+    b->complete &= run_cell(b->cfg, mode, size, idle, c);
+    b->failed |= c->failed;
+    if (!c->ran)
+        return;
+    if (b->cfg->json)
+        json_row(b->first, size, mode, idle, c, copy);
+    else
+        print_row(size, label, c, copy);
+    b->first = false;
+}
+
 int run_bench(const struct config *cfg)
 {
+    struct bench b = { .cfg = cfg, .complete = true, .first = true };
     struct lshm_probe p;
-    bool complete = true, failed = false, first = true;
     char feat[160];
 
     if (lshm_probe(&p) == 0 && p.io_uring != 0) {
@@ -129,27 +157,23 @@ int run_bench(const struct config *cfg)
                "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio");
     }
     for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]) && !stop_requested; i++) {
-        struct cell cells[NMODES] = { { .ran = false } };
+        struct cell cells[NMODES] = { { .ran = false } }, idle = { .ran = false };
 
         for (size_t m = 0; m < NMODES && !stop_requested; m++) {
             if ((modes[m] == MODE_INLINE || modes[m] == MODE_SEQPACKET) &&
                 sizes[i] > LSHM_INLINE_MAX)
                 continue;
-            complete &= run_cell(cfg, modes[m], sizes[i], &cells[m]);
-            failed |= cells[m].failed;
-            if (!cells[m].ran)
-                continue;
-            if (cfg->json)
-                json_row(first, sizes[i], modes[m], &cells[m], &cells[0]);
-            else
-                print_row(sizes[i], modes[m], &cells[m], &cells[0]);
-            first = false;
+            bench_row(&b, sizes[i], modes[m], 0, mode_name(modes[m]), &cells[m], &cells[0]);
         }
+        if (i == 0 && !stop_requested)
+            bench_row(&b, sizes[i], MODE_INLINE, BENCH_IDLE, IDLE_LABEL, &idle, &cells[0]);
     }
     if (cfg->json)
         printf("],\"interrupted\":%s}\n", stop_requested ? "true" : "false");
+    else
+        printf("\n" IDLE_LABEL ": inline with %u idle ports in each process\n", BENCH_IDLE);
     fflush(stdout);
-    if (failed)
+    if (b.failed)
         return EXIT_ERROR;
-    return complete ? 0 : EXIT_LOST;
+    return b.complete ? 0 : EXIT_LOST;
 }

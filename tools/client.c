@@ -494,8 +494,69 @@ int ctx_new_reported(struct lshm_ctx **ctx, const char *who)
     return ret;
 }
 
+void idle_close(struct idle_ports *ip)
+{
+    unsigned i;
+
+    for (i = 0; i < ip->n; i++)
+        lshm_port_close(ip->ports[i]);
+    free(ip->ports);
+    ip->ports = NULL;
+    ip->n = 0;
+}
+
+/*
+ * Each socketpair gives two ports: the context adopts both ends, so every
+ * port makes a real handshake (with itself) and then stays open, idle.
+ */
+int idle_open(const struct config *cfg, struct lshm_ctx *ctx, struct idle_ports *ip,
+              const char *who)
+{
+    unsigned n = cfg->idle, i;
+    int sv[2], ret;
+
+    ip->n = 0;
+    ip->ports = NULL;
+    if (n == 0)
+        return 0;
+    ip->ports = calloc(n + 1, sizeof(*ip->ports));   /* n is even; + 1 all the same */
+    if (ip->ports == NULL) {
+        err("%s--idle %u: out of memory", who, n);
+        return -1;
+    }
+    while (ip->n < n) {
+        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
+            err("%s--idle %u: socketpair after %u ports: %s", who, n, ip->n, strerror(errno));
+            goto fail;
+        }
+        for (i = 0; i < 2; i++) {
+            ret = lshm_port_adopt(ctx, sv[i], &ip->ports[ip->n]);
+            if (ret < 0) {
+                err("%s--idle %u: adopting port %u: %s", who, n, ip->n, lshm_why(ret));
+                close(sv[i]);
+                if (i == 0)
+                    close(sv[1]);
+                goto fail;
+            }
+            ip->n++;
+        }
+    }
+    for (i = 0; i < ip->n; i++) {
+        ret = lshm_port_wait(ip->ports[i], LSHM_WAIT_READY, HANDSHAKE_MS);
+        if (ret < 0) {
+            err("%s--idle %u: handshake of port %u: %s", who, n, i, lshm_why(ret));
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    idle_close(ip);
+    return -1;
+}
+
 int lshm_run_forked(const struct config *cfg, struct results *res)
 {
+    struct idle_ports idle = { NULL, 0 };
     struct lshm_ctx *ctx = NULL;
     struct lshm_port *port = NULL;
     int sock, ret, status;
@@ -526,7 +587,10 @@ int lshm_run_forked(const struct config *cfg, struct results *res)
         err("handshake with the forked peer failed: %s", why ? why : lshm_why(ret));
         goto fail;
     }
+    if (idle_open(cfg, ctx, &idle, "") < 0)
+        goto fail;
     run_session(cfg, ctx, port, "peer", true, res);
+    idle_close(&idle);
     lshm_port_close(port);
     lshm_ctx_free(ctx);
     status = reap_child(pid);
@@ -553,6 +617,7 @@ fail:
 
 int lshm_run_client(const struct config *cfg, struct results *res)
 {
+    struct idle_ports idle = { NULL, 0 };
     struct lshm_ctx *ctx = NULL;
     struct lshm_port *port = NULL;
     int ret;
@@ -572,7 +637,12 @@ int lshm_run_client(const struct config *cfg, struct results *res)
             err("cannot connect to %s: %s", cfg->path, lshm_why(ret));
         goto fail;
     }
+    if (idle_open(cfg, ctx, &idle, "") < 0) {
+        lshm_port_close(port);
+        goto fail;
+    }
     run_session(cfg, ctx, port, cfg->path, false, res);
+    idle_close(&idle);
     lshm_port_close(port);
     lshm_ctx_free(ctx);
     return res->error ? EXIT_ERROR : 0;

@@ -6,10 +6,13 @@
 
 void print_header(const struct config *cfg, const char *peer, unsigned features)
 {
-    char feat[160], batch[32] = "";
+    char feat[160], batch[64] = "";
+    int n = 0;
 
     if (cfg->throughput && cfg->batch > 1)
-        snprintf(batch, sizeof(batch), ", batch %u", cfg->batch);
+        n = snprintf(batch, sizeof(batch), ", batch %u", cfg->batch);
+    if (cfg->idle > 0)
+        snprintf(batch + n, sizeof(batch) - (size_t)n, ", %u idle ports", cfg->idle);
     if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) {
         printf("SHMPING %s: %zu bytes, mode %s%s (AF_UNIX %s socket, "
                "blocking write/read, no io_uring)\n",
@@ -61,9 +64,10 @@ static void json_summary(const struct config *cfg, const struct results *res, co
     rtt_summarize(res, &r);
     printf("{\"peer\":");
     json_string(peer);
-    printf(",\"mode\":\"%s\",\"size\":%zu,\"throughput\":%s,\"batch\":%u,\"verify\":%s",
+    printf(",\"mode\":\"%s\",\"size\":%zu,\"throughput\":%s,\"batch\":%u,\"verify\":%s"
+           ",\"idle_ports\":%u",
            mode_name(cfg->mode), cfg->size, cfg->throughput ? "true" : "false", cfg->batch,
-           cfg->verify ? "true" : "false");
+           cfg->verify ? "true" : "false", cfg->idle);
     printf(",\"sent\":%llu,\"received\":%llu,\"corrupt\":%llu,\"lost_pct\":%.4g"
            ",\"time_ms\":%.3f,\"interrupted\":%s",
            (unsigned long long)res->sent, (unsigned long long)res->received,

@@ -50,6 +50,7 @@ struct server {
     unsigned              next_id;
     bool                  sink;     /* forked peer of a throughput run */
     struct peer_stats     stats;
+    struct idle_ports     idle;     /* --idle */
 };
 
 /* The server's log (stderr): one line for each client that goes. */
@@ -330,6 +331,7 @@ static void server_close(struct server *s)
         client_free(c);
     }
     s->clients = NULL;
+    idle_close(&s->idle);
     lshm_ctx_free(s->ctx);
 }
 
@@ -356,13 +358,17 @@ int serve(const struct config *cfg)
         server_close(&s);
         return EXIT_ERROR;
     }
-    if (drop_caps(cfg) < 0) {
+    if (drop_caps(cfg) < 0 || idle_open(cfg, s.ctx, &s.idle, "") < 0) {
         server_close(&s);
         return EXIT_ERROR;
     }
     if (!cfg->quiet) {
         features_text(lshm_ctx_features(s.ctx), feat, sizeof(feat));
-        printf("SHMPING server on %s, io_uring %s\n", cfg->listen, feat);
+        if (cfg->idle > 0)
+            printf("SHMPING server on %s, %u idle ports, io_uring %s\n", cfg->listen,
+                   cfg->idle, feat);
+        else
+            printf("SHMPING server on %s, io_uring %s\n", cfg->listen, feat);
         fflush(stdout);
     }
     ret = run_loop(&s);
@@ -393,7 +399,7 @@ int peer_serve(const struct config *cfg, int sock)
         lshm_ctx_free(s.ctx);
         return EXIT_ERROR;
     }
-    if (drop_caps(cfg) < 0) {
+    if (drop_caps(cfg) < 0 || idle_open(cfg, s.ctx, &s.idle, "peer: ") < 0) {
         server_close(&s);
         return EXIT_ERROR;
     }

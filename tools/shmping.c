@@ -15,7 +15,7 @@
 
 enum {
     OPT_MODE = 256, OPT_THROUGHPUT, OPT_BATCH, OPT_VERIFY, OPT_JSON, OPT_PROBE,
-    OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION,
+    OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE,
 };
 
 static const struct option long_options[] = {
@@ -27,12 +27,14 @@ static const struct option long_options[] = {
     { "probe",      no_argument,       NULL, OPT_PROBE },
     { "bench",      no_argument,       NULL, OPT_BENCH },
     { "keep-caps",  no_argument,       NULL, OPT_KEEP_CAPS },
+    { "idle",       required_argument, NULL, OPT_IDLE },
     { "help",       no_argument,       NULL, 'h' },
     { "version",    no_argument,       NULL, OPT_VERSION },
     { NULL, 0, NULL, 0 },
 };
 
 #define MAX_BATCH     1024u
+#define MAX_IDLE      20000u
 #define BENCH_BATCH   32u
 #define MAX_SECONDS   (365.0 * 86400)
 
@@ -68,12 +70,15 @@ static void usage(FILE *f)
 "  --probe         print what the kernel and the process offer\n"
 "  --bench         rtt and throughput for 64 B, 4K, 1M in every mode, with\n"
 "                  ratios to copy mode (about 10 s)\n"
+"  --idle N        N more ports (0 .. %u, rounded up to even) in every\n"
+"                  context, connected but doing nothing, to see what they\n"
+"                  cost the busy one; io_uring modes only\n"
 "  --keep-caps     do not drop capabilities after set-up\n"
 "  -h, --help      this text\n"
 "      --version   shmping and library versions\n"
 "\n"
 "exit status: 0 every reply came back (and verified), 1 replies lost or\n"
-"corrupt, 2 other errors, 64 bad usage\n", MAX_BATCH);
+"corrupt, 2 other errors, 64 bad usage\n", MAX_BATCH, MAX_IDLE);
 }
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -218,6 +223,12 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
         case OPT_KEEP_CAPS:
             cfg->keep_caps = true;
             break;
+        case OPT_IDLE:
+            if (!parse_u64(optarg, &v) || v > MAX_IDLE)
+                return usage_error("--idle %s: the number of idle ports must be 0 .. %u",
+                                   optarg, MAX_IDLE);
+            cfg->idle = (unsigned)(v + (v & 1));  /* a socketpair is two ports */
+            break;
         case OPT_VERSION:
             *version = true;
             break;
@@ -253,6 +264,11 @@ static int check_options(struct config *cfg, bool probe)
     if ((cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) && cfg->listen)
         return usage_error("--mode %s works with a forked peer only, not with -l",
                            mode_name(cfg->mode));
+    if ((cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) && cfg->idle > 0)
+        return usage_error("--idle: --mode %s has no ports; use shm or inline",
+                           mode_name(cfg->mode));
+    if (cfg->bench && cfg->idle > 0)
+        return usage_error("--idle: --bench measures with and without idle ports itself");
     if (cfg->mode == MODE_SEQPACKET && cfg->size > SEQPACKET_MAX)
         return usage_error("--mode seqpacket: -s %zu is above one datagram's %u bytes",
                            cfg->size, SEQPACKET_MAX);
@@ -300,6 +316,8 @@ int main(int argc, char **argv)
         return print_probe(cfg.json);
 
     install_signals();
+    if (fd_room(cfg.bench ? BENCH_IDLE : cfg.idle) < 0)
+        return EXIT_ERROR;
     if (cfg.bench)
         return run_bench(&cfg);
     if (cfg.listen)

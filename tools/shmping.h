@@ -21,6 +21,7 @@
 #define MAX_SIZE        (64u << 20)
 #define SEQPACKET_MAX   LSHM_INLINE_MAX   /* --mode seqpacket: one datagram */
 #define COUNT_FOREVER   UINT64_MAX
+#define BENCH_IDLE      1000    /* --bench: idle ports of its last row */
 
 /* User message types of shmping's own protocol (a server echoes them all). */
 enum {
@@ -47,6 +48,7 @@ struct config {
     double      interval;   /* seconds */
     double      deadline;   /* seconds, 0: none */
     unsigned    batch;      /* 0 until set: 1, or BENCH_BATCH for --bench */
+    unsigned    idle;       /* --idle: more ports, doing nothing, in every context */
     bool        count_set, flood, quiet, throughput, verify, json, keep_caps;
     bool        bench;      /* a --bench cell: no output, results only */
 };
@@ -81,6 +83,9 @@ void     rtt_summarize(const struct results *r, struct rtt_summary *s);
 /* A throughput run's results: time since start (now_ns), what the peer counted. */
 void     results_set_throughput(struct results *r, uint64_t start, const struct peer_stats *st);
 int      drop_caps(const struct config *cfg);
+/* Room for n more file descriptors (--idle): the soft RLIMIT_NOFILE is
+ * raised within the hard one; -1 (reported) if it cannot be. */
+int      fd_room(unsigned n);
 void     install_signals(void);
 void     peer_signals(void);
 const char *mode_name(enum mode m);
@@ -124,6 +129,17 @@ int  lshm_run_client(const struct config *cfg, struct results *res);
 const char *lshm_why(int ret);
 /* lshm_ctx_new() with the failure reported on stderr, prefixed by who. */
 int  ctx_new_reported(struct lshm_ctx **ctx, const char *who);
+
+/* --idle: ports that do nothing, to measure what they cost the busy one. */
+struct idle_ports {
+    struct lshm_port **ports;
+    unsigned           n;
+};
+/* cfg->idle of them in ctx, handshakes done; -1 (reported, who as above)
+ * on failure, with what was opened closed again. */
+int  idle_open(const struct config *cfg, struct lshm_ctx *ctx, struct idle_ports *ip,
+               const char *who);
+void idle_close(struct idle_ports *ip);
 
 /* server.c: the echo server (-l), and the forked peer of the io_uring modes. */
 int  serve(const struct config *cfg);

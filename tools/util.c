@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/capability.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -197,6 +198,28 @@ void rtt_summarize(const struct results *r, struct rtt_summary *s)
  * peer, so that a bug in the receive path cannot use the process's
  * privileges.  Lowering capabilities never needs a privilege.
  */
+int fd_room(unsigned n)
+{
+    rlim_t want = (rlim_t)n + 256;   /* and the rest: rings, segments, stdio */
+    struct rlimit rl;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur == RLIM_INFINITY ||
+        rl.rlim_cur >= want)
+        return 0;
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want) {
+        err("--idle %u needs about %llu file descriptors a process; the hard limit is "
+            "%llu (ulimit -Hn)", n, (unsigned long long)want, (unsigned long long)rl.rlim_max);
+        return -1;
+    }
+    rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) < 0) {
+        err("--idle %u: cannot raise RLIMIT_NOFILE to %llu: %s", n,
+            (unsigned long long)want, strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
 int drop_caps(const struct config *cfg)
 {
     cap_t none;
