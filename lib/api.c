@@ -294,8 +294,11 @@ LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
     while (n-- > 0 && (port = lshm_port_list_pop(ctx, PL_READY)) != NULL)
         lshm_port_dispatch(port);
     /* Completions may have queued more (a next chain, an ACK): push it
-     * now, or a caller that sleeps in epoll would never see it go. */
+     * now, or a caller that sleeps in epoll would never see it go.  Nor
+     * would it see handlers left to call: wake its poll. */
     lshm_ring_submit(ctx->ring);
+    if (ctx->lists[PL_READY].head != NULL)
+        lshm_ring_wake(ctx->ring);
     ctx->walking--;
     ctx_sweep(ctx);
     return ret;

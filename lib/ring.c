@@ -208,6 +208,14 @@ int lshm_ring_fd(const struct lshm_ring *cr)
     return fd;
 }
 
+void lshm_ring_wake(struct lshm_ring *r)
+{
+    uint64_t one = 1;
+
+    if (r->has_evfd && write(r->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        lshm_log("eventfd write: %s", strerror(errno));
+}
+
 unsigned lshm_ring_features(const struct lshm_ring *r)
 {
     return r->features;

@@ -31,6 +31,8 @@ void     lshm_ring_free(struct lshm_ring *r);
  * could reach the parent's ring. */
 void     lshm_ring_forget(struct lshm_ring *r);
 int      lshm_ring_fd(const struct lshm_ring *r);
+/* Make a poll on lshm_ring_fd wake: work is waiting without a completion. */
+void     lshm_ring_wake(struct lshm_ring *r);
 unsigned lshm_ring_features(const struct lshm_ring *r);
 void     lshm_ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st);
 
