@@ -35,9 +35,9 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
     if (in != NULL) {
         for (i = 0; i < ARRAY_SIZE(in->reserved); i++)
             if (in->reserved[i] != 0)
-                return lshm_fail(-EINVAL, "lshm_ctx_params.reserved[%u] is not zero", i);
+                return lshm__fail(-EINVAL, "lshm_ctx_params.reserved[%u] is not zero", i);
         if (in->flags & ~known)
-            return lshm_fail(-EINVAL, "unknown lshm_ctx_params.flags 0x%x", in->flags & ~known);
+            return lshm__fail(-EINVAL, "unknown lshm_ctx_params.flags 0x%x", in->flags & ~known);
         *p = *in;
     }
     if (p->ring_entries == 0)
@@ -51,14 +51,14 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
     if (p->handshake_ms == 0)
         p->handshake_ms = DEFAULT_HANDSHAKE_MS;
     if (!is_power_of_two(p->ring_entries) || p->ring_entries < 8 || p->ring_entries > 4096)
-        return lshm_fail(-EINVAL, "ring_entries %u: a power of two from 8 to 4096",
+        return lshm__fail(-EINVAL, "ring_entries %u: a power of two from 8 to 4096",
                          p->ring_entries);
     if (p->max_segments > 1024)
-        return lshm_fail(-EINVAL, "max_segments %u: at most 1024", p->max_segments);
+        return lshm__fail(-EINVAL, "max_segments %u: at most 1024", p->max_segments);
     if (p->send_queue > 65536 || p->recv_queue > 65536)
-        return lshm_fail(-EINVAL, "send_queue and recv_queue: at most 65536");
+        return lshm__fail(-EINVAL, "send_queue and recv_queue: at most 65536");
     if (p->handshake_ms > 3600000)
-        return lshm_fail(-EINVAL, "handshake_ms %u: at most an hour", p->handshake_ms);
+        return lshm__fail(-EINVAL, "handshake_ms %u: at most an hour", p->handshake_ms);
     return 0;
 }
 
@@ -68,14 +68,14 @@ LSHM_EXPORT int lshm_ctx_new(struct lshm_ctx **out, const struct lshm_ctx_params
     int ret;
 
     if (out == NULL)
-        return lshm_fail(-EINVAL, "ctx is NULL");
+        return lshm__fail(-EINVAL, "ctx is NULL");
     ctx = calloc(1, sizeof(*ctx));
     if (ctx == NULL)
-        return lshm_fail(-ENOMEM, "out of memory");
+        return lshm__fail(-ENOMEM, "out of memory");
     ret = check_params(params, &ctx->p);
     if (ret < 0)
         goto fail;
-    ret = lshm_ring_new(&ctx->ring, ctx->p.ring_entries, ctx->p.flags);
+    ret = lshm__ring_new(&ctx->ring, ctx->p.ring_entries, ctx->p.flags);
     if (ret < 0)
         goto fail;
     ctx->pid = getpid();
@@ -112,13 +112,13 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
         /* A forked child's copy: the ring, the sockets and the shared
          * state belong to the parent; release only our copies. */
         while (ctx->listeners != NULL)
-            lshm_listener_forget(ctx->listeners);
+            lshm__listener_forget(ctx->listeners);
         for (port = ctx->ports; port != NULL; port = next) {
             next = port->next;
-            lshm_port_forget(port);
+            lshm__port_forget(port);
         }
-        lshm_peers_forget();
-        lshm_ring_forget(ctx->ring);
+        lshm__peers_forget();
+        lshm__ring_forget(ctx->ring);
         free(ctx);
         return;
     }
@@ -129,24 +129,24 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
     for (port = ctx->ports; port != NULL; port = next) {
         next = port->next;
         if (!port->user_closed)
-            lshm_port_release(port);
+            lshm__port_release(port);
     }
     /* Give queued messages and BYEs a bounded time to go out, and the
      * drains after them (LSHM_DRAIN_MS each) a chance to end. */
-    end = lshm_now_ms() + CLOSE_DRAIN_MS;
-    while (ctx_closing(ctx) && lshm_now_ms() < end) {
-        lshm_ctx_step(ctx, 10);
+    end = lshm__now_ms() + CLOSE_DRAIN_MS;
+    while (ctx_closing(ctx) && lshm__now_ms() < end) {
+        lshm__ctx_step(ctx, 10);
         check_deadlines(ctx);
     }
     for (port = ctx->ports; port != NULL; port = port->next)
         if (port->fd >= 0)
             shutdown(port->fd, SHUT_RDWR);
-    lshm_ring_free(ctx->ring);
+    lshm__ring_free(ctx->ring);
     while (ctx->listeners != NULL)
-        lshm_listener_reap(ctx->listeners);
+        lshm__listener_reap(ctx->listeners);
     for (port = ctx->ports; port != NULL; port = next) {
         next = port->next;
-        lshm_port_reap(port);
+        lshm__port_reap(port);
     }
     free(ctx);
 }
@@ -154,8 +154,8 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
 LSHM_EXPORT int lshm_ctx_fd(const struct lshm_ctx *ctx)
 {
     if (ctx == NULL)
-        return lshm_fail(-EINVAL, "ctx is NULL");
-    return lshm_ring_fd(ctx->ring);
+        return lshm__fail(-EINVAL, "ctx is NULL");
+    return lshm__ring_fd(ctx->ring);
 }
 
 /* Free the ports whose free was put off while completions ran. */
@@ -165,8 +165,8 @@ static void ctx_sweep(struct lshm_ctx *ctx)
 
     if (ctx->walking > 0)
         return;
-    while ((port = lshm_port_list_pop(ctx, PL_ZOMBIE)) != NULL)
-        lshm_port_sweep(port);
+    while ((port = lshm__port_list_pop(ctx, PL_ZOMBIE)) != NULL)
+        lshm__port_sweep(port);
 }
 
 /* Submit what was queued on ports with nothing in flight (LSHM_MORE). */
@@ -176,28 +176,28 @@ static void ctx_kick(struct lshm_ctx *ctx)
     struct lshm_port *port;
 
     /* Only those listed now: a port the ring has no room for comes back. */
-    while (n-- > 0 && (port = lshm_port_list_pop(ctx, PL_KICK)) != NULL)
-        lshm_port_kick(port);
+    while (n-- > 0 && (port = lshm__port_list_pop(ctx, PL_KICK)) != NULL)
+        lshm__port_kick(port);
 }
 
 /* Run the ring without calling any handler: for waits inside the library. */
-int lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms)
+int lshm__ctx_step(struct lshm_ctx *ctx, int timeout_ms)
 {
     int ret;
 
     ctx->walking++;
-    ret = lshm_ring_run(ctx->ring, timeout_ms);
+    ret = lshm__ring_run(ctx->ring, timeout_ms);
     ctx->walking--;
     ctx_sweep(ctx);
     return ret;
 }
 
-int lshm_ctx_pump(struct lshm_ctx *ctx)
+int lshm__ctx_pump(struct lshm_ctx *ctx)
 {
     int ret;
 
     ctx->walking++;
-    ret = lshm_ring_pump(ctx->ring);
+    ret = lshm__ring_pump(ctx->ring);
     ctx->walking--;
     ctx_sweep(ctx);
     return ret;
@@ -216,13 +216,13 @@ static void wake_in(struct lshm_ctx *ctx, struct lshm_timer *t, unsigned ms)
     if (t->armed)
         return;
     t->op.complete = timer_done;
-    if (lshm_ring_timeout(ctx->ring, ms, &t->op) == 0)
+    if (lshm__ring_timeout(ctx->ring, ms, &t->op) == 0)
         t->armed = true;
 }
 
-void lshm_ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due)
+void lshm__ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due)
 {
-    long long now = lshm_now_ms();
+    long long now = lshm__now_ms();
 
     if (ctx->next_due == 0 || due < ctx->next_due)
         ctx->next_due = due;
@@ -238,7 +238,7 @@ void lshm_ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due)
  */
 static void check_deadlines(struct lshm_ctx *ctx)
 {
-    long long now = lshm_now_ms(), hs_next = 0, drain_next = 0;
+    long long now = lshm__now_ms(), hs_next = 0, drain_next = 0;
     struct lshm_port *port;
 
     /* The walk only when a deadline may have passed. */
@@ -247,13 +247,13 @@ static void check_deadlines(struct lshm_ctx *ctx)
     for (port = ctx->ports; port != NULL; port = port->next) {
         if (port->listener != NULL) {
             if (now >= port->due)
-                lshm_port_fail(port, -ETIMEDOUT, "no HELLO within %u ms of the connection",
+                lshm__port_fail(port, -ETIMEDOUT, "no HELLO within %u ms of the connection",
                                ctx->p.handshake_ms);
             else if (hs_next == 0 || port->due < hs_next)
                 hs_next = port->due;
         } else if (port->draining) {
             if (now >= port->due)
-                lshm_port_fail(port, -ETIMEDOUT, "no end of file within %u ms of BYE",
+                lshm__port_fail(port, -ETIMEDOUT, "no end of file within %u ms of BYE",
                                LSHM_DRAIN_MS);
             else if (drain_next == 0 || port->due < drain_next)
                 drain_next = port->due;
@@ -261,9 +261,9 @@ static void check_deadlines(struct lshm_ctx *ctx)
     }
     ctx->next_due = 0;
     if (hs_next != 0)
-        lshm_ctx_due(ctx, &ctx->hs_timer, hs_next);
+        lshm__ctx_due(ctx, &ctx->hs_timer, hs_next);
     if (drain_next != 0)
-        lshm_ctx_due(ctx, &ctx->drain_timer, drain_next);
+        lshm__ctx_due(ctx, &ctx->drain_timer, drain_next);
 }
 
 LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
@@ -274,31 +274,31 @@ LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
     int ret;
 
     if (ctx == NULL)
-        return lshm_fail(-EINVAL, "ctx is NULL");
+        return lshm__fail(-EINVAL, "ctx is NULL");
     ctx->walking++;
     /* Messages queued with LSHM_MORE go out with this run. */
     ctx_kick(ctx);
     /* Handlers still to call (a nested run left them): do not sleep. */
     if (ctx->lists[PL_READY].head != NULL)
         timeout_ms = 0;
-    ret = lshm_ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
+    ret = lshm__ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
     check_deadlines(ctx);
     /* Handlers run here, outside any completion: they may send, close,
      * or run the context again.  Ports made ready meanwhile wait for the
      * next run, which will not sleep. */
     for (l = ctx->listeners; l != NULL; l = lnext) {
         lnext = l->next;
-        lshm_listener_dispatch(l);
+        lshm__listener_dispatch(l);
     }
     n = ctx->lists[PL_READY].len;
-    while (n-- > 0 && (port = lshm_port_list_pop(ctx, PL_READY)) != NULL)
-        lshm_port_dispatch(port);
+    while (n-- > 0 && (port = lshm__port_list_pop(ctx, PL_READY)) != NULL)
+        lshm__port_dispatch(port);
     /* Completions may have queued more (a next chain, an ACK): push it
      * now, or a caller that sleeps in epoll would never see it go.  Nor
      * would it see handlers left to call: wake its poll. */
-    lshm_ring_submit(ctx->ring);
+    lshm__ring_submit(ctx->ring);
     if (ctx->lists[PL_READY].head != NULL)
-        lshm_ring_wake(ctx->ring);
+        lshm__ring_wake(ctx->ring);
     ctx->walking--;
     ctx_sweep(ctx);
     return ret;
@@ -307,9 +307,9 @@ LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 LSHM_EXPORT int lshm_flush(struct lshm_ctx *ctx)
 {
     if (ctx == NULL)
-        return lshm_fail(-EINVAL, "ctx is NULL");
+        return lshm__fail(-EINVAL, "ctx is NULL");
     ctx_kick(ctx);
-    return lshm_ring_submit(ctx->ring);
+    return lshm__ring_submit(ctx->ring);
 }
 
 /* Does the kernel take MFD_NOEXEC_SEAL (6.3+)?  Asked once. */
@@ -333,7 +333,7 @@ LSHM_EXPORT unsigned lshm_ctx_features(const struct lshm_ctx *ctx)
 
     if (ctx == NULL)
         return 0;
-    f = lshm_ring_features(ctx->ring);
+    f = lshm__ring_features(ctx->ring);
     if (noexec_seal())
         f |= LSHM_FEAT_NOEXEC_SEAL;
     return f;
@@ -342,8 +342,8 @@ LSHM_EXPORT unsigned lshm_ctx_features(const struct lshm_ctx *ctx)
 LSHM_EXPORT int lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *st)
 {
     if (ctx == NULL || st == NULL)
-        return lshm_fail(-EINVAL, "NULL argument");
-    lshm_ring_stats(ctx->ring, st);
+        return lshm__fail(-EINVAL, "NULL argument");
+    lshm__ring_stats(ctx->ring, st);
     st->msgs_sent = ctx->msgs_sent;
     st->msgs_received = ctx->msgs_received;
     return 0;
@@ -356,14 +356,14 @@ LSHM_EXPORT int lshm_socketpair(struct lshm_ctx *ctx, struct lshm_port **port, i
     int sv[2], ret;
 
     if (ctx == NULL || port == NULL || peer_sock == NULL)
-        return lshm_fail(-EINVAL, "NULL argument");
+        return lshm__fail(-EINVAL, "NULL argument");
     if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, sv) < 0)
-        return lshm_fail(-errno, "socketpair: %s", strerror(errno));
+        return lshm__fail(-errno, "socketpair: %s", strerror(errno));
     if (fcntl(sv[0], F_SETFD, FD_CLOEXEC) < 0) {
-        ret = lshm_fail(-errno, "fcntl: %s", strerror(errno));
+        ret = lshm__fail(-errno, "fcntl: %s", strerror(errno));
         goto fail;
     }
-    ret = lshm_port_new(ctx, sv[0], port);
+    ret = lshm__port_new(ctx, sv[0], port);
     if (ret < 0)
         goto fail;
     *peer_sock = sv[1];
@@ -377,15 +377,15 @@ fail:
 LSHM_EXPORT int lshm_port_adopt(struct lshm_ctx *ctx, int sock, struct lshm_port **port)
 {
     if (ctx == NULL || port == NULL || sock < 0)
-        return lshm_fail(-EINVAL, "NULL argument or negative fd");
-    return lshm_port_new(ctx, sock, port);
+        return lshm__fail(-EINVAL, "NULL argument or negative fd");
+    return lshm__port_new(ctx, sock, port);
 }
 
 LSHM_EXPORT void lshm_port_close(struct lshm_port *port)
 {
     if (port == NULL || port->user_closed)
         return;
-    lshm_port_release(port);
+    lshm__port_release(port);
 }
 
 static unsigned port_events(struct lshm_port *port, unsigned events)
@@ -399,7 +399,7 @@ static unsigned port_events(struct lshm_port *port, unsigned events)
         port->sq_len + port->inflight < port->ctx->p.send_queue)
         now |= LSHM_WAIT_SEND;
     if ((events & LSHM_WAIT_SHM) && port->state == PORT_OPEN &&
-        (port->shm_acked || lshm_port_shm_ready(port))) {
+        (port->shm_acked || lshm__port_shm_ready(port))) {
         port->shm_acked = false;
         now |= LSHM_WAIT_SHM;
     }
@@ -414,15 +414,15 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
 {
     const unsigned all = LSHM_WAIT_READY | LSHM_WAIT_SEND | LSHM_WAIT_SHM |
                          LSHM_WAIT_RECV | LSHM_WAIT_IDLE;
-    long long end = timeout_ms >= 0 ? lshm_now_ms() + timeout_ms : 0;
+    long long end = timeout_ms >= 0 ? lshm__now_ms() + timeout_ms : 0;
     bool polled = false;
     unsigned now;
     int ret;
 
     if (port == NULL || port->user_closed || events == 0 || (events & ~all))
-        return lshm_fail(-EINVAL, "bad port or events");
+        return lshm__fail(-EINVAL, "bad port or events");
     if (port->ctx == NULL)
-        return lshm_fail(-EPIPE, "the port's context is gone");
+        return lshm__fail(-EPIPE, "the port's context is gone");
     for (;;) {
         int step;
 
@@ -430,14 +430,14 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
         if (now != 0)
             return (int)now;
         if (port->state == PORT_CLOSED)
-            return lshm_fail(port->error ? port->error : -EPIPE, "%s", port->reason);
+            return lshm__fail(port->error ? port->error : -EPIPE, "%s", port->reason);
         if (timeout_ms >= 0) {
-            long long left = end - lshm_now_ms();
+            long long left = end - lshm__now_ms();
 
             /* Timeout 0 still polls once: completions waiting in the
              * ring (a message that has arrived) are dispatched. */
             if (left <= 0 && polled)
-                return lshm_fail(-ETIMEDOUT, "timed out");
+                return lshm__fail(-ETIMEDOUT, "timed out");
             step = left <= 0 ? 0 : left > INT32_MAX ? INT32_MAX : (int)left;
         } else {
             step = -1;
@@ -456,9 +456,9 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
 LSHM_EXPORT int lshm_port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t *gid)
 {
     if (port == NULL)
-        return lshm_fail(-EINVAL, "port is NULL");
+        return lshm__fail(-EINVAL, "port is NULL");
     if (port->peer_pid == 0)
-        return lshm_fail(-ENOTCONN, "handshake not complete");
+        return lshm__fail(-ENOTCONN, "handshake not complete");
     if (pid != NULL)
         *pid = port->peer_pid;
     if (uid != NULL)
@@ -478,7 +478,7 @@ LSHM_EXPORT const char *lshm_port_error(const struct lshm_port *port)
 LSHM_EXPORT int lshm_port_id(const struct lshm_port *port)
 {
     if (port == NULL)
-        return lshm_fail(-EINVAL, "port is NULL");
+        return lshm__fail(-EINVAL, "port is NULL");
     return port->id;
 }
 
@@ -488,12 +488,12 @@ LSHM_EXPORT int lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg
     struct lshm_msg *msg;
 
     if (port == NULL || port->user_closed)
-        return lshm_fail(-EINVAL, "bad port");
+        return lshm__fail(-EINVAL, "bad port");
     port->on_msg = on_msg;
     port->on_close = on_close;
     port->arg = arg;
     /* Messages that came before the handler go to it first, in order. */
-    while (on_msg != NULL && (msg = lshm_port_pop(port)) != NULL) {
+    while (on_msg != NULL && (msg = lshm__port_pop(port)) != NULL) {
         port->refs++;
         on_msg(port, msg, arg);
         port->refs--;
@@ -502,7 +502,7 @@ LSHM_EXPORT int lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg
     }
     /* A close not yet reported goes to the new handler in the next run. */
     if (port->close_pending)
-        lshm_port_list_add(port, PL_READY);
+        lshm__port_list_add(port, PL_READY);
     return 0;
 }
 
@@ -511,11 +511,11 @@ LSHM_EXPORT int lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg
 static int port_ready_for_shm(struct lshm_port *port)
 {
     if (port == NULL || port->user_closed)
-        return lshm_fail(-EINVAL, "bad port");
+        return lshm__fail(-EINVAL, "bad port");
     if (port->state == PORT_CLOSED)
-        return lshm_fail(port->error ? port->error : -EPIPE, "port is closed: %s", port->reason);
+        return lshm__fail(port->error ? port->error : -EPIPE, "port is closed: %s", port->reason);
     if (port->state != PORT_OPEN || port->ctx == NULL)
-        return lshm_fail(-ENOTCONN, "handshake not complete");
+        return lshm__fail(-ENOTCONN, "handshake not complete");
     return 0;
 }
 
@@ -530,18 +530,18 @@ static int port_alloc(struct lshm_port *port, bool tracking, struct lshm_alloc *
 {
     int ret;
 
-    ret = lshm_peer_out_alloc(port->peer, port->id, seg_limit(port), tracking,
+    ret = lshm__peer_out_alloc(port->peer, port->id, seg_limit(port), tracking,
                               (port->ctx->p.flags & LSHM_CTX_SCRUB) != 0, a);
     if (ret == -EAGAIN)
         return ret;     /* the peer layer said why (limit, or a segment not mapped yet) */
     if (ret < 0)
-        return lshm_fail(ret, "cannot allocate shared memory: %s", strerror(-ret));
+        return lshm__fail(ret, "cannot allocate shared memory: %s", strerror(-ret));
     if (a->created) {
         /* The segment's MMAP goes ahead of every message that uses it. */
-        ret = lshm_port_queue_mmap(port, a->seg);
+        ret = lshm__port_queue_mmap(port, a->seg);
         if (ret < 0) {
-            lshm_peer_out_drop(port->peer, a->seg);
-            return lshm_fail(ret, "out of memory");
+            lshm__peer_out_drop(port->peer, a->seg);
+            return lshm__fail(ret, "out of memory");
         }
     }
     return 0;
@@ -553,18 +553,18 @@ LSHM_EXPORT int lshm_buf_alloc(struct lshm_port *port, size_t size, struct lshm_
     int ret;
 
     if (buf == NULL)
-        return lshm_fail(-EINVAL, "buf is NULL");
+        return lshm__fail(-EINVAL, "buf is NULL");
     ret = port_ready_for_shm(port);
     if (ret < 0)
         return ret;
     if (size == 0 || size > LSHM_DATA_SIZE)
-        return lshm_fail(-EINVAL, "%zu bytes: a buffer holds 1 to %u", size, LSHM_DATA_SIZE);
+        return lshm__fail(-EINVAL, "%zu bytes: a buffer holds 1 to %u", size, LSHM_DATA_SIZE);
     ret = port_alloc(port, false, &a);
     if (ret < 0)
         return ret;
-    ret = lshm_buf_from_alloc(&a, port->peer, size, buf);
+    ret = lshm__buf_from_alloc(&a, port->peer, size, buf);
     if (ret < 0)
-        return lshm_fail(ret, "out of memory");
+        return lshm__fail(ret, "out of memory");
     (*buf)->port_id = port->id;
     return 0;
 }
@@ -577,13 +577,13 @@ LSHM_EXPORT int lshm_tracking_new(struct lshm_port *port, uint32_t stream,
     int ret;
 
     if (out == NULL || stream == 0)
-        return lshm_fail(-EINVAL, "stream 0 cannot be tracked (0 marks a cancelled stream)");
+        return lshm__fail(-EINVAL, "stream 0 cannot be tracked (0 marks a cancelled stream)");
     ret = port_ready_for_shm(port);
     if (ret < 0)
         return ret;
     t = calloc(1, sizeof(*t));
     if (t == NULL)
-        return lshm_fail(-ENOMEM, "out of memory");
+        return lshm__fail(-ENOMEM, "out of memory");
     ret = port_alloc(port, true, &a);
     if (ret < 0) {
         free(t);
@@ -593,7 +593,7 @@ LSHM_EXPORT int lshm_tracking_new(struct lshm_port *port, uint32_t stream,
     t->seg = a.seg;
     t->slot = a.chunk;
     t->stream = stream;
-    lshm_tracking_set(a.seg->hdr, a.chunk, stream);
+    lshm__tracking_set(a.seg->hdr, a.chunk, stream);
     *out = t;
     return 0;
 }
@@ -606,10 +606,10 @@ LSHM_EXPORT bool lshm_tracking_cancel(struct lshm_tracking *t)
         return false;
     /* Unit's race: whoever swaps the stream id to 0 wins; the loser gives
      * the slot back.  A tracking never sent has no other party. */
-    cancelled = lshm_tracking_resolve(t->seg->hdr, t->slot, t->stream);
+    cancelled = lshm__tracking_resolve(t->seg->hdr, t->slot, t->stream);
     if (cancelled && !t->sent)
-        lshm_chunk_set_free(t->seg->hdr->free_tracking_map, t->slot);
-    lshm_seg_unref(t->seg);
+        lshm__chunk_set_free(t->seg->hdr->free_tracking_map, t->slot);
+    lshm__seg_unref(t->seg);
     free(t);
     return cancelled;
 }
@@ -619,10 +619,10 @@ LSHM_EXPORT bool lshm_tracking_cancel(struct lshm_tracking *t)
 LSHM_EXPORT int lshm_send(struct lshm_port *port, const struct lshm_out *msg, unsigned flags)
 {
     if (port == NULL || msg == NULL || port->user_closed || (flags & ~LSHM_MORE))
-        return lshm_fail(-EINVAL, "bad port, message or flags");
+        return lshm__fail(-EINVAL, "bad port, message or flags");
     if (port->ctx == NULL)
-        return lshm_fail(-EPIPE, "the port's context is gone");
-    return lshm_port_send(port, msg, flags);
+        return lshm__fail(-EPIPE, "the port's context is gone");
+    return lshm__port_send(port, msg, flags);
 }
 
 LSHM_EXPORT int lshm_recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms)
@@ -631,17 +631,17 @@ LSHM_EXPORT int lshm_recv(struct lshm_port *port, struct lshm_msg *msg, int time
     int ret;
 
     if (port == NULL || msg == NULL || port->user_closed)
-        return lshm_fail(-EINVAL, "bad port or message");
+        return lshm__fail(-EINVAL, "bad port or message");
     if (port->on_msg != NULL)
-        return lshm_fail(-EBUSY, "the port has a message handler");
-    m = lshm_port_pop(port);
+        return lshm__fail(-EBUSY, "the port has a message handler");
+    m = lshm__port_pop(port);
     if (m == NULL) {
         ret = lshm_port_wait(port, LSHM_WAIT_RECV, timeout_ms);
         if (ret < 0)
             return ret;
-        m = lshm_port_pop(port);
+        m = lshm__port_pop(port);
         if (m == NULL)
-            return lshm_fail(-EAGAIN, "no message");
+            return lshm__fail(-EAGAIN, "no message");
     }
     *msg = *m;
     return 0;
@@ -657,5 +657,5 @@ LSHM_EXPORT void lshm_msg_done(struct lshm_msg *msg)
      * mark it done first, release through a copy. */
     copy = *msg;
     msg->priv = NULL;
-    lshm_port_msg_done(&copy);
+    lshm__port_msg_done(&copy);
 }

@@ -24,12 +24,12 @@ static uint32_t claim_run(struct lshm_seg *seg, uint32_t c, uint32_t want)
     uint32_t n = 0;
 
     /* try_busy refuses c >= LSHM_CHUNK_COUNT, whatever the padding says. */
-    while (n < want && lshm_chunk_try_busy(seg->hdr->free_map, c + n))
+    while (n < want && lshm__chunk_try_busy(seg->hdr->free_map, c + n))
         n++;
     return n;
 }
 
-int lshm_buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, size_t size,
+int lshm__buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, size_t size,
                         struct lshm_buf **out)
 {
     struct lshm_buf *buf;
@@ -47,20 +47,20 @@ int lshm_buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, size
     buf->nchunks = 1 + claim_run(a->seg, a->chunk + 1, want - 1);
     buf->size = size < capacity_of(buf) ? size : capacity_of(buf);
     buf->sent = false;
-    lshm_tsan_acquire(buf->seg);
+    lshm__tsan_acquire(buf->seg);
     *out = buf;
     return 0;
 }
 
-void lshm_buf_release_sent(struct lshm_buf *buf)
+void lshm__buf_release_sent(struct lshm_buf *buf)
 {
     uint32_t kept = chunks_for(buf->size);
 
     /* The receiver frees the chunks it was told of; the rest are still ours. */
     if (kept < buf->nchunks)
-        lshm_seg_free_chunks(buf->seg, buf->chunk + kept, buf->nchunks - kept);
-    lshm_tsan_release(buf->seg);
-    lshm_seg_unref(buf->seg);
+        lshm__seg_free_chunks(buf->seg, buf->chunk + kept, buf->nchunks - kept);
+    lshm__tsan_release(buf->seg);
+    lshm__seg_unref(buf->seg);
     free(buf);
 }
 
@@ -77,12 +77,12 @@ LSHM_EXPORT int lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size
     got = claim_run(buf->seg, start, want);
     if (capacity_of(buf) + (size_t)got * LSHM_CHUNK_SIZE < min_size) {
         /* Give back exactly what this call took; the buffer stays as it was. */
-        lshm_seg_free_chunks(buf->seg, start, got);
-        return lshm_fail(-ENOMEM, "buffer growth: only %zu of %zu bytes free after it",
+        lshm__seg_free_chunks(buf->seg, start, got);
+        return lshm__fail(-ENOMEM, "buffer growth: only %zu of %zu bytes free after it",
                          capacity_of(buf) + (size_t)got * LSHM_CHUNK_SIZE, min_size);
     }
     buf->nchunks += got;
-    lshm_tsan_acquire(buf->seg);
+    lshm__tsan_acquire(buf->seg);
     return 0;
 }
 
@@ -112,10 +112,10 @@ LSHM_EXPORT void lshm_buf_free(struct lshm_buf *buf)
         return;
     /* Never free chunks that a sent descriptor handed to the receiver. */
     if (buf->sent) {
-        lshm_buf_release_sent(buf);
+        lshm__buf_release_sent(buf);
         return;
     }
-    lshm_seg_free_chunks(buf->seg, buf->chunk, buf->nchunks);
-    lshm_seg_unref(buf->seg);
+    lshm__seg_free_chunks(buf->seg, buf->chunk, buf->nchunks);
+    lshm__seg_unref(buf->seg);
     free(buf);
 }

@@ -7,14 +7,14 @@
 
 static __thread char last_error[256];
 
-int lshm_fail(int err, const char *fmt, ...)
+int lshm__fail(int err, const char *fmt, ...)
 {
     va_list ap;
 
     va_start(ap, fmt);
     vsnprintf(last_error, sizeof(last_error), fmt, ap);
     va_end(ap);
-    lshm_log("%s", last_error);
+    lshm__log("%s", last_error);
     return err;
 }
 
@@ -23,7 +23,7 @@ LSHM_EXPORT const char *lshm_last_error(void)
     return last_error;
 }
 
-void lshm_log(const char *fmt, ...)
+void lshm__log(const char *fmt, ...)
 {
     static _Atomic int enabled = -1;
     char line[512];

@@ -29,15 +29,15 @@
 #ifdef LSHM_TSAN
 void __tsan_acquire(void *addr);
 void __tsan_release(void *addr);
-#define lshm_tsan_acquire(p) __tsan_acquire(p)
-#define lshm_tsan_release(p) __tsan_release(p)
+#define lshm__tsan_acquire(p) __tsan_acquire(p)
+#define lshm__tsan_release(p) __tsan_release(p)
 #else
-#define lshm_tsan_acquire(p) ((void)(p))
-#define lshm_tsan_release(p) ((void)(p))
+#define lshm__tsan_acquire(p) ((void)(p))
+#define lshm__tsan_release(p) ((void)(p))
 #endif
 
 /* Milliseconds on CLOCK_MONOTONIC, for deadlines. */
-static inline long long lshm_now_ms(void)
+static inline long long lshm__now_ms(void)
 {
     struct timespec ts;
 
@@ -47,11 +47,11 @@ static inline long long lshm_now_ms(void)
 
 /*
  * Record why the calling thread's last call failed, for lshm_last_error();
- * returns err so that a failure path reads "return lshm_fail(-EINVAL, ...)".
+ * returns err so that a failure path reads "return lshm__fail(-EINVAL, ...)".
  */
-int lshm_fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+int lshm__fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Log one line to stderr when LSHM_DEBUG is set in the environment. */
-void lshm_log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void lshm__log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 #endif

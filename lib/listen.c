@@ -18,10 +18,10 @@ static int fill_addr(const char *path, struct sockaddr_un *sun)
     size_t len;
 
     if (path == NULL || path[0] == '\0')
-        return lshm_fail(-EINVAL, "empty socket path");
+        return lshm__fail(-EINVAL, "empty socket path");
     len = strlen(path);
     if (len >= sizeof(sun->sun_path))
-        return lshm_fail(-ENAMETOOLONG, "socket path of %zu bytes, at most %zu", len,
+        return lshm__fail(-ENAMETOOLONG, "socket path of %zu bytes, at most %zu", len,
                          sizeof(sun->sun_path) - 1);
     memset(sun, 0, sizeof(*sun));
     sun->sun_family = AF_UNIX;
@@ -54,7 +54,7 @@ static void listener_arm(struct lshm_listener *l)
 {
     if (l->armed || l->closing)
         return;
-    if (lshm_ring_accept(l->ctx->ring, l->fd, &l->op, true) == 0)
+    if (lshm__ring_accept(l->ctx->ring, l->fd, &l->op, true) == 0)
         l->armed = true;
 }
 
@@ -75,16 +75,16 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
     }
     if (res >= 0) {
         /* The caller sees the port once its handshake is done
-         * (lshm_listener_ready); one that leaves before is never shown. */
-        if (lshm_port_new(l->ctx, res, &port) < 0) {
+         * (lshm__listener_ready); one that leaves before is never shown. */
+        if (lshm__port_new(l->ctx, res, &port) < 0) {
             close(res);
         } else {
             port->listener = l;
-            port->due = lshm_now_ms() + l->ctx->p.handshake_ms;
-            lshm_ctx_due(l->ctx, &l->ctx->hs_timer, port->due);
+            port->due = lshm__now_ms() + l->ctx->p.handshake_ms;
+            lshm__ctx_due(l->ctx, &l->ctx->hs_timer, port->due);
         }
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
-        lshm_log("accept on %s failed: %s", l->path, strerror(-res));
+        lshm__log("accept on %s failed: %s", l->path, strerror(-res));
     }
     if (l->closing && !l->armed) {
         listener_free(l);
@@ -127,9 +127,9 @@ static int bind_listening(int fd, const struct sockaddr_un *sun, mode_t mode)
         tmp = *sun;     /* no room for a longer name: bind in place */
     unlink(tmp.sun_path);
     if (bind(fd, (const struct sockaddr *)&tmp, sizeof(tmp)) < 0)
-        return lshm_fail(-errno, "bind %s: %s", tmp.sun_path, strerror(errno));
+        return lshm__fail(-errno, "bind %s: %s", tmp.sun_path, strerror(errno));
     if (chmod(tmp.sun_path, mode) < 0 || listen(fd, 128) < 0) {
-        ret = lshm_fail(-errno, "listen %s: %s", path, strerror(errno));
+        ret = lshm__fail(-errno, "listen %s: %s", path, strerror(errno));
         unlink(tmp.sun_path);
         return ret;
     }
@@ -140,9 +140,9 @@ static int bind_listening(int fd, const struct sockaddr_un *sun, mode_t mode)
         ret = rename(tmp.sun_path, path) < 0 ? -errno : 0;   /* no hard links here */
     unlink(tmp.sun_path);
     if (ret == -EEXIST)
-        return lshm_fail(-EADDRINUSE, "another server took %s meanwhile", path);
+        return lshm__fail(-EADDRINUSE, "another server took %s meanwhile", path);
     if (ret < 0)
-        return lshm_fail(ret, "link %s: %s", path, strerror(-ret));
+        return lshm__fail(ret, "link %s: %s", path, strerror(-ret));
     return 0;
 }
 
@@ -155,20 +155,20 @@ LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
     int fd, ret;
 
     if (ctx == NULL || out == NULL || mode < 0 || mode > 0777)
-        return lshm_fail(-EINVAL, "bad context, listener or mode");
+        return lshm__fail(-EINVAL, "bad context, listener or mode");
     ret = fill_addr(path, &sun);
     if (ret < 0)
         return ret;
     if (lstat(path, &st) == 0) {
         if (!S_ISSOCK(st.st_mode))
-            return lshm_fail(-EEXIST, "%s exists and is not a socket", path);
+            return lshm__fail(-EEXIST, "%s exists and is not a socket", path);
         if (socket_is_live(&sun))
-            return lshm_fail(-EADDRINUSE, "a server is already listening on %s", path);
+            return lshm__fail(-EADDRINUSE, "a server is already listening on %s", path);
         unlink(path);   /* stale: its server is gone */
     }
     fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return lshm_fail(-errno, "socket: %s", strerror(errno));
+        return lshm__fail(-errno, "socket: %s", strerror(errno));
     ret = bind_listening(fd, &sun, mode ? mode : 0600);
     if (ret < 0) {
         close(fd);
@@ -179,7 +179,7 @@ LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
         free(l);
         unlink(path);
         close(fd);
-        return lshm_fail(-ENOMEM, "out of memory");
+        return lshm__fail(-ENOMEM, "out of memory");
     }
     l->ctx = ctx;
     l->fd = fd;
@@ -189,13 +189,13 @@ LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
         ctx->listeners->prev = l;
     ctx->listeners = l;
     listener_arm(l);
-    lshm_ring_submit(ctx->ring);
+    lshm__ring_submit(ctx->ring);
     *out = l;
     return 0;
 }
 
 /* A port accepted on l completed its handshake: hand it to the caller. */
-void lshm_listener_ready(struct lshm_listener *l, struct lshm_port *port)
+void lshm__listener_ready(struct lshm_listener *l, struct lshm_port *port)
 {
     if (l->nready == l->capready) {
         unsigned cap = l->capready * 2 + 4;
@@ -212,7 +212,7 @@ void lshm_listener_ready(struct lshm_listener *l, struct lshm_port *port)
     l->ready[l->nready++] = port;
 }
 
-void lshm_listener_dispatch(struct lshm_listener *l)
+void lshm__listener_dispatch(struct lshm_listener *l)
 {
     while (l->on_accept != NULL && !l->closing && l->nready > 0) {
         struct lshm_port *port = l->ready[0];
@@ -226,30 +226,30 @@ LSHM_EXPORT int lshm_listener_set_handler(struct lshm_listener *l, lshm_accept_f
                                           void *arg)
 {
     if (l == NULL || l->closing)
-        return lshm_fail(-EINVAL, "bad listener");
+        return lshm__fail(-EINVAL, "bad listener");
     l->on_accept = on_accept;
     l->arg = arg;
-    lshm_listener_dispatch(l);
+    lshm__listener_dispatch(l);
     return 0;
 }
 
 LSHM_EXPORT int lshm_accept(struct lshm_listener *l, struct lshm_port **port, int timeout_ms)
 {
-    long long end = lshm_now_ms() + timeout_ms;
+    long long end = lshm__now_ms() + timeout_ms;
     int ret;
 
     if (l == NULL || port == NULL || l->closing)
-        return lshm_fail(-EINVAL, "bad listener");
+        return lshm__fail(-EINVAL, "bad listener");
     if (l->on_accept != NULL)
-        return lshm_fail(-EBUSY, "the listener has an accept handler");
+        return lshm__fail(-EBUSY, "the listener has an accept handler");
     while (l->nready == 0) {
         int step = -1;
 
         if (timeout_ms >= 0) {
-            long long left = end - lshm_now_ms();
+            long long left = end - lshm__now_ms();
 
             if (left <= 0)
-                return lshm_fail(-ETIMEDOUT, "no connection within %d ms", timeout_ms);
+                return lshm__fail(-ETIMEDOUT, "no connection within %d ms", timeout_ms);
             step = (int)left;
         }
         ret = lshm_ctx_run(l->ctx, step);
@@ -283,15 +283,15 @@ LSHM_EXPORT void lshm_listener_close(struct lshm_listener *l)
     if (l->armed) {
         /* The accept in flight still points at l: free it at its end. */
         shutdown(l->fd, SHUT_RDWR);
-        lshm_ring_cancel(l->ctx->ring, &l->op);
-        lshm_ring_submit(l->ctx->ring);
+        lshm__ring_cancel(l->ctx->ring, &l->op);
+        lshm__ring_submit(l->ctx->ring);
         return;
     }
     listener_free(l);
 }
 
 /* The context is going away and its ring is gone: nothing is in flight. */
-void lshm_listener_reap(struct lshm_listener *l)
+void lshm__listener_reap(struct lshm_listener *l)
 {
     if (!l->closing && l->path != NULL)
         unlink(l->path);
@@ -300,7 +300,7 @@ void lshm_listener_reap(struct lshm_listener *l)
 }
 
 /* A forked child's copy: close our fds, leave the path to the parent. */
-void lshm_listener_forget(struct lshm_listener *l)
+void lshm__listener_forget(struct lshm_listener *l)
 {
     /* Its accepted ports are in the context's list: forgotten there. */
     listener_unlink(l);
@@ -337,28 +337,28 @@ LSHM_EXPORT int lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout
     int fd, ret;
 
     if (ctx == NULL || out == NULL)
-        return lshm_fail(-EINVAL, "NULL argument");
+        return lshm__fail(-EINVAL, "NULL argument");
     ret = fill_addr(path, &sun);
     if (ret < 0)
         return ret;
     fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return lshm_fail(-errno, "socket: %s", strerror(errno));
-    ret = lshm_ring_connect(ctx->ring, fd, (struct sockaddr *)&sun, sizeof(sun), &c.op);
+        return lshm__fail(-errno, "socket: %s", strerror(errno));
+    ret = lshm__ring_connect(ctx->ring, fd, (struct sockaddr *)&sun, sizeof(sun), &c.op);
     if (ret < 0)
         goto fail;
     /* Only this operation points at the stack: wait for it whatever else
      * completes meanwhile. */
     while (!c.done) {
-        ret = lshm_ctx_step(ctx, -1);
+        ret = lshm__ctx_step(ctx, -1);
         if (ret < 0 && ret != -EINTR)
             goto fail_wait;
     }
     if (c.res < 0) {
-        ret = lshm_fail(c.res, "connect %s: %s", path, strerror(-c.res));
+        ret = lshm__fail(c.res, "connect %s: %s", path, strerror(-c.res));
         goto fail;
     }
-    ret = lshm_port_new(ctx, fd, &port);
+    ret = lshm__port_new(ctx, fd, &port);
     if (ret < 0)
         goto fail;
     ret = lshm_port_wait(port, LSHM_WAIT_READY, timeout_ms);
@@ -367,14 +367,14 @@ LSHM_EXPORT int lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout
 
         snprintf(why, sizeof(why), "%s", lshm_last_error());
         lshm_port_close(port);
-        return lshm_fail(ret, "handshake with %s failed: %s", path, why);
+        return lshm__fail(ret, "handshake with %s failed: %s", path, why);
     }
     *out = port;
     return 0;
 fail_wait:
     /* Can't leave c on the stack with the ring still holding it. */
     close(fd);
-    while (!c.done && lshm_ctx_step(ctx, 100) >= 0)
+    while (!c.done && lshm__ctx_step(ctx, 100) >= 0)
         ;
     return ret;
 fail:

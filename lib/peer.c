@@ -64,7 +64,7 @@ static void register_atfork(void)
 {
     /* Without the handlers, peer_get still forgets lazily in a child. */
     if (pthread_atfork(atfork_prepare, atfork_parent, atfork_child) != 0)
-        lshm_log("pthread_atfork failed; fork() while peers are busy is unsafe");
+        lshm__log("pthread_atfork failed; fork() while peers are busy is unsafe");
 }
 
 static void table_init(struct lshm_seg_table *t)
@@ -102,7 +102,7 @@ static void table_release(struct lshm_seg_table *t)
     uint32_t i;
 
     for (i = 0; i < t->size; i++)
-        lshm_seg_unref(t->elts[i]);
+        lshm__seg_unref(t->elts[i]);
     free(t->elts);
     pthread_mutex_destroy(&t->mutex);
 }
@@ -121,8 +121,8 @@ static void table_forget(struct lshm_seg_table *t)
 
         seg->hdr = NULL;
         seg->data = NULL;
-        lshm_seg_close_fd(seg);
-        lshm_seg_unref(seg);
+        lshm__seg_close_fd(seg);
+        lshm__seg_unref(seg);
     }
     free(t->elts);
     pthread_mutex_destroy(&t->mutex);
@@ -149,7 +149,7 @@ static void check_owner_locked(void)
         forget_locked();
 }
 
-void lshm_peers_forget(void)
+void lshm__peers_forget(void)
 {
     pthread_mutex_lock(&registry_lock);
     check_owner_locked();
@@ -182,12 +182,12 @@ static void unlink_locked(struct lshm_peer *peer)
         *pp = peer->next;
 }
 
-int lshm_peer_get(pid_t pid, struct lshm_peer **peer)
+int lshm__peer_get(pid_t pid, struct lshm_peer **peer)
 {
-    return lshm_peer_get_sock(pid, -1, peer);
+    return lshm__peer_get_sock(pid, -1, peer);
 }
 
-int lshm_peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer)
+int lshm__peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer)
 {
     struct lshm_peer *p;
 
@@ -242,12 +242,12 @@ int lshm_peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer)
     return 0;
 }
 
-void lshm_peer_put(struct lshm_peer *peer)
+void lshm__peer_put(struct lshm_peer *peer)
 {
-    lshm_peer_put_sock(peer, -1);
+    lshm__peer_put_sock(peer, -1);
 }
 
-void lshm_peer_hang_up(struct lshm_peer *peer, int sock)
+void lshm__peer_hang_up(struct lshm_peer *peer, int sock)
 {
     unsigned i;
 
@@ -265,7 +265,7 @@ void lshm_peer_hang_up(struct lshm_peer *peer, int sock)
     pthread_mutex_unlock(&registry_lock);
 }
 
-void lshm_peer_put_sock(struct lshm_peer *peer, int sock)
+void lshm__peer_put_sock(struct lshm_peer *peer, int sock)
 {
     struct lshm_peer **pp;
     unsigned i;
@@ -313,9 +313,9 @@ static bool find_free(struct lshm_seg_table *t, uint16_t port_id, bool tracking,
 
         if (over != LSHM_SENT_OVER_ANY && over != port_id)
             continue;
-        if (lshm_chunk_get_free(tracking ? seg->hdr->free_tracking_map
+        if (lshm__chunk_get_free(tracking ? seg->hdr->free_tracking_map
                                          : seg->hdr->free_map, &c)) {
-            lshm_seg_ref(seg);
+            lshm__seg_ref(seg);
             out->seg = seg;
             out->chunk = c;
             out->created = false;
@@ -356,7 +356,7 @@ static void set_oosm(struct lshm_seg_table *t, uint16_t port_id)
     }
 }
 
-int lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
+int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
                         bool tracking, bool scrub, struct lshm_alloc *out)
 {
     struct lshm_seg_table *t = &peer->out;
@@ -376,35 +376,35 @@ int lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit
         if (find_free(t, port_id, tracking, out))
             goto done;
         pthread_mutex_unlock(&t->mutex);
-        return lshm_fail(-EAGAIN, "peer %d: all %u shared memory segments are full",
+        return lshm__fail(-EAGAIN, "peer %d: all %u shared memory segments are full",
                          (int)peer->pid, limit);
     }
     if (other_port_pending(t, port_id)) {
         pthread_mutex_unlock(&t->mutex);
-        return lshm_fail(-EAGAIN, "peer %d: a segment announced on another port is not "
+        return lshm__fail(-EAGAIN, "peer %d: a segment announced on another port is not "
                          "mapped yet", (int)peer->pid);
     }
     ret = table_reserve(t, t->size + 1);
     if (ret < 0) {
         pthread_mutex_unlock(&t->mutex);
-        return lshm_fail(ret, "peer %d: out of memory for the segment table",
+        return lshm__fail(ret, "peer %d: out of memory for the segment table",
                          (int)peer->pid);
     }
-    ret = lshm_seg_create(t->size, getpid(), peer->pid, port_id, &seg);
+    ret = lshm__seg_create(t->size, getpid(), peer->pid, port_id, &seg);
     if (ret < 0) {
         pthread_mutex_unlock(&t->mutex);
         return ret;
     }
     seg->scrub = scrub;
     /* Nobody else has seen it yet: this claim cannot fail. */
-    if (!lshm_chunk_get_free(tracking ? seg->hdr->free_tracking_map
+    if (!lshm__chunk_get_free(tracking ? seg->hdr->free_tracking_map
                                       : seg->hdr->free_map, &c)) {
         pthread_mutex_unlock(&t->mutex);
-        lshm_seg_unref(seg);
-        return lshm_fail(-EIO, "new segment has no free chunk");
+        lshm__seg_unref(seg);
+        return lshm__fail(-EIO, "new segment has no free chunk");
     }
     t->elts[t->size++] = seg;
-    lshm_seg_ref(seg);
+    lshm__seg_ref(seg);
     out->seg = seg;
     out->chunk = c;
     out->created = true;
@@ -413,7 +413,7 @@ done:
     return 0;
 }
 
-void lshm_peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg)
+void lshm__peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg)
 {
     struct lshm_seg_table *t = &peer->out;
     bool last;
@@ -424,10 +424,10 @@ void lshm_peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg)
         t->elts[--t->size] = NULL;
     pthread_mutex_unlock(&t->mutex);
     if (last)
-        lshm_seg_unref(seg);
+        lshm__seg_unref(seg);
 }
 
-void lshm_peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id)
+void lshm__peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id)
 {
     struct lshm_seg_table *t = &peer->out;
     struct lshm_seg *seg;
@@ -438,12 +438,12 @@ void lshm_peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id)
         if (__atomic_load_n(&seg->hdr->sent_over, __ATOMIC_ACQUIRE) != port_id)
             break;
         t->elts[--t->size] = NULL;
-        lshm_seg_unref(seg);
+        lshm__seg_unref(seg);
     }
     pthread_mutex_unlock(&t->mutex);
 }
 
-int lshm_peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limit)
+int lshm__peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limit)
 {
     struct lshm_seg_table *t = &peer->in;
     int ret = 0;
@@ -456,14 +456,14 @@ int lshm_peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limi
     else
         ret = table_reserve(t, t->size + 1);
     if (ret == 0) {
-        lshm_seg_ref(seg);
+        lshm__seg_ref(seg);
         t->elts[t->size++] = seg;
     }
     pthread_mutex_unlock(&t->mutex);
     return ret;
 }
 
-uint32_t lshm_peer_in_next(struct lshm_peer *peer)
+uint32_t lshm__peer_in_next(struct lshm_peer *peer)
 {
     uint32_t n;
 
@@ -480,18 +480,18 @@ static struct lshm_seg *table_get(struct lshm_seg_table *t, uint32_t id)
     pthread_mutex_lock(&t->mutex);
     if (id < t->size) {
         seg = t->elts[id];
-        lshm_seg_ref(seg);
+        lshm__seg_ref(seg);
     }
     pthread_mutex_unlock(&t->mutex);
     return seg;
 }
 
-struct lshm_seg *lshm_peer_in_get(struct lshm_peer *peer, uint32_t id)
+struct lshm_seg *lshm__peer_in_get(struct lshm_peer *peer, uint32_t id)
 {
     return table_get(&peer->in, id);
 }
 
-struct lshm_seg *lshm_peer_out_get(struct lshm_peer *peer, uint32_t id)
+struct lshm_seg *lshm__peer_out_get(struct lshm_peer *peer, uint32_t id)
 {
     return table_get(&peer->out, id);
 }

@@ -67,7 +67,7 @@ static bool port_reading(const struct lshm_port *port)
 
 /* ---- the context's lists (port.h) ---- */
 
-void lshm_port_list_add(struct lshm_port *port, enum port_list_id which)
+void lshm__port_list_add(struct lshm_port *port, enum port_list_id which)
 {
     struct port_list *l;
     struct port_link *k = &port->links[which];
@@ -105,7 +105,7 @@ static void list_del(struct lshm_port *port, enum port_list_id which)
     l->len--;
 }
 
-struct lshm_port *lshm_port_list_pop(struct lshm_ctx *ctx, enum port_list_id which)
+struct lshm_port *lshm__port_list_pop(struct lshm_ctx *ctx, enum port_list_id which)
 {
     struct lshm_port *port = ctx->lists[which].head;
 
@@ -130,7 +130,7 @@ static void port_free(struct lshm_port *port)
     }
     /* Off the peer's list of sockets before the fd number can be reused. */
     if (port->peer != NULL)
-        lshm_peer_put_sock(port->peer, port->fd);
+        lshm__peer_put_sock(port->peer, port->fd);
     if (port->fd >= 0)
         close(port->fd);
     free(port->recv_buf);
@@ -144,16 +144,16 @@ static void port_maybe_free(struct lshm_port *port)
     if (!port->user_closed || port->refs > 0 || port->held > 0 || !port_idle(port))
         return;
     /* Someone may be walking a list of ports or holding this port in a
-     * completion: free it when that is over (lshm_port_sweep). */
+     * completion: free it when that is over (lshm__port_sweep). */
     if (port->ctx != NULL && port->ctx->walking > 0) {
-        lshm_port_list_add(port, PL_ZOMBIE);
+        lshm__port_list_add(port, PL_ZOMBIE);
         return;
     }
     port_free(port);
 }
 
 /* Off the zombie list, with nothing walking: free it if still unreachable. */
-void lshm_port_sweep(struct lshm_port *port)
+void lshm__port_sweep(struct lshm_port *port)
 {
     port_maybe_free(port);
 }
@@ -163,8 +163,8 @@ static void smsg_free(struct smsg *m)
     if (m->fd >= 0)
         close(m->fd);
     if (m->seg != NULL) {
-        lshm_seg_close_fd(m->seg);
-        lshm_seg_unref(m->seg);
+        lshm__seg_close_fd(m->seg);
+        lshm__seg_unref(m->seg);
     }
     free(m);
 }
@@ -193,7 +193,7 @@ static void smsg_queue(struct lshm_port *port, struct smsg *m)
     port->sq_len++;
     /* Whoever queued may not kick (LSHM_MORE): the next run will. */
     if (port->inflight == 0)
-        lshm_port_list_add(port, PL_KICK);
+        lshm__port_list_add(port, PL_KICK);
 }
 
 static void rmsg_release(struct rmsg *rm)
@@ -202,10 +202,10 @@ static void rmsg_release(struct rmsg *rm)
     unsigned i;
 
     for (i = 0; i < rm->ndesc; i++) {
-        lshm_seg_free_chunks(rm->desc[i].seg, rm->desc[i].chunk, rm->desc[i].nchunks);
-        if (lshm_seg_take_oosm(rm->desc[i].seg))
+        lshm__seg_free_chunks(rm->desc[i].seg, rm->desc[i].chunk, rm->desc[i].nchunks);
+        if (lshm__seg_take_oosm(rm->desc[i].seg))
             ack = true;
-        lshm_seg_unref(rm->desc[i].seg);
+        lshm__seg_unref(rm->desc[i].seg);
     }
     if (rm->pub.fd >= 0)
         close(rm->pub.fd);
@@ -214,11 +214,11 @@ static void rmsg_release(struct rmsg *rm)
         struct smsg *m = smsg_new(rm->port, sizeof(struct lshm_wire_msg));
 
         if (m != NULL) {
-            m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_SHM_ACK, rm->port->ctx->pid,
+            m->len = lshm__wire_encode_ctrl(m->data, LSHM_WIRE_SHM_ACK, rm->port->ctx->pid,
                                            rm->port->id, 0);
             smsg_queue(rm->port, m);
-            lshm_port_kick(rm->port);
-            lshm_ring_submit(rm->port->ctx->ring);
+            lshm__port_kick(rm->port);
+            lshm__ring_submit(rm->port->ctx->ring);
         }
     }
 }
@@ -260,7 +260,7 @@ static void drop_unannounced(struct lshm_port *port)
         if (m->seg != NULL)
             segs[n++] = m->seg;
     while (n > 0)
-        lshm_peer_out_drop(port->peer, segs[--n]);
+        lshm__peer_out_drop(port->peer, segs[--n]);
     free(segs);
 }
 
@@ -273,21 +273,21 @@ static void drop_unannounced(struct lshm_port *port)
 static void discard_view(struct lshm_peer *peer, const struct lshm_wire_view *v, bool incoming)
 {
     struct lshm_seg *(*get)(struct lshm_peer *, uint32_t) =
-        incoming ? lshm_peer_in_get : lshm_peer_out_get;
+        incoming ? lshm__peer_in_get : lshm__peer_out_get;
     struct lshm_seg *seg;
     unsigned i;
 
     if (v->has_tracking && (seg = get(peer, v->tracking.mmap_id)) != NULL) {
-        lshm_tracking_resolve(seg->hdr, v->tracking.tracking_id, v->hdr.stream);
-        lshm_seg_unref(seg);
+        lshm__tracking_resolve(seg->hdr, v->tracking.tracking_id, v->hdr.stream);
+        lshm__seg_unref(seg);
     }
     for (i = 0; i < v->ndesc; i++) {
-        struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
+        struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
 
         if ((seg = get(peer, d.mmap_id)) != NULL) {
-            lshm_seg_free_chunks(seg, d.chunk_id,
+            lshm__seg_free_chunks(seg, d.chunk_id,
                                  (d.size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE);
-            lshm_seg_unref(seg);
+            lshm__seg_unref(seg);
         }
     }
 }
@@ -304,7 +304,7 @@ static void free_unsent_chunks(struct lshm_port *port, const struct smsg *m)
     struct lshm_wire_view v;
 
     if (port->peer == NULL || m->seg != NULL ||
-        lshm_wire_decode(m->data, m->len, m->fd >= 0, &v, NULL) < 0)
+        lshm__wire_decode(m->data, m->len, m->fd >= 0, &v, NULL) < 0)
         return;
     discard_view(port->peer, &v, false);
 }
@@ -328,7 +328,7 @@ static void drop_queues(struct lshm_port *port)
 }
 
 /* lshm_port_close(): what is queued still goes out, then BYE. */
-void lshm_port_release(struct lshm_port *port)
+void lshm__port_release(struct lshm_port *port)
 {
     port->user_closed = true;
     port->on_msg = NULL;
@@ -336,10 +336,10 @@ void lshm_port_release(struct lshm_port *port)
     drop_received(port);
     if (port->state != PORT_CLOSED && port->ctx != NULL) {
         if (queue_ctrl(port, LSHM_WIRE_BYE, 0) < 0)
-            lshm_port_fail(port, -ENOMEM, "out of memory closing");
-        lshm_port_kick(port);
+            lshm__port_fail(port, -ENOMEM, "out of memory closing");
+        lshm__port_kick(port);
         if (port->ctx != NULL)
-            lshm_ring_submit(port->ctx->ring);
+            lshm__ring_submit(port->ctx->ring);
     }
     port_finish(port);
 }
@@ -352,7 +352,7 @@ static void port_shutdown(struct lshm_port *port)
     port->shutdown = true;
     shutdown(port->fd, SHUT_RDWR);
     if (port->recv_armed && port->ctx != NULL)
-        lshm_ring_cancel(port->ctx->ring, &port->recv_op);
+        lshm__ring_cancel(port->ctx->ring, &port->recv_op);
 }
 
 static void port_finish(struct lshm_port *port)
@@ -362,7 +362,7 @@ static void port_finish(struct lshm_port *port)
      * flight may still need the table to give their chunks back. */
     if (port->state == PORT_CLOSED && !port->draining && port->inflight == 0 &&
         port->peer != NULL) {
-        lshm_peer_put_sock(port->peer, port->fd);
+        lshm__peer_put_sock(port->peer, port->fd);
         port->peer = NULL;
     }
     if (port->state == PORT_CLOSED && port->shutdown && port_idle(port) && port->fd >= 0) {
@@ -372,7 +372,7 @@ static void port_finish(struct lshm_port *port)
     port_maybe_free(port);
 }
 
-void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
+void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
 {
     bool notify = port->state != PORT_CLOSED && !port->user_closed;
     va_list ap;
@@ -381,7 +381,7 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
         /* Closed by us already: the drain after our BYE ends here.  The
          * receive's completion (or the caller) finishes the port. */
         if (port->draining) {
-            lshm_log("port %u to pid %d: drain after BYE ended", port->id,
+            lshm__log("port %u to pid %d: drain after BYE ended", port->id,
                      (int)port->peer_pid);
             port->draining = false;
             port_shutdown(port);
@@ -399,7 +399,7 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
             port->user_closed = true;
             notify = false;
         } else {
-            lshm_listener_ready(l, port);
+            lshm__listener_ready(l, port);
         }
     }
     port->state = PORT_CLOSED;
@@ -407,15 +407,15 @@ void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(port->reason, sizeof(port->reason), fmt, ap);
     va_end(ap);
-    lshm_log("port %u to pid %d closed: %s", port->id, (int)port->peer_pid, port->reason);
+    lshm__log("port %u to pid %d closed: %s", port->id, (int)port->peer_pid, port->reason);
     drop_queues(port);
     port_shutdown(port);
     if (port->peer != NULL)
-        lshm_peer_out_forget_port(port->peer, port->id);
+        lshm__peer_out_forget_port(port->peer, port->id);
     /* The handler runs from lshm_ctx_run, never inside a completion. */
     port->close_pending = notify;
     if (notify)
-        lshm_port_list_add(port, PL_READY);
+        lshm__port_list_add(port, PL_READY);
     port_finish(port);
 }
 
@@ -428,7 +428,7 @@ static void send_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
 
     port->inflight--;
     if (port->ctx != NULL)
-        lshm_ring_sends(port->ctx->ring, -1);
+        lshm__ring_sends(port->ctx->ring, -1);
     /* Completions of a linked chain come in order: m is the oldest. */
     port->if_head = m->next;
     if (port->if_head == NULL)
@@ -437,13 +437,13 @@ static void send_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         free_unsent_chunks(port, m);
     smsg_free(m);
     if (res < 0) {
-        lshm_port_fail(port, res == -ECANCELED ? -EPIPE : res,
+        lshm__port_fail(port, res == -ECANCELED ? -EPIPE : res,
                        "send failed: %s", strerror(res == -ECANCELED ? EPIPE : -res));
     } else if (port->ctx != NULL) {
         port->ctx->msgs_sent++;
     }
     if (port->inflight == 0)
-        lshm_port_kick(port);
+        lshm__port_kick(port);
     port_finish(port);
 }
 
@@ -481,13 +481,13 @@ static bool port_drain(struct lshm_port *port)
     if (port->peer == NULL || port->ctx == NULL || port->shutdown || port->fd < 0 ||
         shutdown(port->fd, SHUT_WR) < 0)
         return false;
-    lshm_peer_hang_up(port->peer, port->fd);
+    lshm__peer_hang_up(port->peer, port->fd);
     port->draining = true;
-    port->due = lshm_now_ms() + LSHM_DRAIN_MS;
+    port->due = lshm__now_ms() + LSHM_DRAIN_MS;
     port->recv_stopped = false;
     recv_arm(port);
     if (port->draining)     /* else no receive could be armed: shut down already */
-        lshm_ctx_due(port->ctx, &port->ctx->drain_timer, port->due);
+        lshm__ctx_due(port->ctx, &port->ctx->drain_timer, port->due);
     return true;
 }
 
@@ -497,7 +497,7 @@ static bool port_drain(struct lshm_port *port)
  * can complete out of order then), and a chain must fit in the SQ to stay
  * one chain: it ends at the submit boundary.
  */
-void lshm_port_kick(struct lshm_port *port)
+void lshm__port_kick(struct lshm_port *port)
 {
     struct lshm_ring *r;
     unsigned n, i;
@@ -506,10 +506,10 @@ void lshm_port_kick(struct lshm_port *port)
         port->state == PORT_CLOSED)
         goto done;
     r = port->ctx->ring;
-    n = lshm_ring_space(r);
+    n = lshm__ring_space(r);
     if (n < port->sq_len) {
-        lshm_ring_submit(r);
-        n = lshm_ring_space(r);
+        lshm__ring_submit(r);
+        n = lshm__ring_space(r);
     }
     if (n > port->sq_len)
         n = port->sq_len;
@@ -519,13 +519,13 @@ void lshm_port_kick(struct lshm_port *port)
         struct smsg *m = port->sq_head;
 
         fill_msghdr(m);
-        if (lshm_ring_sendmsg(r, port->fd, &m->mh, &m->op, i + 1 < n) < 0)
+        if (lshm__ring_sendmsg(r, port->fd, &m->mh, &m->op, i + 1 < n) < 0)
             break;
         port->sq_head = m->next;
         m->next = NULL;
         port->sq_len--;
         port->inflight++;
-        lshm_ring_sends(r, 1);
+        lshm__ring_sends(r, 1);
         if (port->if_tail != NULL)
             port->if_tail->next = m;
         else
@@ -537,7 +537,7 @@ void lshm_port_kick(struct lshm_port *port)
 done:
     /* No room in the ring for any of it: the next run tries again. */
     if (port->sq_head != NULL && port->inflight == 0 && port->state != PORT_CLOSED)
-        lshm_port_list_add(port, PL_KICK);
+        lshm__port_list_add(port, PL_KICK);
     /* A closing port says BYE after the last queued message. */
     if (port->user_closed && port->state != PORT_CLOSED && port->inflight == 0 &&
         port->sq_head == NULL) {
@@ -556,22 +556,22 @@ static int queue_ctrl(struct lshm_port *port, uint8_t type, uint32_t mmap_id)
     if (m == NULL)
         return -ENOMEM;
     if (type == LSHM_WIRE_HELLO)
-        m->len = lshm_wire_encode_hello(m->data, port->ctx->pid, port->id,
+        m->len = lshm__wire_encode_hello(m->data, port->ctx->pid, port->id,
                                         port->ctx->p.max_segments);
     else
-        m->len = lshm_wire_encode_ctrl(m->data, type, port->ctx->pid, port->id, mmap_id);
+        m->len = lshm__wire_encode_ctrl(m->data, type, port->ctx->pid, port->id, mmap_id);
     smsg_queue(port, m);
     return 0;
 }
 
-int lshm_port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg)
+int lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg)
 {
     struct smsg *m = smsg_new(port, 64);
 
     if (m == NULL)
         return -ENOMEM;
-    m->len = lshm_wire_encode_ctrl(m->data, LSHM_WIRE_MMAP_MSG, port->ctx->pid, port->id, seg->id);
-    lshm_seg_ref(seg);
+    m->len = lshm__wire_encode_ctrl(m->data, LSHM_WIRE_MMAP_MSG, port->ctx->pid, port->id, seg->id);
+    lshm__seg_ref(seg);
     m->seg = seg;
     smsg_queue(port, m);
     return 0;
@@ -588,43 +588,43 @@ static int send_check(struct lshm_port *port, const struct lshm_out *out, uint64
 
     *total = 0;
     if (out->type < LSHM_TYPE_USER_MIN)
-        return lshm_fail(-EINVAL, "message type %u is reserved for control (use >= 16)",
+        return lshm__fail(-EINVAL, "message type %u is reserved for control (use >= 16)",
                          out->type);
     if (port->state == PORT_CLOSED || port->user_closed)
-        return lshm_fail(port->error ? port->error : -EPIPE, "port is closed: %s",
+        return lshm__fail(port->error ? port->error : -EPIPE, "port is closed: %s",
                          port->reason);
     if (out->nbufs > 0 && (out->data != NULL || out->size > 0))
-        return lshm_fail(-EINVAL, "a message is either inline or in buffers, not both");
+        return lshm__fail(-EINVAL, "a message is either inline or in buffers, not both");
     if (out->nbufs > LSHM_MAX_DESCS)
-        return lshm_fail(-EINVAL, "%u buffers, at most %u", out->nbufs, LSHM_MAX_DESCS);
+        return lshm__fail(-EINVAL, "%u buffers, at most %u", out->nbufs, LSHM_MAX_DESCS);
     if (out->nbufs > 0 && out->bufs == NULL)
-        return lshm_fail(-EINVAL, "nbufs without bufs");
+        return lshm__fail(-EINVAL, "nbufs without bufs");
     if (out->size > LSHM_INLINE_MAX)
-        return lshm_fail(-EMSGSIZE, "inline payload of %zu bytes, at most %u",
+        return lshm__fail(-EMSGSIZE, "inline payload of %zu bytes, at most %u",
                          out->size, LSHM_INLINE_MAX);
     if (out->size > 0 && out->data == NULL)
-        return lshm_fail(-EINVAL, "size without data");
+        return lshm__fail(-EINVAL, "size without data");
     if (out->tracking != NULL && (out->tracking->port != port || out->tracking->sent))
-        return lshm_fail(-EINVAL, "tracking belongs to another port or was sent");
+        return lshm__fail(-EINVAL, "tracking belongs to another port or was sent");
     *total = out->size;
     for (i = 0; i < out->nbufs; i++) {
         struct lshm_buf *b = out->bufs[i];
 
         if (b == NULL || b->sent || b->size == 0)
-            return lshm_fail(-EINVAL, "buffer %u is NULL, sent, or empty", i);
+            return lshm__fail(-EINVAL, "buffer %u is NULL, sent, or empty", i);
         if (b->peer != port->peer || b->port_id != port->id)
-            return lshm_fail(-EXDEV, "buffer %u was allocated for another port", i);
+            return lshm__fail(-EXDEV, "buffer %u was allocated for another port", i);
         *total += b->size;
     }
     if (*total > UINT32_MAX)
-        return lshm_fail(-EMSGSIZE, "message of %llu bytes, at most 4 GiB - 1",
+        return lshm__fail(-EMSGSIZE, "message of %llu bytes, at most 4 GiB - 1",
                          (unsigned long long)*total);
     if (out_queued(port) >= port->ctx->p.send_queue)
-        return lshm_fail(-EAGAIN, "send queue full (%u messages)", port->ctx->p.send_queue);
+        return lshm__fail(-EAGAIN, "send queue full (%u messages)", port->ctx->p.send_queue);
     return 0;
 }
 
-int lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags)
+int lshm__port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags)
 {
     struct lshm_wire_desc descs[LSHM_MAX_DESCS];
     struct lshm_wire_tracking tr, *trp = NULL;
@@ -666,19 +666,19 @@ int lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned 
     }
     m = smsg_new(port, len);
     if (m == NULL)
-        return lshm_fail(-ENOMEM, "out of memory");
-    m->len = lshm_wire_encode_user(m->data, &hdr, trp, out->nbufs ? descs : NULL,
+        return lshm__fail(-ENOMEM, "out of memory");
+    m->len = lshm__wire_encode_user(m->data, &hdr, trp, out->nbufs ? descs : NULL,
                                    out->nbufs, out->data);
     m->fd = out->fd;
     smsg_queue(port, m);
     /* The receiver frees the chunks it was sent; the rest come back now. */
     for (i = 0; i < out->nbufs; i++)
-        lshm_buf_release_sent(out->bufs[i]);
+        lshm__buf_release_sent(out->bufs[i]);
     if (out->tracking != NULL)
         out->tracking->sent = true;
     if (!(flags & LSHM_MORE)) {
-        lshm_port_kick(port);
-        lshm_ctx_pump(port->ctx);
+        lshm__port_kick(port);
+        lshm__ctx_pump(port->ctx);
     }
     return 0;
 }
@@ -702,11 +702,11 @@ static void deliver(struct lshm_port *port, struct rmsg *rm)
         port->rq_head = rm;
     port->rq_tail = rm;
     if (port->on_msg != NULL)
-        lshm_port_list_add(port, PL_READY);
+        lshm__port_list_add(port, PL_READY);
 }
 
 /* Called by lshm_ctx_run: messages to the handler, then the close. */
-void lshm_port_dispatch(struct lshm_port *port)
+void lshm__port_dispatch(struct lshm_port *port)
 {
     struct lshm_msg *msg;
 
@@ -714,7 +714,7 @@ void lshm_port_dispatch(struct lshm_port *port)
         return;
     port->in_handler = true;
     port->refs++;
-    while (port->on_msg != NULL && !port->user_closed && (msg = lshm_port_pop(port)) != NULL)
+    while (port->on_msg != NULL && !port->user_closed && (msg = lshm__port_pop(port)) != NULL)
         port->on_msg(port, msg, port->arg);
     if (port->close_pending && !port->user_closed &&
         (port->on_msg == NULL || port->rq_head == NULL)) {
@@ -727,7 +727,7 @@ void lshm_port_dispatch(struct lshm_port *port)
     port_maybe_free(port);
 }
 
-struct lshm_msg *lshm_port_pop(struct lshm_port *port)
+struct lshm_msg *lshm__port_pop(struct lshm_port *port)
 {
     struct rmsg *rm = port->rq_head;
 
@@ -740,7 +740,7 @@ struct lshm_msg *lshm_port_pop(struct lshm_port *port)
     return &rm->pub;
 }
 
-void lshm_port_msg_done(struct lshm_msg *msg)
+void lshm__port_msg_done(struct lshm_msg *msg)
 {
     struct rmsg *rm = msg->priv;
     struct lshm_port *port = rm->port;
@@ -773,30 +773,30 @@ static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
     const char *why = "";
     int ret;
 
-    ret = lshm_wire_check_hello(&v->hello, &why);
+    ret = lshm__wire_check_hello(&v->hello, &why);
     if (ret < 0) {
-        lshm_port_fail(port, ret, "handshake refused: %s", why);
+        lshm__port_fail(port, ret, "handshake refused: %s", why);
         return ret;
     }
     if (cred == NULL) {
-        lshm_port_fail(port, -EPROTO, "handshake refused: HELLO came without credentials "
+        lshm__port_fail(port, -EPROTO, "handshake refused: HELLO came without credentials "
                                       "(the peer must set SO_PASSCRED)");
         return -EPROTO;
     }
     if (v->hdr.port_id != v->hello.port_id) {
-        lshm_port_fail(port, -EPROTO, "handshake refused: HELLO header port %u, payload "
+        lshm__port_fail(port, -EPROTO, "handshake refused: HELLO header port %u, payload "
                        "port %u", v->hdr.port_id, v->hello.port_id);
         return -EPROTO;
     }
     if (cred->pid != v->hdr.pid) {
-        lshm_port_fail(port, -EPROTO, "handshake refused: HELLO says pid %d but the kernel "
+        lshm__port_fail(port, -EPROTO, "handshake refused: HELLO says pid %d but the kernel "
                        "says %d; both processes must share a PID namespace",
                        (int)v->hdr.pid, (int)cred->pid);
         return -EPROTO;
     }
-    ret = lshm_peer_get_sock(cred->pid, port->fd, &port->peer);
+    ret = lshm__peer_get_sock(cred->pid, port->fd, &port->peer);
     if (ret < 0) {
-        lshm_port_fail(port, ret, "out of memory for peer %d", (int)cred->pid);
+        lshm__port_fail(port, ret, "out of memory for peer %d", (int)cred->pid);
         return ret;
     }
     port->peer_pid = cred->pid;
@@ -806,7 +806,7 @@ static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
     port->peer_max_segments = v->hello.max_segments;
     port->state = PORT_OPEN;
     if (port->listener != NULL) {
-        lshm_listener_ready(port->listener, port);
+        lshm__listener_ready(port->listener, port);
         port->listener = NULL;
     }
     return 0;
@@ -815,29 +815,29 @@ static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
 static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int fd)
 {
     struct lshm_seg *seg;
-    uint32_t next = lshm_peer_in_next(port->peer);
+    uint32_t next = lshm__peer_in_next(port->peer);
     int ret;
 
     if (v->mmap_id != next) {
-        lshm_port_fail(port, -EPROTO, "protocol violation: MMAP id %u, expected %u",
+        lshm__port_fail(port, -EPROTO, "protocol violation: MMAP id %u, expected %u",
                        v->mmap_id, next);
         return -EPROTO;
     }
     if (v->mmap_id >= port->ctx->p.max_segments) {
-        lshm_port_fail(port, -EPROTO, "protocol violation: MMAP id %u past our limit of %u "
+        lshm__port_fail(port, -EPROTO, "protocol violation: MMAP id %u past our limit of %u "
                        "segments", v->mmap_id, port->ctx->p.max_segments);
         return -EPROTO;
     }
-    ret = lshm_seg_import(fd, v->mmap_id, port->peer_pid, port->ctx->pid, &seg);
+    ret = lshm__seg_import(fd, v->mmap_id, port->peer_pid, port->ctx->pid, &seg);
     if (ret < 0) {
-        lshm_port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
-                       v->mmap_id, lshm_seg_strerror(ret));
+        lshm__port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
+                       v->mmap_id, lshm__seg_strerror(ret));
         return -EPROTO;
     }
-    ret = lshm_peer_in_add(port->peer, seg, port->ctx->p.max_segments);
-    lshm_seg_unref(seg);
+    ret = lshm__peer_in_add(port->peer, seg, port->ctx->p.max_segments);
+    lshm__seg_unref(seg);
     if (ret < 0) {
-        lshm_port_fail(port, -EPROTO, "protocol violation: segment %u out of order", v->mmap_id);
+        lshm__port_fail(port, -EPROTO, "protocol violation: segment %u out of order", v->mmap_id);
         return -EPROTO;
     }
     return 0;
@@ -846,27 +846,27 @@ static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int f
 /* Resolve the tracking slot: true if the sender cancelled first. */
 static int read_tracking(struct lshm_port *port, const struct lshm_wire_view *v, bool *cancelled)
 {
-    struct lshm_seg *seg = lshm_peer_in_get(port->peer, v->tracking.mmap_id);
+    struct lshm_seg *seg = lshm__peer_in_get(port->peer, v->tracking.mmap_id);
     uint32_t stream = v->hdr.stream;
     uint32_t slot = v->tracking.tracking_id;
 
     /* 0 is what a cancel leaves in the slot: a stream 0 could never tell
      * a cancelled message from a live one. */
     if (stream == 0) {
-        lshm_seg_unref(seg);
-        lshm_port_fail(port, -EPROTO, "protocol violation: tracked message with stream 0");
+        lshm__seg_unref(seg);
+        lshm__port_fail(port, -EPROTO, "protocol violation: tracked message with stream 0");
         return -EPROTO;
     }
     if (seg == NULL || slot >= LSHM_CHUNK_COUNT) {
-        lshm_seg_unref(seg);
-        lshm_port_fail(port, -EPROTO, "protocol violation: tracking %u/%u does not exist",
+        lshm__seg_unref(seg);
+        lshm__port_fail(port, -EPROTO, "protocol violation: tracking %u/%u does not exist",
                        v->tracking.mmap_id, slot);
         return -EPROTO;
     }
     /* The race of Unit's tracking: whoever swaps the stream id out wins,
      * the loser gives the slot back. */
-    *cancelled = !lshm_tracking_resolve(seg->hdr, slot, stream);
-    lshm_seg_unref(seg);
+    *cancelled = !lshm__tracking_resolve(seg->hdr, slot, stream);
+    lshm__seg_unref(seg);
     return 0;
 }
 
@@ -883,7 +883,7 @@ static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int f
                      : v->hdr.size;
     rm = malloc(sizeof(*rm) + extra);
     if (rm == NULL) {
-        lshm_port_fail(port, -ENOMEM, "out of memory receiving a message");
+        lshm__port_fail(port, -ENOMEM, "out of memory receiving a message");
         return -ENOMEM;
     }
     memset(&rm->pub, 0, sizeof(rm->pub));
@@ -905,13 +905,13 @@ static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int f
         rm->iov = (struct lshm_iov *)(rm->desc + v->ndesc);
         rm->pub.flags |= LSHM_MSG_SHM;
         for (i = 0; i < v->ndesc; i++) {
-            struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
-            struct lshm_seg *seg = lshm_peer_in_get(port->peer, d.mmap_id);
+            struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
+            struct lshm_seg *seg = lshm__peer_in_get(port->peer, d.mmap_id);
 
             if (seg == NULL) {
                 rmsg_release(rm);
                 free(rm);
-                lshm_port_fail(port, -EPROTO, "protocol violation: descriptor names "
+                lshm__port_fail(port, -EPROTO, "protocol violation: descriptor names "
                                "segment %u, which was never sent", d.mmap_id);
                 return -EPROTO;
             }
@@ -983,26 +983,26 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
     }
     if (mh->msg_flags & MSG_CTRUNC) {
         close_fds(fds, nfds);
-        lshm_port_fail(port, -EPROTO, "protocol violation: control data truncated "
+        lshm__port_fail(port, -EPROTO, "protocol violation: control data truncated "
                        "(too many fds)");
         return;
     }
     if (mh->msg_flags & MSG_TRUNC) {
         close_fds(fds, nfds);
-        lshm_port_fail(port, -EPROTO, "protocol violation: datagram longer than %u bytes",
+        lshm__port_fail(port, -EPROTO, "protocol violation: datagram longer than %u bytes",
                        LSHM_WIRE_MAX);
         return;
     }
-    ret = lshm_wire_decode(data, len, nfds, &v, &why);
+    ret = lshm__wire_decode(data, len, nfds, &v, &why);
     if (ret < 0) {
         close_fds(fds, nfds);
-        lshm_port_fail(port, -EPROTO, "protocol violation: %s", why);
+        lshm__port_fail(port, -EPROTO, "protocol violation: %s", why);
         return;
     }
     if (port->state == PORT_HANDSHAKE) {
         close_fds(fds, nfds);
         if (v.hdr.type != LSHM_WIRE_HELLO)
-            lshm_port_fail(port, -EPROTO, "protocol violation: first message is type %u, "
+            lshm__port_fail(port, -EPROTO, "protocol violation: first message is type %u, "
                            "not HELLO", v.hdr.type);
         else
             on_hello(port, &v, cred);
@@ -1011,14 +1011,14 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
     if (v.hdr.pid != port->peer_pid || (cred != NULL && cred->pid != port->peer_pid) ||
         v.hdr.port_id != port->peer_port_id) {
         close_fds(fds, nfds);
-        lshm_port_fail(port, -EPROTO, "protocol violation: header pid %d / port %u, "
+        lshm__port_fail(port, -EPROTO, "protocol violation: header pid %d / port %u, "
                        "handshake said pid %d / port %u", (int)v.hdr.pid, v.hdr.port_id,
                        (int)port->peer_pid, port->peer_port_id);
         return;
     }
     switch (v.hdr.type) {
     case LSHM_WIRE_HELLO:
-        lshm_port_fail(port, -EPROTO, "protocol violation: second HELLO");
+        lshm__port_fail(port, -EPROTO, "protocol violation: second HELLO");
         break;
     case LSHM_WIRE_MMAP_MSG:
         /* Draining, a new segment is not mapped: the peer takes back what
@@ -1031,7 +1031,7 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
         port->shm_acked = true;
         break;
     case LSHM_WIRE_BYE:
-        lshm_port_fail(port, -EPIPE, "peer closed the port (BYE)");
+        lshm__port_fail(port, -EPIPE, "peer closed the port (BYE)");
         break;
     default:
         if (port->draining) {
@@ -1059,13 +1059,13 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         void *payload;
         unsigned plen;
 
-        if (!lshm_ring_recvmsg_parse(buf, len, &port->recv_mh, &payload, &plen, &mh))
-            lshm_port_fail(port, -EPROTO, "malformed receive buffer");
+        if (!lshm__ring_recvmsg_parse(buf, len, &port->recv_mh, &payload, &plen, &mh))
+            lshm__port_fail(port, -EPROTO, "malformed receive buffer");
         else if (plen == 0 && mh.msg_controllen == 0 && !(mh.msg_flags & MSG_TRUNC))
             /* EOF: multishot ends with an empty completion (res > 0: the
              * recvmsg_out header).  A real datagram always carries
              * SCM_CREDENTIALS (SO_PASSCRED), so an empty one is not this. */
-            lshm_port_fail(port, -EPIPE, "peer closed the connection");
+            lshm__port_fail(port, -EPIPE, "peer closed the connection");
         else
             on_datagram(port, payload, plen, &mh);
     } else if (res > 0) {
@@ -1074,25 +1074,25 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         /* An empty datagram (it came with credentials), not EOF. */
         on_datagram(port, port->recv_buf, 0, &port->recv_mh);
     } else if (res == 0) {
-        lshm_port_fail(port, -EPIPE, "peer closed the connection");
+        lshm__port_fail(port, -EPIPE, "peer closed the connection");
     } else if (res == -ECONNRESET && port->recv_multishot && port_reading(port)) {
         /* Multishot can end with ECONNRESET while datagrams are still
          * queued: drain them with single-shot receives. */
         port->recv_multishot = false;
     } else if (res != -ENOBUFS && res != -ECANCELED) {
-        lshm_port_fail(port, res, "receive failed: %s", strerror(-res));
+        lshm__port_fail(port, res, "receive failed: %s", strerror(-res));
     }
     if (buf != NULL && ring != NULL)
-        lshm_ring_buf_put(ring, buf);
+        lshm__ring_buf_put(ring, buf);
     if (!port_reading(port)) {
         /* Nothing more will be read: stop a multishot still armed. */
         if (port->recv_armed && ring != NULL && !port->shutdown)
-            lshm_ring_cancel(ring, &port->recv_op);
+            lshm__ring_cancel(ring, &port->recv_op);
     } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue &&
                !port->draining) {
         /* (A drain holds nothing new: what it reads is released.) */
         if (port->recv_armed && !port->recv_stopped)
-            lshm_ring_cancel(ring, &port->recv_op);
+            lshm__ring_cancel(ring, &port->recv_op);
         port->recv_stopped = true;
     } else if (!port->recv_armed) {
         recv_arm(port);
@@ -1113,12 +1113,12 @@ static void recv_arm(struct lshm_port *port)
     port->recv_mh.msg_control = port->recv_cmsg.buf;
     port->recv_mh.msg_controllen = sizeof(port->recv_cmsg.buf);
     if (port->recv_multishot) {
-        ret = lshm_ring_recvmsg_multishot(r, port->fd, &port->recv_mh, &port->recv_op);
+        ret = lshm__ring_recvmsg_multishot(r, port->fd, &port->recv_mh, &port->recv_op);
     } else {
         if (port->recv_buf == NULL) {
             port->recv_buf = malloc(LSHM_WIRE_MAX + 1);
             if (port->recv_buf == NULL) {
-                lshm_port_fail(port, -ENOMEM, "out of memory for a receive buffer");
+                lshm__port_fail(port, -ENOMEM, "out of memory for a receive buffer");
                 return;
             }
         }
@@ -1128,10 +1128,10 @@ static void recv_arm(struct lshm_port *port)
         port->recv_iov.iov_len = LSHM_WIRE_MAX + 1;
         port->recv_mh.msg_iov = &port->recv_iov;
         port->recv_mh.msg_iovlen = 1;
-        ret = lshm_ring_recvmsg(r, port->fd, &port->recv_mh, &port->recv_op);
+        ret = lshm__ring_recvmsg(r, port->fd, &port->recv_mh, &port->recv_op);
     }
     if (ret < 0) {
-        lshm_port_fail(port, ret, "cannot arm a receive: %s", strerror(-ret));
+        lshm__port_fail(port, ret, "cannot arm a receive: %s", strerror(-ret));
         return;
     }
     port->recv_armed = true;
@@ -1139,7 +1139,7 @@ static void recv_arm(struct lshm_port *port)
 
 /* ---- creation ---- */
 
-int lshm_port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
+int lshm__port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
 {
     struct lshm_port *port;
     int one = 1, type = 0, domain = 0, ret;
@@ -1147,17 +1147,17 @@ int lshm_port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
     unsigned id;
 
     if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
-        return lshm_fail(errno == ENOTSOCK ? -ENOTSOCK : -errno,
+        return lshm__fail(errno == ENOTSOCK ? -ENOTSOCK : -errno,
                          "fd %d is not a socket", fd);
     len = sizeof(domain);
     if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0 || domain != AF_UNIX ||
         type != SOCK_SEQPACKET)
-        return lshm_fail(-EPROTOTYPE, "fd %d is not an AF_UNIX SOCK_SEQPACKET socket", fd);
+        return lshm__fail(-EPROTOTYPE, "fd %d is not an AF_UNIX SOCK_SEQPACKET socket", fd);
     if (setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
-        return lshm_fail(-errno, "SO_PASSCRED: %s", strerror(errno));
+        return lshm__fail(-errno, "SO_PASSCRED: %s", strerror(errno));
     port = calloc(1, sizeof(*port));
     if (port == NULL)
-        return lshm_fail(-ENOMEM, "out of memory");
+        return lshm__fail(-ENOMEM, "out of memory");
     port->ctx = ctx;
     port->fd = fd;
     /* Ids are process-wide: sent_over names a port among all contexts. */
@@ -1166,25 +1166,25 @@ int lshm_port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
     } while (id == LSHM_SENT_OVER_ANY);
     port->id = (uint16_t)id;
     port->state = PORT_HANDSHAKE;
-    port->recv_multishot = (lshm_ring_features(ctx->ring) & LSHM_FEAT_MULTISHOT_RECV) != 0;
+    port->recv_multishot = (lshm__ring_features(ctx->ring) & LSHM_FEAT_MULTISHOT_RECV) != 0;
     ret = queue_ctrl(port, LSHM_WIRE_HELLO, 0);
     if (ret < 0) {
         free(port);
-        return lshm_fail(ret, "out of memory");
+        return lshm__fail(ret, "out of memory");
     }
     port->next = ctx->ports;
     if (ctx->ports != NULL)
         ctx->ports->prev = port;
     ctx->ports = port;
     recv_arm(port);
-    lshm_port_kick(port);
-    lshm_ring_submit(ctx->ring);
+    lshm__port_kick(port);
+    lshm__ring_submit(ctx->ring);
     *out = port;
     return 0;
 }
 
 /* The context is going away: forget the ring, keep what messages hold. */
-void lshm_port_reap(struct lshm_port *port)
+void lshm__port_reap(struct lshm_port *port)
 {
     struct smsg *m;
 
@@ -1208,7 +1208,7 @@ void lshm_port_reap(struct lshm_port *port)
     /* What was never submitted gives back its chunks, slots and ids. */
     drop_queues(port);
     if (port->peer != NULL) {
-        lshm_peer_put_sock(port->peer, port->fd);
+        lshm__peer_put_sock(port->peer, port->fd);
         port->peer = NULL;
     }
     if (port->fd >= 0) {
@@ -1221,7 +1221,7 @@ void lshm_port_reap(struct lshm_port *port)
 
 /* Could an allocation for this port succeed now?  Only a hint: the bits
  * are the peer's to change. */
-bool lshm_port_shm_ready(struct lshm_port *port)
+bool lshm__port_shm_ready(struct lshm_port *port)
 {
     struct lshm_seg_table *t = &port->peer->out;
     unsigned limit = port->ctx->p.max_segments;
@@ -1233,7 +1233,7 @@ bool lshm_port_shm_ready(struct lshm_port *port)
     pthread_mutex_lock(&t->mutex);
     if (t->size < limit)
         ready = true;
-    /* As lshm_peer_out_alloc: no new segment while one announced on
+    /* As lshm__peer_out_alloc: no new segment while one announced on
      * another port is not mapped yet (ids are ordered per process pair). */
     for (i = 0; i < t->size && ready; i++) {
         uint16_t over = __atomic_load_n(&t->elts[i]->hdr->sent_over, __ATOMIC_RELAXED);
@@ -1256,7 +1256,7 @@ bool lshm_port_shm_ready(struct lshm_port *port)
 
 /* In a forked child: these fds and this memory are copies; the ring and
  * the shared segments are the parent's (and not mapped here). */
-void lshm_port_forget(struct lshm_port *port)
+void lshm__port_forget(struct lshm_port *port)
 {
     struct smsg *m;
     struct rmsg *rm;

@@ -143,39 +143,39 @@ struct lshm_tracking {
 };
 
 /* port.c */
-int  lshm_port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out);
-void lshm_port_fail(struct lshm_port *port, int err, const char *fmt, ...)
+int  lshm__port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out);
+void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
-void lshm_port_release(struct lshm_port *port);
-int  lshm_port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags);
-struct lshm_msg *lshm_port_pop(struct lshm_port *port);
-void lshm_port_msg_done(struct lshm_msg *msg);
-int  lshm_port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
-void lshm_port_kick(struct lshm_port *port);
-void lshm_port_reap(struct lshm_port *port);   /* context going away */
-bool lshm_port_shm_ready(struct lshm_port *port);
+void lshm__port_release(struct lshm_port *port);
+int  lshm__port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags);
+struct lshm_msg *lshm__port_pop(struct lshm_port *port);
+void lshm__port_msg_done(struct lshm_msg *msg);
+int  lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
+void lshm__port_kick(struct lshm_port *port);
+void lshm__port_reap(struct lshm_port *port);   /* context going away */
+bool lshm__port_shm_ready(struct lshm_port *port);
 
-void lshm_port_forget(struct lshm_port *port); /* forked child's copy */
-void lshm_port_dispatch(struct lshm_port *port);
-void lshm_port_sweep(struct lshm_port *port);
+void lshm__port_forget(struct lshm_port *port); /* forked child's copy */
+void lshm__port_dispatch(struct lshm_port *port);
+void lshm__port_sweep(struct lshm_port *port);
 
-void lshm_port_list_add(struct lshm_port *port, enum port_list_id which);
-struct lshm_port *lshm_port_list_pop(struct lshm_ctx *ctx, enum port_list_id which);
+void lshm__port_list_add(struct lshm_port *port, enum port_list_id which);
+struct lshm_port *lshm__port_list_pop(struct lshm_ctx *ctx, enum port_list_id which);
 
 /* api.c: submit and dispatch completions, freeing closed ports after. */
-int  lshm_ctx_pump(struct lshm_ctx *ctx);
-int  lshm_ctx_step(struct lshm_ctx *ctx, int timeout_ms);
+int  lshm__ctx_pump(struct lshm_ctx *ctx);
+int  lshm__ctx_step(struct lshm_ctx *ctx, int timeout_ms);
 /* A port deadline at due (CLOCK_MONOTONIC ms); t wakes the context for it. */
-void lshm_ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due);
+void lshm__ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due);
 
 /* How long a port closed by this process reads after its BYE. */
 #define LSHM_DRAIN_MS 500
 
 /* listen.c */
-void lshm_listener_reap(struct lshm_listener *l);
-void lshm_listener_forget(struct lshm_listener *l);
-void lshm_listener_dispatch(struct lshm_listener *l);
-void lshm_listener_ready(struct lshm_listener *l, struct lshm_port *port);
+void lshm__listener_reap(struct lshm_listener *l);
+void lshm__listener_forget(struct lshm_listener *l);
+void lshm__listener_dispatch(struct lshm_listener *l);
+void lshm__listener_ready(struct lshm_listener *l, struct lshm_port *port);
 
 
 #endif

@@ -94,7 +94,7 @@ LSHM_EXPORT int lshm_probe(struct lshm_probe *out)
     int ret;
 
     if (out == NULL)
-        return lshm_fail(-EINVAL, "lshm_probe: out is NULL");
+        return lshm__fail(-EINVAL, "lshm_probe: out is NULL");
     memset(out, 0, sizeof(*out));
 
     if (uname(&u) == 0)
@@ -103,7 +103,7 @@ LSHM_EXPORT int lshm_probe(struct lshm_probe *out)
     probe_limits(out);
     probe_caps(out);
 
-    ret = lshm_ring_probe(out);
+    ret = lshm__ring_probe(out);
     if (ret < 0 && out->io_uring == 0) {
         /* The ring layer could not even look: report that, not "available". */
         out->io_uring = ret;

@@ -18,7 +18,7 @@
 struct lshm_ring {
     struct io_uring          ring;
     unsigned                 features;       /* LSHM_FEAT_* */
-    bool                     has_evfd;       /* evfd registered for lshm_ring_fd */
+    bool                     has_evfd;       /* evfd registered for lshm__ring_fd */
     int                      evfd;
     struct io_uring_buf_ring *br;            /* NULL: no provided buffers */
     size_t                   br_size;
@@ -47,10 +47,10 @@ static int disabled_why(int err)
     FILE *f;
 
     if (err == -ENOSYS)
-        return lshm_fail(err, "io_uring is not available: the kernel was built without it "
+        return lshm__fail(err, "io_uring is not available: the kernel was built without it "
                               "(CONFIG_IO_URING) or a seccomp filter hides it");
     if (err != -EPERM && err != -EACCES)
-        return lshm_fail(err, "io_uring_setup failed: %s", strerror(-err));
+        return lshm__fail(err, "io_uring_setup failed: %s", strerror(-err));
     f = fopen("/proc/sys/kernel/io_uring_disabled", "r");
     if (f != NULL) {
         if (fgets(val, sizeof(val), f) == NULL)
@@ -58,13 +58,13 @@ static int disabled_why(int err)
         fclose(f);
     }
     if (val[0] == '2')
-        return lshm_fail(-EPERM, "io_uring is disabled by sysctl kernel.io_uring_disabled=2; "
+        return lshm__fail(-EPERM, "io_uring is disabled by sysctl kernel.io_uring_disabled=2; "
                                  "set it to 0 to use liblinuxshm");
     if (val[0] == '1')
-        return lshm_fail(-EPERM, "io_uring is restricted by sysctl kernel.io_uring_disabled=1 "
+        return lshm__fail(-EPERM, "io_uring is restricted by sysctl kernel.io_uring_disabled=1 "
                                  "to the group in kernel.io_uring_group; join it or set the "
                                  "sysctl to 0");
-    return lshm_fail(-EPERM, "io_uring_setup is refused (EPERM), most likely by a seccomp "
+    return lshm__fail(-EPERM, "io_uring_setup is refused (EPERM), most likely by a seccomp "
                              "profile (container runtime); allow io_uring_setup/enter/register");
 }
 
@@ -121,7 +121,7 @@ static bool multishot_recvmsg_works(struct lshm_ring *r)
     return ok;
 }
 
-int lshm_ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
+int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
 {
     struct lshm_ring *r;
     unsigned i = 0;
@@ -129,7 +129,7 @@ int lshm_ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
 
     r = calloc(1, sizeof(*r));
     if (r == NULL)
-        return lshm_fail(-ENOMEM, "out of memory");
+        return lshm__fail(-ENOMEM, "out of memory");
     if (ctx_flags & LSHM_CTX_NO_DEFER_TASKRUN)
         i = ARRAY_SIZE(setups) - 1;
     for (; i < ARRAY_SIZE(setups); i++) {
@@ -140,9 +140,9 @@ int lshm_ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
     if (ret < 0) {
         free(r);
         if (ret == -ENOMEM)
-            return lshm_fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low?)");
+            return lshm__fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low?)");
         if (ret == -EMFILE || ret == -ENFILE)
-            return lshm_fail(ret, "io_uring_setup: too many open files");
+            return lshm__fail(ret, "io_uring_setup: too many open files");
         return disabled_why(ret);
     }
     r->features = setups[i].feats;
@@ -164,7 +164,7 @@ static void release(struct lshm_ring *r)
     free(r);
 }
 
-void lshm_ring_free(struct lshm_ring *r)
+void lshm__ring_free(struct lshm_ring *r)
 {
     if (r == NULL)
         return;
@@ -174,7 +174,7 @@ void lshm_ring_free(struct lshm_ring *r)
     release(r);
 }
 
-void lshm_ring_forget(struct lshm_ring *r)
+void lshm__ring_forget(struct lshm_ring *r)
 {
     if (r == NULL)
         return;
@@ -187,9 +187,9 @@ void lshm_ring_forget(struct lshm_ring *r)
 /*
  * With DEFER_TASKRUN a completion waits as task work until we enter, and
  * that wakes no poll(2) on the ring fd.  A registered eventfd is signalled
- * for that work too; it is made on first use and drained by lshm_ring_run.
+ * for that work too; it is made on first use and drained by lshm__ring_run.
  */
-int lshm_ring_fd(const struct lshm_ring *cr)
+int lshm__ring_fd(const struct lshm_ring *cr)
 {
     struct lshm_ring *r = (struct lshm_ring *)cr;
     int fd;
@@ -208,25 +208,25 @@ int lshm_ring_fd(const struct lshm_ring *cr)
     return fd;
 }
 
-void lshm_ring_wake(struct lshm_ring *r)
+void lshm__ring_wake(struct lshm_ring *r)
 {
     uint64_t one = 1;
 
     if (r->has_evfd && write(r->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        lshm_log("eventfd write: %s", strerror(errno));
+        lshm__log("eventfd write: %s", strerror(errno));
 }
 
-unsigned lshm_ring_features(const struct lshm_ring *r)
+unsigned lshm__ring_features(const struct lshm_ring *r)
 {
     return r->features;
 }
 
-void lshm_ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st)
+void lshm__ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st)
 {
     *st = r->stats;
 }
 
-unsigned lshm_ring_space(struct lshm_ring *r)
+unsigned lshm__ring_space(struct lshm_ring *r)
 {
     return io_uring_sq_space_left(&r->ring);
 }
@@ -237,13 +237,13 @@ static struct io_uring_sqe *get_sqe(struct lshm_ring *r)
 
     if (sqe == NULL) {
         /* The SQ is full: submit what is there to make room. */
-        lshm_ring_submit(r);
+        lshm__ring_submit(r);
         sqe = io_uring_get_sqe(&r->ring);
     }
     return sqe;
 }
 
-int lshm_ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
+int lshm__ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
                       struct lshm_op *op, bool link)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
@@ -257,7 +257,7 @@ int lshm_ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
     return 0;
 }
 
-int lshm_ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op)
+int lshm__ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
 
@@ -268,7 +268,7 @@ int lshm_ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm
     return 0;
 }
 
-int lshm_ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
+int lshm__ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
                                 struct lshm_op *op)
 {
     struct io_uring_sqe *sqe;
@@ -285,7 +285,7 @@ int lshm_ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
     return 0;
 }
 
-void lshm_ring_buf_put(struct lshm_ring *r, void *buf)
+void lshm__ring_buf_put(struct lshm_ring *r, void *buf)
 {
     size_t off = (uint8_t *)buf - r->bufs;
     unsigned bid = off / LSHM_RING_BUF_SIZE;
@@ -295,7 +295,7 @@ void lshm_ring_buf_put(struct lshm_ring *r, void *buf)
     io_uring_buf_ring_advance(r->br, 1);
 }
 
-bool lshm_ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
+bool lshm__ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
                              void **payload, unsigned *payload_len, struct msghdr *out)
 {
     struct msghdr tmpl = *m;
@@ -317,7 +317,7 @@ bool lshm_ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
     return true;
 }
 
-int lshm_ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot)
+int lshm__ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
 
@@ -331,7 +331,7 @@ int lshm_ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multi
     return 0;
 }
 
-int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
+int lshm__ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
                       socklen_t len, struct lshm_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
@@ -343,7 +343,7 @@ int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
     return 0;
 }
 
-int lshm_ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
+int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
 
@@ -358,7 +358,7 @@ int lshm_ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
     return 0;
 }
 
-int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op)
+int lshm__ring_cancel(struct lshm_ring *r, struct lshm_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
 
@@ -369,7 +369,7 @@ int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op)
     return 0;
 }
 
-int lshm_ring_submit(struct lshm_ring *r)
+int lshm__ring_submit(struct lshm_ring *r)
 {
     int ret;
 
@@ -404,13 +404,13 @@ static int dispatch(struct lshm_ring *r)
         if (op != NULL)
             op->complete(op, res, flags & IORING_CQE_F_MORE, buf, len);
         else if (buf != NULL)
-            lshm_ring_buf_put(r, buf);
+            lshm__ring_buf_put(r, buf);
     }
     r->stats.completions += n;
     return (int)n;
 }
 
-void lshm_ring_sends(struct lshm_ring *r, int delta)
+void lshm__ring_sends(struct lshm_ring *r, int delta)
 {
     r->sends += delta;
 }
@@ -443,11 +443,11 @@ static int enter_nowait(struct lshm_ring *r)
     if (ret == -ETIME || ret == -EINTR || ret == -EAGAIN || ret == -EBUSY)
         ret = 0;
     if (ret < 0)
-        return lshm_fail(ret, "io_uring_enter: %s", strerror(-ret));
+        return lshm__fail(ret, "io_uring_enter: %s", strerror(-ret));
     return 0;
 }
 
-int lshm_ring_pump(struct lshm_ring *r)
+int lshm__ring_pump(struct lshm_ring *r)
 {
     int ret = enter_nowait(r);
 
@@ -456,7 +456,7 @@ int lshm_ring_pump(struct lshm_ring *r)
     return dispatch(r);
 }
 
-int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
+int lshm__ring_run(struct lshm_ring *r, int timeout_ms)
 {
     struct io_uring_cqe *cqe;
     int ret, n;
@@ -466,7 +466,7 @@ int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
 
         /* Reset before looking: whatever comes later signals it again. */
         if (read(r->evfd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-            lshm_log("eventfd read: %s", strerror(errno));
+            lshm__log("eventfd read: %s", strerror(errno));
     }
     n = dispatch(r);
     if (n == 0 && timeout_ms != 0 && r->sends > 0) {
@@ -500,11 +500,11 @@ int lshm_ring_run(struct lshm_ring *r, int timeout_ms)
             ret = 0;
     }
     if (ret < 0 && ret != -EBUSY && ret != -EAGAIN)
-        return lshm_fail(ret, "io_uring_enter: %s", strerror(-ret));
+        return lshm__fail(ret, "io_uring_enter: %s", strerror(-ret));
     return n + dispatch(r);
 }
 
-int lshm_ring_probe(struct lshm_probe *p)
+int lshm__ring_probe(struct lshm_probe *p)
 {
     static const unsigned all[] = {
         IORING_SETUP_IOPOLL, IORING_SETUP_SQPOLL, IORING_SETUP_CLAMP,
@@ -519,7 +519,7 @@ int lshm_ring_probe(struct lshm_probe *p)
     unsigned i;
     int ret;
 
-    ret = lshm_ring_new(&r, 8, 0);
+    ret = lshm__ring_new(&r, 8, 0);
     if (ret < 0) {
         p->io_uring = ret;
         snprintf(p->io_uring_why, sizeof(p->io_uring_why), "%s", lshm_last_error());
@@ -534,7 +534,7 @@ int lshm_ring_probe(struct lshm_probe *p)
         p->op_accept = io_uring_opcode_supported(pr, IORING_OP_ACCEPT);
         io_uring_free_probe(pr);
     }
-    lshm_ring_free(r);
+    lshm__ring_free(r);
 
     p->setup_flags = 0;
     for (i = 0; i < ARRAY_SIZE(all); i++) {

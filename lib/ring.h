@@ -14,7 +14,7 @@
 struct lshm_ring;
 
 /*
- * An operation in flight.  complete() runs from lshm_ring_run() for each
+ * An operation in flight.  complete() runs from lshm__ring_run() for each
  * completion; more is true while a multishot operation stays armed.
  */
 struct lshm_op {
@@ -25,51 +25,51 @@ struct lshm_op {
 #define LSHM_RING_CMSG_SPACE  128u
 #define LSHM_RING_BUF_SIZE    (LSHM_WIRE_MAX + LSHM_RING_CMSG_SPACE + 64u)
 
-int      lshm_ring_new(struct lshm_ring **r, unsigned entries, unsigned ctx_flags);
-void     lshm_ring_free(struct lshm_ring *r);
+int      lshm__ring_new(struct lshm_ring **r, unsigned entries, unsigned ctx_flags);
+void     lshm__ring_free(struct lshm_ring *r);
 /* In a forked child: release this process's copies without a syscall that
  * could reach the parent's ring. */
-void     lshm_ring_forget(struct lshm_ring *r);
-int      lshm_ring_fd(const struct lshm_ring *r);
-/* Make a poll on lshm_ring_fd wake: work is waiting without a completion. */
-void     lshm_ring_wake(struct lshm_ring *r);
-unsigned lshm_ring_features(const struct lshm_ring *r);
-void     lshm_ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st);
+void     lshm__ring_forget(struct lshm_ring *r);
+int      lshm__ring_fd(const struct lshm_ring *r);
+/* Make a poll on lshm__ring_fd wake: work is waiting without a completion. */
+void     lshm__ring_wake(struct lshm_ring *r);
+unsigned lshm__ring_features(const struct lshm_ring *r);
+void     lshm__ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st);
 
 /* Free SQ slots; a linked chain must fit in them to stay one chain. */
-unsigned lshm_ring_space(struct lshm_ring *r);
+unsigned lshm__ring_space(struct lshm_ring *r);
 
-/* Queue operations (submitted by lshm_ring_submit / lshm_ring_run). */
-int lshm_ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
+/* Queue operations (submitted by lshm__ring_submit / lshm__ring_run). */
+int lshm__ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
                       struct lshm_op *op, bool link);
-int lshm_ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op);
+int lshm__ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op);
 /* Multishot recvmsg from the ring's provided buffers; m gives controllen.
  * Each completion passes the whole buffer (io_uring_recvmsg_out first);
- * hand it back with lshm_ring_buf_put() once read. */
-int lshm_ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
+ * hand it back with lshm__ring_buf_put() once read. */
+int lshm__ring_recvmsg_multishot(struct lshm_ring *r, int fd, struct msghdr *m,
                                 struct lshm_op *op);
-void lshm_ring_buf_put(struct lshm_ring *r, void *buf);
+void lshm__ring_buf_put(struct lshm_ring *r, void *buf);
 /* Parse a multishot buffer: payload and control, false if malformed. */
-bool lshm_ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
+bool lshm__ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
                              void **payload, unsigned *payload_len,
                              struct msghdr *out);
-int lshm_ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot);
-int lshm_ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
+int lshm__ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot);
+int lshm__ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
                       socklen_t len, struct lshm_op *op);
-int lshm_ring_cancel(struct lshm_ring *r, struct lshm_op *op);
+int lshm__ring_cancel(struct lshm_ring *r, struct lshm_op *op);
 /* One completion after ms milliseconds (-ETIME), unless cancelled. */
-int lshm_ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op);
+int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op);
 
-int lshm_ring_submit(struct lshm_ring *r);
+int lshm__ring_submit(struct lshm_ring *r);
 /* Sends in flight, counted by the caller: a chain needs them asked for. */
-void lshm_ring_sends(struct lshm_ring *r, int delta);
+void lshm__ring_sends(struct lshm_ring *r, int delta);
 /* Submit and collect completions without waiting, then dispatch them:
  * under DEFER_TASKRUN a linked chain only moves on inside such a call. */
-int lshm_ring_pump(struct lshm_ring *r);
+int lshm__ring_pump(struct lshm_ring *r);
 /* Submit, wait up to timeout_ms (0: no wait, -1: forever) for a completion,
  * dispatch every completion; returns how many. */
-int lshm_ring_run(struct lshm_ring *r, int timeout_ms);
+int lshm__ring_run(struct lshm_ring *r, int timeout_ms);
 
-int lshm_ring_probe(struct lshm_probe *p);
+int lshm__ring_probe(struct lshm_probe *p);
 
 #endif

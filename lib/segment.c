@@ -29,7 +29,7 @@
  */
 #define MAX_LOST_CAS 4096
 
-bool lshm_chunk_get_free(uint64_t *map, uint32_t *c)
+bool lshm__chunk_get_free(uint64_t *map, uint32_t *c)
 {
     uint32_t pos, lost = 0;
     uint64_t bits, mask;
@@ -74,7 +74,7 @@ static int make_memfd(void)
     return fd < 0 ? -errno : fd;
 }
 
-int lshm_seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
+int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
                     struct lshm_seg **out)
 {
     struct lshm_segment_header *hdr;
@@ -84,31 +84,31 @@ int lshm_seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
 
     seg = calloc(1, sizeof(*seg));
     if (seg == NULL)
-        return lshm_fail(-ENOMEM, "segment: out of memory");
+        return lshm__fail(-ENOMEM, "segment: out of memory");
 
     fd = make_memfd();
     if (fd < 0) {
         ret = fd;
-        lshm_fail(ret, "memfd_create: %s%s", strerror(-ret),
+        lshm__fail(ret, "memfd_create: %s%s", strerror(-ret),
                   ret == -ENOSYS ? " (the kernel has no memfd; there is no fallback)" : "");
         goto fail_free;
     }
     if (ftruncate(fd, LSHM_SEGMENT_SIZE) < 0) {
-        ret = lshm_fail(-errno, "segment: ftruncate: %s", strerror(errno));
+        ret = lshm__fail(-errno, "segment: ftruncate: %s", strerror(errno));
         goto fail_close;
     }
     if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-        ret = lshm_fail(-errno, "segment: sealing: %s", strerror(errno));
+        ret = lshm__fail(-errno, "segment: sealing: %s", strerror(errno));
         goto fail_close;
     }
     mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED) {
-        ret = lshm_fail(-errno, "segment: mmap: %s", strerror(errno));
+        ret = lshm__fail(-errno, "segment: mmap: %s", strerror(errno));
         goto fail_close;
     }
     /* A forked child must not keep the peer's memory (or its pages) alive. */
     if (madvise(mem, LSHM_SEGMENT_SIZE, MADV_DONTFORK) < 0) {
-        ret = lshm_fail(-errno, "segment: madvise: %s", strerror(errno));
+        ret = lshm__fail(-errno, "segment: madvise: %s", strerror(errno));
         goto fail_unmap;
     }
 
@@ -159,7 +159,7 @@ static bool fd_is_other_file(int fd)
     return strncmp(target, "/memfd:", 7) != 0;
 }
 
-int lshm_seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
+int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
 {
     struct lshm_segment_header *hdr;
     struct lshm_seg *seg;
@@ -230,7 +230,7 @@ fail_free:
     return ret;
 }
 
-const char *lshm_seg_strerror(int err)
+const char *lshm__seg_strerror(int err)
 {
     switch (err) {
     case 0:
@@ -262,12 +262,12 @@ const char *lshm_seg_strerror(int err)
     }
 }
 
-void lshm_seg_ref(struct lshm_seg *seg)
+void lshm__seg_ref(struct lshm_seg *seg)
 {
     atomic_fetch_add_explicit(&seg->use, 1, memory_order_relaxed);
 }
 
-void lshm_seg_unref(struct lshm_seg *seg)
+void lshm__seg_unref(struct lshm_seg *seg)
 {
     if (seg == NULL)
         return;
@@ -281,7 +281,7 @@ void lshm_seg_unref(struct lshm_seg *seg)
     free(seg);
 }
 
-void lshm_seg_close_fd(struct lshm_seg *seg)
+void lshm__seg_close_fd(struct lshm_seg *seg)
 {
     if (seg->fd >= 0) {
         close(seg->fd);
@@ -289,7 +289,7 @@ void lshm_seg_close_fd(struct lshm_seg *seg)
     }
 }
 
-void lshm_seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks)
+void lshm__seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks)
 {
     uint32_t c;
 
@@ -302,10 +302,10 @@ void lshm_seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks
         memset(seg->data + (size_t)chunk * LSHM_CHUNK_SIZE, SCRUB_BYTE,
                (size_t)nchunks * LSHM_CHUNK_SIZE);
     for (c = chunk; c < chunk + nchunks; c++)
-        lshm_chunk_set_free(seg->hdr->free_map, c);
+        lshm__chunk_set_free(seg->hdr->free_map, c);
 }
 
-bool lshm_seg_take_oosm(struct lshm_seg *seg)
+bool lshm__seg_take_oosm(struct lshm_seg *seg)
 {
     uint32_t one = 1;
 

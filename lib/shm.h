@@ -41,7 +41,7 @@ _Static_assert(sizeof(struct lshm_segment_header) <= LSHM_HEADER_SIZE,
 
 /* ---- chunk allocator: bitmaps of LSHM_FREE_WORDS words + padding ---- */
 
-static inline bool lshm_chunk_is_free(const uint64_t *map, uint32_t c)
+static inline bool lshm__chunk_is_free(const uint64_t *map, uint32_t c)
 {
     if (c >= LSHM_CHUNK_COUNT)
         return false;
@@ -49,7 +49,7 @@ static inline bool lshm_chunk_is_free(const uint64_t *map, uint32_t c)
 }
 
 /* Claim chunk c if it is free; false when busy or out of range. */
-static inline bool lshm_chunk_try_busy(uint64_t *map, uint32_t c)
+static inline bool lshm__chunk_try_busy(uint64_t *map, uint32_t c)
 {
     uint64_t bit, old;
 
@@ -65,13 +65,13 @@ static inline bool lshm_chunk_try_busy(uint64_t *map, uint32_t c)
     return false;
 }
 
-static inline void lshm_chunk_set_free(uint64_t *map, uint32_t c)
+static inline void lshm__chunk_set_free(uint64_t *map, uint32_t c)
 {
     if (c < LSHM_CHUNK_COUNT)
         __atomic_fetch_or(&map[c / 64], 1ull << (c % 64), __ATOMIC_RELEASE);
 }
 
-static inline void lshm_chunk_set_busy(uint64_t *map, uint32_t c)
+static inline void lshm__chunk_set_busy(uint64_t *map, uint32_t c)
 {
     if (c < LSHM_CHUNK_COUNT)
         __atomic_fetch_and(&map[c / 64], ~(1ull << (c % 64)), __ATOMIC_ACQ_REL);
@@ -83,26 +83,26 @@ static inline void lshm_chunk_set_busy(uint64_t *map, uint32_t c)
  * or after the hint (bits below it are not looked at), or when the peer
  * keeps the map changing so that the claim keeps losing.
  */
-bool lshm_chunk_get_free(uint64_t *map, uint32_t *c);
+bool lshm__chunk_get_free(uint64_t *map, uint32_t *c);
 
 /*
  * Tracking (cancellable streams).  The sender takes a slot from
- * free_tracking_map (lshm_peer_out_alloc with tracking) and publishes the
- * stream id with lshm_tracking_set before the message goes out.  Receiver
- * and canceller then both call lshm_tracking_resolve with the same stream:
+ * free_tracking_map (lshm__peer_out_alloc with tracking) and publishes the
+ * stream id with lshm__tracking_set before the message goes out.  Receiver
+ * and canceller then both call lshm__tracking_resolve with the same stream:
  * exactly one of them gets true (the receiver delivers, or the canceller
  * cancelled first); the other gets false and has freed the slot.  Stream 0
  * cannot be tracked (0 is the resolved value): it always gets false and
  * frees nothing, so refuse it before taking a slot.
  */
-static inline void lshm_tracking_set(struct lshm_segment_header *hdr, uint32_t slot,
+static inline void lshm__tracking_set(struct lshm_segment_header *hdr, uint32_t slot,
                                      uint32_t stream)
 {
     if (slot < LSHM_CHUNK_COUNT)
         __atomic_store_n(&hdr->tracking[slot], stream, __ATOMIC_RELEASE);
 }
 
-static inline bool lshm_tracking_resolve(struct lshm_segment_header *hdr, uint32_t slot,
+static inline bool lshm__tracking_resolve(struct lshm_segment_header *hdr, uint32_t slot,
                                          uint32_t stream)
 {
     uint32_t expected = stream;
@@ -112,7 +112,7 @@ static inline bool lshm_tracking_resolve(struct lshm_segment_header *hdr, uint32
     if (__atomic_compare_exchange_n(&hdr->tracking[slot], &expected, 0, false,
                                     __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
         return true;
-    lshm_chunk_set_free(hdr->free_tracking_map, slot);
+    lshm__chunk_set_free(hdr->free_tracking_map, slot);
     return false;
 }
 
@@ -136,7 +136,7 @@ struct lshm_seg {
  * The new segment holds one reference and its fd (seg->fd).  The mapping is
  * MADV_DONTFORK: a forked child does not inherit it.
  */
-int  lshm_seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
+int  lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
                      struct lshm_seg **out);
 
 /*
@@ -156,22 +156,22 @@ int  lshm_seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
  * (and -ENOMEM etc. from mmap).  On success sets sent_over to
  * LSHM_SENT_OVER_ANY; the segment holds one reference and seg->fd is -1.
  */
-int  lshm_seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out);
+int  lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out);
 
-const char *lshm_seg_strerror(int err);
+const char *lshm__seg_strerror(int err);
 
-void lshm_seg_ref(struct lshm_seg *seg);
-void lshm_seg_unref(struct lshm_seg *seg);   /* unmaps and frees at zero */
-void lshm_seg_close_fd(struct lshm_seg *seg);
+void lshm__seg_ref(struct lshm_seg *seg);
+void lshm__seg_unref(struct lshm_seg *seg);   /* unmaps and frees at zero */
+void lshm__seg_close_fd(struct lshm_seg *seg);
 
 /*
  * Mark chunks [chunk, chunk + nchunks) free, clipped to the segment; fill
  * them with 0xA5 first when seg->scrub.
  */
-void lshm_seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks);
+void lshm__seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks);
 
 /* Receiver: after freeing, compare-and-swap oosm 1 -> 0; true: send SHM_ACK. */
-bool lshm_seg_take_oosm(struct lshm_seg *seg);
+bool lshm__seg_take_oosm(struct lshm_seg *seg);
 
 /* ---- peers (peer.c): one remote process, shared by every context ---- */
 
@@ -194,9 +194,9 @@ struct lshm_peer {
 };
 
 /* Find or create the peer for pid, taking a reference. */
-int  lshm_peer_get(pid_t pid, struct lshm_peer **peer);
+int  lshm__peer_get(pid_t pid, struct lshm_peer **peer);
 /* Drop a reference; at zero the tables let go of their segments. */
-void lshm_peer_put(struct lshm_peer *peer);
+void lshm__peer_put(struct lshm_peer *peer);
 
 /*
  * The same for a port whose socket is sock.  The pair's segment ids start
@@ -205,16 +205,16 @@ void lshm_peer_put(struct lshm_peer *peer);
  * unread): when every socket of the known peer is hung up at the other
  * end, that peer is left to its ports and a new one begins.
  */
-int  lshm_peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer);
-void lshm_peer_put_sock(struct lshm_peer *peer, int sock);
+int  lshm__peer_get_sock(pid_t pid, int sock, struct lshm_peer **peer);
+void lshm__peer_put_sock(struct lshm_peer *peer, int sock);
 /*
  * sock has said BYE and shut down its writing side: for the peer, whose
  * new-pair test sees that, the port is gone.  Take it off the list, and
  * if it was the last, leave the pair to its remaining references as the
  * peer will: a port made from now on begins a new pair.  The reference
- * stays until lshm_peer_put_sock.
+ * stays until lshm__peer_put_sock.
  */
-void lshm_peer_hang_up(struct lshm_peer *peer, int sock);
+void lshm__peer_hang_up(struct lshm_peer *peer, int sock);
 
 struct lshm_alloc {
     struct lshm_seg *seg;      /* referenced */
@@ -228,7 +228,7 @@ struct lshm_alloc {
  * with none free, create segment number size if size < limit.  At the
  * limit, set oosm in every usable segment and return -EAGAIN.
  */
-int  lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
+int  lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
                          bool tracking, bool scrub, struct lshm_alloc *out);
 
 /*
@@ -236,39 +236,39 @@ int  lshm_peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limi
  * reference (the alloc's stays the caller's).  Only while seg is still the
  * last in the table; otherwise does nothing.
  */
-void lshm_peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg);
+void lshm__peer_out_drop(struct lshm_peer *peer, struct lshm_seg *seg);
 
 /*
  * Port port_id is closed at the peer's end: the segments at the end of the
  * table it announced and the peer never mapped (sent_over still port_id)
  * never will be; drop them so their ids can be announced again elsewhere.
  */
-void lshm_peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id);
+void lshm__peer_out_forget_port(struct lshm_peer *peer, uint16_t port_id);
 
 /*
  * Add a validated incoming segment; its id must be the next one (the table
  * size) and below limit, else -EPROTO / -ENOSPC.  Takes a reference.
  */
-int  lshm_peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limit);
+int  lshm__peer_in_add(struct lshm_peer *peer, struct lshm_seg *seg, unsigned limit);
 
 /* Next incoming id expected from this peer. */
-uint32_t lshm_peer_in_next(struct lshm_peer *peer);
+uint32_t lshm__peer_in_next(struct lshm_peer *peer);
 
 /* The incoming segment id, referenced, or NULL. */
-struct lshm_seg *lshm_peer_in_get(struct lshm_peer *peer, uint32_t id);
+struct lshm_seg *lshm__peer_in_get(struct lshm_peer *peer, uint32_t id);
 /* Our outgoing segment id, referenced, or NULL. */
-struct lshm_seg *lshm_peer_out_get(struct lshm_peer *peer, uint32_t id);
+struct lshm_seg *lshm__peer_out_get(struct lshm_peer *peer, uint32_t id);
 
 /*
  * In a child after fork: forget the parent's peers without touching their
  * shared memory (not mapped here anyway: MADV_DONTFORK); closes the fds the
  * segments held.  Does nothing in the process that owns the registry.
  * The library's own pthread_atfork child handler already does this (and
- * lshm_peer_get does when it finds itself in a new process), so this call
+ * lshm__peer_get does when it finds itself in a new process), so this call
  * is only needed for clarity; never make it from an atfork child handler,
  * which may run while the registry is still locked for fork().
  */
-void lshm_peers_forget(void);
+void lshm__peers_forget(void);
 
 /* ---- buffers (buf.c) ---- */
 
@@ -289,10 +289,10 @@ struct lshm_buf {
  * On success the buffer takes over the alloc's chunk and reference; on
  * failure (-ENOMEM) both stay the caller's.
  */
-int  lshm_buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, size_t size,
+int  lshm__buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, size_t size,
                          struct lshm_buf **out);
 
 /* After the descriptor is sent: free the chunks past the sent bytes, drop. */
-void lshm_buf_release_sent(struct lshm_buf *buf);
+void lshm__buf_release_sent(struct lshm_buf *buf);
 
 #endif

@@ -109,7 +109,7 @@ static int decode_descs(const uint8_t *p, size_t rest, struct lshm_wire_view *v,
      * sum around to hdr.size are caught as what they are.
      */
     for (i = 0; i < n; i++) {
-        struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
+        struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
 
         if (d.size == 0)
             return violation(why, "descriptor size 0");
@@ -124,7 +124,7 @@ static int decode_descs(const uint8_t *p, size_t rest, struct lshm_wire_view *v,
      * 64-bit arithmetic: chunk_id * 16384 + size can wrap 32 bits.
      */
     for (i = 0; i < n; i++) {
-        struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
+        struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
 
         if (d.chunk_id >= LSHM_CHUNK_COUNT)
             return violation(why, "descriptor chunk_id out of range");
@@ -165,7 +165,7 @@ static int decode_user(const uint8_t *p, size_t len, unsigned nfds,
     return 0;
 }
 
-int lshm_wire_decode(const void *buf, size_t len, unsigned nfds,
+int lshm__wire_decode(const void *buf, size_t len, unsigned nfds,
                      struct lshm_wire_view *v, const char **why)
 {
     const uint8_t *p = buf;
@@ -186,7 +186,7 @@ int lshm_wire_decode(const void *buf, size_t len, unsigned nfds,
     return decode_user(p, len, nfds, v, why);
 }
 
-struct lshm_wire_desc lshm_wire_desc_at(const struct lshm_wire_view *v, unsigned i)
+struct lshm_wire_desc lshm__wire_desc_at(const struct lshm_wire_view *v, unsigned i)
 {
     struct lshm_wire_desc d;
 
@@ -206,7 +206,7 @@ static size_t put_hdr(uint8_t *p, uint32_t stream, int32_t pid, uint16_t port_id
     return sizeof(h);
 }
 
-size_t lshm_wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
+size_t lshm__wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
                               uint32_t max_segments)
 {
     struct lshm_wire_hello hello = {
@@ -225,7 +225,7 @@ size_t lshm_wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
     return off + sizeof(hello);
 }
 
-size_t lshm_wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port_id,
+size_t lshm__wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port_id,
                              uint32_t mmap_id)
 {
     uint8_t *p = out;
@@ -245,7 +245,7 @@ size_t lshm_wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port
     }
 }
 
-size_t lshm_wire_encode_user(void *out, const struct lshm_wire_msg *hdr,
+size_t lshm__wire_encode_user(void *out, const struct lshm_wire_msg *hdr,
                              const struct lshm_wire_tracking *tracking,
                              const struct lshm_wire_desc *descs, unsigned ndesc,
                              const void *inline_data)
@@ -288,7 +288,7 @@ size_t lshm_wire_encode_user(void *out, const struct lshm_wire_msg *hdr,
     return off;
 }
 
-int lshm_wire_check_hello(const struct lshm_wire_hello *h, const char **why)
+int lshm__wire_check_hello(const struct lshm_wire_hello *h, const char **why)
 {
     /* The numbers make the error actionable; one buffer per thread keeps it pure. */
     static __thread char text[160];

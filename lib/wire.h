@@ -1,7 +1,7 @@
 /*
  * The wire layer: encode, decode and validate protocol messages.  Pure
  * functions over bytes, no I/O, no shared memory: everything a peer sends
- * passes lshm_wire_decode() before anything else looks at it.
+ * passes lshm__wire_decode() before anything else looks at it.
  */
 #ifndef LSHM_WIRE_H
 #define LSHM_WIRE_H
@@ -59,7 +59,7 @@ _Static_assert(sizeof(struct lshm_wire_desc) == 12, "descriptor is 12 bytes");
 _Static_assert(sizeof(struct lshm_wire_tracking) == 8, "tracking is 8 bytes");
 _Static_assert(sizeof(struct lshm_wire_hello) == 24, "hello is 24 bytes");
 
-/* A datagram that passed lshm_wire_decode(); points into the caller's bytes. */
+/* A datagram that passed lshm__wire_decode(); points into the caller's bytes. */
 struct lshm_wire_view {
     struct lshm_wire_msg        hdr;       /* copied out */
     bool                        has_tracking;
@@ -80,23 +80,23 @@ struct lshm_wire_view {
  * alignment.  Returns 0, or -EPROTO with a reason in *why (a static string;
  * why may be NULL).  v is zeroed first, so desc and payload are NULL unless
  * the message has them.  Left to the caller: the pid, mmap_ids mapped and in
- * range, the MMAP id sequence, HELLO's fields (lshm_wire_check_hello()).
+ * range, the MMAP id sequence, HELLO's fields (lshm__wire_check_hello()).
  */
-int lshm_wire_decode(const void *buf, size_t len, unsigned nfds,
+int lshm__wire_decode(const void *buf, size_t len, unsigned nfds,
                      struct lshm_wire_view *v, const char **why);
 
 /* Read descriptor i (< v->ndesc) of a decoded MMAP message. */
-struct lshm_wire_desc lshm_wire_desc_at(const struct lshm_wire_view *v, unsigned i);
+struct lshm_wire_desc lshm__wire_desc_at(const struct lshm_wire_view *v, unsigned i);
 
 /*
  * Encoders write into out (at least LSHM_WIRE_MAX bytes, any alignment) and
  * return the datagram length, or 0 when the arguments cannot form a valid
  * message (a caller's bug: nothing is written then).
  */
-size_t lshm_wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
+size_t lshm__wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
                               uint32_t max_segments);
 /* MMAP, SHM_ACK or BYE (HELLO has its own encoder; any other type: 0). */
-size_t lshm_wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port_id,
+size_t lshm__wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port_id,
                              uint32_t mmap_id /* MMAP only */);
 /*
  * User message (hdr->type >= LSHM_TYPE_USER_MIN); tracking may be NULL;
@@ -106,7 +106,7 @@ size_t lshm_wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port
  * inline_data.  MMAP: 1..LSHM_MAX_DESCS descriptors, and the size written
  * is their sum (hdr->size is ignored).
  */
-size_t lshm_wire_encode_user(void *out, const struct lshm_wire_msg *hdr,
+size_t lshm__wire_encode_user(void *out, const struct lshm_wire_msg *hdr,
                              const struct lshm_wire_tracking *tracking,
                              const struct lshm_wire_desc *descs, unsigned ndesc,
                              const void *inline_data);
@@ -117,6 +117,6 @@ size_t lshm_wire_encode_user(void *out, const struct lshm_wire_msg *hdr,
  * may point at per-thread text, valid until the thread's next call.  The pid
  * against SCM_CREDENTIALS is the port layer's check.
  */
-int lshm_wire_check_hello(const struct lshm_wire_hello *h, const char **why);
+int lshm__wire_check_hello(const struct lshm_wire_hello *h, const char **why);
 
 #endif

@@ -52,11 +52,11 @@ Test(chunk, search_starts_at_chunk_0)
     uint32_t c = 0;
 
     map_fill(true);
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 0);
     cr_assert_eq(map[0], ~1ull, "only bit 0 claimed");
     c = 0;
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 1);
     cr_assert_eq(map_free_count(map), LSHM_CHUNK_COUNT - 2);
 }
@@ -68,13 +68,13 @@ Test(chunk, search_crosses_word_boundary)
     map_fill(false);
     map_set(63, true);
     map_set(64, true);
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 63);
     c = 0;
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 64);
     c = 0;
-    cr_assert_not(lshm_chunk_get_free(map, &c));
+    cr_assert_not(lshm__chunk_get_free(map, &c));
     cr_assert_eq(map_free_count(map), 0);
 }
 
@@ -84,10 +84,10 @@ Test(chunk, search_finds_last_chunk)
 
     map_fill(false);
     map_set(639, true);
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 639);
     c = 0;
-    cr_assert_not(lshm_chunk_get_free(map, &c));
+    cr_assert_not(lshm__chunk_get_free(map, &c));
     cr_assert_eq(map[LSHM_FREE_WORDS], 0, "the padding word is not touched");
 }
 
@@ -101,7 +101,7 @@ Test(chunk, search_ignores_padding_word)
     for (unsigned i = 0; i < ARRAY_SIZE(hints); i++) {
         uint32_t c = hints[i];
 
-        cr_assert_not(lshm_chunk_get_free(map, &c), "hint %u", hints[i]);
+        cr_assert_not(lshm__chunk_get_free(map, &c), "hint %u", hints[i]);
     }
     cr_assert_eq(map[LSHM_FREE_WORDS], ~0ull, "padding not written");
 }
@@ -115,17 +115,17 @@ Test(chunk, search_hint_mid_word)
     map_set(71, true);
     map_set(130, true);
     c = 67;
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 71, "bits below the hint are skipped");
     c = 67;
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 130, "then the following words are searched");
     c = 67;
-    cr_assert_not(lshm_chunk_get_free(map, &c));
+    cr_assert_not(lshm__chunk_get_free(map, &c));
     cr_assert_eq(map_free_count(map), 1);
     cr_assert(map[1] & (1ull << 1), "chunk 65 is still free");
     c = 65;
-    cr_assert(lshm_chunk_get_free(map, &c));
+    cr_assert(lshm__chunk_get_free(map, &c));
     cr_assert_eq(c, 65, "a hint on a free chunk takes it");
 }
 
@@ -138,7 +138,7 @@ Test(chunk, search_hint_out_of_range)
     for (unsigned i = 0; i < ARRAY_SIZE(hints); i++) {
         uint32_t c = hints[i];
 
-        cr_assert_not(lshm_chunk_get_free(map, &c));
+        cr_assert_not(lshm__chunk_get_free(map, &c));
         cr_assert_eq(c, hints[i]);
     }
     cr_assert_eq(map_free_count(map), LSHM_CHUNK_COUNT);
@@ -151,11 +151,11 @@ Test(chunk, search_hands_out_every_chunk_once)
     map_fill(true);
     for (uint32_t i = 0; i < LSHM_CHUNK_COUNT; i++) {
         c = 0;
-        cr_assert(lshm_chunk_get_free(map, &c));
+        cr_assert(lshm__chunk_get_free(map, &c));
         cr_assert_eq(c, i);
     }
     c = 0;
-    cr_assert_not(lshm_chunk_get_free(map, &c));
+    cr_assert_not(lshm__chunk_get_free(map, &c));
     cr_assert_eq(map_free_count(map), 0);
     cr_assert_eq(map[LSHM_FREE_WORDS], 0);
 }
@@ -164,20 +164,20 @@ Test(chunk, primitives_bound_the_index)
 {
     map_fill(false);
     map[LSHM_FREE_WORDS] = ~0ull;
-    cr_assert_not(lshm_chunk_is_free(map, LSHM_CHUNK_COUNT));
-    cr_assert_not(lshm_chunk_try_busy(map, LSHM_CHUNK_COUNT));
-    cr_assert_not(lshm_chunk_try_busy(map, 0xffffffffu));
-    lshm_chunk_set_busy(map, LSHM_CHUNK_COUNT + 3);
+    cr_assert_not(lshm__chunk_is_free(map, LSHM_CHUNK_COUNT));
+    cr_assert_not(lshm__chunk_try_busy(map, LSHM_CHUNK_COUNT));
+    cr_assert_not(lshm__chunk_try_busy(map, 0xffffffffu));
+    lshm__chunk_set_busy(map, LSHM_CHUNK_COUNT + 3);
     cr_assert_eq(map[LSHM_FREE_WORDS], ~0ull);
     map[LSHM_FREE_WORDS] = 0;
-    lshm_chunk_set_free(map, LSHM_CHUNK_COUNT);
-    lshm_chunk_set_free(map, 0xffffffffu);
+    lshm__chunk_set_free(map, LSHM_CHUNK_COUNT);
+    lshm__chunk_set_free(map, 0xffffffffu);
     cr_assert_eq(map[LSHM_FREE_WORDS], 0);
     cr_assert_eq(map_free_count(map), 0);
-    lshm_chunk_set_free(map, 639);
-    cr_assert(lshm_chunk_is_free(map, 639));
-    cr_assert(lshm_chunk_try_busy(map, 639));
-    cr_assert_not(lshm_chunk_try_busy(map, 639), "a busy chunk cannot be claimed twice");
+    lshm__chunk_set_free(map, 639);
+    cr_assert(lshm__chunk_is_free(map, 639));
+    cr_assert(lshm__chunk_try_busy(map, 639));
+    cr_assert_not(lshm__chunk_try_busy(map, 639), "a busy chunk cannot be claimed twice");
 }
 
 /* ---- buffers over a real segment ---- */
@@ -186,7 +186,7 @@ static struct lshm_seg *new_seg(void)
 {
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
     return seg;
 }
 
@@ -195,8 +195,8 @@ static struct lshm_alloc alloc_at(struct lshm_seg *seg, uint32_t c)
 {
     struct lshm_alloc a = { .seg = seg, .chunk = c, .created = false };
 
-    cr_assert(lshm_chunk_try_busy(seg->hdr->free_map, c), "chunk %u free", c);
-    lshm_seg_ref(seg);
+    cr_assert(lshm__chunk_try_busy(seg->hdr->free_map, c), "chunk %u free", c);
+    lshm__seg_ref(seg);
     return a;
 }
 
@@ -205,7 +205,7 @@ static struct lshm_buf *buf_at(struct lshm_seg *seg, uint32_t c, size_t size)
     struct lshm_alloc a = alloc_at(seg, c);
     struct lshm_buf *buf;
 
-    cr_assert_eq(lshm_buf_from_alloc(&a, NULL, size, &buf), 0);
+    cr_assert_eq(lshm__buf_from_alloc(&a, NULL, size, &buf), 0);
     return buf;
 }
 
@@ -217,7 +217,7 @@ static void snapshot(const struct lshm_seg *seg, uint64_t *out)
 static void expect_range(const struct lshm_seg *seg, uint32_t from, uint32_t to, bool free)
 {
     for (uint32_t c = from; c < to; c++)
-        cr_expect_eq(lshm_chunk_is_free(seg->hdr->free_map, c), free, "chunk %u %s",
+        cr_expect_eq(lshm__chunk_is_free(seg->hdr->free_map, c), free, "chunk %u %s",
                      c, free ? "should be free" : "should be busy");
 }
 
@@ -235,7 +235,7 @@ LTEST(chunk, buf_takes_a_run)
     expect_range(seg, 4, LSHM_CHUNK_COUNT, true);
     lshm_buf_free(buf);
     expect_range(seg, 0, LSHM_CHUNK_COUNT, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, buf_chunk_counts)
@@ -249,11 +249,11 @@ LTEST(chunk, buf_chunk_counts)
 
         cr_expect_eq(buf->nchunks, want[i], "size %zu: %u chunks", sizes[i], buf->nchunks);
         cr_expect_eq(buf->size, sizes[i]);
-        cr_expect(lshm_chunk_is_free(seg->hdr->free_map, 10 + want[i]));
+        cr_expect(lshm__chunk_is_free(seg->hdr->free_map, 10 + want[i]));
         lshm_buf_free(buf);
     }
     expect_range(seg, 0, LSHM_CHUNK_COUNT, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 /* Longer than the free run: Unit hands out the partial run. */
@@ -262,7 +262,7 @@ LTEST(chunk, buf_partial_when_run_is_short)
     struct lshm_seg *seg = new_seg();
     struct lshm_buf *buf;
 
-    lshm_chunk_set_busy(seg->hdr->free_map, 5);
+    lshm__chunk_set_busy(seg->hdr->free_map, 5);
     buf = buf_at(seg, 2, 5 * CH);
     cr_assert_eq(buf->nchunks, 3);
     cr_assert_eq(lshm_buf_capacity(buf), 3 * CH);
@@ -272,7 +272,7 @@ LTEST(chunk, buf_partial_when_run_is_short)
     lshm_buf_free(buf);
     expect_range(seg, 2, 5, true);
     expect_range(seg, 5, 6, false);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 /* The run stops at chunk 639 whatever a peer wrote into the padding. */
@@ -294,7 +294,7 @@ LTEST(chunk, buf_run_stops_at_end)
         lshm_buf_free(buf);
         cr_assert_eq(seg->hdr->free_map_padding, pads[i], "free does not touch it");
     }
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, grow_claims_following_chunks)
@@ -317,7 +317,7 @@ LTEST(chunk, grow_claims_following_chunks)
     expect_range(seg, 4, 5, true);
     lshm_buf_free(buf);
     expect_range(seg, 0, LSHM_CHUNK_COUNT, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, grow_partial_above_min_size)
@@ -325,14 +325,14 @@ LTEST(chunk, grow_partial_above_min_size)
     struct lshm_seg *seg = new_seg();
     struct lshm_buf *buf = buf_at(seg, 0, CH);
 
-    lshm_chunk_set_busy(seg->hdr->free_map, 3);
+    lshm__chunk_set_busy(seg->hdr->free_map, 3);
     cr_assert_eq(lshm_buf_grow(buf, 5 * CH, 2 * CH), 0);
     cr_assert_eq(lshm_buf_capacity(buf), 3 * CH, "took chunks 1 and 2, stopped at 3");
     expect_range(seg, 1, 3, false);
     expect_range(seg, 4, 8, true);
     lshm_buf_free(buf);
     expect_range(seg, 0, 3, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, grow_rollback_restores_bits)
@@ -342,8 +342,8 @@ LTEST(chunk, grow_rollback_restores_bits)
     struct lshm_buf *buf = buf_at(seg, 60, 2 * CH);
 
     /* A run 62..65 across the word boundary, then a busy chunk. */
-    lshm_chunk_set_busy(seg->hdr->free_map, 66);
-    lshm_chunk_set_busy(seg->hdr->free_map, 10);
+    lshm__chunk_set_busy(seg->hdr->free_map, 66);
+    lshm__chunk_set_busy(seg->hdr->free_map, 10);
     snapshot(seg, before);
     cr_assert_eq(lshm_buf_grow(buf, 10 * CH, 7 * CH), -ENOMEM);
     snapshot(seg, after);
@@ -356,7 +356,7 @@ LTEST(chunk, grow_rollback_restores_bits)
     cr_assert_eq(lshm_buf_capacity(buf), 6 * CH);
     lshm_buf_free(buf);
     expect_range(seg, 60, 66, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, grow_huge_size_does_not_overflow)
@@ -374,7 +374,7 @@ LTEST(chunk, grow_huge_size_does_not_overflow)
     cr_assert_eq(seg->hdr->free_map_padding, 0);
     lshm_buf_free(buf);
     expect_range(seg, 0, LSHM_CHUNK_COUNT, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 /* Sent chunks are the receiver's to free; only the rest come back. */
@@ -391,14 +391,14 @@ LTEST(chunk, release_after_partial_send)
         cr_assert_eq(buf->nchunks, 4);
         cr_assert_eq(lshm_buf_set_size(buf, cases[i].size), 0);
         buf->sent = true;
-        lshm_buf_release_sent(buf);
+        lshm__buf_release_sent(buf);
         expect_range(seg, 100, 100 + cases[i].kept, false);
         expect_range(seg, 100 + cases[i].kept, 105, true);
         /* What the receiver does with its descriptor. */
-        lshm_seg_free_chunks(seg, 100, cases[i].kept);
+        lshm__seg_free_chunks(seg, 100, cases[i].kept);
         expect_range(seg, 0, LSHM_CHUNK_COUNT, true);
     }
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 /* lshm_buf_free on a sent buffer must not free the receiver's chunks. */
@@ -412,8 +412,8 @@ LTEST(chunk, free_of_sent_buffer_keeps_sent_chunks)
     lshm_buf_free(buf);
     expect_range(seg, 7, 9, false);
     expect_range(seg, 9, 10, true);
-    lshm_seg_free_chunks(seg, 7, 2);
-    lshm_seg_unref(seg);
+    lshm__seg_free_chunks(seg, 7, 2);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, buf_public_edges)
@@ -435,7 +435,7 @@ LTEST(chunk, buf_public_edges)
     cr_assert_eq(buf->size, 0);
     lshm_buf_free(buf);
     expect_range(seg, 0, LSHM_CHUNK_COUNT, true);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(chunk, buf_from_alloc_rejects_bad_chunk)
@@ -444,9 +444,9 @@ LTEST(chunk, buf_from_alloc_rejects_bad_chunk)
     struct lshm_alloc a = { .seg = seg, .chunk = LSHM_CHUNK_COUNT };
     struct lshm_buf *buf = NULL;
 
-    cr_assert_eq(lshm_buf_from_alloc(&a, NULL, 1, &buf), -EINVAL);
+    cr_assert_eq(lshm__buf_from_alloc(&a, NULL, 1, &buf), -EINVAL);
     cr_assert_null(buf);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 /* ---- two owners on one segment ---- */
@@ -524,11 +524,11 @@ static void *owner_thread(void *arg)
             struct lshm_alloc a;
             struct held *h = &held[nheld];
             size_t size = (rand_r(&seed) % MAX_RUN + 1) * CH - rand_r(&seed) % 100;
-            int ret = lshm_peer_out_alloc(o->peer, 1, 1, false, false, &a);
+            int ret = lshm__peer_out_alloc(o->peer, 1, 1, false, false, &a);
 
             if (ret == -EAGAIN && nheld > 0)
                 take = false;
-            else if (ret != 0 || lshm_buf_from_alloc(&a, o->peer, size, &h->buf) != 0) {
+            else if (ret != 0 || lshm__buf_from_alloc(&a, o->peer, size, &h->buf) != 0) {
                 o->bad++;
                 break;
             } else {
@@ -582,7 +582,7 @@ LTEST(chunk, two_threads_never_share_a_chunk)
     struct lshm_peer *peer;
     struct lshm_alloc a;
 
-    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
     for (unsigned i = 0; i < 2; i++) {
         o[i] = (struct owner){ .peer = peer, .id = i + 1 };
         cr_assert_eq(pthread_create(&t[i], NULL, owner_thread, &o[i]), 0);
@@ -597,11 +597,11 @@ LTEST(chunk, two_threads_never_share_a_chunk)
     cr_assert_eq(peer->out.size, 1, "one segment shared by both");
     expect_all_free(peer->out.elts[0]->hdr);
     /* Still usable afterwards: the first chunk again. */
-    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 1, false, false, &a), 0);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 1, false, false, &a), 0);
     cr_assert_eq(a.chunk, 0);
-    lshm_seg_free_chunks(a.seg, a.chunk, 1);
-    lshm_seg_unref(a.seg);
-    lshm_peer_put(peer);
+    lshm__seg_free_chunks(a.seg, a.chunk, 1);
+    lshm__seg_unref(a.seg);
+    lshm__peer_put(peer);
 }
 
 struct proc_stats {
@@ -631,14 +631,14 @@ static int raw_owner(int fd, struct proc_stats *st, unsigned id)
             struct held *h = &held[nheld];
             uint32_t c = rand_r(&seed) % LSHM_CHUNK_COUNT, want = rand_r(&seed) % MAX_RUN + 1;
 
-            if (!lshm_chunk_get_free(hdr->free_map, &c)) {
+            if (!lshm__chunk_get_free(hdr->free_map, &c)) {
                 c = 0;
-                if (!lshm_chunk_get_free(hdr->free_map, &c))
+                if (!lshm__chunk_get_free(hdr->free_map, &c))
                     continue;
             }
             h->chunk = c;
             h->n = 1;
-            while (h->n < want && lshm_chunk_try_busy(hdr->free_map, c + h->n))
+            while (h->n < want && lshm__chunk_try_busy(hdr->free_map, c + h->n))
                 h->n++;
             h->stamp = ((uint64_t)id << 56) | (++serial << 16);
             bad += stamp_take(data, h->chunk, h->n, h->stamp);
@@ -650,7 +650,7 @@ static int raw_owner(int fd, struct proc_stats *st, unsigned id)
 
             bad += stamp_give(data, h->chunk, h->n, h->stamp);
             for (uint32_t k = 0; k < h->n; k++)
-                lshm_chunk_set_free(hdr->free_map, h->chunk + k);
+                lshm__chunk_set_free(hdr->free_map, h->chunk + k);
             held[i] = held[--nheld];
         }
     }
@@ -659,7 +659,7 @@ static int raw_owner(int fd, struct proc_stats *st, unsigned id)
 
         bad += stamp_give(data, h->chunk, h->n, h->stamp);
         for (uint32_t k = 0; k < h->n; k++)
-            lshm_chunk_set_free(hdr->free_map, h->chunk + k);
+            lshm__chunk_set_free(hdr->free_map, h->chunk + k);
     }
     atomic_store(&st->bad, bad);
     atomic_store(&st->ops, ops);
@@ -677,10 +677,10 @@ LTEST(chunk, two_processes_never_share_a_chunk)
     pid_t child;
     int fd, status;
 
-    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
-    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 1, false, false, &a), 0);
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 1, false, false, &a), 0);
     cr_assert(a.created);
-    lshm_seg_free_chunks(a.seg, a.chunk, 1);
+    lshm__seg_free_chunks(a.seg, a.chunk, 1);
     /* The library closes its own fds in a forked child: hand over a copy. */
     fd = dup(a.seg->fd);
     cr_assert_geq(fd, 0);
@@ -707,6 +707,6 @@ LTEST(chunk, two_processes_never_share_a_chunk)
     expect_all_free(a.seg->hdr);
     munmap(st, sizeof(*st));
     close(fd);
-    lshm_seg_unref(a.seg);
-    lshm_peer_put(peer);
+    lshm__seg_unref(a.seg);
+    lshm__peer_put(peer);
 }

@@ -1987,8 +1987,8 @@ static void seg_free_counts(const struct lshm_segment_header *hdr, unsigned *chu
 
     *chunks = *slots = 0;
     for (c = 0; c < LSHM_CHUNK_COUNT; c++) {
-        *chunks += lshm_chunk_is_free(hdr->free_map, c);
-        *slots += lshm_chunk_is_free(hdr->free_tracking_map, c);
+        *chunks += lshm__chunk_is_free(hdr->free_map, c);
+        *slots += lshm__chunk_is_free(hdr->free_tracking_map, c);
     }
 }
 

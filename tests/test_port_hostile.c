@@ -331,7 +331,7 @@ static void desc_out_of_data_area(struct hostile *h)
 
     raw_mmap(h, 0, fd);
     close(fd);
-    lshm_chunk_set_busy(hdr->free_map, 0);
+    lshm__chunk_set_busy(hdr->free_map, 0);
     for (i = 0; i < 100; i++)
         data[i] = pat(1, i);
     raw_desc(h, 100, &d, 1);
@@ -344,7 +344,7 @@ static void desc_out_of_data_area(struct hostile *h)
         cr_assert_eq(((uint8_t *)m.iov[0].base)[i], pat(1, i));
     cr_assert_eq(hdr->sent_over, LSHM_SENT_OVER_ANY, "receiver did not claim the segment");
     lshm_msg_done(&m);
-    cr_assert(lshm_chunk_is_free(hdr->free_map, 0), "chunk 0 not given back");
+    cr_assert(lshm__chunk_is_free(hdr->free_map, 0), "chunk 0 not given back");
 
     d.chunk_id = 639;
     d.size = 32768;
@@ -623,7 +623,7 @@ static void corrupt_header(struct hostile *h)
         uint32_t first = i == 0 ? 0 : i == 1 ? 630 : 639, c;
 
         for (c = 0; c < first; c++)
-            lshm_chunk_set_busy(sh->free_map, c);
+            lshm__chunk_set_busy(sh->free_map, c);
         ret = lshm_buf_alloc(h->bad, LSHM_DATA_SIZE, &b);
         cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
         base = (uint8_t *)b->seg->hdr;   /* the library's own mapping */
@@ -706,7 +706,7 @@ LTEST(hostile, chunks_freed_without_shm_ack_wake_the_sender)
     cr_assert_eq(__atomic_load_n(&sh->oosm, __ATOMIC_ACQUIRE), 1);
     /* Free the first message's 64 chunks, say nothing. */
     for (unsigned c = 0; c < 64; c++)
-        lshm_chunk_set_free(sh->free_map, c);
+        lshm__chunk_set_free(sh->free_map, c);
     t0 = now_ms();
     ret = lshm_port_wait(port, LSHM_WAIT_SHM, 2000);
     cr_assert_gt(ret, 0, "%d %s", ret, lshm_last_error());
@@ -757,9 +757,9 @@ static void drain_after_bye(struct hostile *h)
     cr_assert_eq(recv(h->raw, &c, 1, MSG_DONTWAIT), 0, "no end of file after BYE");
 
     /* Sent before it saw the BYE: two chunks and a tracking slot. */
-    lshm_chunk_set_busy(hdr->free_map, 5);
-    lshm_chunk_set_busy(hdr->free_map, 6);
-    lshm_chunk_set_busy(hdr->free_tracking_map, 7);
+    lshm__chunk_set_busy(hdr->free_map, 5);
+    lshm__chunk_set_busy(hdr->free_map, 6);
+    lshm__chunk_set_busy(hdr->free_tracking_map, 7);
     __atomic_store_n(&hdr->tracking[7], 9, __ATOMIC_RELEASE);
     memcpy(body, &t, sizeof(t));
     memcpy(body + sizeof(t), &d, sizeof(d));
@@ -773,7 +773,7 @@ static void drain_after_bye(struct hostile *h)
                  now_ms() - t0);
     cr_log_info("drain: socket closed %lld ms after BYE (peer kept its end open)",
                 now_ms() - t0);
-    cr_assert(lshm_chunk_is_free(hdr->free_map, 5) && lshm_chunk_is_free(hdr->free_map, 6),
+    cr_assert(lshm__chunk_is_free(hdr->free_map, 5) && lshm__chunk_is_free(hdr->free_map, 6),
               "chunks of a message sent before our BYE not given back");
     cr_assert_eq(__atomic_load_n(&hdr->tracking[7], __ATOMIC_ACQUIRE), 0,
                  "tracking slot of a message sent before our BYE not resolved");

@@ -1,5 +1,5 @@
 /*
- * Segments: what lshm_seg_create makes, what lshm_seg_import refuses (each
+ * Segments: what lshm__seg_create makes, what lshm__seg_import refuses (each
  * defect with its own code), scrubbing, oosm, references, and the tracking
  * race between a canceller and a receiver (threads, then processes).
  */
@@ -38,7 +38,7 @@ LTEST(segment, create_initialises_header)
     struct stat st;
     int seals;
 
-    cr_assert_eq(lshm_seg_create(7, getpid(), FAKE_PID, 33, &seg), 0);
+    cr_assert_eq(lshm__seg_create(7, getpid(), FAKE_PID, 33, &seg), 0);
     h = seg->hdr;
     cr_assert_eq(h->magic, LSHM_MAGIC);
     cr_assert_eq(h->version, LSHM_PROTOCOL_VERSION);
@@ -73,7 +73,7 @@ LTEST(segment, create_initialises_header)
     cr_assert_eq(count_maps("memfd:lshm"), 1);
     /* The whole segment is writable, up to its last byte. */
     seg->data[LSHM_DATA_SIZE - 1] = 1;
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
     cr_assert_eq(count_maps("memfd:lshm"), 0);
 }
 
@@ -84,7 +84,7 @@ LTEST(segment, create_mapping_not_inherited)
     pid_t child;
     int status;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
     child = fork();
     cr_assert_geq(child, 0);
     if (child == 0)
@@ -93,7 +93,7 @@ LTEST(segment, create_mapping_not_inherited)
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0,
               "the child has the segment mapped");
     cr_assert_eq(count_maps("memfd:lshm"), 1);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(segment, ref_unref_close_fd)
@@ -101,21 +101,21 @@ LTEST(segment, ref_unref_close_fd)
     struct lshm_seg *seg;
     int fds;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
     fds = count_fds();
-    lshm_seg_ref(seg);
-    lshm_seg_ref(seg);
-    lshm_seg_unref(seg);
-    lshm_seg_unref(seg);
+    lshm__seg_ref(seg);
+    lshm__seg_ref(seg);
+    lshm__seg_unref(seg);
+    lshm__seg_unref(seg);
     cr_assert_eq(count_maps("memfd:lshm"), 1, "still referenced once");
-    lshm_seg_close_fd(seg);
+    lshm__seg_close_fd(seg);
     cr_assert_eq(seg->fd, -1);
     cr_assert_eq(count_fds(), fds - 1);
-    lshm_seg_close_fd(seg);
+    lshm__seg_close_fd(seg);
     cr_assert_eq(count_fds(), fds - 1);
     cr_assert_eq(count_maps("memfd:lshm"), 1, "the mapping outlives the fd");
-    lshm_seg_unref(seg);
-    lshm_seg_unref(NULL);
+    lshm__seg_unref(seg);
+    lshm__seg_unref(NULL);
 }
 
 /* ---- import ---- */
@@ -175,10 +175,10 @@ static void expect_refused(int fd, int want, const char *what)
     struct craft g = good();
     struct lshm_seg *seg = NULL;
     int maps = count_maps("memfd:"), fds = count_fds();
-    int ret = lshm_seg_import(fd, g.id, g.src, g.dst, &seg);
+    int ret = lshm__seg_import(fd, g.id, g.src, g.dst, &seg);
 
     cr_expect_eq(ret, want, "%s: got %d (%s), want %d (%s)", what, ret,
-                 lshm_seg_strerror(ret), want, lshm_seg_strerror(want));
+                 lshm__seg_strerror(ret), want, lshm__seg_strerror(want));
     cr_expect_null(seg, "%s", what);
     cr_expect_eq(count_maps("memfd:"), maps, "%s left a mapping", what);
     cr_expect_eq(count_fds(), fds, "%s changed the fds", what);
@@ -198,7 +198,7 @@ LTEST(segment, import_accepts_good_segment)
     struct lshm_seg *seg;
     int fd = craft_fd(&c);
 
-    cr_assert_eq(lshm_seg_import(fd, c.id, c.src, c.dst, &seg), 0);
+    cr_assert_eq(lshm__seg_import(fd, c.id, c.src, c.dst, &seg), 0);
     cr_assert_eq(seg->hdr->sent_over, LSHM_SENT_OVER_ANY);
     cr_assert_eq(seg->id, c.id);
     cr_assert_eq(seg->src_pid, c.src);
@@ -213,18 +213,18 @@ LTEST(segment, import_accepts_good_segment)
     cr_assert_eq(seg->src_pid, c.src);
     close(fd);
     seg->data[LSHM_DATA_SIZE - 1] = 1;
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(segment, import_accepts_lshm_seg_create)
 {
     struct lshm_seg *mine, *theirs;
 
-    cr_assert_eq(lshm_seg_create(0, PEER_PID, getpid(), 4, &mine), 0);
-    cr_assert_eq(lshm_seg_import(mine->fd, 0, PEER_PID, getpid(), &theirs), 0);
+    cr_assert_eq(lshm__seg_create(0, PEER_PID, getpid(), 4, &mine), 0);
+    cr_assert_eq(lshm__seg_import(mine->fd, 0, PEER_PID, getpid(), &theirs), 0);
     cr_assert_eq(mine->hdr->sent_over, LSHM_SENT_OVER_ANY, "both map the same memory");
-    lshm_seg_unref(theirs);
-    lshm_seg_unref(mine);
+    lshm__seg_unref(theirs);
+    lshm__seg_unref(mine);
 }
 
 LTEST(segment, import_refuses_unsealed)
@@ -345,7 +345,7 @@ LTEST(segment, import_codes_have_distinct_texts)
     for (unsigned i = 0; i < ARRAY_SIZE(codes); i++)
         for (unsigned j = i + 1; j < ARRAY_SIZE(codes); j++) {
             cr_expect_neq(codes[i], codes[j]);
-            cr_expect_str_neq(lshm_seg_strerror(codes[i]), lshm_seg_strerror(codes[j]));
+            cr_expect_str_neq(lshm__seg_strerror(codes[i]), lshm__seg_strerror(codes[j]));
         }
 }
 
@@ -354,7 +354,7 @@ LTEST(segment, import_codes_have_distinct_texts)
 static void claim(struct lshm_seg *seg, uint32_t from, uint32_t to)
 {
     for (uint32_t c = from; c < to; c++)
-        cr_assert(lshm_chunk_try_busy(seg->hdr->free_map, c));
+        cr_assert(lshm__chunk_try_busy(seg->hdr->free_map, c));
 }
 
 static bool chunk_is_all(const struct lshm_seg *seg, uint32_t c, uint8_t byte)
@@ -371,34 +371,34 @@ LTEST(segment, scrub_fills_freed_chunks)
 {
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
     seg->scrub = true;
     claim(seg, 3, 6);
     memset(seg->data + 2 * CH, 0x11, 5 * CH);
-    lshm_seg_free_chunks(seg, 3, 3);
+    lshm__seg_free_chunks(seg, 3, 3);
     for (uint32_t c = 3; c < 6; c++) {
         cr_expect(chunk_is_all(seg, c, 0xA5), "chunk %u scrubbed", c);
-        cr_expect(lshm_chunk_is_free(seg->hdr->free_map, c));
+        cr_expect(lshm__chunk_is_free(seg->hdr->free_map, c));
     }
     cr_expect(chunk_is_all(seg, 2, 0x11), "the chunk before is not touched");
     cr_expect(chunk_is_all(seg, 6, 0x11), "the chunk after is not touched");
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(segment, no_scrub_when_off)
 {
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
     cr_assert_not(seg->scrub, "off by default");
     claim(seg, 3, 6);
     memset(seg->data + 3 * CH, 0x11, 3 * CH);
-    lshm_seg_free_chunks(seg, 3, 3);
+    lshm__seg_free_chunks(seg, 3, 3);
     for (uint32_t c = 3; c < 6; c++) {
         cr_expect(chunk_is_all(seg, c, 0x11), "chunk %u left as it was", c);
-        cr_expect(lshm_chunk_is_free(seg->hdr->free_map, c));
+        cr_expect(lshm__chunk_is_free(seg->hdr->free_map, c));
     }
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 /* Scrubbing the sent chunks would wipe what the receiver is reading. */
@@ -409,63 +409,63 @@ LTEST(segment, scrub_spares_sent_chunks)
     struct lshm_buf *buf;
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
-    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 4, false, true, &a), 0);
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 4, false, true, &a), 0);
     seg = a.seg;
     cr_assert(seg->scrub, "scrub comes from the alloc");
-    cr_assert_eq(lshm_buf_from_alloc(&a, peer, 3 * CH, &buf), 0);
+    cr_assert_eq(lshm__buf_from_alloc(&a, peer, 3 * CH, &buf), 0);
     memset(lshm_buf_data(buf), 0x22, 3 * CH);
     cr_assert_eq(lshm_buf_set_size(buf, CH + 1), 0);
     buf->sent = true;
-    lshm_buf_release_sent(buf);
+    lshm__buf_release_sent(buf);
     cr_expect(chunk_is_all(seg, 0, 0x22));
     cr_expect(chunk_is_all(seg, 1, 0x22));
     cr_expect(chunk_is_all(seg, 2, 0xA5), "the unsent chunk is scrubbed");
 
-    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 4, false, true, &a), 0);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 4, false, true, &a), 0);
     cr_assert_eq(a.chunk, 2);
-    cr_assert_eq(lshm_buf_from_alloc(&a, peer, 2 * CH, &buf), 0);
+    cr_assert_eq(lshm__buf_from_alloc(&a, peer, 2 * CH, &buf), 0);
     memset(lshm_buf_data(buf), 0x33, 2 * CH);
     lshm_buf_free(buf);
     cr_expect(chunk_is_all(seg, 2, 0xA5));
     cr_expect(chunk_is_all(seg, 3, 0xA5));
-    lshm_peer_put(peer);
+    lshm__peer_put(peer);
 }
 
 LTEST(segment, free_chunks_bounded)
 {
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
     seg->scrub = true;
     memset(seg->hdr->free_map, 0, sizeof(seg->hdr->free_map));
-    lshm_seg_free_chunks(seg, 638, 100);
-    cr_assert(lshm_chunk_is_free(seg->hdr->free_map, 638));
-    cr_assert(lshm_chunk_is_free(seg->hdr->free_map, 639));
+    lshm__seg_free_chunks(seg, 638, 100);
+    cr_assert(lshm__chunk_is_free(seg->hdr->free_map, 638));
+    cr_assert(lshm__chunk_is_free(seg->hdr->free_map, 639));
     cr_assert_eq(seg->hdr->free_map_padding, 0, "the sentinel stays");
-    lshm_seg_free_chunks(seg, LSHM_CHUNK_COUNT, 1);
-    lshm_seg_free_chunks(seg, 0xffffffffu, 2);
+    lshm__seg_free_chunks(seg, LSHM_CHUNK_COUNT, 1);
+    lshm__seg_free_chunks(seg, 0xffffffffu, 2);
     cr_assert_eq(seg->hdr->free_map_padding, 0);
     cr_assert_eq(seg->hdr->free_map[0], 0);
-    lshm_seg_free_chunks(seg, 1, 0xffffffffu);
+    lshm__seg_free_chunks(seg, 1, 0xffffffffu);
     cr_assert_eq(seg->hdr->free_map[0], ~1ull);
     cr_assert_eq(seg->hdr->free_map_padding, 0);
-    lshm_seg_unref(seg);
+    lshm__seg_unref(seg);
 }
 
 LTEST(segment, take_oosm)
 {
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
-    cr_assert_not(lshm_seg_take_oosm(seg));
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert_not(lshm__seg_take_oosm(seg));
     seg->hdr->oosm = 1;
-    cr_assert(lshm_seg_take_oosm(seg));
+    cr_assert(lshm__seg_take_oosm(seg));
     cr_assert_eq(seg->hdr->oosm, 0);
-    cr_assert_not(lshm_seg_take_oosm(seg), "one ACK per flag");
+    cr_assert_not(lshm__seg_take_oosm(seg), "one ACK per flag");
     seg->hdr->oosm = 7;
-    cr_assert_not(lshm_seg_take_oosm(seg), "only 1 means set");
-    lshm_seg_unref(seg);
+    cr_assert_not(lshm__seg_take_oosm(seg), "only 1 means set");
+    lshm__seg_unref(seg);
 }
 
 /* ---- tracking: canceller against receiver ---- */
@@ -521,7 +521,7 @@ static int receiver(struct race *r, struct lshm_segment_header *hdr)
         }
         spin(&seed);
         atomic_store(&r->other_won[round - 1],
-                     lshm_tracking_resolve(hdr, r->slot, r->stream));
+                     lshm__tracking_resolve(hdr, r->slot, r->stream));
         atomic_store(&r->done, round);
     }
     return 0;
@@ -561,8 +561,8 @@ static void run_race(struct race *r, struct lshm_peer *peer)
         /* Vary the slot: hold the ones below it for this round. */
         if (hdr != NULL)
             for (uint32_t k = 0; k < skip; k++)
-                cr_assert(lshm_chunk_try_busy(hdr->free_tracking_map, k), "slot %u", k);
-        cr_assert_eq(lshm_peer_out_alloc(peer, 1, 1, true, false, &a), 0,
+                cr_assert(lshm__chunk_try_busy(hdr->free_tracking_map, k), "slot %u", k);
+        cr_assert_eq(lshm__peer_out_alloc(peer, 1, 1, true, false, &a), 0,
                      "round %u: no free tracking slot (a loser did not free one)", round);
         if (hdr == NULL)
             skip = 0;
@@ -570,9 +570,9 @@ static void run_race(struct race *r, struct lshm_peer *peer)
         cr_assert_eq(a.chunk, skip, "round %u: slot %u", round, a.chunk);
         r->slot = a.chunk;
         r->stream = round * 2 + 1;
-        lshm_tracking_set(hdr, a.chunk, r->stream);
+        lshm__tracking_set(hdr, a.chunk, r->stream);
         if (mode == 1)
-            won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
+            won = lshm__tracking_resolve(hdr, a.chunk, r->stream);
         /* Start the round only once the receiver is spinning for it. */
         while (atomic_load(&r->ready) != round) {
             if (++n % 1024 == 0)
@@ -582,7 +582,7 @@ static void run_race(struct race *r, struct lshm_peer *peer)
         atomic_store(&r->go, round);
         if (mode >= 2) {
             spin(&seed);
-            won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
+            won = lshm__tracking_resolve(hdr, a.chunk, r->stream);
         }
         while (atomic_load(&r->done) != round) {
             if (++n % 1024 == 0)
@@ -590,22 +590,22 @@ static void run_race(struct race *r, struct lshm_peer *peer)
             cr_assert(now_ms() < end + 5000, "round %u: the receiver is stuck", round);
         }
         if (mode == 0)
-            won = lshm_tracking_resolve(hdr, a.chunk, r->stream);
+            won = lshm__tracking_resolve(hdr, a.chunk, r->stream);
         theirs_won = atomic_load(&r->other_won[round - 1]);
         cr_assert_neq(won, theirs_won, "round %u: %s won", round, won ? "both" : "neither");
         if (mode < 2)
             cr_assert_eq(won, mode == 1, "round %u: the first to resolve wins", round);
-        cr_assert(lshm_chunk_is_free(hdr->free_tracking_map, a.chunk),
+        cr_assert(lshm__chunk_is_free(hdr->free_tracking_map, a.chunk),
                   "round %u: slot %u not freed by the loser", round, a.chunk);
         cr_assert_eq(hdr->tracking[a.chunk], 0, "round %u: the winner zeroes the slot", round);
         for (uint32_t k = 0; k < skip; k++)
-            lshm_chunk_set_free(hdr->free_tracking_map, k);
+            lshm__chunk_set_free(hdr->free_tracking_map, k);
         if (mode >= 2) {
             mine += won;
             theirs += theirs_won;
             raced++;
         }
-        lshm_seg_unref(a.seg);
+        lshm__seg_unref(a.seg);
         if (now_ms() > end)
             break;
     }
@@ -629,17 +629,17 @@ LTEST(segment, tracking_race_threads)
     void *ret;
 
     cr_assert_not_null(r);
-    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
     /* Make the segment first so that the receiver can be given its header. */
-    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 1, true, false, &a), 0);
-    lshm_chunk_set_free(a.seg->hdr->free_tracking_map, a.chunk);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 1, true, false, &a), 0);
+    lshm__chunk_set_free(a.seg->hdr->free_tracking_map, a.chunk);
     arg = (struct race_thread_arg){ .r = r, .hdr = a.seg->hdr };
     cr_assert_eq(pthread_create(&t, NULL, receiver_thread, &arg), 0);
     run_race(r, peer);
     pthread_join(t, &ret);
     cr_expect_eq((intptr_t)ret, 0);
-    lshm_seg_unref(a.seg);
-    lshm_peer_put(peer);
+    lshm__seg_unref(a.seg);
+    lshm__peer_put(peer);
     free(r);
 }
 
@@ -653,9 +653,9 @@ LTEST(segment, tracking_race_processes)
 
     r = mmap(NULL, sizeof(*r), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     cr_assert_neq(r, MAP_FAILED);
-    cr_assert_eq(lshm_peer_get(FAKE_PID, &peer), 0);
-    cr_assert_eq(lshm_peer_out_alloc(peer, 1, 1, true, false, &a), 0);
-    lshm_chunk_set_free(a.seg->hdr->free_tracking_map, a.chunk);
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 1, true, false, &a), 0);
+    lshm__chunk_set_free(a.seg->hdr->free_tracking_map, a.chunk);
     fd = dup(a.seg->fd);
     cr_assert_geq(fd, 0);
 
@@ -675,8 +675,8 @@ LTEST(segment, tracking_race_processes)
     status = wait_child(child, 10000);
     cr_expect(WIFEXITED(status) && WEXITSTATUS(status) == 0, "receiver status %d", status);
     close(fd);
-    lshm_seg_unref(a.seg);
-    lshm_peer_put(peer);
+    lshm__seg_unref(a.seg);
+    lshm__peer_put(peer);
     munmap(r, sizeof(*r));
 }
 
@@ -684,15 +684,15 @@ LTEST(segment, tracking_stream_zero_never_wins)
 {
     struct lshm_seg *seg;
 
-    cr_assert_eq(lshm_seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
-    cr_assert(lshm_chunk_try_busy(seg->hdr->free_tracking_map, 5));
-    cr_assert_not(lshm_tracking_resolve(seg->hdr, 5, 0));
-    cr_assert_not(lshm_chunk_is_free(seg->hdr->free_tracking_map, 5));
-    cr_assert_not(lshm_tracking_resolve(seg->hdr, LSHM_CHUNK_COUNT, 1), "slot bounded");
-    lshm_tracking_set(seg->hdr, LSHM_CHUNK_COUNT, 1);
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    cr_assert(lshm__chunk_try_busy(seg->hdr->free_tracking_map, 5));
+    cr_assert_not(lshm__tracking_resolve(seg->hdr, 5, 0));
+    cr_assert_not(lshm__chunk_is_free(seg->hdr->free_tracking_map, 5));
+    cr_assert_not(lshm__tracking_resolve(seg->hdr, LSHM_CHUNK_COUNT, 1), "slot bounded");
+    lshm__tracking_set(seg->hdr, LSHM_CHUNK_COUNT, 1);
     cr_assert_eq(seg->hdr->free_tracking_map_padding, 0);
-    lshm_tracking_set(seg->hdr, 5, 9);
-    cr_assert_not(lshm_tracking_resolve(seg->hdr, 5, 8), "another stream loses");
-    cr_assert(lshm_chunk_is_free(seg->hdr->free_tracking_map, 5));
-    lshm_seg_unref(seg);
+    lshm__tracking_set(seg->hdr, 5, 9);
+    cr_assert_not(lshm__tracking_resolve(seg->hdr, 5, 8), "another stream loses");
+    cr_assert(lshm__chunk_is_free(seg->hdr->free_tracking_map, 5));
+    lshm__seg_unref(seg);
 }

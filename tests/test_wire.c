@@ -63,7 +63,7 @@ static size_t mk_inline(uint8_t *b, uint32_t size, const struct lshm_wire_tracki
 
     for (uint32_t i = 0; i < size; i++)
         data[i] = (uint8_t)(i * 7);
-    return lshm_wire_encode_user(b, &h, t, NULL, 0, data);
+    return lshm__wire_encode_user(b, &h, t, NULL, 0, data);
 }
 
 /* A user MMAP message with n valid descriptors, optional tracking. */
@@ -74,13 +74,13 @@ static size_t mk_descs(uint8_t *b, unsigned n, const struct lshm_wire_tracking *
 
     for (unsigned i = 0; i < n; i++)
         d[i] = (struct lshm_wire_desc){ .mmap_id = i % 3, .chunk_id = i * 2, .size = 100 + i };
-    return lshm_wire_encode_user(b, &h, t, d, n, NULL);
+    return lshm__wire_encode_user(b, &h, t, d, n, NULL);
 }
 
 static void decode_ok(const uint8_t *b, size_t len, unsigned nfds, struct lshm_wire_view *v)
 {
     const char *why = NULL;
-    int ret = lshm_wire_decode(b, len, nfds, v, &why);
+    int ret = lshm__wire_decode(b, len, nfds, v, &why);
 
     cr_assert_eq(ret, 0, "rejected (%d): %s", ret, why ? why : "(no reason)");
 }
@@ -89,13 +89,13 @@ static void expect_reject(const uint8_t *b, size_t len, unsigned nfds, const cha
 {
     struct lshm_wire_view v;
     const char *why = NULL;
-    int ret = lshm_wire_decode(b, len, nfds, &v, &why);
+    int ret = lshm__wire_decode(b, len, nfds, &v, &why);
 
     cr_assert_eq(ret, -EPROTO, "expected -EPROTO (%s), got %d", reason, ret);
     cr_assert_not_null(why);
     cr_assert_str_eq(why, reason);
     /* A NULL why must be accepted on the same failure. */
-    cr_assert_eq(lshm_wire_decode(b, len, nfds, &v, NULL), -EPROTO);
+    cr_assert_eq(lshm__wire_decode(b, len, nfds, &v, NULL), -EPROTO);
 }
 
 /* ---------------------------------------------------------------- round trips */
@@ -105,7 +105,7 @@ LTEST(wire, hello_roundtrip)
     uint8_t b[BUFSZ];
     struct lshm_wire_view v;
     const char *why = NULL;
-    size_t len = lshm_wire_encode_hello(b, 1234, 9, 32);
+    size_t len = lshm__wire_encode_hello(b, 1234, 9, 32);
 
     cr_assert_eq(len, HDR + 24);
     decode_ok(b, len, 0, &v);
@@ -122,7 +122,7 @@ LTEST(wire, hello_roundtrip)
     cr_assert_eq(v.hello.chunk_size, 16384);
     cr_assert_eq(v.hello.chunk_count, 640);
     cr_assert_eq(v.hello.max_segments, 32);
-    cr_assert_eq(lshm_wire_check_hello(&v.hello, &why), 0, "%s", why);
+    cr_assert_eq(lshm__wire_check_hello(&v.hello, &why), 0, "%s", why);
     /* The spec's byte layout, not just our struct's. */
     cr_assert_eq(get32(b, 16), 0x4d48534c);
     cr_assert_eq(b[20] | b[21] << 8, 1);
@@ -133,7 +133,7 @@ LTEST(wire, mmap_ctrl_roundtrip)
 {
     uint8_t b[BUFSZ];
     struct lshm_wire_view v;
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 77, 3, 5);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 77, 3, 5);
 
     cr_assert_eq(len, HDR + 4);
     decode_ok(b, len, 1, &v);
@@ -151,7 +151,7 @@ LTEST(wire, shm_ack_and_bye_roundtrip)
     const uint8_t types[] = { LSHM_WIRE_SHM_ACK, LSHM_WIRE_BYE };
 
     for (size_t i = 0; i < sizeof(types); i++) {
-        size_t len = lshm_wire_encode_ctrl(b, types[i], 88, 4, 123);
+        size_t len = lshm__wire_encode_ctrl(b, types[i], 88, 4, 123);
 
         cr_assert_eq(len, HDR);
         decode_ok(b, len, 0, &v);
@@ -165,9 +165,9 @@ LTEST(wire, encode_ctrl_refuses_non_control_types)
 {
     uint8_t b[BUFSZ];
 
-    cr_assert_eq(lshm_wire_encode_ctrl(b, LSHM_WIRE_HELLO, 1, 1, 0), 0);
-    cr_assert_eq(lshm_wire_encode_ctrl(b, 4, 1, 1, 0), 0);
-    cr_assert_eq(lshm_wire_encode_ctrl(b, 16, 1, 1, 0), 0);
+    cr_assert_eq(lshm__wire_encode_ctrl(b, LSHM_WIRE_HELLO, 1, 1, 0), 0);
+    cr_assert_eq(lshm__wire_encode_ctrl(b, 4, 1, 1, 0), 0);
+    cr_assert_eq(lshm__wire_encode_ctrl(b, 16, 1, 1, 0), 0);
 }
 
 LTEST(wire, user_inline_roundtrip)
@@ -179,7 +179,7 @@ LTEST(wire, user_inline_roundtrip)
     size_t len;
 
     h.flags = LSHM_WIRE_LAST;
-    len = lshm_wire_encode_user(b, &h, NULL, NULL, 0, text);
+    len = lshm__wire_encode_user(b, &h, NULL, NULL, 0, text);
     cr_assert_eq(len, HDR + sizeof(text));
     decode_ok(b, len, 0, &v);
     cr_assert_eq(v.hdr.type, 200);
@@ -236,7 +236,7 @@ LTEST(wire, user_mmap_roundtrip)
     size_t len;
 
     h.flags = LSHM_WIRE_LAST;
-    len = lshm_wire_encode_user(b, &h, &t, d, 3, NULL);
+    len = lshm__wire_encode_user(b, &h, &t, d, 3, NULL);
     cr_assert_eq(len, HDR + TRK + 3 * DESC);
     decode_ok(b, len, 1, &v);
     cr_assert_eq(v.hdr.flags, LSHM_WIRE_LAST | LSHM_WIRE_MMAP | LSHM_WIRE_TRACKING);
@@ -247,7 +247,7 @@ LTEST(wire, user_mmap_roundtrip)
     cr_assert_eq(v.desc, b + HDR + TRK);
     cr_assert_null(v.payload);
     for (unsigned i = 0; i < 3; i++) {
-        struct lshm_wire_desc got = lshm_wire_desc_at(&v, i);
+        struct lshm_wire_desc got = lshm__wire_desc_at(&v, i);
 
         cr_assert_eq(got.mmap_id, d[i].mmap_id);
         cr_assert_eq(got.chunk_id, d[i].chunk_id);
@@ -267,9 +267,9 @@ LTEST(wire, unaligned_buffers)
 
         decode_ok(b, len, 0, &v);
         cr_assert_eq(v.ndesc, 7);
-        cr_assert_eq(lshm_wire_desc_at(&v, 6).chunk_id, 12);
-        cr_assert_eq(lshm_wire_desc_at(&v, 6).size, 106);
-        len = lshm_wire_encode_hello(b, 1, 2, 3);
+        cr_assert_eq(lshm__wire_desc_at(&v, 6).chunk_id, 12);
+        cr_assert_eq(lshm__wire_desc_at(&v, 6).size, 106);
+        len = lshm__wire_encode_hello(b, 1, 2, 3);
         decode_ok(b, len, 0, &v);
         cr_assert_eq(v.hello.max_segments, 3);
     }
@@ -284,7 +284,7 @@ LTEST(wire, encode_user_derives_flags_from_body)
 
     /* MMAP, TRACKING and unknown bits in hdr->flags must not reach the wire. */
     h.flags = 0xff;
-    len = lshm_wire_encode_user(b, &h, NULL, NULL, 0, "ab");
+    len = lshm__wire_encode_user(b, &h, NULL, NULL, 0, "ab");
     decode_ok(b, len, 0, &v);
     cr_assert_eq(v.hdr.flags, LSHM_WIRE_LAST);
     cr_assert_eq(v.payload[1], 'b');
@@ -297,14 +297,14 @@ LTEST(wire, encode_user_refuses_invalid)
     struct lshm_wire_desc d[LSHM_MAX_DESCS + 1] = { { 0, 0, 1 } };
     struct lshm_wire_msg h = user_hdr(15, 1, 0);
 
-    cr_assert_eq(lshm_wire_encode_user(b, &h, NULL, NULL, 0, NULL), 0, "control type");
+    cr_assert_eq(lshm__wire_encode_user(b, &h, NULL, NULL, 0, NULL), 0, "control type");
     h = user_hdr(16, 1, LSHM_INLINE_MAX + 1);
-    cr_assert_eq(lshm_wire_encode_user(b, &h, NULL, NULL, 0, big), 0, "inline too big");
+    cr_assert_eq(lshm__wire_encode_user(b, &h, NULL, NULL, 0, big), 0, "inline too big");
     h = user_hdr(16, 1, 1);
-    cr_assert_eq(lshm_wire_encode_user(b, &h, NULL, NULL, 0, NULL), 0, "no inline data");
+    cr_assert_eq(lshm__wire_encode_user(b, &h, NULL, NULL, 0, NULL), 0, "no inline data");
     for (unsigned i = 0; i < LSHM_MAX_DESCS + 1; i++)
         d[i] = (struct lshm_wire_desc){ 0, i, 1 };
-    cr_assert_eq(lshm_wire_encode_user(b, &h, NULL, d, LSHM_MAX_DESCS + 1, NULL), 0,
+    cr_assert_eq(lshm__wire_encode_user(b, &h, NULL, d, LSHM_MAX_DESCS + 1, NULL), 0,
                  "65 descriptors");
 }
 
@@ -350,7 +350,7 @@ LTEST(wire, reject_unknown_flag_bits)
         b[OFF_FLAGS] |= 1u << bit;
         expect_reject(b, len, 0, "unknown flag bit");
         /* On a control message too: the flag check comes first. */
-        len = lshm_wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
+        len = lshm__wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
         b[OFF_FLAGS] = 1u << bit;
         expect_reject(b, len, 0, "unknown flag bit");
     }
@@ -361,7 +361,7 @@ LTEST(wire, reject_reserved_control_types)
     uint8_t b[BUFSZ];
 
     for (unsigned type = 4; type < 16; type++) {
-        size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
+        size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
 
         b[OFF_TYPE] = type;
         expect_reject(b, len, 0, "reserved control type");
@@ -377,13 +377,13 @@ LTEST(wire, reject_control_with_stream)
     uint8_t b[BUFSZ];
     size_t len;
 
-    len = lshm_wire_encode_hello(b, 1, 1, 1);
+    len = lshm__wire_encode_hello(b, 1, 1, 1);
     put32(b, OFF_STREAM, 1);
     expect_reject(b, len, 0, "control message with a nonzero stream");
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
     put32(b, OFF_STREAM, 0x80000000u);
     expect_reject(b, len, 1, "control message with a nonzero stream");
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
     put32(b, OFF_STREAM, 5);
     expect_reject(b, len, 0, "control message with a nonzero stream");
 }
@@ -391,11 +391,11 @@ LTEST(wire, reject_control_with_stream)
 LTEST(wire, reject_control_with_last_flag)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
 
     b[OFF_FLAGS] = LSHM_WIRE_LAST;
     expect_reject(b, len, 0, "flags on a control message");
-    len = lshm_wire_encode_hello(b, 1, 1, 1);
+    len = lshm__wire_encode_hello(b, 1, 1, 1);
     b[OFF_FLAGS] = LSHM_WIRE_LAST;
     expect_reject(b, len, 0, "flags on a control message");
 }
@@ -403,11 +403,11 @@ LTEST(wire, reject_control_with_last_flag)
 LTEST(wire, reject_control_with_mmap_flag)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
 
     b[OFF_FLAGS] = LSHM_WIRE_MMAP;
     expect_reject(b, len, 1, "MMAP or TRACKING flag on a control message");
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
     b[OFF_FLAGS] = LSHM_WIRE_MMAP | LSHM_WIRE_LAST;
     expect_reject(b, len, 0, "MMAP or TRACKING flag on a control message");
 }
@@ -415,7 +415,7 @@ LTEST(wire, reject_control_with_mmap_flag)
 LTEST(wire, reject_control_with_tracking_flag)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_hello(b, 1, 1, 1);
+    size_t len = lshm__wire_encode_hello(b, 1, 1, 1);
 
     b[OFF_FLAGS] = LSHM_WIRE_TRACKING;
     expect_reject(b, len, 0, "MMAP or TRACKING flag on a control message");
@@ -424,7 +424,7 @@ LTEST(wire, reject_control_with_tracking_flag)
 LTEST(wire, reject_hello_size_field)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_hello(b, 1, 1, 1);
+    size_t len = lshm__wire_encode_hello(b, 1, 1, 1);
 
     put32(b, OFF_SIZE, 23);
     expect_reject(b, len, 0, "HELLO size field is not 24");
@@ -435,7 +435,7 @@ LTEST(wire, reject_hello_size_field)
 LTEST(wire, reject_hello_length)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_hello(b, 1, 1, 1);
+    size_t len = lshm__wire_encode_hello(b, 1, 1, 1);
 
     expect_reject(b, len - 1, 0, "HELLO datagram is not 40 bytes");
     expect_reject(b, len + 1, 0, "HELLO datagram is not 40 bytes");
@@ -445,7 +445,7 @@ LTEST(wire, reject_hello_length)
 LTEST(wire, reject_hello_with_fd)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_hello(b, 1, 1, 1);
+    size_t len = lshm__wire_encode_hello(b, 1, 1, 1);
 
     expect_reject(b, len, 1, "fd on a message type that carries none");
 }
@@ -453,7 +453,7 @@ LTEST(wire, reject_hello_with_fd)
 LTEST(wire, reject_mmap_ctrl_without_fd)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
 
     expect_reject(b, len, 0, "MMAP control message without exactly one fd");
 }
@@ -461,7 +461,7 @@ LTEST(wire, reject_mmap_ctrl_without_fd)
 LTEST(wire, reject_mmap_ctrl_with_two_fds)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
 
     expect_reject(b, len, 2, "MMAP control message without exactly one fd");
     expect_reject(b, len, 253, "MMAP control message without exactly one fd");
@@ -470,7 +470,7 @@ LTEST(wire, reject_mmap_ctrl_with_two_fds)
 LTEST(wire, reject_mmap_ctrl_size_field)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
 
     put32(b, OFF_SIZE, 0);
     expect_reject(b, len, 1, "MMAP size field is not 4");
@@ -481,7 +481,7 @@ LTEST(wire, reject_mmap_ctrl_size_field)
 LTEST(wire, reject_mmap_ctrl_length)
 {
     uint8_t b[BUFSZ];
-    size_t len = lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
+    size_t len = lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 1, 0);
 
     expect_reject(b, len - 1, 1, "MMAP datagram is not 20 bytes");
     expect_reject(b, len + 4, 1, "MMAP datagram is not 20 bytes");
@@ -492,11 +492,11 @@ LTEST(wire, reject_shm_ack_and_bye_with_payload)
     uint8_t b[BUFSZ];
     size_t len;
 
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
     expect_reject(b, len + 1, 0, "SHM_ACK datagram is not 16 bytes");
     put32(b, OFF_SIZE, 4);
     expect_reject(b, len + 4, 0, "SHM_ACK size field is not 0");
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
     expect_reject(b, len + 4, 0, "BYE datagram is not 16 bytes");
     put32(b, OFF_SIZE, 1);
     expect_reject(b, len, 0, "BYE size field is not 0");
@@ -507,9 +507,9 @@ LTEST(wire, reject_shm_ack_and_bye_with_fd)
     uint8_t b[BUFSZ];
     size_t len;
 
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK, 1, 1, 0);
     expect_reject(b, len, 1, "fd on a message type that carries none");
-    len = lshm_wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
+    len = lshm__wire_encode_ctrl(b, LSHM_WIRE_BYE, 1, 1, 0);
     expect_reject(b, len, 1, "fd on a message type that carries none");
 }
 
@@ -707,7 +707,7 @@ LTEST(wire, accept_64_descriptors)
     cr_assert_eq(len, HDR + TRK + 64 * DESC);
     decode_ok(b, len, 1, &v);
     cr_assert_eq(v.ndesc, 64);
-    cr_assert_eq(lshm_wire_desc_at(&v, 63).chunk_id, 126);
+    cr_assert_eq(lshm__wire_desc_at(&v, 63).chunk_id, 126);
 }
 
 LTEST(wire, accept_inline_16384)
@@ -735,7 +735,7 @@ LTEST(wire, accept_last_chunk_full)
     put_desc(b, HDR, 0, 639, 16384);
     put32(b, OFF_SIZE, 16384);
     decode_ok(b, len, 0, &v);
-    cr_assert_eq(lshm_wire_desc_at(&v, 0).chunk_id, 639);
+    cr_assert_eq(lshm__wire_desc_at(&v, 0).chunk_id, 639);
     /* One byte in the last chunk, and the whole data area from chunk 0. */
     put_desc(b, HDR, 0, 639, 1);
     put32(b, OFF_SIZE, 1);
@@ -783,9 +783,9 @@ LTEST(wire, check_hello_accepts)
 {
     struct lshm_wire_hello h = good_hello();
 
-    cr_assert_eq(lshm_wire_check_hello(&h, NULL), 0);
+    cr_assert_eq(lshm__wire_check_hello(&h, NULL), 0);
     h.max_segments = 0xffffffffu;
-    cr_assert_eq(lshm_wire_check_hello(&h, NULL), 0);
+    cr_assert_eq(lshm__wire_check_hello(&h, NULL), 0);
 }
 
 LTEST(wire, check_hello_bad_magic)
@@ -794,7 +794,7 @@ LTEST(wire, check_hello_bad_magic)
     const char *why = NULL;
 
     h.magic = 0x4c53484d;  /* byte-swapped */
-    cr_assert_eq(lshm_wire_check_hello(&h, &why), -EPROTO);
+    cr_assert_eq(lshm__wire_check_hello(&h, &why), -EPROTO);
     cr_assert_str_eq(why, "HELLO magic is not 0x4d48534c");
 }
 
@@ -804,13 +804,13 @@ LTEST(wire, check_hello_other_version)
     const char *why = NULL;
 
     h.version = 2;
-    cr_assert_eq(lshm_wire_check_hello(&h, &why), -EPROTONOSUPPORT);
+    cr_assert_eq(lshm__wire_check_hello(&h, &why), -EPROTONOSUPPORT);
     cr_assert_str_eq(why, "protocol version 2, expected 1");
     h.version = 0;
-    cr_assert_eq(lshm_wire_check_hello(&h, &why), -EPROTONOSUPPORT);
+    cr_assert_eq(lshm__wire_check_hello(&h, &why), -EPROTONOSUPPORT);
     cr_assert_str_eq(why, "protocol version 0, expected 1");
     h.version = 65535;
-    cr_assert_eq(lshm_wire_check_hello(&h, NULL), -EPROTONOSUPPORT);
+    cr_assert_eq(lshm__wire_check_hello(&h, NULL), -EPROTONOSUPPORT);
 }
 
 LTEST(wire, check_hello_geometry_mismatch)
@@ -827,7 +827,7 @@ LTEST(wire, check_hello_geometry_mismatch)
         else
             h.chunk_count = 1280;
         why = NULL;
-        cr_assert_eq(lshm_wire_check_hello(&h, &why), -EPROTO);
+        cr_assert_eq(lshm__wire_check_hello(&h, &why), -EPROTO);
         cr_assert_not_null(why);
         cr_assert_eq(strncmp(why, "segment geometry mismatch", 25), 0, "%s", why);
         cr_assert_not_null(strstr(why, field == 2 ? "1280" : "8192"), "%s", why);
@@ -840,7 +840,7 @@ LTEST(wire, check_hello_max_segments_0)
     const char *why = NULL;
 
     h.max_segments = 0;
-    cr_assert_eq(lshm_wire_check_hello(&h, &why), -EPROTO);
+    cr_assert_eq(lshm__wire_check_hello(&h, &why), -EPROTO);
     cr_assert_str_eq(why, "HELLO max_segments is 0");
 }
 
@@ -883,18 +883,18 @@ static size_t random_valid(uint8_t *b, unsigned *nfds)
     h.flags = below(2) ? LSHM_WIRE_LAST : 0;
     switch (below(6)) {
     case 0:
-        return lshm_wire_encode_hello(b, (int32_t)rnd(), (uint16_t)rnd(), (uint32_t)rnd());
+        return lshm__wire_encode_hello(b, (int32_t)rnd(), (uint16_t)rnd(), (uint32_t)rnd());
     case 1:
         *nfds = 1;
-        return lshm_wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 2, below(64));
+        return lshm__wire_encode_ctrl(b, LSHM_WIRE_MMAP_MSG, 1, 2, below(64));
     case 2:
-        return lshm_wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK + below(2), 1, 2, 0);
+        return lshm__wire_encode_ctrl(b, LSHM_WIRE_SHM_ACK + below(2), 1, 2, 0);
     case 3: {
         *nfds = below(2);
         h.size = some_size(LSHM_INLINE_MAX);
         for (uint32_t i = 0; i < h.size && i < 64; i++)
             data[i] = (uint8_t)rnd();
-        return lshm_wire_encode_user(b, &h, tp, NULL, 0, data);
+        return lshm__wire_encode_user(b, &h, tp, NULL, 0, data);
     }
     default: {
         struct lshm_wire_desc d[LSHM_MAX_DESCS];
@@ -908,7 +908,7 @@ static size_t random_valid(uint8_t *b, unsigned *nfds)
             d[i].chunk_id = c;
             d[i].size = 1 + some_size((LSHM_CHUNK_COUNT - c) * LSHM_CHUNK_SIZE - 1);
         }
-        return lshm_wire_encode_user(b, &h, tp, d, n, NULL);
+        return lshm__wire_encode_user(b, &h, tp, d, n, NULL);
     }
     }
 }
@@ -1023,7 +1023,7 @@ static void check_accepted(unsigned iter, const uint8_t *p, size_t len, unsigned
             uint32_t mmap_id = get32(p, off + i * 12);
             uint32_t chunk = get32(p, off + i * 12 + 4);
             uint32_t size = get32(p, off + i * 12 + 8);
-            struct lshm_wire_desc d = lshm_wire_desc_at(v, i);
+            struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
 
             CHECK(d.mmap_id == mmap_id && d.chunk_id == chunk && d.size == size);
             CHECK(size >= 1);
@@ -1077,7 +1077,7 @@ LTEST(wire, random_and_mutated_datagrams)
         copy = malloc(len ? len : 1);
         CHECK(copy != NULL);
         memcpy(copy, b, len);
-        ret = lshm_wire_decode(copy, len, nfds, &v, below(16) ? &why : NULL);
+        ret = lshm__wire_decode(copy, len, nfds, &v, below(16) ? &why : NULL);
         if (ret == 0) {
             check_accepted(iter, copy, len, nfds, &v);
             accepted++;
