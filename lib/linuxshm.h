@@ -23,7 +23,14 @@ extern "C" {
 #define LSHM_VERSION_PATCH  0
 
 /* Protocol constants (linuxshm-protocol(7)). */
-#define LSHM_PROTOCOL_VERSION  1
+#define LSHM_PROTOCOL_VERSION  2
+#define LSHM_SEGMENT_VERSION   1      /* a segment header's version field */
+#define LSHM_RING_MAGIC        0x5248534cu
+#define LSHM_RING_VERSION      2
+#define LSHM_RING_HEADER_SIZE  4096u
+#define LSHM_RING_SIZE_MIN     65536u
+#define LSHM_RING_SIZE_MAX     16777216u
+#define LSHM_RING_SIZE_DEFAULT 262144u
 #define LSHM_MAGIC             0x4d48534cu
 #define LSHM_HEADER_SIZE       4096u
 #define LSHM_CHUNK_SIZE        16384u

@@ -557,7 +557,7 @@ static int queue_ctrl(struct lshm_port *port, uint8_t type, uint32_t mmap_id)
         return -ENOMEM;
     if (type == LSHM_WIRE_HELLO)
         m->len = lshm__wire_encode_hello(m->data, port->ctx->pid, port->id,
-                                        port->ctx->p.max_segments);
+                                        port->ctx->p.max_segments, 0, 0);
     else
         m->len = lshm__wire_encode_ctrl(m->data, type, port->ctx->pid, port->id, mmap_id);
     smsg_queue(port, m);

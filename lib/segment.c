@@ -74,6 +74,29 @@ static int make_memfd(void)
     return fd < 0 ? -errno : fd;
 }
 
+int lshm__memfd_new(const char *what, size_t size)
+{
+    int fd = make_memfd();
+
+    if (fd < 0)
+        return lshm__fail(fd, "memfd_create: %s%s", strerror(-fd),
+                          fd == -ENOSYS ? " (the kernel has no memfd; there is no fallback)"
+                                        : "");
+    if (ftruncate(fd, (off_t)size) < 0) {
+        int ret = lshm__fail(-errno, "%s: ftruncate: %s", what, strerror(errno));
+
+        close(fd);
+        return ret;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int ret = lshm__fail(-errno, "%s: sealing: %s", what, strerror(errno));
+
+        close(fd);
+        return ret;
+    }
+    return fd;
+}
+
 int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
                     struct lshm_seg **out)
 {
@@ -86,20 +109,10 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     if (seg == NULL)
         return lshm__fail(-ENOMEM, "segment: out of memory");
 
-    fd = make_memfd();
+    fd = lshm__memfd_new("segment", LSHM_SEGMENT_SIZE);
     if (fd < 0) {
         ret = fd;
-        lshm__fail(ret, "memfd_create: %s%s", strerror(-ret),
-                  ret == -ENOSYS ? " (the kernel has no memfd; there is no fallback)" : "");
         goto fail_free;
-    }
-    if (ftruncate(fd, LSHM_SEGMENT_SIZE) < 0) {
-        ret = lshm__fail(-errno, "segment: ftruncate: %s", strerror(errno));
-        goto fail_close;
-    }
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-        ret = lshm__fail(-errno, "segment: sealing: %s", strerror(errno));
-        goto fail_close;
     }
     mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED) {
@@ -115,7 +128,7 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     /* A fresh memfd reads as zeros: oosm, the paddings and tracking[] are 0. */
     hdr = mem;
     hdr->magic = LSHM_MAGIC;
-    hdr->version = LSHM_PROTOCOL_VERSION;
+    hdr->version = LSHM_SEGMENT_VERSION;
     hdr->sent_over = port_id;
     hdr->id = id;
     hdr->src_pid = src;
@@ -159,13 +172,10 @@ static bool fd_is_other_file(int fd)
     return strncmp(target, "/memfd:", 7) != 0;
 }
 
-int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
+int lshm__memfd_check(int fd, size_t size)
 {
-    struct lshm_segment_header *hdr;
-    struct lshm_seg *seg;
     struct stat st;
-    int seals, ret;
-    void *mem;
+    int seals;
 
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
         return -EBADF;
@@ -181,8 +191,21 @@ int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg 
     /* Only now that the size is sealed does it stay what fstat says. */
     if (fstat(fd, &st) < 0)
         return -errno;
-    if (st.st_size != (off_t)LSHM_SEGMENT_SIZE)
+    if (st.st_size != (off_t)size)
         return -EMSGSIZE;
+    return 0;
+}
+
+int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
+{
+    struct lshm_segment_header *hdr;
+    struct lshm_seg *seg;
+    void *mem;
+    int ret;
+
+    ret = lshm__memfd_check(fd, LSHM_SEGMENT_SIZE);
+    if (ret < 0)
+        return ret;
 
     seg = calloc(1, sizeof(*seg));
     if (seg == NULL)
@@ -197,7 +220,7 @@ int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg 
     hdr = mem;
     if (__atomic_load_n(&hdr->magic, __ATOMIC_RELAXED) != LSHM_MAGIC)
         ret = -EPROTO;
-    else if (__atomic_load_n(&hdr->version, __ATOMIC_RELAXED) != LSHM_PROTOCOL_VERSION)
+    else if (__atomic_load_n(&hdr->version, __ATOMIC_RELAXED) != LSHM_SEGMENT_VERSION)
         ret = -EPROTONOSUPPORT;
     else if (__atomic_load_n(&hdr->id, __ATOMIC_RELAXED) != id)
         ret = -ERANGE;

@@ -51,7 +51,8 @@
 /* ---- The protocol, as the page states it (own names, own values) ---- */
 
 #define P_MAGIC         0x4d48534cu
-#define P_VERSION       1u
+#define P_VERSION       2u
+#define P_SEG_VERSION   1u
 #define P_HEADER_SIZE   4096u
 #define P_CHUNK_SIZE    16384u
 #define P_CHUNK_COUNT   640u
@@ -122,12 +123,16 @@ struct w_hello {
     uint32_t chunk_size;
     uint32_t chunk_count;
     uint32_t max_segments;
+    uint32_t features;
+    uint32_t ring_size;
 };
-_Static_assert(sizeof(struct w_hello) == 24, "hello");
+_Static_assert(sizeof(struct w_hello) == 32, "hello");
 _Static_assert(16 + offsetof(struct w_hello, version) == 20 &&
                16 + offsetof(struct w_hello, port_id) == 22 &&
                16 + offsetof(struct w_hello, header_size) == 24 &&
-               16 + offsetof(struct w_hello, max_segments) == 36, "hello offsets");
+               16 + offsetof(struct w_hello, max_segments) == 36 &&
+               16 + offsetof(struct w_hello, features) == 40 &&
+               16 + offsetof(struct w_hello, ring_size) == 44, "hello offsets");
 
 struct seg_hdr {
     uint32_t magic;
@@ -379,7 +384,7 @@ static void peer_handshake(struct peer *p)
     struct ucred cred;
     struct w_hdr h;
     struct w_hello hello, mine = { P_MAGIC, P_VERSION, p->port_id, P_HEADER_SIZE,
-                                   P_CHUNK_SIZE, P_CHUNK_COUNT, p->max_segments };
+                                   P_CHUNK_SIZE, P_CHUNK_COUNT, p->max_segments, 0, 0 };
     bool has_cred;
     size_t n;
     int one = 1, fd;
@@ -388,11 +393,11 @@ static void peer_handshake(struct peer *p)
      * without waiting for ours: read it first to prove that. */
     PCK(setsockopt(p->sock, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) == 0);
     n = peer_recv_raw(p, &fd, &cred, &has_cred, TIMEOUT_MS);
-    PCK(n == 40);
+    PCK(n == 48);
     PCK(fd < 0);
     memcpy(&h, rbuf, sizeof(h));
     memcpy(&hello, rbuf + 16, sizeof(hello));
-    PCK(h.stream == 0 && h.type == P_HELLO && h.flags == 0 && h.size == 24);
+    PCK(h.stream == 0 && h.type == P_HELLO && h.flags == 0 && h.size == 32);
     PCK(has_cred);
     PCK(h.pid == cred.pid);
     PCK(cred.pid == getppid());
@@ -439,7 +444,7 @@ static void peer_map(struct peer *p, uint32_t id, int fd)
     close(fd);
     h = (struct seg_hdr *)base;
     PCK(h->magic == P_MAGIC);
-    PCK(h->version == P_VERSION);
+    PCK(h->version == P_SEG_VERSION);
     PCK(h->id == id);
     PCK(h->src_pid == p->lib_pid);
     PCK(h->dst_pid == p->me);
@@ -662,7 +667,7 @@ static struct seg_hdr *peer_make_segment(struct peer *p, const uint32_t *pre, un
     PCK(base != MAP_FAILED);
     h = (struct seg_hdr *)base;         /* a new memfd reads as zeros */
     h->magic = P_MAGIC;
-    h->version = P_VERSION;
+    h->version = P_SEG_VERSION;
     h->sent_over = p->port_id;
     h->id = id;
     h->src_pid = p->me;

@@ -134,7 +134,7 @@ static int make_segment(uint32_t id, bool seal, struct lshm_segment_header **map
     hdr = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     cr_assert_neq(hdr, MAP_FAILED);
     hdr->magic = LSHM_MAGIC;
-    hdr->version = LSHM_PROTOCOL_VERSION;
+    hdr->version = LSHM_SEGMENT_VERSION;
     hdr->sent_over = RAW_PORT;
     hdr->id = id;
     hdr->src_pid = getpid();
