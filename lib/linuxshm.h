@@ -53,6 +53,8 @@ struct lshm_tracking;
 #define LSHM_CTX_DROP_CANCELLED   (1u << 1) /* drop cancelled messages */
 #define LSHM_CTX_NO_MULTISHOT     (1u << 2) /* single-shot receives only */
 #define LSHM_CTX_NO_DEFER_TASKRUN (1u << 3) /* plain ring set-up flags */
+#define LSHM_CTX_NO_RING          (1u << 4) /* every message over the socket */
+#define LSHM_CTX_NO_FUTEX         (1u << 5) /* wake-ups as WAKE datagrams only */
 
 struct lshm_ctx_params {
     unsigned int flags;          /* LSHM_CTX_* */
@@ -72,6 +74,8 @@ struct lshm_ctx_params {
 #define LSHM_FEAT_BUF_RING       (1u << 4)
 #define LSHM_FEAT_MULTISHOT_ACCEPT (1u << 5)
 #define LSHM_FEAT_NOEXEC_SEAL    (1u << 6)
+#define LSHM_FEAT_RING           (1u << 7)  /* message rings (protocol version 2) */
+#define LSHM_FEAT_FUTEX          (1u << 8)  /* futex waits and wakes through io_uring */
 
 struct lshm_ctx_stats {
     uint64_t enters;        /* io_uring_enter(2) calls made */

@@ -12,6 +12,16 @@
 
 #include "ring.h"
 
+/*
+ * Futex opcodes (kernel 6.7), newer than the liburing that Debian 12 ships:
+ * the values of the kernel's enum io_uring_op and futex2 flags.  Whether
+ * the running kernel has them is probed, never assumed.
+ */
+#define OP_FUTEX_WAIT      51
+#define OP_FUTEX_WAKE      52
+#define FUTEX2_SIZE_U32    0x02u
+#define FUTEX_MATCH_ANY    0xffffffffu
+
 #define BUF_GROUP    1
 #define BUF_COUNT    128u    /* provided buffers shared by the context's ports */
 
@@ -105,6 +115,19 @@ fail:
     return -ENOTSUP;
 }
 
+static bool futex_ops_work(struct lshm_ring *r)
+{
+    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
+    bool ok;
+
+    if (p == NULL)
+        return false;
+    ok = io_uring_opcode_supported(p, OP_FUTEX_WAIT) &&
+         io_uring_opcode_supported(p, OP_FUTEX_WAKE);
+    io_uring_free_probe(p);
+    return ok;
+}
+
 static bool multishot_recvmsg_works(struct lshm_ring *r)
 {
     struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
@@ -150,6 +173,8 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
         setup_buffers(r) == 0)
         r->features |= LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING |
                        LSHM_FEAT_MULTISHOT_ACCEPT;
+    if (!(ctx_flags & LSHM_CTX_NO_FUTEX) && futex_ops_work(r))
+        r->features |= LSHM_FEAT_FUTEX;
     *out = r;
     return 0;
 }
@@ -355,6 +380,45 @@ int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
     r->timeout_ts.tv_nsec = (long long)(ms % 1000) * 1000000;
     io_uring_prep_timeout(sqe, &r->timeout_ts, 0, 0);
     io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+static void prep_futex(struct io_uring_sqe *sqe, int opcode, uint32_t *word, uint64_t val)
+{
+    /* Shared, not private: the word is in a memfd another process maps. */
+    io_uring_prep_rw(opcode, sqe, (int)FUTEX2_SIZE_U32, word, 0, val);
+    sqe->rw_flags = 0;
+    sqe->addr3 = FUTEX_MATCH_ANY;
+}
+
+int lshm__ring_futex_wait(struct lshm_ring *r, uint32_t *word, uint32_t val,
+                          struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe;
+
+    if (!(r->features & LSHM_FEAT_FUTEX))
+        return -EOPNOTSUPP;
+    sqe = get_sqe(r);
+    if (sqe == NULL)
+        return -EBUSY;
+    prep_futex(sqe, OP_FUTEX_WAIT, word, val);
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+int lshm__ring_futex_wake(struct lshm_ring *r, uint32_t *word)
+{
+    struct io_uring_sqe *sqe;
+
+    if (!(r->features & LSHM_FEAT_FUTEX))
+        return -EOPNOTSUPP;
+    sqe = get_sqe(r);
+    if (sqe == NULL)
+        return -EBUSY;
+    prep_futex(sqe, OP_FUTEX_WAKE, word, 1);
+    /* Nothing to learn from a wake that worked: no completion for it. */
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data(sqe, NULL);
     return 0;
 }
 

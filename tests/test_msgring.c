@@ -19,6 +19,7 @@
 
 #include "common.h"
 #include "msgring.h"
+#include "ring.h"
 #include "shm.h"
 
 #define SIZE  65536u
@@ -558,4 +559,58 @@ LTEST(msgring, sleeping_consumer_wakes_on_the_futex)
     cr_assert_gt(f.wakes, 10, "wakes %u", f.wakes);
     cr_assert_leq(f.wakes, f.sleeps);
     pair_close(&p);
+}
+
+/* ---- the futex through io_uring: one ring waits, another wakes ---- */
+
+struct futex_op {
+    struct lshm_op op;
+    int            res;
+    bool           done;
+};
+
+static void futex_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct futex_op *f = (struct futex_op *)op;
+
+    (void)more, (void)buf, (void)len;
+    f->res = res;
+    f->done = true;
+}
+
+LTEST(msgring, io_uring_futex_wait_is_woken_by_io_uring_futex_wake)
+{
+    struct lshm_ring *waiter, *waker;
+    struct futex_op f = { .op.complete = futex_done };
+    struct pair p;
+    long long start;
+
+    cr_assert_eq(lshm__ring_new(&waiter, 8, 0), 0, "%s", lshm_last_error());
+    if (!(lshm__ring_features(waiter) & LSHM_FEAT_FUTEX)) {
+        lshm__ring_free(waiter);
+        cr_skip_test("the kernel has no IORING_OP_FUTEX_WAIT (6.7+)");
+    }
+    cr_assert_eq(lshm__ring_new(&waker, 8, 0), 0);
+    pair_open(&p, SIZE);
+    cr_assert(lshm__msgring_may_sleep(&p.cons));
+    cr_assert_eq(lshm__ring_futex_wait(waiter, lshm__msgring_wake_word(&p.cons), 1, &f.op), 0);
+    /* Armed, and nothing wakes it: a zero wait completes nothing. */
+    cr_assert_eq(lshm__ring_run(waiter, 0), 0);
+    cr_assert_not(f.done);
+
+    cr_assert_eq(put_msg(&p.prod, 0, 8), 0);
+    cr_assert(lshm__msgring_publish(&p.prod));
+    cr_assert_eq(lshm__ring_futex_wake(waker, lshm__msgring_wake_word(&p.prod)), 0);
+    cr_assert_geq(lshm__ring_submit(waker), 1);
+    start = now_ms();
+    while (!f.done && now_ms() - start < 2000)
+        cr_assert_geq(lshm__ring_run(waiter, 100), 0);
+    cr_assert(f.done, "the wake did not reach the waiter");
+    cr_assert_eq(f.res, 0, "futex wait completed with %d", f.res);
+    /* A successful wake leaves no completion behind. */
+    cr_assert_eq(lshm__ring_run(waker, 0), 0);
+    expect_msg(&p.cons, 0, 8);
+    pair_close(&p);
+    lshm__ring_free(waker);
+    lshm__ring_free(waiter);
 }
