@@ -67,10 +67,15 @@ tools/shmping: $(O)/tools/shmping
 # TEST_INC/TEST_RUNNER: under TSan the suite runs on tests/tsan (see there).
 TEST_INC    ?=
 TEST_RUNNER ?=
-$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_RUNNER) $(LIB_HDR) $(O)/liblinuxshm.a
+# The tests share the tool's payload pattern and random numbers.
+TEST_SHARED := tools/pattern.c
+
+$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_SHARED) tools/pattern.h $(TEST_RUNNER) $(LIB_HDR) \
+	    $(O)/liblinuxshm.a
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -o $@ $(TEST_SRC) $(TEST_RUNNER) \
-	    $(O)/liblinuxshm.a $(LIBS) $(TEST_LIBS) -lm
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -Itools -o $@ \
+	    $(TEST_SRC) $(TEST_SHARED) $(TEST_RUNNER) $(O)/liblinuxshm.a \
+	    $(LIBS) $(TEST_LIBS) -lm
 
 # The Criterion suite, run against the objects of flavour $(O).
 check: $(O)/tests/run $(O)/tools/shmping all
