@@ -70,11 +70,21 @@ TEST_RUNNER ?=
 # The tests share the tool's payload pattern and random numbers.
 TEST_SHARED := tools/pattern.c
 
-$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_SHARED) tools/pattern.h $(TEST_RUNNER) $(LIB_HDR) \
-	    $(O)/liblinuxshm.a
+# The independent protocol peer is built on its own, without the library's
+# include path: the compiler sees to it that nothing of the library's leaks in.
+PEER_SRC   := $(wildcard tests/interop/*.c)
+PEER_OBJ   := $(PEER_SRC:%.c=$(O)/%.o)
+PEER_CFLAGS := $(filter-out -Ilib,$(BASE_CFLAGS)) -Itools
+
+$(O)/tests/interop/%.o: tests/interop/%.c $(wildcard tests/interop/*.h) tools/pattern.h
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -Itools -o $@ \
-	    $(TEST_SRC) $(TEST_SHARED) $(TEST_RUNNER) $(O)/liblinuxshm.a \
+	$(CC) $(PEER_CFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_SHARED) tools/pattern.h $(PEER_OBJ) $(TEST_RUNNER) \
+	    $(LIB_HDR) $(O)/liblinuxshm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -Itests/interop -Itools -o $@ \
+	    $(TEST_SRC) $(TEST_SHARED) $(PEER_OBJ) $(TEST_RUNNER) $(O)/liblinuxshm.a \
 	    $(LIBS) $(TEST_LIBS) -lm
 
 # The Criterion suite, run against the objects of flavour $(O).
