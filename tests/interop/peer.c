@@ -751,7 +751,8 @@ void peer_lib_to_peer(struct peer *p)
                   (unsigned long long)p->pr->in[0].hdr->free_map[k]);
         PCK(p->pr->in[0].hdr->free_tracking_map[k] == ~0ull);
     }
-    PCK(p->pr->in[0].hdr->free_map_padding == 0 && p->pr->in[0].hdr->free_tracking_map_padding == 0);
+    PCK(p->pr->in[0].hdr->free_map_padding == 0 &&
+        p->pr->in[0].hdr->free_tracking_map_padding == 0);
 }
 
 /* interop/peer_to_lib: the peer's side. */
