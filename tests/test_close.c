@@ -24,8 +24,8 @@
 #include "port_util.h"
 
 /* ======================================================================
- * a peer killed with SIGKILL mid-stream, 20 times: the survivor sees
- *    the port close and gets back every fd and mapping
+ * A peer killed with SIGKILL mid-stream, 20 times: the survivor sees
+ * the port close and gets back every fd and mapping
  * ====================================================================== */
 
 /* Stream inline and shared-memory messages until killed. */

@@ -181,7 +181,7 @@ LTEST(ctx, silent_client_closed_after_handshake_timeout)
 }
 
 /* ======================================================================
- * context basics
+ * Context basics
  * ====================================================================== */
 
 LTEST(ctx, new_rejects_bad_params)

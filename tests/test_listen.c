@@ -22,8 +22,8 @@
 #include "port_util.h"
 
 /* ======================================================================
- * listeners: two clients at once, the socket's mode, stale and live
- *    socket files
+ * Listeners: two clients at once, the socket's mode, stale and live
+ * socket files
  * ====================================================================== */
 
 struct client_arg {
@@ -188,7 +188,7 @@ LTEST(listen, listen_replaces_stale_socket_refuses_live_one)
 }
 
 /* ======================================================================
- * a HELLO with another protocol version is refused, saying so
+ * A HELLO with another protocol version is refused, saying so
  * ====================================================================== */
 
 LTEST(listen, hello_version_2_refused_on_adopted_port)

@@ -23,7 +23,7 @@
 #include "port_util.h"
 
 /* ======================================================================
- * ping-pong, pull style and handler style
+ * Ping-pong, pull style and handler style
  * ====================================================================== */
 
 
@@ -86,7 +86,7 @@ LTEST(recv, pingpong_64B_handler_style_10000)
 
 /* ======================================================================
  * lshm_recv(..., 0) polls: a message that has arrived is returned
- *     without a wait, and never needs some other call to run the ring
+ * without a wait, and never needs some other call to run the ring
  * ====================================================================== */
 
 static int send_one_then_wait_bye(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)

@@ -24,7 +24,7 @@
 
 /* ======================================================================
  * 100,000 messages each way, log-uniform sizes 0 .. 4 MiB, every byte
- *    and the order checked
+ * and the order checked
  * ====================================================================== */
 
 #define BULK_MAX (4u * MiB)
@@ -265,7 +265,7 @@ LTEST(send, bulk_100000_each_way_random_sizes_to_4MiB_verified)
 }
 
 /* ======================================================================
- * fds passed with messages are usable, in message order
+ * File descriptors passed with messages are usable, in message order
  * ====================================================================== */
 
 #define NFDMSG 300
@@ -359,7 +359,7 @@ LTEST(send, fds_passed_with_messages_are_usable_and_in_order)
 }
 
 /* ======================================================================
- * one io_uring_enter for a batch of 1,000 messages
+ * One io_uring_enter for a batch of 1,000 messages
  * ====================================================================== */
 
 static int recv_n_then_report(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
@@ -410,8 +410,8 @@ LTEST(send, batch_of_1000_with_LSHM_MORE_is_one_submit)
 }
 
 /* ======================================================================
- * a receiver that stops reading: the bounded queue pushes back, then
- *    everything arrives once, in order
+ * A receiver that stops reading: the bounded queue pushes back, then
+ * everything arrives once, in order
  * ====================================================================== */
 
 /* Sleep without running the ring, then read to the LAST message. */

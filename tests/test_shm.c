@@ -24,8 +24,8 @@
 #include "port_util.h"
 
 /* ======================================================================
- * out of chunks: -EAGAIN at the segment limit, then SHM_ACK wakes the
- *    sender; a receiver holding every chunk cannot make it map more
+ * Out of chunks: -EAGAIN at the segment limit, then SHM_ACK wakes the
+ * sender; a receiver holding every chunk cannot make it map more
  * ====================================================================== */
 
 #define HOLD_SIZE MiB            /* 64 chunks: ten fill a segment */
@@ -129,8 +129,8 @@ LTEST(shm, out_of_chunks_eagain_then_shm_ack_wakes_sender)
 }
 
 /* ======================================================================
- * tracking: cancelled before receipt (flagged, or dropped), cancelled
- *    after receipt (not cancelled); no slot or chunk leaks
+ * Tracking: cancelled before receipt (flagged, or dropped), cancelled
+ * after receipt (not cancelled); no slot or chunk leaks
  * ====================================================================== */
 
 #define TRACK_ROUNDS 2000
