@@ -67,10 +67,25 @@ tools/shmping: $(O)/tools/shmping
 # TEST_INC/TEST_RUNNER: under TSan the suite runs on tests/tsan (see there).
 TEST_INC    ?=
 TEST_RUNNER ?=
-$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_RUNNER) $(LIB_HDR) $(O)/liblinuxshm.a
+# The tests share the tool's payload pattern and random numbers.
+TEST_SHARED := tools/pattern.c
+
+# The independent protocol peer is built on its own, without the library's
+# include path: the compiler sees to it that nothing of the library's leaks in.
+PEER_SRC   := $(wildcard tests/interop/*.c)
+PEER_OBJ   := $(PEER_SRC:%.c=$(O)/%.o)
+PEER_CFLAGS := $(filter-out -Ilib,$(BASE_CFLAGS)) -Itools
+
+$(O)/tests/interop/%.o: tests/interop/%.c $(wildcard tests/interop/*.h) tools/pattern.h
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -o $@ $(TEST_SRC) $(TEST_RUNNER) \
-	    $(O)/liblinuxshm.a $(LIBS) $(TEST_LIBS) -lm
+	$(CC) $(PEER_CFLAGS) $(CFLAGS) -c -o $@ $<
+
+$(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_SHARED) tools/pattern.h $(PEER_OBJ) $(TEST_RUNNER) \
+	    $(LIB_HDR) $(O)/liblinuxshm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -Itests/interop -Itools -o $@ \
+	    $(TEST_SRC) $(TEST_SHARED) $(PEER_OBJ) $(TEST_RUNNER) $(O)/liblinuxshm.a \
+	    $(LIBS) $(TEST_LIBS) -lm
 
 # The Criterion suite, run against the objects of flavour $(O).
 check: $(O)/tests/run $(O)/tools/shmping all

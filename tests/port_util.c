@@ -1,8 +1,10 @@
 #include "port_util.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 
 #include "wire.h"
@@ -167,4 +169,331 @@ void raw_sendv(int fd, const void *buf, size_t len, const int *fds, unsigned nfd
         memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
     }
     cr_assert_eq(sendmsg(fd, &mh, MSG_NOSIGNAL), (ssize_t)len, "sendmsg: %m");
+}
+
+/* Scale a count down under a sanitizer (LSHM_SANITIZER is set by make asan/tsan). */
+unsigned scaled(unsigned n, unsigned div)
+{
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+    bool san = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+    bool san = true;
+#else
+    bool san = false;
+#endif
+#else
+    bool san = false;
+#endif
+
+    if (san || getenv("LSHM_SANITIZER") != NULL)
+        return n / div ? n / div : 1;
+    return n;
+}
+
+/* ---- the payload pattern ---- */
+
+bool msg_check(const struct lshm_msg *m, uint32_t seq, size_t size)
+{
+    size_t off = 0;
+    unsigned i;
+
+    if (m->size != size)
+        return false;
+    for (i = 0; i < m->niov; i++) {
+        if (pattern_mismatch(m->iov[i].base, off, m->iov[i].len, seq) >= 0)
+            return false;
+        off += m->iov[i].len;
+    }
+    return off == size;
+}
+
+/* ---- sending ---- */
+
+/* Inline message whose payload is pattern (seq, 0 .. size). */
+int send_pat(struct lshm_port *port, uint32_t seq, size_t size, unsigned flags)
+{
+    uint8_t buf[LSHM_INLINE_MAX];
+    struct lshm_out out = { .type = T_DATA, .stream = seq, .fd = -1 };
+
+    pattern_write(buf, 0, size, seq);
+    out.data = size ? buf : NULL;
+    out.size = size;
+    return send_out(port, &out, flags);
+}
+
+/* A shared-memory message of size bytes (pattern seq), in as many buffers
+ * as it takes; waits for room in the queue or for chunks (bounded). */
+int send_shm(struct lshm_port *port, uint32_t seq, size_t size, int fd)
+{
+    struct lshm_buf *bufs[LSHM_MAX_DESCS];
+    struct lshm_out out = { .type = T_DATA, .stream = seq, .fd = fd };
+    unsigned n = 0, i;
+    size_t have = 0;
+    int ret;
+
+    while (have < size) {
+        if (n == LSHM_MAX_DESCS) {
+            ret = -ENOSPC;
+            goto fail;
+        }
+        ret = lshm_buf_alloc(port, size - have, &bufs[n]);
+        if (ret == -EAGAIN) {
+            ret = lshm_port_wait(port, LSHM_WAIT_SHM, 10000);
+            if (ret < 0)
+                goto fail;
+            continue;
+        }
+        if (ret < 0)
+            goto fail;
+        {
+            size_t cap = lshm_buf_capacity(bufs[n]), len = cap < size - have ? cap : size - have;
+
+            pattern_write(lshm_buf_data(bufs[n]), have, len, seq);
+            lshm_buf_set_size(bufs[n], len);
+            have += len;
+            n++;
+        }
+    }
+    out.bufs = bufs;
+    out.nbufs = n;
+    ret = send_out(port, &out, 0);
+    if (ret == 0)
+        return 0;
+fail:
+    for (i = 0; i < n; i++)
+        lshm_buf_free(bufs[i]);
+    return ret;
+}
+
+/* Inline up to LSHM_INLINE_MAX bytes, in shared memory beyond. */
+int send_any(struct lshm_port *port, uint32_t seq, size_t size)
+{
+    return size > LSHM_INLINE_MAX ? send_shm(port, seq, size, -1) : send_pat(port, seq, size, 0);
+}
+
+/* Fill the buffer b with pattern seq (size bytes) and send it as message seq. */
+int send_buf(struct lshm_port *port, struct lshm_buf *b, uint32_t seq, size_t size)
+{
+    int ret;
+
+    pattern_write(lshm_buf_data(b), 0, size, seq);
+    ret = lshm_buf_set_size(b, size);
+    if (ret < 0)
+        return ret;
+    return lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = seq, .bufs = &b,
+                                               .nbufs = 1, .fd = -1 }, 0);
+}
+
+/* The peer's T_CTRL answer: its stream (what the peer counted). */
+uint32_t recv_ctrl(struct lshm_port *port, int timeout_ms)
+{
+    struct lshm_msg m;
+    uint32_t stream;
+    int ret = lshm_recv(port, &m, timeout_ms);
+
+    cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(m.type, T_CTRL);
+    stream = m.stream;
+    lshm_msg_done(&m);
+    return stream;
+}
+
+/* In a child: wait for the parent's BYE (the port then closes with -EPIPE). */
+int wait_bye(struct lshm_port *port)
+{
+    struct lshm_msg m;
+
+    CK(lshm_recv(port, &m, 20000) == -EPIPE);
+    return 0;
+}
+
+/* In a child: report value in an empty T_CTRL (recv_ctrl), then wait_bye. */
+int report_then_bye(struct lshm_port *port, uint32_t value)
+{
+    CK(send_inline(port, T_CTRL, value, NULL, 0, -1) == 0);
+    return wait_bye(port);
+}
+
+struct echo_state {
+    int  error;
+    bool closed;
+};
+
+static void echo_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg)
+{
+    struct echo_state *st = arg;
+    uint8_t buf[LSHM_INLINE_MAX];
+    size_t off = 0;
+    unsigned i;
+
+    if (m->size > sizeof(buf)) {
+        st->error = 1;
+    } else {
+        for (i = 0; i < m->niov; i++) {
+            memcpy(buf + off, m->iov[i].base, m->iov[i].len);
+            off += m->iov[i].len;
+        }
+        if (send_inline(port, m->type, m->stream, buf, m->size, -1) != 0)
+            st->error = 2;
+    }
+    if (m->fd >= 0)
+        close(m->fd);
+    lshm_msg_done(m);
+}
+
+static void echo_on_close(struct lshm_port *port, int error, void *arg)
+{
+    struct echo_state *st = arg;
+
+    st->closed = true;
+    if (error != -EPIPE)
+        st->error = 3;
+}
+
+/* The same echo with a handler run by lshm_ctx_run. */
+int echo_handler(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct echo_state st = { 0, false };
+    long long end = now_ms() + 30000;
+
+    CK(lshm_port_set_handler(port, echo_on_msg, echo_on_close, &st) == 0);
+    while (!st.closed && st.error == 0 && now_ms() < end)
+        CK(lshm_ctx_run(ctx, 100) >= 0);
+    CK(st.error == 0);
+    CK(st.closed);
+    return 0;
+}
+
+/* One round trip through an echo child: message seq of size bytes
+ * (inline, or in shared memory when shm), and its echo checked. */
+void echo_roundtrip(struct lshm_port *port, uint32_t seq, size_t size, bool shm)
+{
+    struct lshm_msg m;
+    int ret;
+
+    ret = shm ? send_shm(port, seq, size, -1) : send_pat(port, seq, size, 0);
+    cr_assert_eq(ret, 0, "send %u: %d %s", seq, ret, lshm_last_error());
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, 0, "recv %u: %d %s", seq, ret, lshm_last_error());
+    cr_assert_eq(m.stream, seq);
+    cr_assert_eq(m.type, T_DATA);
+    cr_assert(msg_check(&m, seq, size), "echo %u differs", seq);
+    lshm_msg_done(&m);
+}
+
+void pingpong_pull(struct lshm_port *port, unsigned n, size_t size)
+{
+    unsigned i;
+
+    for (i = 0; i < n; i++)
+        echo_roundtrip(port, i, size, false);
+}
+void srv_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg)
+{
+    struct server *s = arg;
+    uint32_t seq = m->stream;
+
+    if (!msg_check(m, seq, m->size))
+        s->error = 1;
+    lshm_msg_done(m);
+    if (send_inline(port, T_CTRL, seq, NULL, 0, -1) != 0)
+        s->error = 2;
+    s->msgs++;
+}
+
+void srv_on_close(struct lshm_port *port, int error, void *arg)
+{
+    struct server *s = arg;
+
+    if (error != -EPIPE) {
+        fprintf(stderr, "pid %d: port closed: %d %s\n", getpid(), error,
+                lshm_port_error(port));
+        s->error = 3;
+    }
+    s->closed++;
+    lshm_port_close(port);
+}
+
+char *tmp_dir(void)
+{
+    char *d = strdup("/tmp/lshm-test-XXXXXX");
+
+    cr_assert_not_null(mkdtemp(d));
+    return d;
+}
+
+/* A socket of type bound to dir/name (its path into path[128]), listening
+ * if asked; its fd.  Closed unlistened, it leaves a stale socket file. */
+int bound_socket(char *path, const char *dir, const char *name, int type, bool listening)
+{
+    struct sockaddr_un sun = { .sun_family = AF_UNIX };
+    int fd;
+
+    snprintf(path, 128, "%s/%s", dir, name);
+    strcpy(sun.sun_path, path);
+    fd = socket(AF_UNIX, type, 0);
+    cr_assert_eq(bind(fd, (struct sockaddr *)&sun, sizeof(sun)), 0);
+    if (listening)
+        cr_assert_eq(listen(fd, 4), 0);
+    return fd;
+}
+
+/* Two socketpairs, and a child running fn on one end of each (ctx, when not
+ * NULL, freed there first); mine[] are the parent's ends. */
+pid_t fork_two(struct lshm_ctx *ctx, int mine[2], two_fn fn, unsigned arg)
+{
+    int sv[2][2], i;
+    pid_t pid;
+
+    for (i = 0; i < 2; i++)
+        cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv[i]), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        if (ctx != NULL)
+            lshm_ctx_free(ctx);
+        close(sv[0][0]);
+        close(sv[1][0]);
+        _exit(fn(sv[0][1], sv[1][1], arg));
+    }
+    close(sv[0][1]);
+    close(sv[1][1]);
+    mine[0] = sv[0][0];
+    mine[1] = sv[1][0];
+    return pid;
+}
+
+/* fork_two, with ports A and B of ctx on the parent's ends, handshakes done. */
+pid_t spawn_two(struct lshm_ctx *ctx, struct lshm_port **pa, struct lshm_port **pb,
+                two_fn fn, unsigned arg)
+{
+    int mine[2];
+    pid_t pid = fork_two(ctx, mine, fn, arg);
+
+    cr_assert_eq(lshm_port_adopt(ctx, mine[0], pa), 0);
+    cr_assert_eq(lshm_port_adopt(ctx, mine[1], pb), 0);
+    wait_ready(*pa);
+    wait_ready(*pb);
+    return pid;
+}
+
+/* The end of a spawn_two. */
+void spawn_two_end(struct lshm_ctx *ctx, struct lshm_port *pa, struct lshm_port *pb, pid_t pid)
+{
+    lshm_port_close(pa);
+    lshm_port_close(pb);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+}
+
+/* One message (any) on port within 5 s, expected; what names the port. */
+void expect_msg(struct lshm_port *port, const char *what)
+{
+    struct lshm_msg m;
+    int ret = lshm_recv(port, &m, 5000);
+
+    cr_expect_eq(ret, 0, "%s: %d %s", what, ret, lshm_port_error(port));
+    if (ret == 0)
+        lshm_msg_done(&m);
 }

@@ -1,11 +1,14 @@
 /*
- * Shared by the transport tests (test_port.c, test_port_hostile.c): forked
- * peers, the child-side check, inline sends, the echo child, and the raw
- * protocol end (a HELLO written by hand, datagrams with fds).
+ * Shared by the transport tests (test_send.c, test_recv.c, test_shm.c,
+ * test_close.c, test_listen.c, test_ctx.c, test_port_hostile.c): forked
+ * peers, the child-side check, sends of the payload pattern, the echo child
+ * and the acknowledging server, and the raw protocol end (a HELLO written by
+ * hand, datagrams with fds).
  */
 #ifndef LSHM_TESTS_PORT_UTIL_H
 #define LSHM_TESTS_PORT_UTIL_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -14,6 +17,10 @@
 
 #include "common.h"
 #include "linuxshm.h"
+#include "pattern.h"
+
+#define KiB 1024u
+#define MiB (1024u * 1024u)
 
 /* User message types of the tests. */
 #define T_DATA 16
@@ -57,6 +64,72 @@ int send_inline(struct lshm_port *port, uint8_t type, uint32_t stream, const voi
  * until the peer closes.  arg: NULL, or a const int *, the receive timeout
  * in ms (20 s without). */
 int echo_pull(struct lshm_ctx *ctx, struct lshm_port *port, void *arg);
+
+/* n, or n / div (at least 1) under a sanitizer (LSHM_SANITIZER is set by
+ * make asan/tsan). */
+unsigned scaled(unsigned n, unsigned div);
+
+/* ---- the payload pattern (pattern.h), message seq keyed by its stream ---- */
+
+/* Check a whole received message; true when size and every byte match. */
+bool msg_check(const struct lshm_msg *m, uint32_t seq, size_t size);
+/* Inline message whose payload is pattern (seq, 0 .. size). */
+int send_pat(struct lshm_port *port, uint32_t seq, size_t size, unsigned flags);
+/* A shared-memory message of size bytes (pattern seq), in as many buffers
+ * as it takes; waits for room in the queue or for chunks (bounded). */
+int send_shm(struct lshm_port *port, uint32_t seq, size_t size, int fd);
+/* Inline up to LSHM_INLINE_MAX bytes, in shared memory beyond. */
+int send_any(struct lshm_port *port, uint32_t seq, size_t size);
+/* Fill the buffer b with pattern seq (size bytes) and send it as message seq. */
+int send_buf(struct lshm_port *port, struct lshm_buf *b, uint32_t seq, size_t size);
+
+/* The peer's T_CTRL answer: its stream (what the peer counted). */
+uint32_t recv_ctrl(struct lshm_port *port, int timeout_ms);
+/* In a child: wait for the parent's BYE (the port then closes with -EPIPE). */
+int wait_bye(struct lshm_port *port);
+/* In a child: report value in an empty T_CTRL (recv_ctrl), then wait_bye. */
+int report_then_bye(struct lshm_port *port, uint32_t value);
+
+/* ---- echo and acknowledge ---- */
+
+/* A child_fn: the echo of echo_pull with a handler run by lshm_ctx_run. */
+int echo_handler(struct lshm_ctx *ctx, struct lshm_port *port, void *arg);
+/* One round trip through an echo child: message seq of size bytes
+ * (inline, or in shared memory when shm), and its echo checked. */
+void echo_roundtrip(struct lshm_port *port, uint32_t seq, size_t size, bool shm);
+/* n round trips of size bytes inline. */
+void pingpong_pull(struct lshm_port *port, unsigned n, size_t size);
+
+/* A server acknowledging every message it checked with an empty T_CTRL of
+ * its stream (a listener's ports, or the two ports of a child). */
+struct server {
+    unsigned open, closed, msgs;
+    int      error;
+};
+/* Its handlers (arg: the struct server). */
+void srv_on_msg(struct lshm_port *port, struct lshm_msg *m, void *arg);
+void srv_on_close(struct lshm_port *port, int error, void *arg);
+
+/* ---- sockets and two-port children ---- */
+
+/* A new directory under /tmp (malloc'd path). */
+char *tmp_dir(void);
+/* A socket of type bound to dir/name (its path into path[128]), listening
+ * if asked; its fd.  Closed unlistened, it leaves a stale socket file. */
+int bound_socket(char *path, const char *dir, const char *name, int type, bool listening);
+
+/* A child's work on its ends of two socketpairs. */
+typedef int (*two_fn)(int s0, int s1, unsigned arg);
+/* Two socketpairs, and a child running fn on one end of each (ctx, when not
+ * NULL, freed there first); mine[] are the parent's ends. */
+pid_t fork_two(struct lshm_ctx *ctx, int mine[2], two_fn fn, unsigned arg);
+/* fork_two, with ports A and B of ctx on the parent's ends, handshakes done. */
+pid_t spawn_two(struct lshm_ctx *ctx, struct lshm_port **pa, struct lshm_port **pb,
+                two_fn fn, unsigned arg);
+/* The end of a spawn_two. */
+void spawn_two_end(struct lshm_ctx *ctx, struct lshm_port *pa, struct lshm_port *pb, pid_t pid);
+/* One message (any) on port within 5 s, expected; what names the port. */
+void expect_msg(struct lshm_port *port, const char *what);
 
 /* ---- the raw end: the peer socket of lshm_socketpair, spoken by hand ---- */
 

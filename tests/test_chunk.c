@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "pattern.h"
 #include "shm.h"
 
 #define CH        ((size_t)LSHM_CHUNK_SIZE)
@@ -509,13 +510,15 @@ static void *owner_thread(void *arg)
 {
     struct owner *o = arg;
     struct held held[MAX_HELD];
-    unsigned nheld = 0, seed = o->id * 7919u;
+    unsigned nheld = 0;
+    uint64_t rng = pattern_seed(o->id);
     uint64_t serial = 0;
     long long end = now_ms() + STRESS_MS;
 
     for (;;) {
         bool running = now_ms() < end;
-        bool take = running && nheld < MAX_HELD && (nheld == 0 || rand_r(&seed) % 2);
+        bool take = running && nheld < MAX_HELD &&
+                    (nheld == 0 || pattern_rand_below(&rng, 2));
 
         if (!running && nheld == 0)
             break;
@@ -523,7 +526,8 @@ static void *owner_thread(void *arg)
         if (take) {
             struct lshm_alloc a;
             struct held *h = &held[nheld];
-            size_t size = (rand_r(&seed) % MAX_RUN + 1) * CH - rand_r(&seed) % 100;
+            size_t size = (pattern_rand_below(&rng, MAX_RUN) + 1) * CH -
+                          pattern_rand_below(&rng, 100);
             int ret = lshm__peer_out_alloc(o->peer, 1, 1, false, false, &a);
 
             if (ret == -EAGAIN && nheld > 0)
@@ -535,7 +539,7 @@ static void *owner_thread(void *arg)
                 h->stamp = ((uint64_t)o->id << 56) | (++serial << 16);
                 o->bad += stamp_take(h->buf->seg->data, h->buf->chunk, h->buf->nchunks,
                                      h->stamp);
-                if (rand_r(&seed) % 4 == 0) {
+                if (pattern_rand_below(&rng, 4) == 0) {
                     uint32_t had = h->buf->nchunks;
 
                     if (lshm_buf_grow(h->buf, (had + 2) * CH, (had + 1) * CH) == 0) {
@@ -549,7 +553,7 @@ static void *owner_thread(void *arg)
             }
         }
         if (!take && nheld > 0) {
-            unsigned i = rand_r(&seed) % nheld;
+            unsigned i = pattern_rand_below(&rng, nheld);
             struct held *h = &held[i];
 
             o->bad += stamp_give(h->buf->seg->data, h->buf->chunk, h->buf->nchunks,
@@ -613,7 +617,8 @@ struct proc_stats {
 static int raw_owner(int fd, struct proc_stats *st, unsigned id)
 {
     struct held held[MAX_HELD];
-    unsigned nheld = 0, seed = id * 104729u, bad = 0;
+    unsigned nheld = 0, bad = 0;
+    uint64_t rng = pattern_seed(id);
     unsigned long ops = 0;
     uint64_t serial = 0;
     long long end = now_ms() + STRESS_MS;
@@ -627,9 +632,10 @@ static int raw_owner(int fd, struct proc_stats *st, unsigned id)
     hdr = mem;
     data = (uint8_t *)mem + LSHM_HEADER_SIZE;
     while (now_ms() < end) {
-        if (nheld < MAX_HELD && (nheld == 0 || rand_r(&seed) % 2)) {
+        if (nheld < MAX_HELD && (nheld == 0 || pattern_rand_below(&rng, 2))) {
             struct held *h = &held[nheld];
-            uint32_t c = rand_r(&seed) % LSHM_CHUNK_COUNT, want = rand_r(&seed) % MAX_RUN + 1;
+            uint32_t c = (uint32_t)pattern_rand_below(&rng, LSHM_CHUNK_COUNT);
+            uint32_t want = (uint32_t)pattern_rand_below(&rng, MAX_RUN) + 1;
 
             if (!lshm__chunk_get_free(hdr->free_map, &c)) {
                 c = 0;
@@ -645,7 +651,7 @@ static int raw_owner(int fd, struct proc_stats *st, unsigned id)
             nheld++;
             ops++;
         } else {
-            unsigned i = rand_r(&seed) % nheld;
+            unsigned i = pattern_rand_below(&rng, nheld);
             struct held *h = &held[i];
 
             bad += stamp_give(data, h->chunk, h->n, h->stamp);

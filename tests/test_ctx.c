@@ -1,12 +1,15 @@
 /*
- * A context without io_uring: the error must say why and what to do.  A
- * seccomp filter in a forked child plays the container runtime that hides
- * io_uring_setup (EPERM) or the kernel built without it (ENOSYS).
+ * The context: its parameters, the io_uring features it uses and falls back
+ * from, lshm_ctx_fd in a poll loop, and a context without io_uring, whose
+ * error must say why and what to do (a seccomp filter in a forked child
+ * plays the container runtime that hides io_uring_setup (EPERM) or the
+ * kernel built without it (ENOSYS)).
  */
 #include <errno.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +23,7 @@
 
 #include "common.h"
 #include "linuxshm.h"
+#include "port_util.h"
 
 enum {
     OK = 0,
@@ -174,4 +178,160 @@ LTEST(ctx, silent_client_closed_after_handshake_timeout)
     lshm_listener_close(l);
     lshm_ctx_free(ctx);
     rmdir(dir);
+}
+
+/* ======================================================================
+ * Context basics
+ * ====================================================================== */
+
+LTEST(ctx, new_rejects_bad_params)
+{
+    static const struct lshm_ctx_params bad[] = {
+        { .ring_entries = 3 },
+        { .ring_entries = 4 },
+        { .ring_entries = 8192 },
+        { .ring_entries = 1000 },
+        { .max_segments = 1025 },
+        { .send_queue = 65537 },
+        { .recv_queue = 65537 },
+        { .handshake_ms = 3600001 },
+        { .flags = 1u << 20 },
+        { .reserved = { [0] = 1 } },
+        { .reserved = { [9] = 1 } },
+    };
+    struct lshm_ctx *ctx = NULL;
+    unsigned i;
+
+    for (i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        int ret = lshm_ctx_new(&ctx, &bad[i]);
+
+        cr_expect_eq(ret, -EINVAL, "params %u accepted: %d", i, ret);
+        if (ret == 0)
+            lshm_ctx_free(ctx);
+        else
+            cr_expect_str_neq(lshm_last_error(), "", "params %u: no reason given", i);
+    }
+    cr_assert_eq(lshm_ctx_new(NULL, NULL), -EINVAL);
+    cr_assert_eq(lshm_ctx_stats(NULL, NULL), -EINVAL);
+    cr_assert_eq(lshm_ctx_fd(NULL), -EINVAL);
+    /* The edges are accepted. */
+    {
+        struct lshm_ctx_params ok = { .ring_entries = 8, .max_segments = 1024,
+                                      .send_queue = 65536, .recv_queue = 65536 };
+
+        cr_assert_eq(lshm_ctx_new(&ctx, &ok), 0, "%s", lshm_last_error());
+        lshm_ctx_free(ctx);
+    }
+}
+
+static int wait_go_send_one(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+
+    CK(lshm_recv(port, &m, 10000) == 0);
+    lshm_msg_done(&m);
+    usleep(100 * 1000);
+    CK(send_pat(port, 5, 300, 0) == 0);
+    return wait_bye(port);
+}
+
+static void ctx_fd_polls(const struct lshm_ctx_params *prm)
+{
+    struct lshm_ctx *ctx = ctx_make(prm);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, wait_go_send_one, NULL);
+    struct pollfd pfd = { .fd = lshm_ctx_fd(ctx), .events = POLLIN };
+    struct lshm_msg m;
+    int ret, n = 0;
+    long long end;
+
+    cr_assert_geq(pfd.fd, 0);
+    wait_ready(port);
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 5000), 0);
+    /* Only poll(2) from here on: the fd alone must say a message came. */
+    end = now_ms() + 5000;
+    for (;;) {
+        ret = poll(&pfd, 1, 5000);
+        cr_assert_eq(ret, 1, "lshm_ctx_fd never polled readable (%d)", ret);
+        cr_assert(pfd.revents & POLLIN);
+        n++;
+        ret = lshm_recv(port, &m, 0);
+        if (ret == 0)
+            break;
+        cr_assert_eq(ret, -ETIMEDOUT, "%d %s", ret, lshm_last_error());
+        cr_assert_lt(now_ms(), end, "readable %d times, no message", n);
+    }
+    /* The message is sent 100 ms after "go": poll must wake for it then,
+     * not at the end of its timeout. */
+    cr_assert_lt(now_ms() - (end - 5000), 2000, "poll woke only after %lld ms",
+                 now_ms() - (end - 5000));
+    cr_assert_eq(m.stream, 5);
+    cr_assert(msg_check(&m, 5, 300));
+    lshm_msg_done(&m);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(ctx, fd_polls_readable_when_a_message_arrived)
+{
+    ctx_fd_polls(NULL);
+}
+
+LTEST(ctx, fd_polls_readable_without_multishot_or_defer_taskrun)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_MULTISHOT |
+                                            LSHM_CTX_NO_DEFER_TASKRUN };
+
+    ctx_fd_polls(&prm);
+}
+
+/* Ping-pong of 1,000 (inline and shm) on contexts forced onto fallbacks. */
+static void fallback_pingpong(unsigned flags)
+{
+    struct lshm_ctx_params prm = { .flags = flags };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    unsigned f = lshm_ctx_features(ctx), i;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, &prm, &port, echo_pull, NULL);
+
+    if (flags & LSHM_CTX_NO_MULTISHOT)
+        cr_assert_eq(f & (LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING), 0, "features %#x", f);
+    if (flags & LSHM_CTX_NO_DEFER_TASKRUN)
+        cr_assert_eq(f & LSHM_FEAT_DEFER_TASKRUN, 0, "features %#x", f);
+    wait_ready(port);
+    for (i = 0; i < 1000; i++) {
+        size_t size = (i % 4 == 3) ? 5000 + i : i % 700;
+
+        /* The echo copies inline: shared-memory payloads stay <= 16 KiB. */
+        echo_roundtrip(port, i, size, size > 4096);
+    }
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(ctx, features_default_context_uses_multishot_and_defer_taskrun)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    unsigned f = lshm_ctx_features(ctx);
+
+    /* This kernel (6.x) has both; an older one would fall back. */
+    cr_log_info("default features %#x", f);
+    cr_expect(f & LSHM_FEAT_MULTISHOT_RECV, "features %#x", f);
+    cr_expect(f & LSHM_FEAT_DEFER_TASKRUN, "features %#x", f);
+    cr_expect(f & LSHM_FEAT_SINGLE_ISSUER, "features %#x", f);
+    lshm_ctx_free(ctx);
+}
+
+LTEST(ctx, pingpong_without_multishot_falls_back)
+{
+    fallback_pingpong(LSHM_CTX_NO_MULTISHOT);
+}
+
+LTEST(ctx, pingpong_without_defer_taskrun_falls_back)
+{
+    fallback_pingpong(LSHM_CTX_NO_DEFER_TASKRUN);
+}
+
+LTEST(ctx, pingpong_without_either_falls_back)
+{
+    fallback_pingpong(LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN);
 }

@@ -23,11 +23,6 @@
 #include "shm.h"
 #include "wire.h"
 
-static uint8_t pat(uint32_t seq, size_t off)
-{
-    return (uint8_t)(seq * 131 + off * 7 + (off >> 8));
-}
-
 /* ---- the well-behaved port: a forked child echoing inline (echo_pull) ---- */
 
 struct hostile {
@@ -56,14 +51,14 @@ static void good_pingpong(struct hostile *h, unsigned n)
 
         if (size <= sizeof(buf)) {
             for (j = 0; j < size; j++)
-                buf[j] = pat(seq, j);
+                buf[j] = pattern_byte(seq, j);
             out.data = buf;
             out.size = size;
         } else {
             ret = lshm_buf_alloc(h->good, size, &b);
             cr_assert_eq(ret, 0, "good port: alloc %d %s", ret, lshm_last_error());
             for (j = 0; j < size; j++)
-                ((uint8_t *)lshm_buf_data(b))[j] = pat(seq, j);
+                ((uint8_t *)lshm_buf_data(b))[j] = pattern_byte(seq, j);
             lshm_buf_set_size(b, size);
             out.bufs = &b;
             out.nbufs = 1;
@@ -75,7 +70,7 @@ static void good_pingpong(struct hostile *h, unsigned n)
         cr_assert_eq(m.stream, seq);
         cr_assert_eq(m.size, size);
         for (j = 0; j < size; j++)
-            cr_assert_eq(((uint8_t *)m.iov[0].base)[j], pat(seq, j));
+            cr_assert_eq(((uint8_t *)m.iov[0].base)[j], pattern_byte(seq, j));
         lshm_msg_done(&m);
     }
 }
@@ -333,7 +328,7 @@ static void desc_out_of_data_area(struct hostile *h)
     close(fd);
     lshm__chunk_set_busy(hdr->free_map, 0);
     for (i = 0; i < 100; i++)
-        data[i] = pat(1, i);
+        data[i] = pattern_byte(1, i);
     raw_desc(h, 100, &d, 1);
     cr_assert_eq(lshm_recv(h->bad, &m, 5000), 0, "valid descriptor refused: %s",
                  lshm_port_error(h->bad));
@@ -341,7 +336,7 @@ static void desc_out_of_data_area(struct hostile *h)
     cr_assert(m.flags & LSHM_MSG_SHM);
     cr_assert_eq(m.niov, 1);
     for (i = 0; i < 100; i++)
-        cr_assert_eq(((uint8_t *)m.iov[0].base)[i], pat(1, i));
+        cr_assert_eq(((uint8_t *)m.iov[0].base)[i], pattern_byte(1, i));
     cr_assert_eq(hdr->sent_over, LSHM_SENT_OVER_ANY, "receiver did not claim the segment");
     lshm_msg_done(&m);
     cr_assert(lshm__chunk_is_free(hdr->free_map, 0), "chunk 0 not given back");

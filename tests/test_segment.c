@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "pattern.h"
 #include "shm.h"
 
 #define CH        ((size_t)LSHM_CHUNK_SIZE)
@@ -488,9 +489,9 @@ struct race {
  * A random head start for either side, so that both win some rounds; the
  * yield lets the other side win when both share one CPU.
  */
-static void spin(unsigned *seed)
+static void spin(uint64_t *rng)
 {
-    unsigned n = rand_r(seed) % 1024;
+    unsigned n = (unsigned)pattern_rand_below(rng, 1024);
 
     if (n % 4 == 0) {
         sched_yield();
@@ -503,7 +504,7 @@ static void spin(unsigned *seed)
 /* The receiver: waits for each round and resolves against the canceller. */
 static int receiver(struct race *r, struct lshm_segment_header *hdr)
 {
-    unsigned seed = 12345;
+    uint64_t rng = pattern_seed(12345);
     long long end = now_ms() + RACE_MS + 5000;
 
     for (uint32_t round = 1; round <= RACE_ROUNDS; round++) {
@@ -519,7 +520,7 @@ static int receiver(struct race *r, struct lshm_segment_header *hdr)
                     return 1;
             }
         }
-        spin(&seed);
+        spin(&rng);
         atomic_store(&r->other_won[round - 1],
                      lshm__tracking_resolve(hdr, r->slot, r->stream));
         atomic_store(&r->done, round);
@@ -548,7 +549,8 @@ static void *receiver_thread(void *arg)
  */
 static void run_race(struct race *r, struct lshm_peer *peer)
 {
-    unsigned seed = 777, mine = 0, theirs = 0, raced = 0;
+    unsigned mine = 0, theirs = 0, raced = 0;
+    uint64_t rng = pattern_seed(777);
     long long end = now_ms() + RACE_MS;
     struct lshm_segment_header *hdr = NULL;
 
@@ -581,7 +583,7 @@ static void run_race(struct race *r, struct lshm_peer *peer)
         }
         atomic_store(&r->go, round);
         if (mode >= 2) {
-            spin(&seed);
+            spin(&rng);
             won = lshm__tracking_resolve(hdr, a.chunk, r->stream);
         }
         while (atomic_load(&r->done) != round) {

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "common.h"
+#include "pattern.h"
 #include "wire.h"
 
 /* Offsets of the header fields in a datagram. */
@@ -55,14 +56,14 @@ static struct lshm_wire_msg user_hdr(uint8_t type, uint32_t stream, uint32_t siz
     };
 }
 
-/* An inline user message of size bytes (pattern i * 7), optional tracking. */
+/* An inline user message of size bytes (pattern 99, as its stream), optional
+ * tracking. */
 static size_t mk_inline(uint8_t *b, uint32_t size, const struct lshm_wire_tracking *t)
 {
     static uint8_t data[LSHM_INLINE_MAX];
     struct lshm_wire_msg h = user_hdr(16, 99, size);
 
-    for (uint32_t i = 0; i < size; i++)
-        data[i] = (uint8_t)(i * 7);
+    pattern_write(data, 0, size, 99);
     return lshm__wire_encode_user(b, &h, t, NULL, 0, data);
 }
 
@@ -344,7 +345,7 @@ LTEST(wire, user_inline_with_tracking)
     cr_assert_eq(v.tracking.mmap_id, 3);
     cr_assert_eq(v.tracking.tracking_id, 17);
     cr_assert_eq(v.payload, b + HDR + TRK);
-    cr_assert_eq(v.payload[99], (uint8_t)(99 * 7));
+    cr_assert_eq(v.payload[99], pattern_byte(99, 99));
 }
 
 LTEST(wire, user_mmap_roundtrip)
@@ -845,7 +846,8 @@ LTEST(wire, accept_inline_16384)
     cr_assert_eq(len, HDR + LSHM_INLINE_MAX);
     decode_ok(b, len, 0, &v);
     cr_assert_eq(v.hdr.size, LSHM_INLINE_MAX);
-    cr_assert_eq(v.payload[LSHM_INLINE_MAX - 1], (uint8_t)((LSHM_INLINE_MAX - 1) * 7));
+    cr_assert_eq(v.payload[LSHM_INLINE_MAX - 1], pattern_byte(99, LSHM_INLINE_MAX - 1),
+                 "last byte");
     /* The largest valid datagram: tracking plus a full inline payload. */
     len = mk_inline(b, LSHM_INLINE_MAX, &(struct lshm_wire_tracking){ 0, 0 });
     cr_assert_leq(len, LSHM_WIRE_MAX);
@@ -1002,18 +1004,15 @@ LTEST(wire, check_hello_max_segments_0)
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
+/* A fixed seed, so a failure replays. */
 static uint64_t rnd(void)
 {
-    /* xorshift64*: fixed seed, so a failure replays. */
-    rng ^= rng >> 12;
-    rng ^= rng << 25;
-    rng ^= rng >> 27;
-    return rng * 0x2545f4914f6cdd1dull;
+    return pattern_rand(&rng);
 }
 
 static uint32_t below(uint32_t n)
 {
-    return (uint32_t)(rnd() % n);
+    return (uint32_t)pattern_rand_below(&rng, n);
 }
 
 /* Sizes biased to small, with the whole range reachable. */
