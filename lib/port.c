@@ -994,6 +994,11 @@ static void on_datagram(struct lshm_port *port, const void *data, size_t len,
         return;
     }
     ret = lshm__wire_decode(data, len, nfds, &v, &why);
+    if (ret == -EPROTONOSUPPORT) {
+        close_fds(fds, nfds);
+        lshm__port_fail(port, ret, "handshake refused: %s", why);
+        return;
+    }
     if (ret < 0) {
         close_fds(fds, nfds);
         lshm__port_fail(port, -EPROTO, "protocol violation: %s", why);

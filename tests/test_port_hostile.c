@@ -89,7 +89,7 @@ static void raw_hello(int fd, pid_t pid)
 {
     uint8_t buf[64];
 
-    raw_sendv(fd, buf, raw_hello_build(buf, pid, 1), NULL, 0);
+    raw_sendv(fd, buf, raw_hello_build(buf, pid, LSHM_PROTOCOL_VERSION), NULL, 0);
 }
 
 /* A control or user message with no body beyond what is given. */
