@@ -1,7 +1,7 @@
 /*
  * The port: one SOCK_SEQPACKET socket to a peer process.  Its core
  * (port.c: state, references, queues) sits below its receive path (recv.c)
- * and its send path (send.c); this header is theirs and listen.c's.
+ * and its send path (send.c); this header is theirs, listen.c's and api.c's.
  */
 #ifndef LSHM_PORT_H
 #define LSHM_PORT_H
