@@ -51,6 +51,12 @@ static inline long long lshm__now_ms(void)
  */
 int lshm__fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
+/* The text of the calling thread's last failure, or "" if none. */
+const char *lshm__error_text(void);
+
+/* Fill in what the kernel and the process offer (probe.c). */
+int lshm__probe(struct lshm_probe *out);
+
 /* Log one line to stderr when LSHM_DEBUG is set in the environment. */
 void lshm__log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -1,0 +1,425 @@
+/*
+ * The receive path: every receiver's duty of the protocol.  A datagram's
+ * fds and credentials are taken out first; then lshm__recv_message checks
+ * the message before anything is used (the handshake, the sender's
+ * identity, segments in order, descriptors into mapped segments, tracking
+ * slots) and delivers it, or, while draining, gives its chunks back.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "port.h"
+
+static void deliver(struct lshm_port *port, struct rmsg *rm)
+{
+    if (port->user_closed) {
+        /* Nobody is left to read it. */
+        lshm__rmsg_release(rm);
+        free(rm);
+        return;
+    }
+    if (port->ctx != NULL)
+        port->ctx->msgs_received++;
+    port->held++;
+    if (port->rq_tail != NULL)
+        port->rq_tail->next = rm;
+    else
+        port->rq_head = rm;
+    port->rq_tail = rm;
+    if (port->on_msg != NULL && port->ctx != NULL)
+        lshm__ctx_list_add(port->ctx, PL_READY, &port->links[PL_READY]);
+}
+
+static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
+                    const struct ucred *cred)
+{
+    const char *why = "";
+    int ret;
+
+    ret = lshm__wire_check_hello(&v->hello, &why);
+    if (ret < 0) {
+        lshm__port_fail(port, ret, "handshake refused: %s", why);
+        return ret;
+    }
+    if (cred == NULL) {
+        lshm__port_fail(port, -EPROTO, "handshake refused: HELLO came without credentials "
+                                      "(the peer must set SO_PASSCRED)");
+        return -EPROTO;
+    }
+    if (v->hdr.port_id != v->hello.port_id) {
+        lshm__port_fail(port, -EPROTO, "handshake refused: HELLO header port %u, payload "
+                       "port %u", v->hdr.port_id, v->hello.port_id);
+        return -EPROTO;
+    }
+    if (cred->pid != v->hdr.pid) {
+        lshm__port_fail(port, -EPROTO, "handshake refused: HELLO says pid %d but the kernel "
+                       "says %d; both processes must share a PID namespace",
+                       (int)v->hdr.pid, (int)cred->pid);
+        return -EPROTO;
+    }
+    ret = lshm__peer_get_sock(cred->pid, port->fd, &port->peer);
+    if (ret < 0) {
+        lshm__port_fail(port, ret, "out of memory for peer %d", (int)cred->pid);
+        return ret;
+    }
+    port->peer_pid = cred->pid;
+    port->peer_uid = cred->uid;
+    port->peer_gid = cred->gid;
+    port->peer_port_id = v->hello.port_id;
+    port->peer_max_segments = v->hello.max_segments;
+    lshm__port_open(port);
+    return 0;
+}
+
+static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int fd)
+{
+    struct lshm_seg *seg;
+    uint32_t next = lshm__peer_in_next(port->peer);
+    int ret;
+
+    if (v->mmap_id != next) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: MMAP id %u, expected %u",
+                       v->mmap_id, next);
+        return -EPROTO;
+    }
+    if (v->mmap_id >= port->ctx->p.max_segments) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: MMAP id %u past our limit of %u "
+                       "segments", v->mmap_id, port->ctx->p.max_segments);
+        return -EPROTO;
+    }
+    ret = lshm__seg_import(fd, v->mmap_id, port->peer_pid, port->ctx->pid, &seg);
+    if (ret < 0) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
+                       v->mmap_id, lshm__seg_strerror(ret));
+        return -EPROTO;
+    }
+    ret = lshm__peer_in_add(port->peer, seg, port->ctx->p.max_segments);
+    lshm__seg_unref(seg);
+    if (ret < 0) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: segment %u out of order", v->mmap_id);
+        return -EPROTO;
+    }
+    return 0;
+}
+
+/* Resolve the tracking slot: true if the sender cancelled first. */
+static int read_tracking(struct lshm_port *port, const struct lshm_wire_view *v, bool *cancelled)
+{
+    struct lshm_seg *seg = lshm__peer_in_get(port->peer, v->tracking.mmap_id);
+    uint32_t stream = v->hdr.stream;
+    uint32_t slot = v->tracking.tracking_id;
+
+    /* 0 is what a cancel leaves in the slot: a stream 0 could never tell
+     * a cancelled message from a live one. */
+    if (stream == 0) {
+        lshm__seg_unref(seg);
+        lshm__port_fail(port, -EPROTO, "protocol violation: tracked message with stream 0");
+        return -EPROTO;
+    }
+    if (seg == NULL || slot >= LSHM_CHUNK_COUNT) {
+        lshm__seg_unref(seg);
+        lshm__port_fail(port, -EPROTO, "protocol violation: tracking %u/%u does not exist",
+                       v->tracking.mmap_id, slot);
+        return -EPROTO;
+    }
+    /* The race of Unit's tracking: whoever swaps the stream id out wins,
+     * the loser gives the slot back. */
+    *cancelled = !lshm__tracking_resolve(seg->hdr, slot, stream);
+    lshm__seg_unref(seg);
+    return 0;
+}
+
+static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int fd)
+{
+    bool cancelled = false;
+    struct rmsg *rm;
+    size_t extra;
+    unsigned i;
+
+    if (v->has_tracking && read_tracking(port, v, &cancelled) < 0)
+        return -EPROTO;
+    extra = v->ndesc ? v->ndesc * (sizeof(struct rdesc) + sizeof(struct lshm_iov))
+                     : v->hdr.size;
+    rm = malloc(sizeof(*rm) + extra);
+    if (rm == NULL) {
+        lshm__port_fail(port, -ENOMEM, "out of memory receiving a message");
+        return -ENOMEM;
+    }
+    memset(&rm->pub, 0, sizeof(rm->pub));
+    rm->next = NULL;
+    rm->port = port;
+    rm->ndesc = 0;
+    rm->pub.port = port;
+    rm->pub.stream = v->hdr.stream;
+    rm->pub.type = v->hdr.type;
+    rm->pub.size = v->hdr.size;
+    rm->pub.fd = fd;
+    rm->pub.priv = rm;
+    if (v->hdr.flags & LSHM_WIRE_LAST)
+        rm->pub.flags |= LSHM_MSG_LAST;
+    if (cancelled)
+        rm->pub.flags |= LSHM_MSG_CANCELLED;
+    if (v->ndesc > 0) {
+        rm->desc = (struct rdesc *)rm->data;
+        rm->iov = (struct lshm_iov *)(rm->desc + v->ndesc);
+        rm->pub.flags |= LSHM_MSG_SHM;
+        for (i = 0; i < v->ndesc; i++) {
+            struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
+            struct lshm_seg *seg = lshm__peer_in_get(port->peer, d.mmap_id);
+
+            if (seg == NULL) {
+                lshm__rmsg_release(rm);
+                free(rm);
+                lshm__port_fail(port, -EPROTO, "protocol violation: descriptor names "
+                               "segment %u, which was never sent", d.mmap_id);
+                return -EPROTO;
+            }
+            /* The wire layer bounded chunk_id and size to the data area. */
+            rm->desc[i].seg = seg;
+            rm->desc[i].chunk = d.chunk_id;
+            rm->desc[i].nchunks = (d.size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE;
+            rm->ndesc++;
+            rm->iov[i].base = seg->data + (size_t)d.chunk_id * LSHM_CHUNK_SIZE;
+            rm->iov[i].len = d.size;
+        }
+        rm->pub.niov = v->ndesc;
+        rm->pub.iov = rm->iov;
+    } else if (v->hdr.size > 0) {
+        memcpy(rm->data, v->payload, v->hdr.size);
+        rm->iov1.base = rm->data;
+        rm->iov1.len = v->hdr.size;
+        rm->pub.niov = 1;
+        rm->pub.iov = &rm->iov1;
+    }
+    if (cancelled && port->ctx != NULL && (port->ctx->p.flags & LSHM_CTX_DROP_CANCELLED)) {
+        lshm__rmsg_release(rm);
+        free(rm);
+        return 0;
+    }
+    deliver(port, rm);
+    return 0;
+}
+
+/*
+ * One message in v1 datagram format, with the fds and credentials that came
+ * with it (cred NULL: none): check everything before anything is used,
+ * then act on it.  Takes the fds: each is handed on or closed.  The bytes
+ * need not come from a datagram.
+ */
+void lshm__recv_message(struct lshm_port *port, const void *data, size_t len,
+                        int *fds, unsigned nfds, const struct ucred *cred)
+{
+    struct lshm_wire_view v;
+    const char *why = "";
+    int ret;
+
+    ret = lshm__wire_decode(data, len, nfds, &v, &why);
+    if (ret < 0) {
+        lshm__sock_close_fds(fds, nfds);
+        lshm__port_fail(port, -EPROTO, "protocol violation: %s", why);
+        return;
+    }
+    if (port->state == PORT_HANDSHAKE) {
+        lshm__sock_close_fds(fds, nfds);
+        if (v.hdr.type != LSHM_WIRE_HELLO)
+            lshm__port_fail(port, -EPROTO, "protocol violation: first message is type %u, "
+                           "not HELLO", v.hdr.type);
+        else
+            on_hello(port, &v, cred);
+        return;
+    }
+    if (v.hdr.pid != port->peer_pid || (cred != NULL && cred->pid != port->peer_pid) ||
+        v.hdr.port_id != port->peer_port_id) {
+        lshm__sock_close_fds(fds, nfds);
+        lshm__port_fail(port, -EPROTO, "protocol violation: header pid %d / port %u, "
+                       "handshake said pid %d / port %u", (int)v.hdr.pid, v.hdr.port_id,
+                       (int)port->peer_pid, port->peer_port_id);
+        return;
+    }
+    switch (v.hdr.type) {
+    case LSHM_WIRE_HELLO:
+        lshm__port_fail(port, -EPROTO, "protocol violation: second HELLO");
+        break;
+    case LSHM_WIRE_MMAP_MSG:
+        /* Draining, a new segment is not mapped: the peer takes back what
+         * it announced on a port that closed before mapping it. */
+        if (port->state != PORT_DRAINING)
+            on_mmap(port, &v, fds[0]);
+        close(fds[0]);
+        break;
+    case LSHM_WIRE_SHM_ACK:
+        port->shm_acked = true;
+        break;
+    case LSHM_WIRE_BYE:
+        lshm__port_fail(port, -EPIPE, "peer closed the port (BYE)");
+        break;
+    default:
+        if (port->state == PORT_DRAINING) {
+            /* Checked like any other; read and discarded.  Descriptors
+             * into a segment not mapped (see MMAP) are the peer's. */
+            lshm__sock_close_fds(fds, nfds);
+            lshm__port_discard(port, &v, true);
+        } else {
+            on_user(port, &v, nfds ? fds[0] : -1);
+        }
+        break;
+    }
+}
+
+/* One datagram: what only a datagram can get wrong, then its message. */
+static void recv_datagram(struct lshm_port *port, const void *data, size_t len,
+                          const struct msghdr *mh)
+{
+    struct lshm_sock_cmsg cm;
+
+    lshm__sock_take_cmsg(mh, &cm);
+    if (!lshm__port_is_reading(port)) {
+        lshm__sock_close_fds(cm.fds, cm.nfds);
+        return;
+    }
+    if (mh->msg_flags & MSG_CTRUNC) {
+        lshm__sock_close_fds(cm.fds, cm.nfds);
+        lshm__port_fail(port, -EPROTO, "protocol violation: control data truncated "
+                       "(too many fds)");
+        return;
+    }
+    if (mh->msg_flags & MSG_TRUNC) {
+        lshm__sock_close_fds(cm.fds, cm.nfds);
+        lshm__port_fail(port, -EPROTO, "protocol violation: datagram longer than %u bytes",
+                       LSHM_WIRE_MAX);
+        return;
+    }
+    lshm__recv_message(port, data, len, cm.fds, cm.nfds, cm.has_cred ? &cm.cred : NULL);
+}
+
+static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct lshm_port *port = (struct lshm_port *)((char *)op - offsetof(struct lshm_port, recv_op));
+    struct lshm_ring *ring = port->ctx != NULL ? port->ctx->ring : NULL;
+
+    port->refs++;
+    if (!more)
+        port->recv_armed = false;
+    if (res > 0 && port->recv_multishot) {
+        struct msghdr mh;
+        void *payload;
+        unsigned plen;
+
+        if (!lshm__ring_recvmsg_parse(buf, len, &port->recv_mh, &payload, &plen, &mh))
+            lshm__port_fail(port, -EPROTO, "malformed receive buffer");
+        else if (plen == 0 && mh.msg_controllen == 0 && !(mh.msg_flags & MSG_TRUNC))
+            /* EOF: multishot ends with an empty completion (res > 0: the
+             * recvmsg_out header).  A real datagram always carries
+             * SCM_CREDENTIALS (SO_PASSCRED), so an empty one is not this. */
+            lshm__port_fail(port, -EPIPE, "peer closed the connection");
+        else
+            recv_datagram(port, payload, plen, &mh);
+    } else if (res > 0) {
+        recv_datagram(port, port->recv_buf, (size_t)res, &port->recv_mh);
+    } else if (res == 0 && !port->recv_multishot && port->recv_mh.msg_controllen > 0) {
+        /* An empty datagram (it came with credentials), not EOF. */
+        recv_datagram(port, port->recv_buf, 0, &port->recv_mh);
+    } else if (res == 0) {
+        lshm__port_fail(port, -EPIPE, "peer closed the connection");
+    } else if (res == -ECONNRESET && port->recv_multishot && lshm__port_is_reading(port)) {
+        /* Multishot can end with ECONNRESET while datagrams are still
+         * queued: drain them with single-shot receives. */
+        port->recv_multishot = false;
+    } else if (res != -ENOBUFS && res != -ECANCELED) {
+        lshm__port_fail(port, res, "receive failed: %s", strerror(-res));
+    }
+    if (buf != NULL && ring != NULL)
+        lshm__ring_buf_put(ring, buf);
+    if (!lshm__port_is_reading(port)) {
+        /* Nothing more will be read: stop a multishot still armed (a
+         * port without a context has no ring to ask). */
+        if (port->recv_armed && ring != NULL && port->fd < 0)
+            lshm__ring_cancel(ring, &port->recv_op);
+    } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue &&
+               port->state != PORT_DRAINING) {
+        /* (A drain holds nothing new: what it reads is released.) */
+        if (port->recv_armed && !port->recv_stopped)
+            lshm__ring_cancel(ring, &port->recv_op);
+        port->recv_stopped = true;
+    } else if (!port->recv_armed) {
+        lshm__recv_arm(port);
+    }
+    port->refs--;
+    lshm__port_settle(port);
+}
+
+void lshm__recv_arm(struct lshm_port *port)
+{
+    struct lshm_ring *r = port->ctx->ring;
+    int ret;
+
+    if (port->recv_armed || !lshm__port_is_reading(port))
+        return;
+    port->recv_op.complete = recv_done;
+    memset(&port->recv_mh, 0, sizeof(port->recv_mh));
+    port->recv_mh.msg_control = port->recv_cmsg.buf;
+    port->recv_mh.msg_controllen = sizeof(port->recv_cmsg.buf);
+    if (port->recv_multishot) {
+        ret = lshm__ring_recvmsg_multishot(r, port->fd, &port->recv_mh, &port->recv_op);
+    } else {
+        if (port->recv_buf == NULL) {
+            port->recv_buf = malloc(LSHM_WIRE_MAX + 1);
+            if (port->recv_buf == NULL) {
+                lshm__port_fail(port, -ENOMEM, "out of memory for a receive buffer");
+                return;
+            }
+        }
+        /* One byte more than a datagram may hold, so that a longer one
+         * shows as MSG_TRUNC. */
+        port->recv_iov.iov_base = port->recv_buf;
+        port->recv_iov.iov_len = LSHM_WIRE_MAX + 1;
+        port->recv_mh.msg_iov = &port->recv_iov;
+        port->recv_mh.msg_iovlen = 1;
+        ret = lshm__ring_recvmsg(r, port->fd, &port->recv_mh, &port->recv_op);
+    }
+    if (ret < 0) {
+        lshm__port_fail(port, ret, "cannot arm a receive: %s", strerror(-ret));
+        return;
+    }
+    port->recv_armed = true;
+}
+
+int lshm__recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms)
+{
+    struct lshm_msg *m;
+    int ret;
+
+    m = lshm__port_pop(port);
+    if (m == NULL) {
+        ret = lshm__port_wait(port, LSHM_WAIT_RECV, timeout_ms);
+        if (ret < 0)
+            return ret;
+        m = lshm__port_pop(port);
+        if (m == NULL)
+            return lshm__fail(-EAGAIN, "no message");
+    }
+    *msg = *m;
+    return 0;
+}
+
+void lshm__recv_done(struct lshm_msg *msg)
+{
+    struct rmsg *rm = msg->priv;
+    struct lshm_port *port = rm->port;
+
+    /* The caller got the fd with the message: it is theirs to close
+     * (lshm_recv(3)); only undelivered messages close theirs. */
+    rm->pub.fd = -1;
+    lshm__rmsg_release(rm);
+    free(rm);
+    port->held--;
+    /* Reading stopped at the bound: resume once half the room is back. */
+    if (port->recv_stopped && port->ctx != NULL && port->held <= port->ctx->p.recv_queue / 2) {
+        port->recv_stopped = false;
+        lshm__recv_arm(port);
+    }
+    lshm__port_settle(port);
+}
