@@ -28,7 +28,7 @@ static int run_one(const struct config *cfg, struct results *res)
     memset(res, 0, sizeof(*res));
     if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET)
         return copy_run_forked(cfg, res);
-    return lshm_run_forked(cfg, res);
+    return uring_run_forked(cfg, res);
 }
 
 /* Returns whether every reply came back (and verified). */

@@ -48,19 +48,6 @@ struct session {
     unsigned             blocked_on; /* LSHM_WAIT_SEND / _SHM after -EAGAIN */
 };
 
-const char *lshm_why(int ret)
-{
-    static char buf[320];
-    const char *detail = lshm_last_error();
-
-    if (detail == NULL || detail[0] == '\0')
-        return strerror(-ret);
-    if (strstr(detail, strerror(-ret)) != NULL)
-        return detail;
-    snprintf(buf, sizeof(buf), "%s (%s)", strerror(-ret), detail);
-    return buf;
-}
-
 static int ms_until(uint64_t now, uint64_t when)
 {
     uint64_t d = when > now ? when - now : 0;
@@ -77,7 +64,7 @@ static void link_failed(struct session *s, int ret)
     if (s->res->error)
         return;
     s->res->error = 1;
-    err("connection to %s closed: %s", s->peer, why ? why : lshm_why(ret));
+    err("connection to %s closed: %s", s->peer, why ? why : lib_why(ret));
 }
 
 /*
@@ -483,78 +470,7 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
     return ret;
 }
 
-int ctx_new_reported(struct lshm_ctx **ctx, const char *who)
-{
-    int ret = lshm_ctx_new(ctx, NULL);
-
-    if (ret == -EPERM || ret == -ENOSYS)
-        err("%sio_uring unavailable: %s", who, lshm_why(ret));
-    else if (ret < 0)
-        err("%scannot create an io_uring context: %s", who, lshm_why(ret));
-    return ret;
-}
-
-void idle_close(struct idle_ports *ip)
-{
-    unsigned i;
-
-    for (i = 0; i < ip->n; i++)
-        lshm_port_close(ip->ports[i]);
-    free(ip->ports);
-    ip->ports = NULL;
-    ip->n = 0;
-}
-
-/*
- * Each socketpair gives two ports: the context adopts both ends, so every
- * port makes a real handshake (with itself) and then stays open, idle.
- */
-int idle_open(const struct config *cfg, struct lshm_ctx *ctx, struct idle_ports *ip,
-              const char *who)
-{
-    unsigned n = cfg->idle, i;
-    int sv[2], ret;
-
-    ip->n = 0;
-    ip->ports = NULL;
-    if (n == 0)
-        return 0;
-    ip->ports = calloc(n + 1, sizeof(*ip->ports));   /* n is even; + 1 all the same */
-    if (ip->ports == NULL) {
-        err("%s--idle %u: out of memory", who, n);
-        return -1;
-    }
-    while (ip->n < n) {
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
-            err("%s--idle %u: socketpair after %u ports: %s", who, n, ip->n, strerror(errno));
-            goto fail;
-        }
-        for (i = 0; i < 2; i++) {
-            ret = lshm_port_adopt(ctx, sv[i], &ip->ports[ip->n]);
-            if (ret < 0) {
-                err("%s--idle %u: adopting port %u: %s", who, n, ip->n, lshm_why(ret));
-                close(sv[i]);
-                if (i == 0)
-                    close(sv[1]);
-                goto fail;
-            }
-            ip->n++;
-        }
-    }
-    for (i = 0; i < ip->n; i++) {
-        ret = lshm_port_wait(ip->ports[i], LSHM_WAIT_READY, HANDSHAKE_MS);
-        if (ret < 0) {
-            err("%s--idle %u: handshake of port %u: %s", who, n, i, lshm_why(ret));
-            goto fail;
-        }
-    }
-    return 0;
-fail:
-    idle_close(ip);
-    return -1;
-}
-
-int lshm_run_forked(const struct config *cfg, struct results *res)
+int uring_run_forked(const struct config *cfg, struct results *res)
 {
     struct idle_ports idle = { NULL, 0 };
     struct lshm_ctx *ctx = NULL;
@@ -575,7 +491,7 @@ int lshm_run_forked(const struct config *cfg, struct results *res)
     }
     ret = lshm_port_adopt(ctx, sock, &port);
     if (ret < 0) {
-        err("cannot adopt the socket of the forked peer: %s", lshm_why(ret));
+        err("cannot adopt the socket of the forked peer: %s", lib_why(ret));
         close(sock);
         goto fail;
     }
@@ -584,7 +500,7 @@ int lshm_run_forked(const struct config *cfg, struct results *res)
     ret = lshm_port_wait(port, LSHM_WAIT_READY, HANDSHAKE_MS);
     if (ret < 0) {
         const char *why = lshm_port_error(port);
-        err("handshake with the forked peer failed: %s", why ? why : lshm_why(ret));
+        err("handshake with the forked peer failed: %s", why ? why : lib_why(ret));
         goto fail;
     }
     if (idle_open(cfg, ctx, &idle, "") < 0)
@@ -615,7 +531,7 @@ fail:
     return EXIT_ERROR;
 }
 
-int lshm_run_client(const struct config *cfg, struct results *res)
+int uring_run_client(const struct config *cfg, struct results *res)
 {
     struct idle_ports idle = { NULL, 0 };
     struct lshm_ctx *ctx = NULL;
@@ -630,11 +546,11 @@ int lshm_run_client(const struct config *cfg, struct results *res)
     ret = lshm_connect(ctx, cfg->path, HANDSHAKE_MS, &port);
     if (ret < 0) {
         if (ret == -ENOENT || ret == -ECONNREFUSED)
-            err("no server at %s: %s", cfg->path, lshm_why(ret));
+            err("no server at %s: %s", cfg->path, lib_why(ret));
         else if (ret == -ETIMEDOUT)
             err("%s did not complete the handshake within %d ms", cfg->path, HANDSHAKE_MS);
         else
-            err("cannot connect to %s: %s", cfg->path, lshm_why(ret));
+            err("cannot connect to %s: %s", cfg->path, lib_why(ret));
         goto fail;
     }
     if (idle_open(cfg, ctx, &idle, "") < 0) {

@@ -1,8 +1,54 @@
-/* shmping: what it prints: header, replies, summary (text or JSON), --probe. */
+/*
+ * shmping: what it prints: names of modes and flags, header, replies,
+ * summary (text or JSON), --probe.
+ */
 #include <stdio.h>
 #include <string.h>
 
 #include "shmping.h"
+
+const char *mode_name(enum mode m)
+{
+    switch (m) {
+    case MODE_SHM:    return "shm";
+    case MODE_INLINE: return "inline";
+    case MODE_COPY:   return "copy";
+    case MODE_SEQPACKET: return "seqpacket";
+    default:          return "auto";
+    }
+}
+
+void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        if (!(flags & names[i].bit))
+            continue;
+        int w = snprintf(buf + used, len - used, "%s%s", used ? " " : "", names[i].name);
+        if (w < 0 || (size_t)w >= len - used)
+            break;
+        used += (size_t)w;
+    }
+    if (used == 0)
+        snprintf(buf, len, "none");
+}
+
+void features_text(unsigned feat, char *buf, size_t len)
+{
+    static const struct flag_name names[] = {
+        { LSHM_FEAT_SINGLE_ISSUER,    "single_issuer" },
+        { LSHM_FEAT_DEFER_TASKRUN,    "defer_taskrun" },
+        { LSHM_FEAT_COOP_TASKRUN,     "coop_taskrun" },
+        { LSHM_FEAT_MULTISHOT_RECV,   "multishot_recv" },
+        { LSHM_FEAT_BUF_RING,         "buf_ring" },
+        { LSHM_FEAT_MULTISHOT_ACCEPT, "multishot_accept" },
+        { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
+    };
+
+    flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
+}
 
 void print_header(const struct config *cfg, const char *peer, unsigned features)
 {
@@ -187,7 +233,7 @@ int print_probe(bool json)
     int ret = lshm_probe(&p);
 
     if (ret < 0) {
-        err("probe failed: %s", lshm_why(ret));
+        err("probe failed: %s", lib_why(ret));
         return EXIT_ERROR;
     }
     if (json) {

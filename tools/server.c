@@ -77,7 +77,7 @@ static void client_drop(struct client *c, int ret)
     else if (ret == -ENOBUFS)
         why = "does not read its replies";
     else if (why == NULL)
-        why = lshm_why(ret);
+        why = lib_why(ret);
     if (c->srv->listener != NULL)
         client_log(c, "dropped", why);
     else if (ret != -EPIPE)
@@ -199,13 +199,13 @@ static void on_close(struct lshm_port *port, int error, void *arg)
     if (c->srv->listener == NULL) {
         /* Forked peer: the parent closing the link is the normal end. */
         if (error != -EPIPE)
-            err("peer: link closed: %s", why ? why : lshm_why(error));
+            err("peer: link closed: %s", why ? why : lib_why(error));
         return;
     }
     /* One line for every end, orderly or not: EOF from a client that died
      * is an orderly end to the transport (-EPIPE), only the reason differs. */
     client_log(c, error == -EPIPE ? "disconnected" : "dropped",
-               why ? why : lshm_why(error));
+               why ? why : lib_why(error));
 }
 
 static struct client *client_add(struct server *s, struct lshm_port *port)
@@ -221,7 +221,7 @@ static struct client *client_add(struct server *s, struct lshm_port *port)
     c->id = ++s->next_id;
     ret = lshm_port_set_handler(port, on_msg, on_close, c);
     if (ret < 0) {
-        err("cannot serve a client: %s", lshm_why(ret));
+        err("cannot serve a client: %s", lib_why(ret));
         free(c);
         return NULL;
     }
@@ -309,7 +309,7 @@ static int run_loop(struct server *s)
         int ret = lshm_ctx_run(s->ctx, held ? RUN_RETRY_MS : RUN_IDLE_MS);
 
         if (ret < 0 && ret != -EINTR && ret != -ETIMEDOUT && ret != -EAGAIN) {
-            err("%s: event loop failed: %s", s->listener ? "server" : "peer", lshm_why(ret));
+            err("%s: event loop failed: %s", s->listener ? "server" : "peer", lib_why(ret));
             return -1;
         }
         held = retry_pending(s);
@@ -348,13 +348,13 @@ int serve(const struct config *cfg)
         if (ret == -EADDRINUSE)
             err("cannot listen on %s: a server is already running there", cfg->listen);
         else
-            err("cannot listen on %s: %s", cfg->listen, lshm_why(ret));
+            err("cannot listen on %s: %s", cfg->listen, lib_why(ret));
         lshm_ctx_free(s.ctx);
         return EXIT_ERROR;
     }
     ret = lshm_listener_set_handler(s.listener, on_accept, &s);
     if (ret < 0) {
-        err("cannot accept on %s: %s", cfg->listen, lshm_why(ret));
+        err("cannot accept on %s: %s", cfg->listen, lib_why(ret));
         server_close(&s);
         return EXIT_ERROR;
     }
@@ -389,7 +389,7 @@ int peer_serve(const struct config *cfg, int sock)
     }
     ret = lshm_port_adopt(s.ctx, sock, &port);
     if (ret < 0) {
-        err("peer: cannot adopt its socket: %s", lshm_why(ret));
+        err("peer: cannot adopt its socket: %s", lib_why(ret));
         close(sock);
         lshm_ctx_free(s.ctx);
         return EXIT_ERROR;

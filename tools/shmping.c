@@ -326,9 +326,9 @@ int main(int argc, char **argv)
     if (cfg.mode == MODE_COPY || cfg.mode == MODE_SEQPACKET)
         ret = copy_run_forked(&cfg, &res);
     else if (cfg.path)
-        ret = lshm_run_client(&cfg, &res);
+        ret = uring_run_client(&cfg, &res);
     else
-        ret = lshm_run_forked(&cfg, &res);
+        ret = uring_run_forked(&cfg, &res);
 
     if (res.sent > 0 || ret == 0)
         print_summary(&cfg, &res, cfg.path ? cfg.path : "peer");
