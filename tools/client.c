@@ -68,8 +68,10 @@ static void link_failed(struct session *s, int ret)
 }
 
 /*
- * Queue one message.  With verify and fresh, the pattern of seq is written
- * straight into the payload; otherwise the staging bytes are sent.  -EAGAIN
+ * Queue one message, every payload byte written as a program writes its
+ * data: the fast payload of seq, straight into the shared-memory buffers or
+ * the bytes to send inline.  With verify, the pattern of seq instead: written
+ * there when fresh, else copied from the staging bytes.  -EAGAIN
  * (no room now) sets s->blocked_on to what to wait for.
  */
 static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flags, bool fresh)
@@ -87,14 +89,18 @@ static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flag
             s->blocked_on = LSHM_WAIT_SHM;
         if (ret < 0)
             return ret;
-        if (cfg->verify && fresh)
+        if (!cfg->verify)
+            payload_fast_fill(&p, seq);
+        else if (fresh)
             payload_fill(&p, seq);
         else
             payload_copy_in(&p, s->staging);
         out.bufs = p.bufs;
         out.nbufs = p.n;
     } else if (cfg->size > 0) {
-        if (cfg->verify && fresh)
+        if (!cfg->verify)
+            fast_fill(s->staging, 0, cfg->size, seq);
+        else if (fresh)
             pattern_fill(s->staging, 0, cfg->size, seq);
         out.data = s->staging;
         out.size = cfg->size;
@@ -151,7 +157,7 @@ static void handle_reply(struct session *s, struct lshm_msg *m)
     if (m->size != cfg->size || msg_iov_bytes(m) != m->size) {
         err("seq=%u: reply has %zu bytes, %zu were sent", seq, m->size, cfg->size);
         res->corrupt++;
-    } else if (cfg->verify && !msg_verify(m, seq)) {
+    } else if (!msg_check(m, seq, cfg->verify)) {
         res->corrupt++;
     }
     lshm_msg_done(m);
@@ -247,6 +253,8 @@ static int ping_session(struct session *s)
     bool sending_over = false;
     int ret = 0;
 
+    faults_start(res);
+
     for (;;) {
         uint64_t now = now_ns();
         struct lshm_msg m;
@@ -329,6 +337,8 @@ static int ping_session(struct session *s)
             break;
         }
     }
+    faults_stop(res);
+    res->bytes_moved = 2 * res->received * cfg->size;
     res->time_ms = (double)(now_ns() - start) / 1e6;
     if (cfg->throughput && res->time_ms > 0) {
         double secs = res->time_ms / 1e3;
@@ -410,6 +420,7 @@ static int sink_session(struct session *s)
     struct peer_stats st;
     int ret = 0;
 
+    faults_start(res);
     while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
         uint64_t n = cfg->count - res->sent;
         if (n > cfg->batch)
@@ -437,6 +448,7 @@ static int sink_session(struct session *s)
     }
     if (sink_answer(s, &st) < 0)
         return -1;
+    faults_stop(res);
     results_set_throughput(res, start, &st);
     return 0;
 }
@@ -485,6 +497,7 @@ int uring_run_forked(const struct config *cfg, struct results *res)
     pid = fork_peer(cfg, SOCK_SEQPACKET, peer_serve, &sock);
     if (pid < 0)
         return EXIT_ERROR;
+    res->peer_pid = pid;
     if (ctx_new_reported(&ctx, "") < 0) {
         close(sock);
         goto fail;

@@ -52,17 +52,24 @@ void features_text(unsigned feat, char *buf, size_t len)
 
 void print_header(const struct config *cfg, const char *peer, unsigned features)
 {
-    char feat[160], batch[64] = "";
+    char feat[160], batch[192] = "";
     int n = 0;
 
     if (cfg->throughput && cfg->batch > 1)
         n = snprintf(batch, sizeof(batch), ", batch %u", cfg->batch);
     if (cfg->idle > 0)
-        snprintf(batch + n, sizeof(batch) - (size_t)n, ", %u idle ports", cfg->idle);
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", %u idle ports", cfg->idle);
+    if (cfg->frames > 0)
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", %llu frames",
+                      (unsigned long long)cfg->frames);
+    if (cfg->slow_n > 0)
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", consumer slow for %llu (%u ms each)",
+                      (unsigned long long)cfg->slow_n, cfg->slow_ms);
     if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) {
-        printf("SHMPING %s: %zu bytes, mode %s%s (AF_UNIX %s socket, "
+        printf("SHMPING %s: %zu bytes, mode %s%s%s (AF_UNIX %s socket, "
                "blocking write/read, no io_uring)\n",
                peer, cfg->size, mode_name(cfg->mode), cfg->throughput ? ", throughput" : "",
+               cfg->frames > 0 || cfg->slow_n > 0 ? batch : "",
                cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
         features_text(features, feat, sizeof(feat));
@@ -103,6 +110,24 @@ static void json_string(const char *s)
     putchar('"');
 }
 
+/* A JSON number, or null when v is below 0 (not known). */
+static void json_num(const char *name, double v, int prec)
+{
+    if (v < 0)
+        printf(",\"%s\":null", name);
+    else
+        printf(",\"%s\":%.*f", name, prec, v);
+}
+
+static void json_faults(const struct results *res)
+{
+    printf(",\"bytes_moved\":%llu", (unsigned long long)res->bytes_moved);
+    json_num("minflt_self", (double)res->minflt_self, 0);
+    json_num("minflt_peer", (double)res->minflt_peer, 0);
+    json_num("minflt_self_per_mib", faults_per_mib(res->minflt_self, res->bytes_moved), 4);
+    json_num("minflt_peer_per_mib", faults_per_mib(res->minflt_peer, res->bytes_moved), 4);
+}
+
 static void json_summary(const struct config *cfg, const struct results *res, const char *peer)
 {
     struct rtt_summary r;
@@ -130,7 +155,32 @@ static void json_summary(const struct config *cfg, const struct results *res, co
                ",\"rtt_p99_us\":null,\"rtt_p999_us\":null");
     if (cfg->throughput)
         printf(",\"msgs_per_s\":%.1f,\"gb_per_s\":%.6f", res->msgs_per_s, res->gb_per_s);
+    if (cfg->frames > 0 || cfg->slow_n > 0)
+        printf(",\"frames\":%llu,\"slow_frames\":%llu,\"slow_ms\":%u",
+               (unsigned long long)cfg->frames, (unsigned long long)cfg->slow_n, cfg->slow_ms);
+    json_faults(res);
     printf("}\n");
+}
+
+/* "minor page faults: N here (F/MiB), N peer (F/MiB)" */
+static void print_faults(const struct results *res)
+{
+    const long n[2] = { res->minflt_self, res->minflt_peer };
+    const char *who[2] = { "here", "peer" };
+
+    if (n[0] < 0)
+        return;
+    printf("minor page faults:");
+    for (int i = 0; i < 2; i++) {
+        double per = faults_per_mib(n[i], res->bytes_moved);
+
+        if (n[i] < 0)
+            continue;
+        printf("%s %ld %s", i ? "," : "", n[i], who[i]);
+        if (per >= 0)
+            printf(" (%.2f/MiB)", per);
+    }
+    printf("\n");
 }
 
 void print_summary(const struct config *cfg, const struct results *res, const char *peer)
@@ -156,6 +206,7 @@ void print_summary(const struct config *cfg, const struct results *res, const ch
     }
     if (cfg->throughput)
         printf("throughput: %.0f msgs/s, %.3f GB/s\n", res->msgs_per_s, res->gb_per_s);
+    print_faults(res);
     fflush(stdout);
 }
 

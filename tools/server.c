@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "shmping.h"
@@ -40,6 +41,7 @@ struct client {
     size_t           npending;
     unsigned         id;
     bool             dead;      /* closed or dropped: reaped by the loop */
+    bool             bad_ping;  /* forked peer: a bad payload was reported */
 };
 
 struct server {
@@ -52,6 +54,14 @@ struct server {
     struct peer_stats     stats;
     struct idle_ports     idle;     /* --idle */
 };
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
+
+    while (nanosleep(&ts, &ts) < 0 && !stop_requested)
+        ;
+}
 
 /* The server's log (stderr): one line for each client that goes. */
 static void client_log(struct client *c, const char *what, const char *why)
@@ -134,8 +144,12 @@ static int serve_msg(struct client *c, struct lshm_msg *m)
     if (s->sink && m->type == MSG_DATA) {
         s->stats.received++;
         s->stats.bytes += m->size;
-        if (s->cfg->verify && !msg_verify(m, m->stream))
+        if (!msg_check(m, m->stream, s->cfg->verify))
             s->stats.corrupt++;
+        /* --slow: a consumer that takes its time over its first messages
+         * (the chunks stay its until it is done with them). */
+        if (s->stats.received <= s->cfg->slow_n)
+            sleep_ms(s->cfg->slow_ms);
     } else if (s->sink && m->type == MSG_END) {
         ret = send_stats(c, m);
     } else {
@@ -165,6 +179,11 @@ static void on_msg(struct lshm_port *port, struct lshm_msg *msg, void *arg)
         lshm_msg_done(&m);
         return;
     }
+    /* The forked peer reads every ping it echoes, as a receiver does (once,
+     * here, not on each retry); a server echoes any client's bytes. */
+    if (c->srv->listener == NULL && !c->srv->sink && m.type == MSG_PING && !c->bad_ping &&
+        !msg_check(&m, m.stream, c->srv->cfg->verify))
+        c->bad_ping = true;     /* reported once: the client counts them */
     if (c->head == NULL) {
         ret = serve_msg(c, &m);
         if (ret == 0)

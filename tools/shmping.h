@@ -52,6 +52,9 @@ struct config {
     unsigned    idle;       /* --idle: more ports, doing nothing, in every context */
     bool        count_set, flood, quiet, throughput, verify, json, keep_caps;
     bool        bench;      /* a --bench cell: no output, results only */
+    uint64_t    frames;     /* --frames: a one-way run of that many, 0: none */
+    uint64_t    slow_n;     /* --slow N:MS: the peer sleeps MS ms after each */
+    unsigned    slow_ms;    /*   of its first N messages of a one-way run */
 };
 
 struct results {
@@ -62,6 +65,11 @@ struct results {
     double   msgs_per_s, gb_per_s;
     bool     interrupted;
     int      error;         /* nonzero: EXIT_ERROR was reported on stderr */
+    /* Minor page faults during the run, of this process and of the forked
+     * peer (-1: not known), and the payload bytes that crossed the link. */
+    pid_t    peer_pid;      /* 0: no forked peer */
+    long     minflt_self, minflt_peer;
+    uint64_t bytes_moved;
 };
 
 struct rtt_summary {
@@ -120,12 +128,33 @@ void   payload_copy_msg(struct payload *p, const struct lshm_msg *m);
 size_t msg_iov_bytes(const struct lshm_msg *m);
 bool   msg_verify(const struct lshm_msg *m, uint32_t seq);
 
+/* payload.c: the fast payload, written and summed at memory speed. */
+void     fast_fill(void *dst, size_t off, size_t len, uint32_t seq);
+/* The sum of the payload's words in src, a piece at offset off: the sums
+ * of the pieces add up to the payload's. */
+uint64_t fast_sum(const void *src, size_t off, size_t len);
+uint64_t fast_sum_expected(size_t len, uint32_t seq);
+/* Whether a whole payload of len bytes sums right; a mismatch is reported. */
+bool     fast_check(const void *src, size_t len, uint32_t seq);
+void     payload_fast_fill(struct payload *p, uint32_t seq);
+/* Read every byte of m: its pattern (verify) or its sum; a mismatch is reported. */
+bool     msg_check(const struct lshm_msg *m, uint32_t seq, bool verify);
+
 /* stats.c */
 int      results_add_rtt(struct results *r, double us);
 void     results_free(struct results *r);
 void     rtt_summarize(const struct results *r, struct rtt_summary *s);
 /* A throughput run's results: time since start (now_ns), what the peer counted. */
 void     results_set_throughput(struct results *r, uint64_t start, const struct peer_stats *st);
+/* Page faults: faults_start at the start of the measured part of a run
+ * (r->peer_pid set), faults_stop at its end. */
+void     faults_start(struct results *r);
+void     faults_stop(struct results *r);
+/* Faults per MiB moved, or -1 when not known. */
+double   faults_per_mib(long faults, uint64_t bytes);
+/* Minor faults of this process so far, and of process pid (-1: unknown). */
+long     minflt_self(void);
+long     minflt_of(pid_t pid);
 
 /* proc.c.  Set by SIGINT/SIGTERM; every loop of the tool checks it. */
 extern volatile sig_atomic_t stop_requested;

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "shmping.h"
 
@@ -38,6 +39,58 @@ void results_set_throughput(struct results *r, uint64_t start, const struct peer
         r->msgs_per_s = (double)st->received / secs;
         r->gb_per_s = (double)st->bytes / secs / 1e9;
     }
+    r->bytes_moved = st->bytes;
+}
+
+long minflt_self(void)
+{
+    struct rusage ru;
+
+    return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_minflt : -1;
+}
+
+/* Field 10 of /proc/PID/stat, counted after the ')' that ends the name. */
+long minflt_of(pid_t pid)
+{
+    char path[64], buf[1024], *p;
+    unsigned long v;
+    ssize_t n;
+    FILE *f;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    f = fopen(path, "re");
+    if (f == NULL)
+        return -1;
+    n = (ssize_t)fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    p = strrchr(buf, ')');
+    if (p == NULL || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %lu", &v) != 1)
+        return -1;
+    return (long)v;
+}
+
+void faults_start(struct results *r)
+{
+    r->minflt_self = minflt_self();
+    r->minflt_peer = r->peer_pid > 0 ? minflt_of(r->peer_pid) : -1;
+}
+
+void faults_stop(struct results *r)
+{
+    long self = minflt_self(), peer = r->peer_pid > 0 ? minflt_of(r->peer_pid) : -1;
+
+    r->minflt_self = self >= 0 && r->minflt_self >= 0 ? self - r->minflt_self : -1;
+    r->minflt_peer = peer >= 0 && r->minflt_peer >= 0 ? peer - r->minflt_peer : -1;
+}
+
+double faults_per_mib(long faults, uint64_t bytes)
+{
+    if (faults < 0 || bytes == 0)
+        return -1;
+    return (double)faults / ((double)bytes / (1u << 20));
 }
 
 static int cmp_double(const void *a, const void *b)
