@@ -325,12 +325,20 @@ Test(shmping, summary_reports_page_faults, .timeout = 120)
     double here_mib, peer_mib;
     const char *l;
 
-    expect_ok(&r, "-q --throughput -c 50 --mode seqpacket -s 16K");
+    expect_ok(&r, "-q --throughput -c 200 --mode seqpacket -s 16K");
     l = strstr(r.out, "minor page faults: ");
     cr_assert_not_null(l, "no fault line:\n%s", r.out);
     cr_expect_eq(sscanf(l, "minor page faults: %ld here (%lf/MiB), %ld peer (%lf/MiB)", &here,
                         &here_mib, &peer, &peer_mib), 4, "%s", l);
     cr_expect(here >= 0 && peer >= 0 && here_mib >= 0 && peer_mib >= 0, "%s", l);
+    run_free(&r);
+
+    /* Below a MiB moved, the counts alone. */
+    expect_ok(&r, "-q -c 3 -i 0.001");
+    l = strstr(r.out, "minor page faults: ");
+    cr_assert_not_null(l, "no fault line:\n%s", r.out);
+    cr_expect_eq(sscanf(l, "minor page faults: %ld here, %ld peer\n", &here, &peer), 2, "%s", l);
+    cr_expect(strstr(l, "/MiB") == NULL, "%s", l);
     run_free(&r);
 }
 

@@ -162,7 +162,7 @@ static void json_summary(const struct config *cfg, const struct results *res, co
     printf("}\n");
 }
 
-/* "minor page faults: N here (F/MiB), N peer (F/MiB)" */
+/* "minor page faults: N here (F/MiB), N peer (F/MiB)"; per MiB once one moved. */
 static void print_faults(const struct results *res)
 {
     const long n[2] = { res->minflt_self, res->minflt_peer };
@@ -177,7 +177,7 @@ static void print_faults(const struct results *res)
         if (n[i] < 0)
             continue;
         printf("%s %ld %s", i ? "," : "", n[i], who[i]);
-        if (per >= 0)
+        if (per >= 0 && res->bytes_moved >= (1u << 20))
             printf(" (%.2f/MiB)", per);
     }
     printf("\n");
