@@ -161,6 +161,41 @@ static int count_lines(const char *s, const char *what)
     return n;
 }
 
+/* ---- the tool's own shape ---- */
+
+/* Its files call downwards only, in the order tools/shmping.h lists them. */
+Test(shmping, files_call_downwards_only, .timeout = 120)
+{
+    const char *top = getenv("LSHM_TOP");
+    char script[4096];
+    char *argv[] = { "sh", script, NULL };
+    int out[2], status;
+    char buf[4096] = "";
+    size_t len = 0;
+    ssize_t n;
+    pid_t pid;
+
+    snprintf(script, sizeof(script), "%s/tools/layers.sh", top ? top : ".");
+    cr_assert_eq(pipe2(out, O_CLOEXEC), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        dup2(out[1], 1);
+        dup2(out[1], 2);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    close(out[1]);
+    while (len < sizeof(buf) - 1 && (n = read(out[0], buf + len, sizeof(buf) - 1 - len)) > 0)
+        len += (size_t)n;
+    buf[len] = '\0';
+    close(out[0]);
+    status = wait_child(pid, 60000);
+    cr_expect(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "%s failed:\n%s", script, buf);
+    cr_expect(strstr(buf, "every call downwards") != NULL, "%s", buf);
+}
+
 /* ---- output ---- */
 
 Test(shmping, summary_matches_count, .timeout = 120)
