@@ -28,7 +28,6 @@
 #define MAX_INFLIGHT_BYTES (128ull << 20)
 #define STALL_NS        (10 * NS_PER_S)       /* no progress for this long: give up */
 #define DRAIN_NS        (2 * NS_PER_S)        /* after -w, for replies on their way */
-#define HANDSHAKE_MS    5000
 #define WAIT_SLICE_MS   100                   /* how often loops look at signals */
 
 struct slot {

@@ -10,8 +10,6 @@
 
 #include "shmping.h"
 
-#define HANDSHAKE_MS    5000
-
 int ctx_new_reported(struct lshm_ctx **ctx, const char *who)
 {
     int ret = lshm_ctx_new(ctx, NULL);

@@ -3,8 +3,10 @@
  * modes.  Both run one lshm_ctx_run loop with a handler per port: every user
  * message is echoed (same type and stream, LAST, same bytes, inline when it
  * came inline, in this process's own chunks when it came in chunks); the
- * forked peer of a throughput run counts MSG_DATA instead and answers
- * MSG_END with what it saw.
+ * forked peer of a throughput run counts MSG_DATA instead, reading every
+ * byte (its sum, or the --verify pattern) and taking --slow's time over the
+ * first ones, and answers MSG_END with what it saw.  The forked peer also
+ * reads every ping it echoes.
  *
  * An echo that cannot be queued now (send queue full, no free chunk) is not
  * dropped: the message is held, unreleased, in its client's FIFO and retried
@@ -41,7 +43,6 @@ struct client {
     size_t           npending;
     unsigned         id;
     bool             dead;      /* closed or dropped: reaped by the loop */
-    bool             bad_ping;  /* forked peer: a bad payload was reported */
 };
 
 struct server {
@@ -180,10 +181,10 @@ static void on_msg(struct lshm_port *port, struct lshm_msg *msg, void *arg)
         return;
     }
     /* The forked peer reads every ping it echoes, as a receiver does (once,
-     * here, not on each retry); a server echoes any client's bytes. */
-    if (c->srv->listener == NULL && !c->srv->sink && m.type == MSG_PING && !c->bad_ping &&
-        !msg_check(&m, m.stream, c->srv->cfg->verify))
-        c->bad_ping = true;     /* reported once: the client counts them */
+     * here, not on each retry; a bad one is reported, and counted by the
+     * client); a server echoes any client's bytes. */
+    if (c->srv->listener == NULL && !c->srv->sink && m.type == MSG_PING)
+        msg_check(&m, m.stream, c->srv->cfg->verify);
     if (c->head == NULL) {
         ret = serve_msg(c, &m);
         if (ret == 0)

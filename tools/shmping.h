@@ -23,6 +23,7 @@
 #define SEQPACKET_MAX   LSHM_INLINE_MAX   /* --mode seqpacket: one datagram */
 #define COUNT_FOREVER   UINT64_MAX
 #define BENCH_IDLE      1000    /* --bench: idle ports of its last row */
+#define HANDSHAKE_MS    5000    /* a peer, a server or an idle port must greet within */
 
 /* User message types of shmping's own protocol (a server echoes them all). */
 enum {
