@@ -100,7 +100,7 @@ static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flag
         if (!cfg->verify)
             fast_fill(s->staging, 0, cfg->size, seq);
         else if (fresh)
-            pattern_fill(s->staging, 0, cfg->size, seq);
+            pattern_write(s->staging, 0, cfg->size, seq);
         out.data = s->staging;
         out.size = cfg->size;
     }
@@ -180,7 +180,7 @@ static int send_pings(struct session *s, unsigned n)
 
         /* The pattern is made before the clock starts: it is not transport. */
         if (cfg->verify && cfg->size > 0)
-            pattern_fill(s->staging, 0, cfg->size, seq);
+            pattern_write(s->staging, 0, cfg->size, seq);
         t = now_ns();
         ret = send_msg(s, MSG_PING, seq, i + 1 < n ? LSHM_MORE : 0, false);
         if (ret < 0) {

@@ -254,7 +254,7 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
         /* The pattern is made before the clock starts; the fast payload is
          * written as part of each message, as in the other modes. */
         if (cfg->verify)
-            pattern_fill(sendbuf, 0, cfg->size, seq);
+            pattern_write(sendbuf, 0, cfg->size, seq);
         t0 = now_ns();
         if (!cfg->verify)
             fast_fill(sendbuf, 0, cfg->size, seq);
@@ -311,7 +311,7 @@ static int copy_throughput(const struct config *cfg, int fd, struct results *res
     while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
         h.seq = (uint32_t)(res->sent + 1);
         if (cfg->verify)
-            pattern_fill(sendbuf, 0, cfg->size, h.seq);
+            pattern_write(sendbuf, 0, cfg->size, h.seq);
         else
             fast_fill(sendbuf, 0, cfg->size, h.seq);
         r = write_all(fd, &h, sizeof(h), sendbuf, cfg->size);

@@ -1,86 +1,23 @@
 /*
- * shmping: what payloads hold and how they are checked: the --verify
- * pattern, payloads in shared-memory buffers, checks of received messages.
+ * shmping: what payloads hold and how they are checked: payloads in
+ * shared-memory buffers, checks of received messages (the --verify pattern
+ * is pattern.c's, shared with the tests).
  */
 #include <errno.h>
 #include <string.h>
 
 #include "shmping.h"
 
-/*
- * The payload of message seq is a stream of 64-bit words, word k a mix of seq
- * and k, so that a byte out of place, a stale chunk or another message's
- * payload all show.  Bytes are taken from each word in memory order, so the
- * pattern is the same whichever piece (iov, buffer) a byte lands in.
- */
-static inline uint64_t pattern_word(uint32_t seq, uint64_t k)
-{
-    uint64_t v = (k ^ ((uint64_t)seq << 40)) * 0x9e3779b97f4a7c15ull + seq;
-
-    return v ^ (v >> 29);
-}
-
-void pattern_fill(void *dst, size_t off, size_t len, uint32_t seq)
-{
-    uint8_t *d = dst;
-    size_t i = 0;
-
-    while (i < len) {
-        size_t pos = off + i;
-        uint64_t w = pattern_word(seq, pos / 8);
-
-        if (pos % 8 == 0 && len - i >= 8) {
-            memcpy(d + i, &w, 8);
-            i += 8;
-        } else {
-            uint8_t b[8];
-            memcpy(b, &w, 8);
-            d[i++] = b[pos % 8];
-        }
-    }
-}
-
-long pattern_check(const void *src, size_t off, size_t len, uint32_t seq)
-{
-    const uint8_t *s = src;
-    size_t i = 0;
-
-    while (i < len) {
-        size_t pos = off + i;
-        uint64_t w = pattern_word(seq, pos / 8);
-        uint8_t b[8];
-
-        memcpy(b, &w, 8);
-        if (pos % 8 == 0 && len - i >= 8) {
-            if (memcmp(s + i, b, 8) == 0) {
-                i += 8;
-                continue;
-            }
-            while (s[i] == b[(off + i) % 8])
-                i++;
-            return (long)i;
-        }
-        if (s[i] != b[pos % 8])
-            return (long)i;
-        i++;
-    }
-    return -1;
-}
-
 bool verify_piece(const void *src, size_t off, size_t len, uint32_t seq)
 {
-    long at = pattern_check(src, off, len, seq);
-    uint64_t w;
-    uint8_t b[8];
+    long at = pattern_mismatch(src, off, len, seq);
     size_t pos;
 
     if (at < 0)
         return true;
     pos = off + (size_t)at;
-    w = pattern_word(seq, pos / 8);
-    memcpy(b, &w, 8);
     err("seq=%u: payload differs at byte %zu: 0x%02x, expected 0x%02x",
-        seq, pos, ((const uint8_t *)src)[at], b[pos % 8]);
+        seq, pos, ((const uint8_t *)src)[at], pattern_byte(seq, pos));
     return false;
 }
 
@@ -147,7 +84,7 @@ void payload_fill(struct payload *p, uint32_t seq)
     size_t off = 0;
 
     for (unsigned i = 0; i < p->n; i++) {
-        pattern_fill(lshm_buf_data(p->bufs[i]), off, p->sizes[i], seq);
+        pattern_write(lshm_buf_data(p->bufs[i]), off, p->sizes[i], seq);
         off += p->sizes[i];
     }
 }

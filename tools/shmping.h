@@ -13,6 +13,7 @@
 #include <time.h>
 
 #include "linuxshm.h"
+#include "pattern.h"
 
 /* Exit statuses. */
 #define EXIT_LOST   1   /* replies lost or corrupt */
@@ -81,6 +82,8 @@ struct rtt_summary {
  * The files of the tool in layers, lowest first; each calls only files
  * before it in this list (main calls them all):
  *
+ *   pattern.c  the --verify payload pattern and random numbers (shared with
+ *              the tests)
  *   errors.c   err(), lib_why(): what went wrong, on stderr
  *   payload.c  what payloads hold, how receivers read and check them
  *   stats.c    RTT samples, their summary, rates, page faults
@@ -107,10 +110,6 @@ void err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* One-line text for a failed library call: the library's detail if any. */
 const char *lib_why(int ret);
 
-/* payload.c: the --verify pattern. */
-void     pattern_fill(void *dst, size_t off, size_t len, uint32_t seq);
-/* First offset (relative to src) that differs from the pattern, or -1. */
-long     pattern_check(const void *src, size_t off, size_t len, uint32_t seq);
 /* Check a piece at offset off of payload seq; a mismatch is reported on stderr. */
 bool     verify_piece(const void *src, size_t off, size_t len, uint32_t seq);
 
