@@ -261,7 +261,6 @@ static bool ring_put(struct lshm_port *port, struct smsg *m)
             ring_violation(port);
             return false;
         }
-        port->stats.ring_full++;
         if (lshm__msgring_want_room(&port->tx, msg ? (uint32_t)m->len : 0) < 0) {
             ring_violation(port);
             return false;
@@ -302,8 +301,11 @@ void lshm__port_queue(struct lshm_port *port, struct smsg *m)
             sq_append(port, m);
         return;
     }
-    if (port->bl_head != NULL || !ring_put(port, m))
+    if (port->bl_head != NULL || !ring_put(port, m)) {
+        /* It waits for room (counted once, however often it is tried). */
+        port->stats.ring_full++;
         bl_append(port, m);
+    }
 }
 
 int lshm__port_ring_out(struct lshm_port *port)

@@ -511,11 +511,16 @@ bool lshm__recv_poll(struct lshm_port *port)
     return ring_read(port, false);
 }
 
-/* The peer's end of file: deliver what it published before, then close. */
+/*
+ * The peer's end of file: deliver what it published before, then close.
+ * An orderly close says BYE first (-EPIPE); end of file without one is a
+ * peer that crashed, was killed, or closed its socket without a word.
+ */
 static void recv_eof(struct lshm_port *port)
 {
     ring_read(port, true);
-    lshm__port_fail(port, -EPIPE, "peer closed the connection");
+    lshm__port_fail(port, -ECONNRESET, "peer closed the connection without BYE "
+                    "(it exited, crashed or was killed)");
 }
 
 static void futex_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
@@ -560,9 +565,21 @@ static void recv_datagram(struct lshm_port *port, const void *data, size_t len,
         return;
     }
     if (mh->msg_flags & MSG_CTRUNC) {
+        /* The kernel truncates the fds it cannot install here too: out of
+         * fds is this process's limit, not the peer's violation. */
+        bool ours = lshm__sock_out_of_fds(port->fd);
+
         lshm__sock_close_fds(cm.fds, cm.nfds);
-        lshm__port_fail(port, -EPROTO, "protocol violation: control data truncated "
-                       "(too many fds)");
+        /* Lose nothing but that message: what came before it is delivered. */
+        if (ours) {
+            ring_read(port, true);
+            lshm__port_fail(port, -EMFILE, "this process is out of file descriptors "
+                            "(RLIMIT_NOFILE): a message that carried one from the peer "
+                            "could not be received whole");
+        } else {
+            lshm__port_fail(port, -EPROTO, "protocol violation: control data truncated "
+                            "(too many fds)");
+        }
         return;
     }
     if (mh->msg_flags & MSG_TRUNC) {

@@ -197,3 +197,14 @@ int lshm__sock_listen(const struct sockaddr_un *sun, mode_t mode, int *out)
     *out = fd;
     return 0;
 }
+
+bool lshm__sock_out_of_fds(int fd)
+{
+    int dup = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+
+    if (dup >= 0) {
+        close(dup);
+        return false;
+    }
+    return errno == EMFILE || errno == ENFILE;
+}

@@ -34,6 +34,8 @@ int  lshm__sock_new(void);
 /* Take the fds and credentials out of mh's control data, closing surplus fds. */
 void lshm__sock_take_cmsg(const struct msghdr *mh, struct lshm_sock_cmsg *out);
 void lshm__sock_close_fds(const int *fds, unsigned n);
+/* Is this process at its fd limit (a dup of fd fails with EMFILE)? */
+bool lshm__sock_out_of_fds(int fd);
 /* Attach fd to mh as SCM_RIGHTS in buf (LSHM_SOCK_FD_SPACE bytes, aligned). */
 void lshm__sock_put_fd(struct msghdr *mh, void *buf, int fd);
 

@@ -650,7 +650,7 @@ static void corrupt_header(struct hostile *h)
     munmap(sh, LSHM_SEGMENT_SIZE);
     /* Not a violation by itself: close from our side. */
     shutdown(h->raw, SHUT_RDWR);
-    cr_assert_eq(lshm_recv(h->bad, &(struct lshm_msg){ 0 }, 5000), -EPIPE);
+    cr_assert_eq(lshm_recv(h->bad, &(struct lshm_msg){ 0 }, 5000), -ECONNRESET);
     hostile_finish(h);
 }
 

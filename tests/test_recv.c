@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -238,4 +240,67 @@ LTEST(recv, handler_set_late_gets_waiting_messages_first_in_order)
     cr_assert_eq(o.error, 0, "out of order at %u", o.next);
     cr_assert_eq(o.next, 100);
     spawn_end(ctx, port, pid);
+}
+
+/* ======================================================================
+ * A receiver at its fd limit learns that, and the peer is not blamed
+ * ====================================================================== */
+
+static int at_fd_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct rlimit rl;
+    struct lshm_msg m;
+    int top = 0, ret;
+    DIR *d = opendir("/proc/self/fd");
+    struct dirent *e;
+
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    /* Both rings exist before the limit (a ring's memfd is an fd too). */
+    CK(send_inline(port, T_CTRL, 7, NULL, 0, -1) == 0);
+    CK(lshm_recv(port, &m, 10000) == 0);
+    CK(m.stream == 0);
+    lshm_msg_done(&m);
+    /* Every fd this child will ever have is open now: no room above them. */
+    CK(d != NULL);
+    while ((e = readdir(d)) != NULL)
+        if (atoi(e->d_name) > top)
+            top = atoi(e->d_name);
+    closedir(d);
+    CK(getrlimit(RLIMIT_NOFILE, &rl) == 0);
+    rl.rlim_cur = (rlim_t)top + 1;
+    CK(setrlimit(RLIMIT_NOFILE, &rl) == 0);
+    /* Fill every free number below the limit (they close at exit). */
+    while (dup(2) >= 0)
+        ;
+    CK(errno == EMFILE);
+    CK(send_inline(port, T_CTRL, 0, NULL, 0, -1) == 0);
+    /* What came before the message with an fd is delivered. */
+    CK(lshm_recv(port, &m, 10000) == 0);
+    CK(m.stream == 1 && m.fd < 0);
+    lshm_msg_done(&m);
+    ret = lshm_recv(port, &m, 10000);
+    CK(ret == -EMFILE);
+    CK(strstr(lshm_port_error(port), "out of file descriptors") != NULL);
+    CK(strstr(lshm_port_error(port), "protocol violation") == NULL);
+    return 0;
+}
+
+LTEST(recv, receiver_out_of_fds_says_so_instead_of_blaming_the_peer)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, at_fd_limit, NULL);
+    int fds[2];
+
+    wait_ready(port);
+    cr_assert_eq(send_pat(port, 0, 10, 0), 0);
+    cr_assert_eq(recv_ctrl(port, 10000), 7);
+    cr_assert_eq(recv_ctrl(port, 10000), 0);
+    cr_assert_eq(send_pat(port, 1, 10, 0), 0);
+    cr_assert_eq(pipe(fds), 0);
+    close(fds[1]);
+    cr_assert_eq(send_inline(port, T_DATA, 2, "x", 1, fds[0]), 0);
+    child_ok(pid, 10000);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
 }
