@@ -38,6 +38,23 @@
 #define P_MMAP    1
 #define P_SHM_ACK 2
 #define P_BYE     3
+#define P_RING    4
+#define P_WAKE    5
+
+/* HELLO features */
+#define P_FEAT_RING  0x1u
+#define P_FEAT_FUTEX 0x2u
+
+/* Message rings */
+#define P_RING_MAGIC    0x5248534cu
+#define P_RING_VERSION  2u
+#define P_RING_HDR      4096u
+#define P_RING_MIN      65536u
+#define P_RING_MAX      16777216u
+#define P_REC_MSG       0u
+#define P_REC_FENCE     1u
+#define P_REC_SKIP      2u
+#define P_FENCE_WAIT_MS 1000
 
 #define P_F_LAST     0x01
 #define P_F_MMAP     0x02
@@ -114,6 +131,33 @@ _Static_assert(offsetof(struct seg_hdr, free_tracking_map) == 112, "seg tracking
 _Static_assert(offsetof(struct seg_hdr, free_tracking_map_padding) == 192, "seg padding 2");
 _Static_assert(offsetof(struct seg_hdr, tracking) == 200, "seg tracking");
 _Static_assert(sizeof(struct seg_hdr) == 2760, "seg header used bytes");
+
+struct ring_hdr {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t port_id;
+    uint32_t size;
+    int32_t  src_pid;
+    int32_t  dst_pid;
+    uint8_t  pad0[44];
+    uint64_t tail;
+    uint8_t  pad1[56];
+    uint64_t head;
+    uint8_t  pad2[56];
+    uint32_t wake;
+    uint32_t space;
+};
+_Static_assert(offsetof(struct ring_hdr, size) == 8 && offsetof(struct ring_hdr, src_pid) == 12 &&
+               offsetof(struct ring_hdr, dst_pid) == 16, "ring header fields");
+_Static_assert(offsetof(struct ring_hdr, tail) == 64 && offsetof(struct ring_hdr, head) == 128 &&
+               offsetof(struct ring_hdr, wake) == 192 && offsetof(struct ring_hdr, space) == 196,
+               "ring header counters");
+
+struct rec_hdr {
+    uint32_t len;
+    uint32_t kind;
+};
+_Static_assert(sizeof(struct rec_hdr) == 8, "record header");
 
 /* ---- Shared by both sides of the test (not protocol) ---- */
 
