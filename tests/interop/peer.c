@@ -1109,6 +1109,10 @@ void peer_run(const int *socks, unsigned n, peer_fn fn)
     alarm(20);
     memset(p, 0, sizeof(p));
     for (k = 0; k < n; k++) {
+        p[k].features = peer_cfg.features;
+        p[k].ring_size = peer_cfg.ring_size;
+        p[k].out_ring_size = peer_cfg.out_ring_size;
+        p[k].wake_by_datagram = peer_cfg.wake_by_datagram;
         p[k].sock = socks[k];
         p[k].me = getpid();
         p[k].port_id = (uint16_t)(PEER_PORT_ID + k);
@@ -1120,6 +1124,8 @@ void peer_run(const int *socks, unsigned n, peer_fn fn)
 }
 
 /* ---- Each test's side ---- */
+
+struct peer_cfg peer_cfg;
 
 const struct lib_msg lib_msgs[N_LIB_MSGS] = {
     { 1, 16, 0, 0, { 0 } },
@@ -1633,4 +1639,309 @@ void peer_second_port_main(struct peer *p)
     peer_report(a, &r);
     peer_bye(a);
     peer_drain(a, false);
+}
+
+/* ---- Message rings ---- */
+
+/* The next user message must be stream, of size bytes, in shared memory or
+ * not, with an fd or not: every byte checked into *fnv, its chunks freed
+ * (and SHM_ACK owed for oosm), its fd closed.  Returns its carrier. */
+static bool peer_take(struct peer *p, uint32_t stream, uint32_t size, bool shm, bool fd,
+                      uint64_t *fnv)
+{
+    struct pmsg m;
+    unsigned k;
+
+    if (!peer_next(p, &m, TIMEOUT_MS))
+        PFAIL("end of file before stream %u", stream);
+    if (m.h.stream != stream || m.h.size != size || (m.ndesc > 0) != shm || (m.fd >= 0) != fd)
+        PFAIL("expected stream %u (%u bytes, shm %d, fd %d), got stream %u type %u (%u bytes, "
+              "%u descriptors, fd %d)", stream, size, shm, fd, m.h.stream, m.h.type, m.h.size,
+              m.ndesc, m.fd);
+    peer_check_payload(p, &m, fnv);
+    peer_free_descs(p, m.desc, m.ndesc);
+    for (k = 0; k < m.ndesc; k++)
+        peer_oosm_ack(p, m.desc[k].mmap_id);
+    if (m.fd >= 0)
+        close(m.fd);
+    return m.from_ring;
+}
+
+/* Chunks of our segment id for a message of size bytes: the next run from
+ * a cursor, once the library has freed it; filled with the payload of stream. */
+static struct w_desc peer_shm(struct peer *p, uint32_t id, uint32_t *cursor, uint32_t size,
+                              uint32_t stream)
+{
+    struct w_desc d = { id, 0, size };
+    uint32_t k = (size + P_CHUNK_SIZE - 1) / P_CHUNK_SIZE, c;
+
+    PCK(k >= 1 && k <= P_CHUNK_COUNT);
+    if (*cursor + k > P_CHUNK_COUNT)
+        *cursor = 0;
+    d.chunk_id = *cursor;
+    for (c = d.chunk_id; c < d.chunk_id + k; c++) {
+        if (!wait_bit(p->pr->out[id].hdr->free_map, c, TIMEOUT_MS))
+            PFAIL("chunk %u of our segment %u never came back", c, id);
+        peer_claim_bit(p->pr->out[id].hdr->free_map, c);
+    }
+    *cursor += k;
+    peer_fill(p, &d, 1, stream);
+    return d;
+}
+
+/* Inline payload of stream, size bytes, into sbuf's tail (not sbuf itself:
+ * peer_send_user builds the message there). */
+static const uint8_t *pat_inline(uint32_t stream, uint32_t size)
+{
+    static uint8_t b[P_INLINE_MAX];
+    uint32_t i;
+
+    for (i = 0; i < size; i++)
+        b[i] = pattern_byte(stream, i);
+    return b;
+}
+
+/* interop/ring_hello_*: the peer's side. */
+void peer_ring_hello_main(struct peer *p)
+{
+    struct report r = { .tag = 40 };
+    uint64_t fnv = FNV_INIT;
+    int pfd[2];
+    unsigned i;
+    char x;
+
+    peer_handshake(p);
+    r.a = p->lib_features;
+    r.b = p->lib_ring_size;
+    peer_report(p, &r);
+    /* 1..3 inline, 4 in shared memory, 5 with an fd (a pipe's write end). */
+    peer_take(p, 1, 10, false, false, &fnv);
+    peer_take(p, 2, 1000, false, false, &fnv);
+    peer_take(p, 3, 16384, false, false, &fnv);
+    peer_take(p, 4, 5000, true, false, &fnv);
+    {
+        struct pmsg m;
+
+        PCK(peer_next(p, &m, TIMEOUT_MS));
+        PCK(m.h.stream == 5 && m.h.size == 0 && m.fd >= 0 && !m.from_ring);
+        PCK(write(m.fd, "y", 1) == 1);
+        close(m.fd);
+    }
+    /* And back: 11..13 inline, 14 with an fd. */
+    for (i = 11; i <= 13; i++)
+        peer_send_user(p, i, 16, false, NULL, NULL, 0, pat_inline(i, 100 * i), 100 * i, -1);
+    PCK(pipe2(pfd, O_CLOEXEC) == 0);
+    peer_send_user(p, 14, 16, false, NULL, NULL, 0, NULL, 0, pfd[1]);
+    close(pfd[1]);
+    {
+        struct pollfd pp = { .fd = pfd[0], .events = POLLIN };
+
+        PCK(poll(&pp, 1, TIMEOUT_MS) == 1);
+        PCK(read(pfd[0], &x, 1) == 1 && x == 'z');
+        close(pfd[0]);
+    }
+    memset(&r, 0, sizeof(r));
+    r.tag = 41;
+    r.a = p->ring_msgs_in;
+    r.b = p->sock_msgs_in;
+    r.c = p->in.hdr != NULL;
+    r.d = p->fences_in;
+    r.pad = p->out.hdr != NULL;
+    r.fnv = fnv;
+    peer_report(p, &r);
+    peer_drain(p, true);
+}
+
+/* interop/ring_inline_and_shm_both_ways_wrap_many_times: the peer's side. */
+void peer_ring_wrap_main(struct peer *p)
+{
+    struct report r = { .tag = 50 };
+    uint64_t fnv = FNV_INIT;
+    uint32_t i, cursor = 0;
+
+    peer_handshake(p);
+    PCK(p->rings);
+    for (i = 0; i < N_WRAP_MSGS; i++) {
+        r.bytes += wrap_size(i);
+        if (!peer_take(p, i, wrap_size(i), wrap_is_shm(i), false, &fnv))
+            PFAIL("stream %u came over the socket", i);
+    }
+    r.a = p->ring_msgs_in;
+    r.b = p->skips_in;
+    r.c = p->in.size;
+    r.fnv = fnv;
+    peer_report(p, &r);
+
+    /* And back, through our ring and our segment. */
+    peer_make_segment(p, NULL, 0);
+    for (i = 0; i < N_WRAP_MSGS; i++) {
+        uint32_t size = wrap_size(i);
+
+        if (wrap_is_shm(i)) {
+            struct w_desc d = peer_shm(p, 0, &cursor, size, i);
+
+            peer_send_user(p, i, 17, false, NULL, &d, 1, NULL, 0, -1);
+        } else {
+            peer_send_user(p, i, 16, false, NULL, NULL, 0, pat_inline(i, size), size, -1);
+        }
+    }
+    memset(&r, 0, sizeof(r));
+    r.tag = 51;
+    r.a = p->ring_msgs_out;
+    r.b = p->skips_out;
+    r.c = p->out.size;
+    r.d = p->sock_msgs_out;
+    peer_report(p, &r);
+    peer_drain(p, true);
+}
+
+const struct order_msg order_msgs[N_ORDER_MSGS] = {
+    { 1, O_INLINE, 100 },
+    { 2, O_INLINE, 200 },
+    { 3, O_FD, 10 },
+    { 4, O_INLINE, 300 },
+    { 5, O_SHM, 5000 },          /* the first segment's first message */
+    { 6, O_INLINE, 50 },
+    { 7, O_SHM_FD, 20000 },
+    { 8, O_INLINE, 0 },
+    { 9, O_FD, 0 },
+    { 10, O_INLINE, 16384 },
+    { 11, O_SHM_NEWSEG, 3000 },  /* a second segment's first message */
+    { 12, O_INLINE, 1 },
+    { 13, O_FD, 16384 },
+};
+
+/* interop/ring_order_*: the peer's side, both directions. */
+void peer_ring_order_main(struct peer *p)
+{
+    struct report r = { .tag = 60 };
+    uint64_t fnv = FNV_INIT;
+    uint32_t cursor[2] = { 0, 0 };
+    unsigned i;
+
+    peer_handshake(p);
+    PCK(p->rings);
+    for (i = 0; i < N_ORDER_MSGS; i++) {
+        const struct order_msg *o = &order_msgs[i];
+        bool fd = o->kind == O_FD || o->kind == O_SHM_FD;
+        bool shm = o->kind >= O_SHM;
+
+        if (peer_take(p, o->stream, o->size, shm, fd, &fnv) == fd)
+            PFAIL("stream %u came %s", o->stream, fd ? "in the ring with an fd" :
+                                                       "over the socket without an fd");
+        r.bytes += o->size;
+    }
+    r.a = p->ring_msgs_in;
+    r.b = p->sock_msgs_in;
+    r.c = p->fences_in;
+    r.d = p->pr->n_in;
+    r.fnv = fnv;
+    peer_report(p, &r);
+
+    for (i = 0; i < N_ORDER_MSGS; i++) {
+        const struct order_msg *o = &order_msgs[i];
+        int pfd[2] = { -1, -1 };
+        struct w_desc d;
+
+        if (o->kind == O_FD || o->kind == O_SHM_FD)
+            PCK(pipe2(pfd, O_CLOEXEC) == 0);
+        if (o->kind == O_SHM && p->pr->n_out == 0)
+            peer_make_segment(p, NULL, 0);
+        if (o->kind == O_SHM_NEWSEG)
+            peer_make_segment(p, NULL, 0);
+        if (o->kind >= O_SHM) {
+            uint32_t id = p->pr->n_out - 1;
+
+            d = peer_shm(p, id, &cursor[id], o->size, o->stream);
+            peer_send_user(p, o->stream, 18, false, NULL, &d, 1, NULL, 0, pfd[1]);
+        } else {
+            peer_send_user(p, o->stream, 18, false, NULL, NULL, 0,
+                           pat_inline(o->stream, o->size), o->size, pfd[1]);
+        }
+        if (pfd[1] >= 0) {
+            close(pfd[1]);
+            close(pfd[0]);
+        }
+    }
+    memset(&r, 0, sizeof(r));
+    r.tag = 61;
+    r.a = p->ring_msgs_out;
+    r.b = p->sock_msgs_out;
+    peer_report(p, &r);
+    peer_drain(p, true);
+}
+
+/* interop/ring_full_library_producer_waits: the peer's side. */
+void peer_ring_full_slow_consumer_main(struct peer *p)
+{
+    struct report r = { .tag = 70 };
+    uint64_t fnv = FNV_INIT;
+    uint32_t i;
+
+    peer_handshake(p);
+    PCK(p->rings);
+    peer_report(p, &r);
+    /* Let the library fill our 64 KiB ring and wait. */
+    usleep(300000);
+    for (i = 0; i < N_FULL_MSGS; i++) {
+        if (!peer_take(p, 1000 + i, FULL_MSG_SIZE, false, false, &fnv))
+            PFAIL("stream %u came over the socket", 1000 + i);
+        if (i % 4 == 0)
+            usleep(1000);
+    }
+    memset(&r, 0, sizeof(r));
+    r.tag = 71;
+    r.a = p->ring_msgs_in;
+    r.b = p->space_acks_out;
+    r.c = p->in.size;
+    r.bytes = (uint64_t)N_FULL_MSGS * FULL_MSG_SIZE;
+    r.fnv = fnv;
+    peer_report(p, &r);
+    peer_drain(p, true);
+}
+
+/* interop/ring_full_peer_producer_waits: the peer's side. */
+void peer_ring_full_producer_main(struct peer *p)
+{
+    struct report r = { .tag = 72 };
+    uint32_t i;
+
+    peer_handshake(p);
+    PCK(p->rings);
+    for (i = 0; i < N_FULL_MSGS; i++)
+        peer_send_user(p, 1000 + i, 16, false, NULL, NULL, 0,
+                       pat_inline(1000 + i, FULL_MSG_SIZE), FULL_MSG_SIZE, -1);
+    r.a = p->ring_full;
+    r.b = p->acks;
+    r.c = p->ring_msgs_out;
+    r.d = p->out.size;
+    peer_report(p, &r);
+    peer_drain(p, true);
+}
+
+/* interop/ring_sleeping_consumers_woken_*: the peer's side. */
+void peer_ring_wake_main(struct peer *p)
+{
+    struct report r = { .tag = 80 };
+    uint64_t fnv = FNV_INIT;
+    uint32_t i;
+
+    peer_handshake(p);
+    PCK(p->rings);
+    for (i = 0; i < N_WAKE_ROUNDS; i++) {
+        /* The library naps before each ping: we sleep on its ring. */
+        if (!peer_take(p, 100 + i, 64, false, false, &fnv))
+            PFAIL("ping %u came over the socket", i);
+        /* We nap before each pong: the library sleeps on ours. */
+        usleep(WAKE_NAP_US);
+        peer_send_user(p, 200 + i, 16, false, NULL, NULL, 0, pat_inline(200 + i, 64), 64, -1);
+    }
+    r.a = p->futex_woken;
+    r.b = p->wake_dgrams_in;
+    r.c = p->futex_wakes_out;
+    r.d = p->wake_dgrams_out;
+    r.pad = p->sleeps;
+    r.fnv = fnv;
+    peer_report(p, &r);
+    peer_drain(p, true);
 }
