@@ -933,25 +933,61 @@ static struct lshm_buf *ip_alloc(struct ipair *ip, size_t size)
     return b;
 }
 
-/* Message stream of size bytes of its pattern, inline or in b (shared
- * memory, filled here), with fd (-1: none). */
-static void ip_send_pat(struct ipair *ip, uint8_t type, uint32_t stream, size_t size,
-                        struct lshm_buf *b, int fd)
+/* Buffers for size bytes (a buffer may come short: as many as it takes). */
+static unsigned ip_bufs(struct ipair *ip, size_t size, struct lshm_buf **bufs)
+{
+    size_t have = 0;
+    unsigned n = 0;
+
+    while (have < size) {
+        cr_assert_lt(n, LSHM_MAX_DESCS);
+        bufs[n] = ip_alloc(ip, size - have);
+        have += lshm_buf_capacity(bufs[n]);
+        n++;
+    }
+    return n;
+}
+
+/* Message stream of size bytes of its pattern, inline (nbufs 0) or in the
+ * buffers (filled here), with fd (-1: none). */
+static void ip_send_in(struct ipair *ip, uint8_t type, uint32_t stream, size_t size,
+                       struct lshm_buf **bufs, unsigned nbufs, int fd)
 {
     static uint8_t inl[LSHM_INLINE_MAX];
     struct lshm_out out = { .type = type, .stream = stream, .fd = fd };
+    size_t off = 0;
+    unsigned i;
 
-    if (b != NULL) {
-        fill_buf(b, stream, 0, size);
-        cr_assert_eq(lshm_buf_set_size(b, size), 0);
-        out.bufs = &b;
-        out.nbufs = 1;
+    for (i = 0; i < nbufs; i++) {
+        size_t len = lshm_buf_capacity(bufs[i]);
+        int ret;
+
+        if (len > size - off)
+            len = size - off;
+        fill_buf(bufs[i], stream, off, len);
+        ret = lshm_buf_set_size(bufs[i], len);
+        cr_assert_eq(ret, 0, "lshm_buf_set_size(%zu): %d %s", len, ret, lshm_last_error());
+        off += len;
+    }
+    if (nbufs > 0) {
+        cr_assert_eq(off, size);
+        out.bufs = bufs;
+        out.nbufs = nbufs;
     } else {
         pattern_write(inl, 0, size, stream);
         out.data = size > 0 ? inl : NULL;
         out.size = size;
     }
     ip_send(ip, &out);
+}
+
+/* Message stream of size bytes of its pattern, inline or in shared memory. */
+static void ip_send_pat(struct ipair *ip, uint8_t type, uint32_t stream, size_t size, bool shm,
+                        int fd)
+{
+    struct lshm_buf *bufs[LSHM_MAX_DESCS];
+
+    ip_send_in(ip, type, stream, size, bufs, shm ? ip_bufs(ip, size, bufs) : 0, fd);
 }
 
 /* The next message must be stream, size bytes, in shared memory or not,
@@ -977,7 +1013,6 @@ static void ring_hello_run(const struct lshm_ctx_params *prm, struct report *r40
                            struct report *r41)
 {
     struct ipair ip;
-    struct lshm_buf *b;
     int pfd[2], fd;
     uint64_t fnv = FNV_INIT;
     uint32_t i;
@@ -986,13 +1021,12 @@ static void ring_hello_run(const struct lshm_ctx_params *prm, struct report *r40
     ip_start_prm(&ip, prm, peer_ring_hello_main);
     ip_ready(&ip);
     ip_recv_report(&ip, 40, r40);
-    ip_send_pat(&ip, 16, 1, 10, NULL, -1);
-    ip_send_pat(&ip, 16, 2, 1000, NULL, -1);
-    ip_send_pat(&ip, 16, 3, 16384, NULL, -1);
-    b = ip_alloc(&ip, 5000);
-    ip_send_pat(&ip, 17, 4, 5000, b, -1);
+    ip_send_pat(&ip, 16, 1, 10, false, -1);
+    ip_send_pat(&ip, 16, 2, 1000, false, -1);
+    ip_send_pat(&ip, 16, 3, 16384, false, -1);
+    ip_send_pat(&ip, 17, 4, 5000, true, -1);
     cr_assert_eq(pipe2(pfd, O_CLOEXEC), 0);
-    ip_send_pat(&ip, 18, 5, 0, NULL, pfd[1]);
+    ip_send_pat(&ip, 18, 5, 0, false, pfd[1]);
     for (i = 1; i <= 4; i++)
         fnv = fnv_pat(fnv, i, i == 1 ? 10 : i == 2 ? 1000 : i == 3 ? 16384 : 5000);
     for (i = 11; i <= 13; i++)
@@ -1087,8 +1121,7 @@ LTEST(interop, ring_inline_and_shm_both_ways_wrap_many_times)
     for (i = 0; i < N_WRAP_MSGS; i++) {
         size_t size = wrap_size(i);
 
-        ip_send_pat(&ip, wrap_is_shm(i) ? 17 : 16, i, size,
-                    wrap_is_shm(i) ? ip_alloc(&ip, size) : NULL, -1);
+        ip_send_pat(&ip, wrap_is_shm(i) ? 17 : 16, i, size, wrap_is_shm(i), -1);
         fnv = fnv_pat(fnv, i, size);
         bytes += size;
     }
@@ -1123,7 +1156,8 @@ LTEST(interop, ring_order_of_ring_fd_and_mmap_messages_both_ways)
     ip_ready(&ip);
     for (i = 0; i < N_ORDER_MSGS; i++) {
         const struct order_msg *o = &order_msgs[i];
-        struct lshm_buf *b = NULL;
+        struct lshm_buf *b[LSHM_MAX_DESCS];
+        unsigned nb = 0;
         int pfd[2] = { -1, -1 };
 
         if (o->kind == O_FD || o->kind == O_SHM_FD)
@@ -1134,16 +1168,18 @@ LTEST(interop, ring_order_of_ring_fd_and_mmap_messages_both_ways)
             int maps = count_maps("memfd:");
 
             for (;;) {
-                b = ip_alloc(&ip, o->size);
+                b[0] = ip_alloc(&ip, o->size);
                 if (count_maps("memfd:") > maps)
                     break;
                 cr_assert_lt(nhold, LSHM_CHUNK_COUNT);
-                hold[nhold++] = b;
+                hold[nhold++] = b[0];
             }
+            cr_assert_geq(lshm_buf_capacity(b[0]), o->size);
+            nb = 1;
         } else if (o->kind >= O_SHM) {
-            b = ip_alloc(&ip, o->size);
+            nb = ip_bufs(&ip, o->size, b);
         }
-        ip_send_pat(&ip, 18, o->stream, o->size, b, pfd[1]);
+        ip_send_in(&ip, 18, o->stream, o->size, b, nb, pfd[1]);
         if (pfd[0] >= 0)
             close(pfd[0]);
         fnv = fnv_pat(fnv, o->stream, o->size);
@@ -1189,7 +1225,7 @@ LTEST(interop, ring_full_library_producer_waits_nothing_lost)
     ip_recv_report(&ip, 70, &r);
     /* 800 KB into a 64 KiB ring that the peer does not read for 300 ms. */
     for (i = 0; i < N_FULL_MSGS; i++) {
-        ip_send_pat(&ip, 16, 1000 + i, FULL_MSG_SIZE, NULL, -1);
+        ip_send_pat(&ip, 16, 1000 + i, FULL_MSG_SIZE, false, -1);
         fnv = fnv_pat(fnv, 1000 + i, FULL_MSG_SIZE);
     }
     ip_recv_report(&ip, 71, &r);
@@ -1240,7 +1276,7 @@ static void ring_wake_run(const struct lshm_ctx_params *prm, struct report *r)
     ip_ready(&ip);
     for (i = 0; i < N_WAKE_ROUNDS; i++) {
         usleep(WAKE_NAP_US);
-        ip_send_pat(&ip, 16, 100 + i, 64, NULL, -1);
+        ip_send_pat(&ip, 16, 100 + i, 64, false, -1);
         fnv = fnv_pat(fnv, 100 + i, 64);
         /* Sleeps while the peer naps: only the peer's wake-up ends it. */
         ip_take(&ip, 200 + i, 64, false, false);
