@@ -27,6 +27,20 @@
  *   second_port_mmap_id_0_while_first_open_is_violation
  *                        with a port still open at the peer, id 0 on another
  *                        is refused; only that port closes
+ *
+ * Message rings (protocol version 2).  The tests above run with a peer
+ * whose HELLO lacks RING; these with one whose HELLO sets it:
+ *   ring_hello_*         the library's HELLO sets RING (and FUTEX) unless
+ *                        LSHM_CTX_NO_RING; with either HELLO lacking RING,
+ *                        everything goes over the socket
+ *   ring_inline_and_shm_both_ways_wrap_many_times
+ *                        600 messages each way through 64 KiB rings
+ *   ring_order_of_ring_fd_and_mmap_messages_both_ways
+ *                        ring, ring, fd, ring, a segment's first message ...
+ *   ring_full_*          a slow consumer: the producer waits, space = 1 and
+ *                        SHM_ACK, nothing overwritten or lost
+ *   ring_sleeping_consumers_woken_*
+ *                        ping-pong with naps: futex wake-ups, WAKE datagrams
  */
 #include <errno.h>
 #include <fcntl.h>
