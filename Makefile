@@ -91,6 +91,7 @@ $(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_SHARED) tools/pattern.h $(PEER_OB
 check: $(O)/tests/run $(O)/tools/shmping all
 	LSHM_SHMPING=$(CURDIR)/$(O)/tools/shmping LSHM_TOP=$(CURDIR) \
 	    $(O)/tests/run $(TEST_ARGS)
+	sh tests/layers.sh $(O)
 	sh tests/doc-checks.sh $(O)
 
 deps:
@@ -138,7 +139,7 @@ INSTALLED  := $(LIBDIR)/$(notdir $(SHLIB)) $(LIBDIR)/$(SONAME) $(LIBDIR)/liblinu
 # In linuxshm.pc, a directory under PREFIX is written ${prefix}/...
 pc_dir = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
 
-.PHONY: check-docs pc-always
+.PHONY: check-docs check-layers pc-always
 pc-always:
 # Rewritten every time: PREFIX, LIBDIR and INCLUDEDIR can change between calls.
 $(PC): lib/linuxshm.pc.in pc-always
@@ -166,6 +167,10 @@ install: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB) $(PC) $(if $(TOOL_SR
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+
+# The layer check alone (make check runs it too): no file of lib/ calls upwards.
+check-layers: $(LIB_OBJ)
+	sh tests/layers.sh $(O)
 
 # The checks of tests/doc-checks.sh alone (make check runs them too).
 check-docs: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB)

@@ -64,7 +64,7 @@ void lshm__buf_release_sent(struct lshm_buf *buf)
     free(buf);
 }
 
-LSHM_EXPORT int lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size)
+int lshm__buf_grow(struct lshm_buf *buf, size_t size, size_t min_size)
 {
     uint32_t start, want, got;
 
@@ -86,19 +86,19 @@ LSHM_EXPORT int lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size
     return 0;
 }
 
-LSHM_EXPORT void *lshm_buf_data(struct lshm_buf *buf)
+void *lshm__buf_data(struct lshm_buf *buf)
 {
     if (buf == NULL)
         return NULL;
     return buf->seg->data + (size_t)buf->chunk * LSHM_CHUNK_SIZE;
 }
 
-LSHM_EXPORT size_t lshm_buf_capacity(const struct lshm_buf *buf)
+size_t lshm__buf_capacity(const struct lshm_buf *buf)
 {
     return buf == NULL ? 0 : capacity_of(buf);
 }
 
-LSHM_EXPORT int lshm_buf_set_size(struct lshm_buf *buf, size_t size)
+int lshm__buf_set_size(struct lshm_buf *buf, size_t size)
 {
     if (buf == NULL || buf->sent || size > capacity_of(buf))
         return -EINVAL;
@@ -106,7 +106,7 @@ LSHM_EXPORT int lshm_buf_set_size(struct lshm_buf *buf, size_t size)
     return 0;
 }
 
-LSHM_EXPORT void lshm_buf_free(struct lshm_buf *buf)
+void lshm__buf_free(struct lshm_buf *buf)
 {
     if (buf == NULL)
         return;

@@ -1,4 +1,4 @@
-/* The error text of lshm_last_error(), debug logging and the version call. */
+/* The text of the calling thread's last failure (lshm_last_error()) and debug logging. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -16,6 +16,11 @@ int lshm__fail(int err, const char *fmt, ...)
     va_end(ap);
     lshm__log("%s", last_error);
     return err;
+}
+
+const char *lshm__error_text(void)
+{
+    return last_error;
 }
 
 LSHM_EXPORT const char *lshm_last_error(void)
@@ -37,12 +42,4 @@ void lshm__log(const char *fmt, ...)
     vsnprintf(line, sizeof(line), fmt, ap);
     va_end(ap);
     fprintf(stderr, "linuxshm[%d]: %s\n", (int)getpid(), line);
-}
-
-#define STR2(x) #x
-#define STR(x) STR2(x)
-
-LSHM_EXPORT const char *lshm_version(void)
-{
-    return STR(LSHM_VERSION_MAJOR) "." STR(LSHM_VERSION_MINOR) "." STR(LSHM_VERSION_PATCH);
 }

@@ -45,11 +45,36 @@ static inline long long lshm__now_ms(void)
     return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
 }
 
+/* A polite spin: tell the CPU we wait (the other hyperthread may run). */
+static inline void lshm__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Microseconds on CLOCK_MONOTONIC, for spin budgets. */
+static inline long long lshm__now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
 /*
  * Record why the calling thread's last call failed, for lshm_last_error();
  * returns err so that a failure path reads "return lshm__fail(-EINVAL, ...)".
  */
 int lshm__fail(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The text of the calling thread's last failure, or "" if none. */
+const char *lshm__error_text(void);
+
+/* Fill in what the kernel and the process offer (probe.c). */
+int lshm__probe(struct lshm_probe *out);
 
 /* Log one line to stderr when LSHM_DEBUG is set in the environment. */
 void lshm__log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

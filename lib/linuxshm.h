@@ -63,7 +63,9 @@ struct lshm_ctx_params {
     unsigned int send_queue;     /* messages queued per port; 0: 1024 */
     unsigned int recv_queue;     /* messages held for the caller per port; 0: 256 */
     unsigned int handshake_ms;   /* an accepted client's HELLO must come within; 0: 10000 */
-    unsigned int reserved[10];   /* must be zero */
+    unsigned int ring_size;      /* message ring bytes, a power of two; 0: 262144 */
+    unsigned int spin_us;        /* waits poll the rings this long before sleeping; 0: none */
+    unsigned int reserved[8];    /* must be zero */
 };
 
 /* Features of a context's ring, from lshm_ctx_features(). */
@@ -86,28 +88,67 @@ struct lshm_ctx_stats {
     uint64_t reserved[11];
 };
 
+/* ---- Contexts: one io_uring and the ports on it, used by one thread ---- */
+
+/* Create a context; params NULL takes every default. */
 int         lshm_ctx_new(struct lshm_ctx **ctx, const struct lshm_ctx_params *params);
+/* Close its listeners and ports (queued messages go out first), then free it. */
 void        lshm_ctx_free(struct lshm_ctx *ctx);
+/* An fd that polls readable when lshm_ctx_run() has work: for epoll loops. */
 int         lshm_ctx_fd(const struct lshm_ctx *ctx);
+/* Submit, wait up to timeout_ms (-1: no limit) and call the ready handlers. */
 int         lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms);
+/* The LSHM_FEAT_* bits the context's ring and kernel gave it. */
 unsigned    lshm_ctx_features(const struct lshm_ctx *ctx);
+/* Counters of system calls, submissions, completions and messages. */
 int         lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *stats);
+
+/* ---- Errors and version ---- */
+
+/* What went through a port, from lshm_port_stats(). */
+struct lshm_port_stats {
+    uint64_t ring_msgs;         /* user messages sent through our ring */
+    uint64_t ring_bytes;        /* their payload bytes */
+    uint64_t sock_msgs;         /* user messages sent over the socket */
+    uint64_t sock_bytes;        /* their payload bytes */
+    uint64_t ring_msgs_in;      /* user messages received through the peer's ring */
+    uint64_t ring_bytes_in;
+    uint64_t sock_msgs_in;      /* user messages received over the socket */
+    uint64_t sock_bytes_in;
+    uint64_t wakes_sent;        /* futex wakes and WAKE datagrams sent to the peer */
+    uint64_t wakes_received;    /* futex wake-ups and WAKE datagrams received */
+    uint64_t ring_full;         /* messages that found our ring full and waited */
+    uint64_t reserved[5];
+};
 
 /* Text of the last failure in the calling thread, or "" if none. */
 const char *lshm_last_error(void);
+/* The library's version, "MAJOR.MINOR.PATCH". */
 const char *lshm_version(void);
 
-/* Ports. */
+/* ---- Ports: one connection to a peer process ---- */
+
+/* A connected socket pair: a port on one end, the other end's fd for a child. */
 int  lshm_socketpair(struct lshm_ctx *ctx, struct lshm_port **port, int *peer_sock);
+/* A port on a connected AF_UNIX SOCK_SEQPACKET socket (taken on success). */
 int  lshm_port_adopt(struct lshm_ctx *ctx, int sock, struct lshm_port **port);
+/* Connect to a listener's path and complete the handshake within timeout_ms. */
 int  lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout_ms,
                   struct lshm_port **port);
+/* Give the port back: what is queued still goes out, then the peer is told BYE. */
 void lshm_port_close(struct lshm_port *port);
 
+/* ---- Listeners: accepting ports on a socket path ---- */
+
+/* Listen on path with mode (0: 0600), never replacing a live server's socket. */
 int  lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
                  struct lshm_listener **listener);
+/* Take the next port whose handshake is done, waiting up to timeout_ms. */
 int  lshm_accept(struct lshm_listener *listener, struct lshm_port **port, int timeout_ms);
+/* Stop listening, remove the path, close the ports nobody accepted. */
 void lshm_listener_close(struct lshm_listener *listener);
+
+/* ---- Waiting on a port, and what it knows ---- */
 
 /* lshm_port_wait() events */
 #define LSHM_WAIT_READY  (1u << 0) /* handshake complete */
@@ -116,20 +157,33 @@ void lshm_listener_close(struct lshm_listener *listener);
 #define LSHM_WAIT_RECV   (1u << 3) /* a message is waiting */
 #define LSHM_WAIT_IDLE   (1u << 4) /* every queued message was sent */
 
+/* Run the context until one of events holds; returns the LSHM_WAIT_* that do. */
 int  lshm_port_wait(struct lshm_port *port, unsigned events, int timeout_ms);
+/* The peer's pid, uid and gid, from the kernel, once the handshake is done. */
 int  lshm_port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t *gid);
+/* Why the port closed, or NULL while it is open. */
 const char *lshm_port_error(const struct lshm_port *port);
+/* This side's port id, the one its HELLO and message headers carry. */
 int  lshm_port_id(const struct lshm_port *port);
+/* Counters of what went through the port: ring or socket, wake-ups, a full ring. */
+int  lshm_port_stats(const struct lshm_port *port, struct lshm_port_stats *stats);
 
-/* Shared-memory buffers. */
+/* ---- Shared-memory buffers: payloads written once, read in place ---- */
+
+/* Chunks for size bytes in a segment shared with the port's peer. */
 int    lshm_buf_alloc(struct lshm_port *port, size_t size, struct lshm_buf **buf);
+/* Grow in place to size if the next chunks are free, failing below min_size. */
 int    lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size);
+/* Where to write the payload. */
 void  *lshm_buf_data(struct lshm_buf *buf);
+/* How many bytes the buffer holds. */
 size_t lshm_buf_capacity(const struct lshm_buf *buf);
+/* How many bytes to send, at most the capacity. */
 int    lshm_buf_set_size(struct lshm_buf *buf, size_t size);
+/* Give back the chunks of a buffer that was not sent. */
 void   lshm_buf_free(struct lshm_buf *buf);
 
-/* Sending. */
+/* ---- Sending ---- */
 #define LSHM_MORE  (1u << 0)   /* queue, submit with a later call */
 
 struct lshm_out {
@@ -144,10 +198,12 @@ struct lshm_out {
     struct lshm_tracking *tracking;  /* or NULL */
 };
 
+/* Queue one message; without LSHM_MORE it is submitted at once, in order. */
 int lshm_send(struct lshm_port *port, const struct lshm_out *msg, unsigned flags);
+/* Submit what LSHM_MORE left queued on the context's ports. */
 int lshm_flush(struct lshm_ctx *ctx);
 
-/* Receiving. */
+/* ---- Receiving ---- */
 #define LSHM_MSG_LAST      (1u << 0)
 #define LSHM_MSG_SHM       (1u << 1)  /* payload is in shared memory */
 #define LSHM_MSG_CANCELLED (1u << 2)  /* sender cancelled the stream first */
@@ -174,18 +230,25 @@ typedef void (*lshm_close_fn)(struct lshm_port *port, int error, void *arg);
 typedef void (*lshm_accept_fn)(struct lshm_listener *listener, struct lshm_port *port,
                                void *arg);
 
+/* Have lshm_ctx_run() call on_msg for each message and on_close once. */
 int  lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg,
                            lshm_close_fn on_close, void *arg);
+/* Have lshm_ctx_run() call on_accept for each port whose handshake is done. */
 int  lshm_listener_set_handler(struct lshm_listener *listener, lshm_accept_fn on_accept,
                                void *arg);
+/* Take the next message, waiting up to timeout_ms; the payload stays in place. */
 int  lshm_recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms);
+/* Done with a message: its chunks go back to the sender. */
 void lshm_msg_done(struct lshm_msg *msg);
 
-/* Tracking: cancellable streams. */
+/* ---- Tracking: cancellable streams ---- */
+
+/* A slot the sender can cancel a stream's message through until it is read. */
 int  lshm_tracking_new(struct lshm_port *port, uint32_t stream, struct lshm_tracking **t);
+/* Cancel the stream and free t; true if it came before the receiver read it. */
 bool lshm_tracking_cancel(struct lshm_tracking *t);
 
-/* What the kernel and the process offer. */
+/* ---- What the kernel and the process offer ---- */
 struct lshm_probe {
     char          kernel[65];        /* uname release */
     int           io_uring;          /* 0, or -errno why it is unavailable */
@@ -201,6 +264,7 @@ struct lshm_probe {
     char          reserved[64];
 };
 
+/* Fill out: kernel, io_uring operations and flags, memfd sealing, limits, caps. */
 int lshm_probe(struct lshm_probe *out);
 
 #ifdef __cplusplus

@@ -6,9 +6,11 @@
  * use: nothing read from the ring can make this code touch memory outside
  * it.
  */
+#include <linux/futex.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "msgring.h"
@@ -314,6 +316,12 @@ void lshm__msgring_awake(struct lshm_msgring *r)
 uint32_t *lshm__msgring_wake_word(struct lshm_msgring *r)
 {
     return &r->hdr->wake;
+}
+
+int lshm__futex_wake(uint32_t *word)
+{
+    /* Shared, not private: the word is in a memfd the peer maps. */
+    return syscall(SYS_futex, word, FUTEX_WAKE, 1, NULL, NULL, 0) < 0 ? -errno : 0;
 }
 
 void lshm__msgring_free(struct lshm_msgring *r)

@@ -124,6 +124,9 @@ void lshm__msgring_awake(struct lshm_msgring *r);
 /* The futex word a sleeping consumer waits on (its value 1 while asleep). */
 uint32_t *lshm__msgring_wake_word(struct lshm_msgring *r);
 
+/* FUTEX_WAKE on a shared futex word with the system call (no io_uring). */
+int  lshm__futex_wake(uint32_t *word);
+
 /* Unmap, and close the fd if still held; r can be created again after. */
 void lshm__msgring_free(struct lshm_msgring *r);
 

@@ -356,6 +356,29 @@ static void set_oosm(struct lshm_seg_table *t, uint16_t port_id)
     }
 }
 
+bool lshm__peer_out_has_room(struct lshm_peer *peer, uint16_t port_id, unsigned limit)
+{
+    struct lshm_seg_table *t = &peer->out;
+    bool ready;
+    uint32_t i, w;
+
+    pthread_mutex_lock(&t->mutex);
+    /* As lshm__peer_out_alloc: no new segment while one announced on
+     * another port is not mapped yet (ids are ordered per process pair). */
+    ready = t->size < limit && !other_port_pending(t, port_id);
+    for (i = 0; i < t->size && !ready; i++) {
+        struct lshm_segment_header *h = t->elts[i]->hdr;
+        uint16_t over = __atomic_load_n(&h->sent_over, __ATOMIC_RELAXED);
+
+        if (over != LSHM_SENT_OVER_ANY && over != port_id)
+            continue;
+        for (w = 0; w < LSHM_FREE_WORDS && !ready; w++)
+            ready = __atomic_load_n(&h->free_map[w], __ATOMIC_RELAXED) != 0;
+    }
+    pthread_mutex_unlock(&t->mutex);
+    return ready;
+}
+
 int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
                         bool tracking, bool scrub, struct lshm_alloc *out)
 {

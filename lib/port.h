@@ -1,5 +1,7 @@
 /*
- * Contexts, ports and listeners: the state behind the public handles.
+ * The port: one SOCK_SEQPACKET socket to a peer process.  Its core
+ * (port.c: state, references, queues) sits below its receive path (recv.c)
+ * and its send path (send.c); this header is theirs and listen.c's.
  */
 #ifndef LSHM_PORT_H
 #define LSHM_PORT_H
@@ -9,71 +11,91 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "ctx.h"
+#include "msgring.h"
 #include "ring.h"
 #include "shm.h"
+#include "sock.h"
 #include "wire.h"
 
-/* A wake-up of the context: every deadline of its kind is the same delay
- * after its start, so the one armed is never later than a new one. */
-struct lshm_timer {
-    struct lshm_op op;
-    bool           armed;
-};
+/* How long a port closed by this process reads after its BYE. */
+#define LSHM_DRAIN_MS 500
+/* How long a consumer at a FENCE waits for its datagram (protocol). */
+#define LSHM_FENCE_MS 1000
+/* How often a producer with a full ring looks at it again. */
+#define LSHM_ROOM_MS  10
 
 /*
- * The ports a context must visit in its next run, so that a run costs
- * what happened, not how many ports there are.  A port is on a list at
- * most once (its link says so) and leaves it when freed.
+ * A port's life, one state at a time; port.c changes it, in one function.
+ *
+ *   HANDSHAKE --HELLO--> OPEN --BYE sent--> DRAINING --EOF, deadline--> CLOSED
+ *       |                  |                                              ^
+ *       +------------------+---- error, peer's BYE or EOF, deadline ------+
+ *
+ * Whether the caller still holds the handle (user_closed) is apart: a port
+ * the caller closed sends what is queued, then its BYE, before DRAINING.
  */
-enum port_list_id {
-    PL_READY,   /* a handler to call: messages (with on_msg) or a close */
-    PL_KICK,    /* queued messages and nothing in flight */
-    PL_ZOMBIE,  /* freed while the context walked: free after it */
-    PL_COUNT
-};
-
-struct port_list {
-    struct lshm_port *head, *tail;
-    unsigned          len;
-};
-
-struct port_link {
-    struct lshm_port *prev, *next;
-    bool              on;
-};
-
-struct lshm_ctx {
-    struct lshm_ring       *ring;
-    pid_t                   pid;        /* creator: another pid is a forked child */
-    struct lshm_ctx_params  p;          /* with defaults filled in */
-    struct lshm_port       *ports;      /* every port not yet freed */
-    struct lshm_listener   *listeners;
-    uint64_t                msgs_sent;
-    uint64_t                msgs_received;
-    unsigned                walking;    /* completions or handlers running */
-    struct lshm_timer       hs_timer;   /* wakes the context for handshake deadlines */
-    struct lshm_timer       drain_timer;    /* and for the ends of drains */
-    long long               next_due;   /* earliest port deadline, 0: none */
-    struct port_list        lists[PL_COUNT];
-};
-
 enum port_state {
     PORT_HANDSHAKE,     /* our HELLO queued, theirs not seen */
     PORT_OPEN,
-    PORT_CLOSED,        /* no more messages either way; error says why */
+    PORT_DRAINING,      /* closed by us: BYE sent, writing shut, reading to EOF */
+    PORT_CLOSED,        /* no more messages either way; the socket is shut down */
 };
 
-struct smsg;
-struct rmsg;
+/* A datagram to send, and the chain link that orders it. */
+struct smsg {
+    struct lshm_op     op;
+    struct lshm_port  *port;
+    struct smsg       *next;
+    struct msghdr      mh;
+    struct iovec       iov;
+    union {
+        uint64_t       align;   /* cmsghdr alignment */
+        char           buf[LSHM_SOCK_FD_SPACE];
+    }                  cmsg;
+    int                fd;      /* passed with the message, closed after */
+    struct lshm_seg   *seg;     /* MMAP: its fd goes out, then is closed */
+    size_t             len;
+    uint8_t            data[];
+};
+
+struct rdesc {
+    struct lshm_seg *seg;       /* referenced */
+    uint32_t         chunk;
+    uint32_t         nchunks;
+};
+
+/* A datagram that came while the peer's ring is in use: held for its FENCE. */
+struct parked {
+    struct parked    *next;
+    uint64_t          fence_tail;   /* the ring's tail, read after it came */
+    struct lshm_sock_cmsg cm;       /* its fds (ours to close) and credentials */
+    size_t            len;
+    uint8_t           data[];
+};
+
+/* A received message, held until the caller is done with it. */
+struct rmsg {
+    struct lshm_msg    pub;
+    struct rmsg       *next;
+    struct lshm_port  *port;
+    unsigned           ndesc;
+    struct rdesc      *desc;
+    struct lshm_iov   *iov;
+    struct lshm_iov    iov1;
+    uint8_t            data[];
+};
+
+/* Told when a port's handshake ended, done or failed (see lshm__port_set_owner). */
+typedef void (*lshm_port_ready_fn)(void *owner, struct lshm_port *port);
 
 struct lshm_port {
     struct lshm_ctx     *ctx;           /* NULL once the context is gone */
     struct lshm_port    *next, *prev;   /* in ctx->ports */
     int                  fd;            /* -1 once closed */
     uint16_t             id;
-    enum port_state      state;
+    enum port_state      state;         /* changed by port_enter() only */
     bool                 user_closed;   /* the handle was given back */
-    bool                 shutdown;      /* shutdown(2) done, socket closing */
     int                  error;         /* why it closed, -errno */
     char                 reason[192];
 
@@ -91,6 +113,22 @@ struct lshm_port {
     unsigned             sq_len;        /* queued, not in flight */
     unsigned             inflight;      /* sends submitted, not completed */
     struct smsg         *if_head, *if_tail;  /* those sends, oldest first */
+
+    /* Message rings (protocol version 2), both ways once both HELLOs said RING. */
+    bool                 ring_ok;       /* both HELLOs set RING */
+    bool                 peer_futex;    /* the peer sleeps on its futex word */
+    uint32_t             peer_ring_size;    /* the peer's HELLO: our ring at most this */
+    struct lshm_msgring  tx;            /* ours (hdr NULL: none yet) */
+    bool                 tx_dirty;      /* records reserved, tail not published */
+    struct smsg         *bl_head, *bl_tail; /* waiting for the handshake or ring room */
+    unsigned             bl_len;
+    struct lshm_msgring  rx;            /* the peer's (hdr NULL: no RING yet) */
+    bool                 fence_wait;    /* at a FENCE, its datagram not here yet */
+    struct parked       *pk_head, *pk_tail;  /* datagrams held for their FENCE */
+    unsigned             pk_len;
+    struct lshm_op       futex_op;      /* waiting on rx's wake word */
+    bool                 futex_armed;
+    struct lshm_port_stats stats;
 
     /* Receiving. */
     struct lshm_op       recv_op;
@@ -112,26 +150,10 @@ struct lshm_port {
     void                *arg;
     bool                 close_pending; /* on_close still to be called */
     bool                 in_handler;    /* a handler of this port runs */
-    struct port_link     links[PL_COUNT];   /* on the context's lists */
-    struct lshm_listener *listener;     /* accepted, handshake not done */
-    bool                 draining;      /* closed by us: BYE sent, reading to EOF */
-    long long            due;           /* CLOCK_MONOTONIC ms: the HELLO (listener) or
-                                         * the drain's end (draining) is due by then */
+    struct lshm_link     links[PL_COUNT];   /* on the context's lists */
+    lshm_port_ready_fn   on_ready;      /* accepted: told when the handshake ends */
+    void                *owner;         /* its argument (the listener) */
     unsigned             refs;          /* handle + ops in flight + messages */
-};
-
-struct lshm_listener {
-    struct lshm_ctx      *ctx;
-    struct lshm_listener *next, *prev;
-    int                   fd;
-    char                 *path;
-    struct lshm_op        op;
-    bool                  armed;
-    bool                  closing;
-    struct lshm_port    **ready;        /* accepted, waiting for lshm_accept */
-    unsigned              nready, capready;
-    lshm_accept_fn        on_accept;
-    void                 *arg;
 };
 
 struct lshm_tracking {
@@ -142,40 +164,95 @@ struct lshm_tracking {
     bool              sent;
 };
 
-/* port.c */
-int  lshm__port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out);
-void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-void lshm__port_release(struct lshm_port *port);
-int  lshm__port_send(struct lshm_port *port, const struct lshm_out *out, unsigned flags);
-struct lshm_msg *lshm__port_pop(struct lshm_port *port);
-void lshm__port_msg_done(struct lshm_msg *msg);
-int  lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
-void lshm__port_kick(struct lshm_port *port);
-void lshm__port_reap(struct lshm_port *port);   /* context going away */
-bool lshm__port_shm_ready(struct lshm_port *port);
+/* ---- port.c: the core ---- */
 
-void lshm__port_forget(struct lshm_port *port); /* forked child's copy */
+/* A port on socket fd (checked), its HELLO queued; lshm__port_start() sends it. */
+int  lshm__port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out);
+/* Accepted: tell ready(owner, port) when the handshake ends; HELLO due by due. */
+void lshm__port_set_owner(struct lshm_port *port, lshm_port_ready_fn ready, void *owner,
+                          long long due);
+/* The owner goes away: nobody is told any more. */
+void lshm__port_disown(struct lshm_port *port);
+
+/* The state changes: each verb is one way a port's life moves on or ends. */
+void lshm__port_open(struct lshm_port *port);               /* HELLO accepted */
+bool lshm__port_bye_sent(struct lshm_port *port);           /* true: DRAINING */
+void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));                   /* error, EOF, peer's BYE */
+void lshm__port_reap(struct lshm_port *port);               /* the context is freed */
+void lshm__port_forget(struct lshm_port *port);             /* a forked child's copy */
+/* Is it still reading: before CLOSED? */
+bool lshm__port_is_reading(const struct lshm_port *port);
+/* Give back what the state no longer needs; free the port once unreachable. */
+void lshm__port_settle(struct lshm_port *port);
+
+/* Queues. */
+struct smsg *lshm__smsg_new(struct lshm_port *port, size_t len);
+void lshm__smsg_free(struct smsg *m);
+/* Queue a message in order: the socket's chain, after a FENCE once our
+ * ring is out, or the backlog while the handshake or ring room is awaited. */
+void lshm__port_queue(struct lshm_port *port, struct smsg *m);
+/* Does a user message go through our ring (both HELLOs said RING)? */
+bool lshm__port_uses_ring(const struct lshm_port *port);
+/* Our ring, made and announced (RING queued) on first use: 0 or -errno. */
+int  lshm__port_ring_out(struct lshm_port *port);
+/* Move what the backlog holds into the ring and the chain while room lasts. */
+void lshm__port_flush_backlog(struct lshm_port *port);
+/* Publish our ring's tail and wake the peer if it sleeps. */
+void lshm__port_publish(struct lshm_port *port);
+int  lshm__port_queue_ctrl(struct lshm_port *port, uint8_t type);
+int  lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
+/* A sent message failed: give back the chunks and slot the peer never saw. */
+void lshm__port_free_unsent(struct lshm_port *port, const struct smsg *m);
+/* Do a receiver's part for a message nobody reads (incoming: the peer's). */
+void lshm__port_discard(struct lshm_port *port, const struct lshm_wire_view *v,
+                        bool incoming);
+void lshm__rmsg_release(struct rmsg *rm);
+void lshm__port_drop_received(struct lshm_port *port);
+struct lshm_msg *lshm__port_pop(struct lshm_port *port);
+
+/* Handlers, waits and shared memory, for the public functions. */
+int  lshm__port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg,
+                            lshm_close_fn on_close, void *arg);
+int  lshm__port_wait(struct lshm_port *port, unsigned events, int timeout_ms);
+int  lshm__port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t *gid);
+const char *lshm__port_error(const struct lshm_port *port);
+int  lshm__port_buf_alloc(struct lshm_port *port, size_t size, struct lshm_buf **buf);
+int  lshm__port_tracking_new(struct lshm_port *port, uint32_t stream,
+                             struct lshm_tracking **out);
+bool lshm__tracking_cancel(struct lshm_tracking *t);
+
+/* The context's callbacks (struct lshm_ctx_ops) and walks of its ports. */
 void lshm__port_dispatch(struct lshm_port *port);
 void lshm__port_sweep(struct lshm_port *port);
+void lshm__port_expire(struct lshm_port *port, enum port_list_id which);
+bool lshm__ports_closing(const struct lshm_ctx *ctx);
+void lshm__ports_hang_up(struct lshm_ctx *ctx);
+void lshm__ports_reap(struct lshm_ctx *ctx);
+void lshm__ports_forget(struct lshm_ctx *ctx);
 
-void lshm__port_list_add(struct lshm_port *port, enum port_list_id which);
-struct lshm_port *lshm__port_list_pop(struct lshm_ctx *ctx, enum port_list_id which);
+/* ---- recv.c: the receive path ---- */
 
-/* api.c: submit and dispatch completions, freeing closed ports after. */
-int  lshm__ctx_pump(struct lshm_ctx *ctx);
-int  lshm__ctx_step(struct lshm_ctx *ctx, int timeout_ms);
-/* A port deadline at due (CLOCK_MONOTONIC ms); t wakes the context for it. */
-void lshm__ctx_due(struct lshm_ctx *ctx, struct lshm_timer *t, long long due);
+void lshm__recv_arm(struct lshm_port *port);
+/* Check one message in v1 datagram format, then act on it or deliver it. */
+void lshm__recv_message(struct lshm_port *port, const void *data, size_t len,
+                        int *fds, unsigned nfds, const struct ucred *cred);
+int  lshm__recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms);
+void lshm__recv_done(struct lshm_msg *msg);
+/* Read the peer's ring (ops->poll): true if anything was read. */
+bool lshm__recv_poll(struct lshm_port *port);
+/* About to sleep (ops->sleep): false if the ring has records after all. */
+bool lshm__recv_sleep(struct lshm_port *port);
 
-/* How long a port closed by this process reads after its BYE. */
-#define LSHM_DRAIN_MS 500
+/* ---- send.c: the send path ---- */
 
-/* listen.c */
-void lshm__listener_reap(struct lshm_listener *l);
-void lshm__listener_forget(struct lshm_listener *l);
-void lshm__listener_dispatch(struct lshm_listener *l);
-void lshm__listener_ready(struct lshm_listener *l, struct lshm_port *port);
-
+/* Arm the receive, send the HELLO. */
+void lshm__port_start(struct lshm_port *port);
+/* The handle is given back: what is queued still goes out, then BYE. */
+void lshm__port_close(struct lshm_port *port);
+void lshm__ports_close(struct lshm_ctx *ctx);
+int  lshm__send(struct lshm_port *port, const struct lshm_out *out, unsigned flags);
+/* Submit the queue as one chain when nothing is in flight (ops->kick). */
+void lshm__send_kick(struct lshm_port *port);
 
 #endif

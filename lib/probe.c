@@ -88,13 +88,11 @@ static void probe_caps(struct lshm_probe *p)
     cap_free(caps);
 }
 
-LSHM_EXPORT int lshm_probe(struct lshm_probe *out)
+int lshm__probe(struct lshm_probe *out)
 {
     struct utsname u;
     int ret;
 
-    if (out == NULL)
-        return lshm__fail(-EINVAL, "lshm_probe: out is NULL");
     memset(out, 0, sizeof(*out));
 
     if (uname(&u) == 0)
@@ -108,7 +106,7 @@ LSHM_EXPORT int lshm_probe(struct lshm_probe *out)
         /* The ring layer could not even look: report that, not "available". */
         out->io_uring = ret;
         snprintf(out->io_uring_why, sizeof(out->io_uring_why), "%s",
-                 lshm_last_error()[0] != '\0' ? lshm_last_error() : strerror(-ret));
+                 lshm__error_text()[0] != '\0' ? lshm__error_text() : strerror(-ret));
     }
     if (out->noexec_seal)
         out->features |= LSHM_FEAT_NOEXEC_SEAL;

@@ -35,6 +35,7 @@ struct lshm_ring {
     uint8_t                  *bufs;          /* BUF_COUNT * LSHM_RING_BUF_SIZE */
     struct lshm_ctx_stats    stats;
     unsigned                 sends;          /* sends submitted, not completed */
+    bool                     taskrun_flag;   /* the kernel flags pending task work */
     struct __kernel_timespec timeout_ts;     /* of the one timeout SQE */
 };
 
@@ -43,6 +44,9 @@ static const struct {
     unsigned flags;
     unsigned feats;
 } setups[] = {
+    { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
+      IORING_SETUP_TASKRUN_FLAG,
+      LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_DEFER_TASKRUN },
     { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
       LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_DEFER_TASKRUN },
     { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
@@ -169,6 +173,7 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
         return disabled_why(ret);
     }
     r->features = setups[i].feats;
+    r->taskrun_flag = (setups[i].flags & IORING_SETUP_TASKRUN_FLAG) != 0;
     if (!(ctx_flags & LSHM_CTX_NO_MULTISHOT) && multishot_recvmsg_works(r) &&
         setup_buffers(r) == 0)
         r->features |= LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING |
@@ -472,6 +477,17 @@ static int dispatch(struct lshm_ring *r)
     }
     r->stats.completions += n;
     return (int)n;
+}
+
+bool lshm__ring_is_idle(struct lshm_ring *r)
+{
+    /* Without the flag, completions may wait as task work unseen; with
+     * the eventfd of lshm_ctx_fd, only a run drains it. */
+    if (!r->taskrun_flag || r->has_evfd)
+        return false;
+    return io_uring_sq_ready(&r->ring) == 0 && r->sends == 0 &&
+           io_uring_cq_ready(&r->ring) == 0 &&
+           !(IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN);
 }
 
 void lshm__ring_sends(struct lshm_ring *r, int delta)

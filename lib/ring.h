@@ -68,6 +68,10 @@ int lshm__ring_futex_wake(struct lshm_ring *r, uint32_t *word);
 int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op);
 
 int lshm__ring_submit(struct lshm_ring *r);
+/* Nothing to submit, nothing in flight that needs an enter, no completion
+ * waiting (as a CQE or as task work): a run with no wait can skip the
+ * kernel.  False where the kernel cannot tell us. */
+bool lshm__ring_is_idle(struct lshm_ring *r);
 /* Sends in flight, counted by the caller: a chain needs them asked for. */
 void lshm__ring_sends(struct lshm_ring *r, int delta);
 /* Submit and collect completions without waiting, then dispatch them:

@@ -246,6 +246,12 @@ int  lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned lim
                          bool tracking, bool scrub, struct lshm_alloc *out);
 
 /*
+ * Could an allocation for port_id succeed now (below limit segments)?  Only
+ * a hint: the free maps are the peer's to change.
+ */
+bool lshm__peer_out_has_room(struct lshm_peer *peer, uint16_t port_id, unsigned limit);
+
+/*
  * Undo a created segment whose MMAP could not be queued: drops the table's
  * reference (the alloc's stays the caller's).  Only while seg is still the
  * last in the table; otherwise does nothing.
@@ -308,5 +314,12 @@ int  lshm__buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, si
 
 /* After the descriptor is sent: free the chunks past the sent bytes, drop. */
 void lshm__buf_release_sent(struct lshm_buf *buf);
+
+/* The calls of lshm_buf_grow(3) and its neighbours, behind the public edge. */
+int    lshm__buf_grow(struct lshm_buf *buf, size_t size, size_t min_size);
+void  *lshm__buf_data(struct lshm_buf *buf);
+size_t lshm__buf_capacity(const struct lshm_buf *buf);
+int    lshm__buf_set_size(struct lshm_buf *buf, size_t size);
+void   lshm__buf_free(struct lshm_buf *buf);
 
 #endif

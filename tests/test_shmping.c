@@ -161,6 +161,41 @@ static int count_lines(const char *s, const char *what)
     return n;
 }
 
+/* ---- the tool's own shape ---- */
+
+/* Its files call downwards only, in the order tools/shmping.h lists them. */
+Test(shmping, files_call_downwards_only, .timeout = 120)
+{
+    const char *top = getenv("LSHM_TOP");
+    char script[4096];
+    char *argv[] = { "sh", script, NULL };
+    int out[2], status;
+    char buf[4096] = "";
+    size_t len = 0;
+    ssize_t n;
+    pid_t pid;
+
+    snprintf(script, sizeof(script), "%s/tools/layers.sh", top ? top : ".");
+    cr_assert_eq(pipe2(out, O_CLOEXEC), 0);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        dup2(out[1], 1);
+        dup2(out[1], 2);
+        execvp(argv[0], argv);
+        _exit(127);
+    }
+    close(out[1]);
+    while (len < sizeof(buf) - 1 && (n = read(out[0], buf + len, sizeof(buf) - 1 - len)) > 0)
+        len += (size_t)n;
+    buf[len] = '\0';
+    close(out[0]);
+    status = wait_child(pid, 60000);
+    cr_expect(status >= 0 && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "%s failed:\n%s", script, buf);
+    cr_expect(strstr(buf, "every call downwards") != NULL, "%s", buf);
+}
+
 /* ---- output ---- */
 
 Test(shmping, summary_matches_count, .timeout = 120)
@@ -285,6 +320,136 @@ Test(shmping, json_throughput_and_copy, .timeout = 120)
     run_free(&r);
 }
 
+#define FAULT_FIELDS "bytes_moved minflt_self minflt_peer minflt_self_per_mib " \
+                     "minflt_peer_per_mib"
+/* The fault fields agree with each other (d: the JSON object). */
+#define FAULTS_SANE \
+    "d['minflt_self'] >= 0 and d['bytes_moved'] > 0 " \
+    "and abs(d['minflt_self_per_mib'] - d['minflt_self'] / (d['bytes_moved'] / 2**20)) " \
+    "<= 1e-3 + 1e-3 * d['minflt_self_per_mib'] " \
+    "and (d['minflt_peer'] is None) == (d['minflt_peer_per_mib'] is None)"
+
+/* Every run reports the minor faults of both processes and per MiB moved. */
+Test(shmping, json_reports_page_faults_of_both_processes, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--json -c 3 -i 0.001 -s 1M");
+    check_json(r.out, PING_FIELDS " " FAULT_FIELDS,
+               FAULTS_SANE " and d['bytes_moved'] == 2 * 3 * 2**20 and d['minflt_peer'] >= 0");
+    run_free(&r);
+
+    expect_ok(&r, "--json --throughput -c 100 -s 64K --mode shm");
+    check_json(r.out, PING_FIELDS " " FAULT_FIELDS,
+               FAULTS_SANE " and d['bytes_moved'] == 100 * 65536 and d['minflt_peer'] >= 0");
+    run_free(&r);
+
+    /* The copy peer reads into a buffer it has just grown to 64 MiB: its
+     * first touches must show. */
+    expect_ok(&r, "--json --throughput -c 2 -s 64M --mode copy");
+    check_json(r.out, PING_FIELDS " " FAULT_FIELDS,
+               FAULTS_SANE " and d['bytes_moved'] == 2 * 2**26 and d['minflt_peer'] > 0 "
+               "and d['minflt_peer_per_mib'] > 0");
+    run_free(&r);
+}
+
+Test(shmping, summary_reports_page_faults, .timeout = 120)
+{
+    struct run r;
+    long here, peer;
+    double here_mib, peer_mib;
+    const char *l;
+
+    expect_ok(&r, "-q --throughput -c 200 --mode seqpacket -s 16K");
+    l = strstr(r.out, "minor page faults: ");
+    cr_assert_not_null(l, "no fault line:\n%s", r.out);
+    cr_expect_eq(sscanf(l, "minor page faults: %ld here (%lf/MiB), %ld peer (%lf/MiB)", &here,
+                        &here_mib, &peer, &peer_mib), 4, "%s", l);
+    cr_expect(here >= 0 && peer >= 0 && here_mib >= 0 && peer_mib >= 0, "%s", l);
+    run_free(&r);
+
+    /* Below a MiB moved, the counts alone. */
+    expect_ok(&r, "-q -c 3 -i 0.001");
+    l = strstr(r.out, "minor page faults: ");
+    cr_assert_not_null(l, "no fault line:\n%s", r.out);
+    cr_expect_eq(sscanf(l, "minor page faults: %ld here, %ld peer\n", &here, &peer), 2, "%s", l);
+    cr_expect(strstr(l, "/MiB") == NULL, "%s", l);
+    run_free(&r);
+}
+
+/* ---- the fast payload: every byte written and read, the sum checked ---- */
+
+Test(shmping, size_takes_a_whole_fraction, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--json -c 1 -s 3.5M");
+    check_json(r.out, PING_FIELDS, "d['size'] == 3670016 and d['mode'] == 'shm' "
+               "and d['received'] == 1");
+    run_free(&r);
+}
+
+/* ---- --frames and --slow ---- */
+
+/* Without --mode: shm, then copy, each frame's sum checked, and the ratio. */
+Test(shmping, frames_run_against_copy_mode, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--frames 20 -s 1M --slow 5:2 --json");
+    check_json(r.out, "runs gb_per_s_ratio",
+               "len(d['runs']) == 2 and [x['mode'] for x in d['runs']] == ['shm', 'copy'] "
+               "and all(x['sent'] == 20 and x['received'] == 20 and x['corrupt'] == 0 "
+               "and x['frames'] == 20 and x['slow_frames'] == 5 and x['slow_ms'] == 2 "
+               "and x['gb_per_s'] > 0 and x['bytes_moved'] == 20 * 2**20 "
+               "and x['minflt_self'] >= 0 and x['minflt_peer'] >= 0 for x in d['runs']) "
+               "and abs(d['gb_per_s_ratio'] - d['runs'][0]['gb_per_s'] "
+               "/ d['runs'][1]['gb_per_s']) < 1e-3 * d['gb_per_s_ratio'] + 1e-4");
+    run_free(&r);
+
+    expect_ok(&r, "--frames 10 -s 100K -q");
+    cr_expect(strstr(r.out, "mode shm, throughput, 10 frames") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "mode copy, throughput, 10 frames") != NULL, "%s", r.out);
+    cr_expect_eq(count_lines(r.out, "10 sent, 10 received, 0% lost"), 2, "%s", r.out);
+    cr_expect(strstr(r.out, "x copy over the whole run") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
+/* Every byte of every frame checked against the pattern, in each mode. */
+Test(shmping, frames_verify_in_every_mode, .timeout = 120)
+{
+    static const char *const modes[] = {
+        "--mode shm -s 3.5M", "--mode copy -s 3.5M", "--mode inline -s 16K",
+        "--mode seqpacket -s 16K",
+    };
+
+    for (size_t i = 0; i < sizeof(modes) / sizeof(modes[0]); i++) {
+        char args[256];
+        struct run r;
+
+        snprintf(args, sizeof(args), "--frames 12 --slow 3:1 --verify -q %s", modes[i]);
+        expect_ok(&r, args);
+        cr_expect(strstr(r.out, "12 sent, 12 received, 0% lost") != NULL, "shmping %s:\n%s",
+                  args, r.out);
+        cr_expect(strstr(r.out, "consumer slow for 3 (1 ms each)") != NULL, "%s", r.out);
+        run_free(&r);
+    }
+}
+
+/* The whole run waits for the slow consumer: 5 frames of 100 ms each. */
+Test(shmping, slow_consumer_counts_in_the_whole_run, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--frames 5 -s 64K --slow 5:100 --mode shm --json");
+    check_json(r.out, PING_FIELDS " frames slow_frames slow_ms",
+               "d['received'] == 5 and d['time_ms'] >= 500");
+    run_free(&r);
+    expect_ok(&r, "--throughput -c 5 -s 64K --slow 5:100 --mode copy --json");
+    check_json(r.out, PING_FIELDS " slow_frames", "d['received'] == 5 and d['time_ms'] >= 500");
+    run_free(&r);
+}
+
 /* ---- options and exit statuses ---- */
 
 Test(shmping, bad_options_exit_64, .timeout = 120)
@@ -313,6 +478,23 @@ Test(shmping, bad_options_exit_64, .timeout = 120)
         { "--idle 2 --bench", "--idle" },
         { "-c", "-c" },
         { "one two", "two" },
+        { "-s 3.5", "-s" },
+        { "-s 0.1K", "-s" },
+        { "-s 1.K", "-s" },
+        { "--frames 0", "--frames" },
+        { "--frames abc", "--frames" },
+        { "--frames 4294967296", "--frames" },
+        { "--frames 3 -c 4", "--frames" },
+        { "--frames 3 /tmp/shmping-test-none.sock", "--frames" },
+        { "--frames 3 -l /tmp/shmping-test-none.sock", "--frames" },
+        { "--frames 3 --bench", "--frames" },
+        { "--slow 5", "--slow" },
+        { "--slow :5", "--slow" },
+        { "--slow 5:", "--slow" },
+        { "--slow a:5", "--slow" },
+        { "--slow 5:60001", "--slow" },
+        { "--slow 5:5", "--slow" },
+        { "--slow 5:5 --throughput /tmp/shmping-test-none.sock", "--slow" },
     };
 
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -842,13 +1024,26 @@ Test(shmping, verify_catches_a_corrupt_echo, .timeout = 120)
     run_free(&r);
 }
 
+/* Without --verify the receiver still reads every byte: its sum shows a flip. */
+Test(shmping, sum_catches_a_corrupt_echo, .timeout = 120)
+{
+    struct run r;
+
+    run_against_fake(&r, FAKE_FLIP_A_BYTE, "sum", "-q -c 3 -i 0.001 -s 1000");
+    cr_expect(strstr(r.err, "seq=1: the sum of the 1000 payload bytes is wrong") != NULL,
+              "%s", r.err);
+    cr_expect(strstr(r.out, "3 sent, 3 received, 3 corrupt") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
 Test(shmping, lost_reply_exits_1, .timeout = 120)
 {
     struct run r;
 
     run_against_fake(&r, FAKE_SKIP_SEQ_2, "skip", "--json -c 3 -i 0.01 -w 0.3");
-    check_json(r.out, PING_FIELDS, "d['sent'] == 3 and d['received'] == 2 "
-               "and abs(d['lost_pct'] - 100.0 / 3) < 0.01");
+    check_json(r.out, PING_FIELDS " " FAULT_FIELDS, "d['sent'] == 3 and d['received'] == 2 "
+               "and abs(d['lost_pct'] - 100.0 / 3) < 0.01 "
+               "and d['minflt_peer'] is None and d['minflt_self'] >= 0");
     run_free(&r);
 }
 
@@ -857,6 +1052,7 @@ Test(shmping, lost_reply_exits_1, .timeout = 120)
 Test(shmping, bench_fits_in_15_seconds, .timeout = 120)
 {
     static const char *const rows[] = {
+        "64 B     memory", "4 KiB    memory", "1 MiB    memory", "flt snd flt rcv",
         "64 B     copy", "64 B     seqpacket", "64 B     shm", "64 B     inline ",
         "64 B     inline*", "inline*: inline with 1000 idle ports in each process",
         "4 KiB    copy", "4 KiB    seqpacket", "4 KiB    shm", "4 KiB    inline",
@@ -872,5 +1068,24 @@ Test(shmping, bench_fits_in_15_seconds, .timeout = 120)
     cr_expect(strstr(r.out, "1 MiB    inline") == NULL, "%s", r.out);
     cr_expect(strstr(r.out, "1 MiB    seqpacket") == NULL, "%s", r.out);
     cr_expect(strstr(r.out, "failed") == NULL, "%s", r.out);
+    run_free(&r);
+}
+
+/* The JSON of --bench: a memory row per size, faults of the one-way runs. */
+Test(shmping, bench_json_has_memory_rows_and_faults, .timeout = 120)
+{
+    struct run r;
+
+    expect_ok(&r, "--bench --json");
+    check_json(r.out, "cell_s batch bench interrupted",
+               "[x['mode'] for x in d['bench'] if x['size'] == 2**20] == "
+               "['memory', 'copy', 'shm'] "
+               "and all(x['mode'] != 'memory' or (x['rtt_avg_us'] is None "
+               "and x['minflt_peer_per_mib'] is None and x['gb_per_s_memory_ratio'] == 1 "
+               "and x['gb_per_s'] > 0) for x in d['bench']) "
+               "and all(x['mode'] == 'memory' or (x['rtt_avg_us'] > 0 "
+               "and x['minflt_self_per_mib'] >= 0 and x['minflt_peer_per_mib'] >= 0 "
+               "and x['gb_per_s_memory_ratio'] > 0) for x in d['bench']) "
+               "and not any(x['failed'] for x in d['bench'])");
     run_free(&r);
 }

@@ -28,7 +28,6 @@
 #define MAX_INFLIGHT_BYTES (128ull << 20)
 #define STALL_NS        (10 * NS_PER_S)       /* no progress for this long: give up */
 #define DRAIN_NS        (2 * NS_PER_S)        /* after -w, for replies on their way */
-#define HANDSHAKE_MS    5000
 #define WAIT_SLICE_MS   100                   /* how often loops look at signals */
 
 struct slot {
@@ -48,19 +47,6 @@ struct session {
     unsigned             blocked_on; /* LSHM_WAIT_SEND / _SHM after -EAGAIN */
 };
 
-const char *lshm_why(int ret)
-{
-    static char buf[320];
-    const char *detail = lshm_last_error();
-
-    if (detail == NULL || detail[0] == '\0')
-        return strerror(-ret);
-    if (strstr(detail, strerror(-ret)) != NULL)
-        return detail;
-    snprintf(buf, sizeof(buf), "%s (%s)", strerror(-ret), detail);
-    return buf;
-}
-
 static int ms_until(uint64_t now, uint64_t when)
 {
     uint64_t d = when > now ? when - now : 0;
@@ -77,12 +63,14 @@ static void link_failed(struct session *s, int ret)
     if (s->res->error)
         return;
     s->res->error = 1;
-    err("connection to %s closed: %s", s->peer, why ? why : lshm_why(ret));
+    err("connection to %s closed: %s", s->peer, why ? why : lib_why(ret));
 }
 
 /*
- * Queue one message.  With verify and fresh, the pattern of seq is written
- * straight into the payload; otherwise the staging bytes are sent.  -EAGAIN
+ * Queue one message, every payload byte written as a program writes its
+ * data: the fast payload of seq, straight into the shared-memory buffers or
+ * the bytes to send inline.  With verify, the pattern of seq instead: written
+ * there when fresh, else copied from the staging bytes.  -EAGAIN
  * (no room now) sets s->blocked_on to what to wait for.
  */
 static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flags, bool fresh)
@@ -100,15 +88,19 @@ static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flag
             s->blocked_on = LSHM_WAIT_SHM;
         if (ret < 0)
             return ret;
-        if (cfg->verify && fresh)
+        if (!cfg->verify)
+            payload_fast_fill(&p, seq);
+        else if (fresh)
             payload_fill(&p, seq);
         else
             payload_copy_in(&p, s->staging);
         out.bufs = p.bufs;
         out.nbufs = p.n;
     } else if (cfg->size > 0) {
-        if (cfg->verify && fresh)
-            pattern_fill(s->staging, 0, cfg->size, seq);
+        if (!cfg->verify)
+            fast_fill(s->staging, 0, cfg->size, seq);
+        else if (fresh)
+            pattern_write(s->staging, 0, cfg->size, seq);
         out.data = s->staging;
         out.size = cfg->size;
     }
@@ -164,7 +156,7 @@ static void handle_reply(struct session *s, struct lshm_msg *m)
     if (m->size != cfg->size || msg_iov_bytes(m) != m->size) {
         err("seq=%u: reply has %zu bytes, %zu were sent", seq, m->size, cfg->size);
         res->corrupt++;
-    } else if (cfg->verify && !msg_verify(m, seq)) {
+    } else if (!msg_check(m, seq, cfg->verify)) {
         res->corrupt++;
     }
     lshm_msg_done(m);
@@ -188,7 +180,7 @@ static int send_pings(struct session *s, unsigned n)
 
         /* The pattern is made before the clock starts: it is not transport. */
         if (cfg->verify && cfg->size > 0)
-            pattern_fill(s->staging, 0, cfg->size, seq);
+            pattern_write(s->staging, 0, cfg->size, seq);
         t = now_ns();
         ret = send_msg(s, MSG_PING, seq, i + 1 < n ? LSHM_MORE : 0, false);
         if (ret < 0) {
@@ -259,6 +251,8 @@ static int ping_session(struct session *s)
     uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
     bool sending_over = false;
     int ret = 0;
+
+    faults_start(res);
 
     for (;;) {
         uint64_t now = now_ns();
@@ -342,6 +336,8 @@ static int ping_session(struct session *s)
             break;
         }
     }
+    faults_stop(res);
+    res->bytes_moved = 2 * res->received * cfg->size;
     res->time_ms = (double)(now_ns() - start) / 1e6;
     if (cfg->throughput && res->time_ms > 0) {
         double secs = res->time_ms / 1e3;
@@ -423,6 +419,7 @@ static int sink_session(struct session *s)
     struct peer_stats st;
     int ret = 0;
 
+    faults_start(res);
     while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
         uint64_t n = cfg->count - res->sent;
         if (n > cfg->batch)
@@ -450,6 +447,7 @@ static int sink_session(struct session *s)
     }
     if (sink_answer(s, &st) < 0)
         return -1;
+    faults_stop(res);
     results_set_throughput(res, start, &st);
     return 0;
 }
@@ -483,78 +481,7 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
     return ret;
 }
 
-int ctx_new_reported(struct lshm_ctx **ctx, const char *who)
-{
-    int ret = lshm_ctx_new(ctx, NULL);
-
-    if (ret == -EPERM || ret == -ENOSYS)
-        err("%sio_uring unavailable: %s", who, lshm_why(ret));
-    else if (ret < 0)
-        err("%scannot create an io_uring context: %s", who, lshm_why(ret));
-    return ret;
-}
-
-void idle_close(struct idle_ports *ip)
-{
-    unsigned i;
-
-    for (i = 0; i < ip->n; i++)
-        lshm_port_close(ip->ports[i]);
-    free(ip->ports);
-    ip->ports = NULL;
-    ip->n = 0;
-}
-
-/*
- * Each socketpair gives two ports: the context adopts both ends, so every
- * port makes a real handshake (with itself) and then stays open, idle.
- */
-int idle_open(const struct config *cfg, struct lshm_ctx *ctx, struct idle_ports *ip,
-              const char *who)
-{
-    unsigned n = cfg->idle, i;
-    int sv[2], ret;
-
-    ip->n = 0;
-    ip->ports = NULL;
-    if (n == 0)
-        return 0;
-    ip->ports = calloc(n + 1, sizeof(*ip->ports));   /* n is even; + 1 all the same */
-    if (ip->ports == NULL) {
-        err("%s--idle %u: out of memory", who, n);
-        return -1;
-    }
-    while (ip->n < n) {
-        if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0) {
-            err("%s--idle %u: socketpair after %u ports: %s", who, n, ip->n, strerror(errno));
-            goto fail;
-        }
-        for (i = 0; i < 2; i++) {
-            ret = lshm_port_adopt(ctx, sv[i], &ip->ports[ip->n]);
-            if (ret < 0) {
-                err("%s--idle %u: adopting port %u: %s", who, n, ip->n, lshm_why(ret));
-                close(sv[i]);
-                if (i == 0)
-                    close(sv[1]);
-                goto fail;
-            }
-            ip->n++;
-        }
-    }
-    for (i = 0; i < ip->n; i++) {
-        ret = lshm_port_wait(ip->ports[i], LSHM_WAIT_READY, HANDSHAKE_MS);
-        if (ret < 0) {
-            err("%s--idle %u: handshake of port %u: %s", who, n, i, lshm_why(ret));
-            goto fail;
-        }
-    }
-    return 0;
-fail:
-    idle_close(ip);
-    return -1;
-}
-
-int lshm_run_forked(const struct config *cfg, struct results *res)
+int uring_run_forked(const struct config *cfg, struct results *res)
 {
     struct idle_ports idle = { NULL, 0 };
     struct lshm_ctx *ctx = NULL;
@@ -569,13 +496,14 @@ int lshm_run_forked(const struct config *cfg, struct results *res)
     pid = fork_peer(cfg, SOCK_SEQPACKET, peer_serve, &sock);
     if (pid < 0)
         return EXIT_ERROR;
+    res->peer_pid = pid;
     if (ctx_new_reported(&ctx, "") < 0) {
         close(sock);
         goto fail;
     }
     ret = lshm_port_adopt(ctx, sock, &port);
     if (ret < 0) {
-        err("cannot adopt the socket of the forked peer: %s", lshm_why(ret));
+        err("cannot adopt the socket of the forked peer: %s", lib_why(ret));
         close(sock);
         goto fail;
     }
@@ -584,7 +512,7 @@ int lshm_run_forked(const struct config *cfg, struct results *res)
     ret = lshm_port_wait(port, LSHM_WAIT_READY, HANDSHAKE_MS);
     if (ret < 0) {
         const char *why = lshm_port_error(port);
-        err("handshake with the forked peer failed: %s", why ? why : lshm_why(ret));
+        err("handshake with the forked peer failed: %s", why ? why : lib_why(ret));
         goto fail;
     }
     if (idle_open(cfg, ctx, &idle, "") < 0)
@@ -615,7 +543,7 @@ fail:
     return EXIT_ERROR;
 }
 
-int lshm_run_client(const struct config *cfg, struct results *res)
+int uring_run_client(const struct config *cfg, struct results *res)
 {
     struct idle_ports idle = { NULL, 0 };
     struct lshm_ctx *ctx = NULL;
@@ -630,11 +558,11 @@ int lshm_run_client(const struct config *cfg, struct results *res)
     ret = lshm_connect(ctx, cfg->path, HANDSHAKE_MS, &port);
     if (ret < 0) {
         if (ret == -ENOENT || ret == -ECONNREFUSED)
-            err("no server at %s: %s", cfg->path, lshm_why(ret));
+            err("no server at %s: %s", cfg->path, lib_why(ret));
         else if (ret == -ETIMEDOUT)
             err("%s did not complete the handshake within %d ms", cfg->path, HANDSHAKE_MS);
         else
-            err("cannot connect to %s: %s", cfg->path, lshm_why(ret));
+            err("cannot connect to %s: %s", cfg->path, lib_why(ret));
         goto fail;
     }
     if (idle_open(cfg, ctx, &idle, "") < 0) {

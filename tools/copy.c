@@ -7,7 +7,8 @@
  * transport is made of, without the library).  Only against a forked peer,
  * which echoes MSG_PING after reading the whole message (so neither side
  * ever writes while the other is blocked writing), counts MSG_DATA and
- * answers MSG_END with its counts.
+ * answers MSG_END with its counts.  Both sides write every payload byte and
+ * read (check) every byte they receive, as the io_uring modes do.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -140,6 +141,27 @@ static size_t payload_room(const struct config *cfg)
     return cfg->size ? cfg->size : 1;
 }
 
+/* Sleep until when (now_ns); a signal ends it early only if interruptible. */
+static void sleep_until(uint64_t when, bool interruptible)
+{
+    uint64_t now = now_ns();
+    struct timespec ts;
+
+    while (when > now) {
+        ts.tv_sec = (time_t)((when - now) / NS_PER_S);
+        ts.tv_nsec = (long)((when - now) % NS_PER_S);
+        if (nanosleep(&ts, NULL) == 0 || interruptible)
+            return;     /* EINTR: the caller looks at stop_requested */
+        now = now_ns();
+    }
+}
+
+/* Read every byte of a received payload: its pattern (--verify) or its sum. */
+static bool payload_ok(const struct config *cfg, const uint8_t *buf, size_t len, uint32_t seq)
+{
+    return cfg->verify ? verify_piece(buf, 0, len, seq) : fast_check(buf, len, seq);
+}
+
 static int copy_peer(const struct config *cfg, int fd)
 {
     struct peer_stats st = { 0 };
@@ -165,12 +187,17 @@ static int copy_peer(const struct config *cfg, int fd)
             break;
         }
         if (h.type == MSG_PING) {
+            /* Read what it echoes, as a receiver does; a bad one is
+             * reported here and counted by the client. */
+            payload_ok(cfg, buf, h.len, h.seq);
             r = write_all(fd, &h, sizeof(h), buf, h.len);
         } else if (h.type == MSG_DATA) {
             st.received++;
             st.bytes += h.len;
-            if (cfg->verify && !verify_piece(buf, 0, h.len, h.seq))
+            if (!payload_ok(cfg, buf, h.len, h.seq))
                 st.corrupt++;
+            if (st.received <= cfg->slow_n)
+                sleep_until(now_ns() + (uint64_t)cfg->slow_ms * 1000000u, false);
         } else if (h.type == MSG_END) {
             h.len = sizeof(st);
             r = write_all(fd, &h, sizeof(h), &st, sizeof(st));
@@ -190,18 +217,6 @@ static int copy_peer(const struct config *cfg, int fd)
     return status;
 }
 
-static void sleep_until(uint64_t when)
-{
-    uint64_t now = now_ns();
-    struct timespec ts;
-
-    if (when <= now)
-        return;
-    ts.tv_sec = (time_t)((when - now) / NS_PER_S);
-    ts.tv_nsec = (long)((when - now) % NS_PER_S);
-    nanosleep(&ts, NULL);   /* EINTR: the caller looks at stop_requested */
-}
-
 static const char *copy_why(ssize_t r)
 {
     if (r == 0 || r == -EPIPE)
@@ -218,6 +233,7 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
     uint64_t start = now_ns(), next_send = start;
     uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
 
+    faults_start(res);
     while (res->sent < cfg->count) {
         uint32_t seq = (uint32_t)(res->sent + 1);
         struct copy_hdr h = { .type = MSG_PING, .seq = seq, .len = cfg->size }, rh;
@@ -232,12 +248,16 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
         if (deadline && now >= deadline)
             break;
         if (now < next_send) {
-            sleep_until(deadline && deadline < next_send ? deadline : next_send);
+            sleep_until(deadline && deadline < next_send ? deadline : next_send, true);
             continue;
         }
+        /* The pattern is made before the clock starts; the fast payload is
+         * written as part of each message, as in the other modes. */
         if (cfg->verify)
-            pattern_fill(sendbuf, 0, cfg->size, seq);
+            pattern_write(sendbuf, 0, cfg->size, seq);
         t0 = now_ns();
+        if (!cfg->verify)
+            fast_fill(sendbuf, 0, cfg->size, seq);
         r = write_all(fd, &h, sizeof(h), sendbuf, cfg->size);
         if (r < 0) {
             err("connection to peer closed: %s", copy_why(r));
@@ -264,7 +284,7 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
         }
         us = (double)(now_ns() - t0) / 1e3;
         res->received++;
-        if (cfg->verify && !verify_piece(*recvbuf, 0, cfg->size, seq))
+        if (!payload_ok(cfg, *recvbuf, cfg->size, seq))
             res->corrupt++;
         if (results_add_rtt(res, us) < 0)
             err("out of memory for RTT samples");
@@ -272,6 +292,8 @@ static int copy_ping(const struct config *cfg, int fd, struct results *res,
             print_reply(cfg, "peer", seq, cfg->size, us);
         next_send = interval ? next_send + interval : now;
     }
+    faults_stop(res);
+    res->bytes_moved = 2 * res->received * cfg->size;
     res->time_ms = (double)(now_ns() - start) / 1e6;
     return res->error ? -1 : 0;
 }
@@ -285,10 +307,13 @@ static int copy_throughput(const struct config *cfg, int fd, struct results *res
     struct peer_stats st;
     ssize_t r = 0;
 
+    faults_start(res);
     while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
         h.seq = (uint32_t)(res->sent + 1);
         if (cfg->verify)
-            pattern_fill(sendbuf, 0, cfg->size, h.seq);
+            pattern_write(sendbuf, 0, cfg->size, h.seq);
+        else
+            fast_fill(sendbuf, 0, cfg->size, h.seq);
         r = write_all(fd, &h, sizeof(h), sendbuf, cfg->size);
         if (r < 0)
             break;
@@ -318,6 +343,7 @@ static int copy_throughput(const struct config *cfg, int fd, struct results *res
         res->error = 1;
         return -1;
     }
+    faults_stop(res);
     results_set_throughput(res, start, &st);
     return 0;
 }
@@ -343,6 +369,7 @@ int copy_run_forked(const struct config *cfg, struct results *res)
                     &sock);
     if (pid < 0)
         return EXIT_ERROR;
+    res->peer_pid = pid;
     sendbuf = malloc(cfg->size ? cfg->size : 1);
     recvbuf = malloc(recvcap < sizeof(struct peer_stats) ? sizeof(struct peer_stats) : recvcap);
     if (sendbuf == NULL || recvbuf == NULL) {

@@ -1,22 +1,75 @@
-/* shmping: what it prints: header, replies, summary (text or JSON), --probe. */
+/*
+ * shmping: what it prints: names of modes and flags, header, replies,
+ * summary (text or JSON), --probe.
+ */
 #include <stdio.h>
 #include <string.h>
 
 #include "shmping.h"
 
+const char *mode_name(enum mode m)
+{
+    switch (m) {
+    case MODE_SHM:    return "shm";
+    case MODE_INLINE: return "inline";
+    case MODE_COPY:   return "copy";
+    case MODE_SEQPACKET: return "seqpacket";
+    default:          return "auto";
+    }
+}
+
+void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf, size_t len)
+{
+    size_t used = 0;
+
+    buf[0] = '\0';
+    for (size_t i = 0; i < n; i++) {
+        if (!(flags & names[i].bit))
+            continue;
+        int w = snprintf(buf + used, len - used, "%s%s", used ? " " : "", names[i].name);
+        if (w < 0 || (size_t)w >= len - used)
+            break;
+        used += (size_t)w;
+    }
+    if (used == 0)
+        snprintf(buf, len, "none");
+}
+
+void features_text(unsigned feat, char *buf, size_t len)
+{
+    static const struct flag_name names[] = {
+        { LSHM_FEAT_SINGLE_ISSUER,    "single_issuer" },
+        { LSHM_FEAT_DEFER_TASKRUN,    "defer_taskrun" },
+        { LSHM_FEAT_COOP_TASKRUN,     "coop_taskrun" },
+        { LSHM_FEAT_MULTISHOT_RECV,   "multishot_recv" },
+        { LSHM_FEAT_BUF_RING,         "buf_ring" },
+        { LSHM_FEAT_MULTISHOT_ACCEPT, "multishot_accept" },
+        { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
+    };
+
+    flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
+}
+
 void print_header(const struct config *cfg, const char *peer, unsigned features)
 {
-    char feat[160], batch[64] = "";
+    char feat[160], batch[192] = "";
     int n = 0;
 
     if (cfg->throughput && cfg->batch > 1)
         n = snprintf(batch, sizeof(batch), ", batch %u", cfg->batch);
     if (cfg->idle > 0)
-        snprintf(batch + n, sizeof(batch) - (size_t)n, ", %u idle ports", cfg->idle);
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", %u idle ports", cfg->idle);
+    if (cfg->frames > 0)
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", %llu frames",
+                      (unsigned long long)cfg->frames);
+    if (cfg->slow_n > 0)
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", consumer slow for %llu (%u ms each)",
+                      (unsigned long long)cfg->slow_n, cfg->slow_ms);
     if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) {
-        printf("SHMPING %s: %zu bytes, mode %s%s (AF_UNIX %s socket, "
+        printf("SHMPING %s: %zu bytes, mode %s%s%s (AF_UNIX %s socket, "
                "blocking write/read, no io_uring)\n",
                peer, cfg->size, mode_name(cfg->mode), cfg->throughput ? ", throughput" : "",
+               cfg->frames > 0 || cfg->slow_n > 0 ? batch : "",
                cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
         features_text(features, feat, sizeof(feat));
@@ -57,6 +110,24 @@ static void json_string(const char *s)
     putchar('"');
 }
 
+/* A JSON number, or null when v is below 0 (not known). */
+static void json_num(const char *name, double v, int prec)
+{
+    if (v < 0)
+        printf(",\"%s\":null", name);
+    else
+        printf(",\"%s\":%.*f", name, prec, v);
+}
+
+static void json_faults(const struct results *res)
+{
+    printf(",\"bytes_moved\":%llu", (unsigned long long)res->bytes_moved);
+    json_num("minflt_self", (double)res->minflt_self, 0);
+    json_num("minflt_peer", (double)res->minflt_peer, 0);
+    json_num("minflt_self_per_mib", faults_per_mib(res->minflt_self, res->bytes_moved), 4);
+    json_num("minflt_peer_per_mib", faults_per_mib(res->minflt_peer, res->bytes_moved), 4);
+}
+
 static void json_summary(const struct config *cfg, const struct results *res, const char *peer)
 {
     struct rtt_summary r;
@@ -84,7 +155,32 @@ static void json_summary(const struct config *cfg, const struct results *res, co
                ",\"rtt_p99_us\":null,\"rtt_p999_us\":null");
     if (cfg->throughput)
         printf(",\"msgs_per_s\":%.1f,\"gb_per_s\":%.6f", res->msgs_per_s, res->gb_per_s);
+    if (cfg->frames > 0 || cfg->slow_n > 0)
+        printf(",\"frames\":%llu,\"slow_frames\":%llu,\"slow_ms\":%u",
+               (unsigned long long)cfg->frames, (unsigned long long)cfg->slow_n, cfg->slow_ms);
+    json_faults(res);
     printf("}\n");
+}
+
+/* "minor page faults: N here (F/MiB), N peer (F/MiB)"; per MiB once one moved. */
+static void print_faults(const struct results *res)
+{
+    const long n[2] = { res->minflt_self, res->minflt_peer };
+    const char *who[2] = { "here", "peer" };
+
+    if (n[0] < 0)
+        return;
+    printf("minor page faults:");
+    for (int i = 0; i < 2; i++) {
+        double per = faults_per_mib(n[i], res->bytes_moved);
+
+        if (n[i] < 0)
+            continue;
+        printf("%s %ld %s", i ? "," : "", n[i], who[i]);
+        if (per >= 0 && res->bytes_moved >= (1u << 20))
+            printf(" (%.2f/MiB)", per);
+    }
+    printf("\n");
 }
 
 void print_summary(const struct config *cfg, const struct results *res, const char *peer)
@@ -110,6 +206,7 @@ void print_summary(const struct config *cfg, const struct results *res, const ch
     }
     if (cfg->throughput)
         printf("throughput: %.0f msgs/s, %.3f GB/s\n", res->msgs_per_s, res->gb_per_s);
+    print_faults(res);
     fflush(stdout);
 }
 
@@ -187,7 +284,7 @@ int print_probe(bool json)
     int ret = lshm_probe(&p);
 
     if (ret < 0) {
-        err("probe failed: %s", lshm_why(ret));
+        err("probe failed: %s", lib_why(ret));
         return EXIT_ERROR;
     }
     if (json) {

@@ -3,8 +3,10 @@
  * modes.  Both run one lshm_ctx_run loop with a handler per port: every user
  * message is echoed (same type and stream, LAST, same bytes, inline when it
  * came inline, in this process's own chunks when it came in chunks); the
- * forked peer of a throughput run counts MSG_DATA instead and answers
- * MSG_END with what it saw.
+ * forked peer of a throughput run counts MSG_DATA instead, reading every
+ * byte (its sum, or the --verify pattern) and taking --slow's time over the
+ * first ones, and answers MSG_END with what it saw.  The forked peer also
+ * reads every ping it echoes.
  *
  * An echo that cannot be queued now (send queue full, no free chunk) is not
  * dropped: the message is held, unreleased, in its client's FIFO and retried
@@ -15,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "shmping.h"
@@ -53,6 +56,14 @@ struct server {
     struct idle_ports     idle;     /* --idle */
 };
 
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000 };
+
+    while (nanosleep(&ts, &ts) < 0 && !stop_requested)
+        ;
+}
+
 /* The server's log (stderr): one line for each client that goes. */
 static void client_log(struct client *c, const char *what, const char *why)
 {
@@ -77,7 +88,7 @@ static void client_drop(struct client *c, int ret)
     else if (ret == -ENOBUFS)
         why = "does not read its replies";
     else if (why == NULL)
-        why = lshm_why(ret);
+        why = lib_why(ret);
     if (c->srv->listener != NULL)
         client_log(c, "dropped", why);
     else if (ret != -EPIPE)
@@ -134,8 +145,12 @@ static int serve_msg(struct client *c, struct lshm_msg *m)
     if (s->sink && m->type == MSG_DATA) {
         s->stats.received++;
         s->stats.bytes += m->size;
-        if (s->cfg->verify && !msg_verify(m, m->stream))
+        if (!msg_check(m, m->stream, s->cfg->verify))
             s->stats.corrupt++;
+        /* --slow: a consumer that takes its time over its first messages
+         * (the chunks stay its until it is done with them). */
+        if (s->stats.received <= s->cfg->slow_n)
+            sleep_ms(s->cfg->slow_ms);
     } else if (s->sink && m->type == MSG_END) {
         ret = send_stats(c, m);
     } else {
@@ -165,6 +180,11 @@ static void on_msg(struct lshm_port *port, struct lshm_msg *msg, void *arg)
         lshm_msg_done(&m);
         return;
     }
+    /* The forked peer reads every ping it echoes, as a receiver does (once,
+     * here, not on each retry; a bad one is reported, and counted by the
+     * client); a server echoes any client's bytes. */
+    if (c->srv->listener == NULL && !c->srv->sink && m.type == MSG_PING)
+        msg_check(&m, m.stream, c->srv->cfg->verify);
     if (c->head == NULL) {
         ret = serve_msg(c, &m);
         if (ret == 0)
@@ -199,13 +219,13 @@ static void on_close(struct lshm_port *port, int error, void *arg)
     if (c->srv->listener == NULL) {
         /* Forked peer: the parent closing the link is the normal end. */
         if (error != -EPIPE)
-            err("peer: link closed: %s", why ? why : lshm_why(error));
+            err("peer: link closed: %s", why ? why : lib_why(error));
         return;
     }
     /* One line for every end, orderly or not: EOF from a client that died
      * is an orderly end to the transport (-EPIPE), only the reason differs. */
     client_log(c, error == -EPIPE ? "disconnected" : "dropped",
-               why ? why : lshm_why(error));
+               why ? why : lib_why(error));
 }
 
 static struct client *client_add(struct server *s, struct lshm_port *port)
@@ -221,7 +241,7 @@ static struct client *client_add(struct server *s, struct lshm_port *port)
     c->id = ++s->next_id;
     ret = lshm_port_set_handler(port, on_msg, on_close, c);
     if (ret < 0) {
-        err("cannot serve a client: %s", lshm_why(ret));
+        err("cannot serve a client: %s", lib_why(ret));
         free(c);
         return NULL;
     }
@@ -309,7 +329,7 @@ static int run_loop(struct server *s)
         int ret = lshm_ctx_run(s->ctx, held ? RUN_RETRY_MS : RUN_IDLE_MS);
 
         if (ret < 0 && ret != -EINTR && ret != -ETIMEDOUT && ret != -EAGAIN) {
-            err("%s: event loop failed: %s", s->listener ? "server" : "peer", lshm_why(ret));
+            err("%s: event loop failed: %s", s->listener ? "server" : "peer", lib_why(ret));
             return -1;
         }
         held = retry_pending(s);
@@ -348,13 +368,13 @@ int serve(const struct config *cfg)
         if (ret == -EADDRINUSE)
             err("cannot listen on %s: a server is already running there", cfg->listen);
         else
-            err("cannot listen on %s: %s", cfg->listen, lshm_why(ret));
+            err("cannot listen on %s: %s", cfg->listen, lib_why(ret));
         lshm_ctx_free(s.ctx);
         return EXIT_ERROR;
     }
     ret = lshm_listener_set_handler(s.listener, on_accept, &s);
     if (ret < 0) {
-        err("cannot accept on %s: %s", cfg->listen, lshm_why(ret));
+        err("cannot accept on %s: %s", cfg->listen, lib_why(ret));
         server_close(&s);
         return EXIT_ERROR;
     }
@@ -389,7 +409,7 @@ int peer_serve(const struct config *cfg, int sock)
     }
     ret = lshm_port_adopt(s.ctx, sock, &port);
     if (ret < 0) {
-        err("peer: cannot adopt its socket: %s", lshm_why(ret));
+        err("peer: cannot adopt its socket: %s", lib_why(ret));
         close(sock);
         lshm_ctx_free(s.ctx);
         return EXIT_ERROR;

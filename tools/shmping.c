@@ -15,7 +15,7 @@
 
 enum {
     OPT_MODE = 256, OPT_THROUGHPUT, OPT_BATCH, OPT_VERIFY, OPT_JSON, OPT_PROBE,
-    OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE,
+    OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE, OPT_FRAMES, OPT_SLOW,
 };
 
 static const struct option long_options[] = {
@@ -28,6 +28,8 @@ static const struct option long_options[] = {
     { "bench",      no_argument,       NULL, OPT_BENCH },
     { "keep-caps",  no_argument,       NULL, OPT_KEEP_CAPS },
     { "idle",       required_argument, NULL, OPT_IDLE },
+    { "frames",     required_argument, NULL, OPT_FRAMES },
+    { "slow",       required_argument, NULL, OPT_SLOW },
     { "help",       no_argument,       NULL, 'h' },
     { "version",    no_argument,       NULL, OPT_VERSION },
     { NULL, 0, NULL, 0 },
@@ -37,6 +39,8 @@ static const struct option long_options[] = {
 #define MAX_IDLE      20000u
 #define BENCH_BATCH   32u
 #define MAX_SECONDS   (365.0 * 86400)
+#define MAX_SLOW_MS   60000u
+#define FRAME_SIZE    (3670016u)  /* --frames without -s: 3.5 MiB */
 
 static void usage(FILE *f)
 {
@@ -44,10 +48,13 @@ static void usage(FILE *f)
 "usage: shmping [options]            ping a forked peer\n"
 "       shmping [options] PATH       ping the shmping server at PATH\n"
 "       shmping -l PATH              serve (echo) at PATH until SIGINT/SIGTERM\n"
+"       shmping --frames N [--slow N:MS] [options]\n"
+"                                    a slow consumer's frames, against copy mode\n"
 "       shmping --probe | --bench | --version | --help\n"
 "\n"
 "  -c COUNT        messages to send (default 10; with -w, until the deadline)\n"
-"  -s SIZE         payload bytes, suffix K or M, 0 .. 64M (default 64)\n"
+"  -s SIZE         payload bytes, suffix K or M, 0 .. 64M (default 64;\n"
+"                  fractions if the bytes come out whole: 3.5M)\n"
 "  -i INTERVAL     seconds between pings, fractions allowed (default 0.1)\n"
 "  -f              flood: the next ping as soon as the reply is in\n"
 "  -w DEADLINE     stop sending after DEADLINE seconds (replies on their\n"
@@ -66,10 +73,19 @@ static void usage(FILE *f)
 "                  copy mode writes one message per write\n"
 "  --verify        fill each payload with a pattern of its sequence number and\n"
 "                  check every byte at the receiver; a mismatch exits 1\n"
+"                  (without it every byte is still written and read: the\n"
+"                  receiver checks a sum of the payload)\n"
 "  --json          print the summary as one JSON object\n"
 "  --probe         print what the kernel and the process offer\n"
 "  --bench         rtt and throughput for 64 B, 4K, 1M in every mode, with\n"
-"                  ratios to copy mode (about 10 s)\n"
+"                  ratios to copy mode and to a memory row, and page faults\n"
+"                  (about 12 s)\n"
+"  --frames N      stream N frames (default -s 3.5M) one way to the forked\n"
+"                  peer, every byte checked, and time the whole run; without\n"
+"                  --mode, once in shm (or inline) and once in copy mode, with\n"
+"                  the ratio\n"
+"  --slow N:MS     the consumer of a one-way run (--frames, --throughput)\n"
+"                  takes MS ms (0 .. %u) over each of its first N messages\n"
 "  --idle N        N more ports (0 .. %u, rounded up to even) in every\n"
 "                  context, connected but doing nothing, to see what they\n"
 "                  cost the busy one; io_uring modes only\n"
@@ -78,7 +94,7 @@ static void usage(FILE *f)
 "      --version   shmping and library versions\n"
 "\n"
 "exit status: 0 every reply came back (and verified), 1 replies lost or\n"
-"corrupt, 2 other errors, 64 bad usage\n", MAX_BATCH, MAX_IDLE);
+"corrupt, 2 other errors, 64 bad usage\n", MAX_BATCH, MAX_SLOW_MS, MAX_IDLE);
 }
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -106,11 +122,13 @@ static bool parse_u64(const char *s, uint64_t *v)
     return errno == 0 && *end == '\0';
 }
 
-/* N, NK or NM (also NKiB, NMiB); bytes. */
+/* N, NK or NM (also NKiB, NMiB), N with a fraction if the bytes come out
+ * whole (3.5M); bytes. */
 static bool parse_size(const char *s, uint64_t *v)
 {
     char *end;
     uint64_t n, mult = 1;
+    double frac = 0;
 
     if (!isdigit((unsigned char)s[0]))
         return false;
@@ -118,6 +136,14 @@ static bool parse_size(const char *s, uint64_t *v)
     n = strtoull(s, &end, 10);
     if (errno != 0)
         return false;
+    if (*end == '.') {
+        char *fend;
+
+        if (!isdigit((unsigned char)end[1]))
+            return false;
+        frac = strtod(end, &fend);
+        end = fend;
+    }
     if (*end == 'K' || *end == 'k')
         mult = 1024;
     else if (*end == 'M' || *end == 'm')
@@ -127,9 +153,29 @@ static bool parse_size(const char *s, uint64_t *v)
         if (strcmp(end, "iB") == 0)
             end += 2;
     }
-    if (*end != '\0' || n > UINT64_MAX / mult)
+    if (*end != '\0' || n > UINT64_MAX / mult - 1)
         return false;
-    *v = n * mult;
+    frac *= (double)mult;
+    if (frac != floor(frac))
+        return false;
+    *v = n * mult + (uint64_t)frac;
+    return true;
+}
+
+/* N:MS for --slow: a count, and milliseconds up to a minute. */
+static bool parse_slow(const char *s, uint64_t *n, unsigned *ms)
+{
+    const char *colon = strchr(s, ':');
+    char head[32];
+    uint64_t v;
+
+    if (colon == NULL || (size_t)(colon - s) >= sizeof(head))
+        return false;
+    memcpy(head, s, (size_t)(colon - s));
+    head[colon - s] = '\0';
+    if (!parse_u64(head, n) || !parse_u64(colon + 1, &v) || v > MAX_SLOW_MS)
+        return false;
+    *ms = (unsigned)v;
     return true;
 }
 
@@ -145,7 +191,7 @@ static bool parse_seconds(const char *s, double *v)
 }
 
 static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
-                         bool *version, bool *help)
+                         bool *version, bool *help, bool *size_set)
 {
     int opt;
     uint64_t v;
@@ -166,6 +212,7 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
             if (v > MAX_SIZE)
                 return usage_error("-s %s: the size is above the maximum 64M", optarg);
             cfg->size = (size_t)v;
+            *size_set = true;
             break;
         case 'i':
             if (!parse_seconds(optarg, &cfg->interval))
@@ -229,6 +276,17 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
                                    optarg, MAX_IDLE);
             cfg->idle = (unsigned)(v + (v & 1));  /* a socketpair is two ports */
             break;
+        case OPT_FRAMES:
+            if (!parse_u64(optarg, &v) || v == 0 || v > UINT32_MAX)
+                return usage_error("--frames %s: the number of frames must be 1 .. %u", optarg,
+                                   UINT32_MAX);
+            cfg->frames = v;
+            break;
+        case OPT_SLOW:
+            if (!parse_slow(optarg, &cfg->slow_n, &cfg->slow_ms))
+                return usage_error("--slow %s: give N:MS, the first N messages, MS (0 .. %u) "
+                                   "milliseconds each", optarg, MAX_SLOW_MS);
+            break;
         case OPT_VERSION:
             *version = true;
             break;
@@ -269,6 +327,21 @@ static int check_options(struct config *cfg, bool probe)
                            mode_name(cfg->mode));
     if (cfg->bench && cfg->idle > 0)
         return usage_error("--idle: --bench measures with and without idle ports itself");
+    if (cfg->frames > 0 && (cfg->path || cfg->listen || cfg->bench))
+        return usage_error("--frames runs against a forked peer; it takes no PATH, -l or --bench");
+    if (cfg->frames > 0 && cfg->count_set)
+        return usage_error("--frames %llu and -c %llu: --frames is the count",
+                           (unsigned long long)cfg->frames, (unsigned long long)cfg->count);
+    if (cfg->slow_n > 0 && !(cfg->throughput || cfg->frames > 0))
+        return usage_error("--slow: the consumer of a one-way run (--frames or --throughput) "
+                           "is slow, not an echo");
+    if (cfg->slow_n > 0 && (cfg->path || cfg->listen))
+        return usage_error("--slow: the forked peer is the slow consumer; no PATH or -l");
+    if (cfg->frames > 0) {
+        cfg->throughput = true;
+        cfg->count = cfg->frames;
+        cfg->count_set = true;
+    }
     if (cfg->mode == MODE_SEQPACKET && cfg->size > SEQPACKET_MAX)
         return usage_error("--mode seqpacket: -s %zu is above one datagram's %u bytes",
                            cfg->size, SEQPACKET_MAX);
@@ -285,18 +358,73 @@ static int check_options(struct config *cfg, bool probe)
     return 0;
 }
 
+/* One run as cfg says, its summary printed; the exit status.  gb_per_s: the
+ * run's rate, or 0 if it did not complete. */
+static int run_once(const struct config *cfg, double *gb_per_s)
+{
+    struct results res = { 0 };
+    int ret;
+
+    if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET)
+        ret = copy_run_forked(cfg, &res);
+    else if (cfg->path)
+        ret = uring_run_client(cfg, &res);
+    else
+        ret = uring_run_forked(cfg, &res);
+
+    if (res.sent > 0 || ret == 0)
+        print_summary(cfg, &res, cfg->path ? cfg->path : "peer");
+    results_free(&res);
+    if (ret == 0 && (res.received != res.sent || res.corrupt != 0))
+        ret = EXIT_LOST;
+    if (gb_per_s != NULL)
+        *gb_per_s = ret == 0 ? res.gb_per_s : 0;
+    return ret;
+}
+
+/* --frames without --mode: the same frames in the library's mode and in copy
+ * mode, one after the other, and the ratio of their whole-run rates. */
+static int run_compare(const struct config *cfg)
+{
+    struct config copy = *cfg;
+    double lib = 0, base = 0;
+    int ret, ret2 = 0;
+
+    if (cfg->json)
+        printf("{\"runs\":[");
+    ret = run_once(cfg, &lib);
+    if (!stop_requested) {
+        if (cfg->json)
+            printf(",");
+        else
+            printf("\n");
+        copy.mode = MODE_COPY;
+        ret2 = run_once(&copy, &base);
+    }
+    if (cfg->json)
+        printf("],\"gb_per_s_ratio\":%.4f}\n", base > 0 ? lib / base : 0);
+    else if (lib > 0 && base > 0)
+        printf("\n%s %.3f GB/s, copy %.3f GB/s: %.2fx copy over the whole run\n",
+               mode_name(cfg->mode), lib, base, lib / base);
+    fflush(stdout);
+    return ret != 0 ? ret : ret2;
+}
+
 int main(int argc, char **argv)
 {
     struct config cfg = {
         .mode = MODE_AUTO, .count = 10, .size = 64, .interval = 0.1, .batch = 0,
     };
-    struct results res = { 0 };
-    bool probe = false, version = false, help = false;
+    bool probe = false, version = false, help = false, size_set = false, compare;
     int ret;
 
-    ret = parse_options(argc, argv, &cfg, &probe, &version, &help);
+    ret = parse_options(argc, argv, &cfg, &probe, &version, &help, &size_set);
     if (ret != 0)
         return ret;
+    if (cfg.frames > 0 && !size_set)
+        cfg.size = FRAME_SIZE;
+    /* --frames without --mode: the library's mode, then copy, and the ratio. */
+    compare = cfg.frames > 0 && cfg.mode == MODE_AUTO;
     /* Batching is how a stream is meant to be sent; a ping waits anyway. */
     if (cfg.batch == 0)
         cfg.batch = cfg.bench ? BENCH_BATCH : 1;
@@ -322,18 +450,7 @@ int main(int argc, char **argv)
         return run_bench(&cfg);
     if (cfg.listen)
         return serve(&cfg);
-
-    if (cfg.mode == MODE_COPY || cfg.mode == MODE_SEQPACKET)
-        ret = copy_run_forked(&cfg, &res);
-    else if (cfg.path)
-        ret = lshm_run_client(&cfg, &res);
-    else
-        ret = lshm_run_forked(&cfg, &res);
-
-    if (res.sent > 0 || ret == 0)
-        print_summary(&cfg, &res, cfg.path ? cfg.path : "peer");
-    results_free(&res);
-    if (ret != 0)
-        return ret;
-    return res.received == res.sent && res.corrupt == 0 ? 0 : EXIT_LOST;
+    if (compare)
+        return run_compare(&cfg);
+    return run_once(&cfg, NULL);
 }

@@ -10,8 +10,10 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <time.h>
 
 #include "linuxshm.h"
+#include "pattern.h"
 
 /* Exit statuses. */
 #define EXIT_LOST   1   /* replies lost or corrupt */
@@ -22,6 +24,7 @@
 #define SEQPACKET_MAX   LSHM_INLINE_MAX   /* --mode seqpacket: one datagram */
 #define COUNT_FOREVER   UINT64_MAX
 #define BENCH_IDLE      1000    /* --bench: idle ports of its last row */
+#define HANDSHAKE_MS    5000    /* a peer, a server or an idle port must greet within */
 
 /* User message types of shmping's own protocol (a server echoes them all). */
 enum {
@@ -51,6 +54,9 @@ struct config {
     unsigned    idle;       /* --idle: more ports, doing nothing, in every context */
     bool        count_set, flood, quiet, throughput, verify, json, keep_caps;
     bool        bench;      /* a --bench cell: no output, results only */
+    uint64_t    frames;     /* --frames: a one-way run of that many, 0: none */
+    uint64_t    slow_n;     /* --slow N:MS: the peer sleeps MS ms after each */
+    unsigned    slow_ms;    /*   of its first N messages of a one-way run */
 };
 
 struct results {
@@ -61,53 +67,53 @@ struct results {
     double   msgs_per_s, gb_per_s;
     bool     interrupted;
     int      error;         /* nonzero: EXIT_ERROR was reported on stderr */
+    /* Minor page faults during the run, of this process and of the forked
+     * peer (-1: not known), and the payload bytes that crossed the link. */
+    pid_t    peer_pid;      /* 0: no forked peer */
+    long     minflt_self, minflt_peer;
+    uint64_t bytes_moved;
 };
 
 struct rtt_summary {
     double min, avg, max, mdev, p50, p90, p99, p999;
 };
 
-/* Set by SIGINT/SIGTERM; every loop of the tool checks it. */
-extern volatile sig_atomic_t stop_requested;
+/*
+ * The files of the tool in layers, lowest first; each calls only files
+ * before it in this list (main calls them all):
+ *
+ *   pattern.c  the --verify payload pattern and random numbers (shared with
+ *              the tests)
+ *   errors.c   err(), lib_why(): what went wrong, on stderr
+ *   payload.c  what payloads hold, how receivers read and check them
+ *   stats.c    RTT samples, their summary, rates, page faults
+ *   proc.c     signals, privileges, fd limits, the forked peer's life
+ *   output.c   names, header, replies, summary, --probe
+ *   context.c  io_uring contexts and --idle ports
+ *   server.c   the echo server and the io_uring modes' forked peer
+ *   copy.c     the copy and seqpacket baselines
+ *   client.c   the io_uring modes' client
+ *   bench.c    --bench
+ *   shmping.c  options, main
+ */
 
-/* util.c */
-uint64_t now_ns(void);
-void     pattern_fill(void *dst, size_t off, size_t len, uint32_t seq);
-/* First offset (relative to src) that differs from the pattern, or -1. */
-long     pattern_check(const void *src, size_t off, size_t len, uint32_t seq);
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* errors.c */
+void err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* One-line text for a failed library call: the library's detail if any. */
+const char *lib_why(int ret);
+
 /* Check a piece at offset off of payload seq; a mismatch is reported on stderr. */
 bool     verify_piece(const void *src, size_t off, size_t len, uint32_t seq);
-int      results_add_rtt(struct results *r, double us);
-void     results_free(struct results *r);
-void     rtt_summarize(const struct results *r, struct rtt_summary *s);
-/* A throughput run's results: time since start (now_ns), what the peer counted. */
-void     results_set_throughput(struct results *r, uint64_t start, const struct peer_stats *st);
-int      drop_caps(const struct config *cfg);
-/* Room for n more file descriptors (--idle): the soft RLIMIT_NOFILE is
- * raised within the hard one; -1 (reported) if it cannot be. */
-int      fd_room(unsigned n);
-void     install_signals(void);
-void     peer_signals(void);
-const char *mode_name(enum mode m);
-/* A bit of a flag word and its name, for flags_text. */
-struct flag_name {
-    unsigned    bit;
-    const char *name;
-};
-/* The names of the bits of flags set, from names[0 .. n), space-separated
- * in buf ("none" when there is none). */
-void     flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf,
-                    size_t len);
-void     features_text(unsigned feat, char *buf, size_t len);
-/* A socketpair of type, and a child running peer(cfg, its end) then exiting
- * with what it returns; *sock is the parent's end.  -1 (reported) on failure. */
-pid_t    fork_peer(const struct config *cfg, int type,
-                   int (*peer)(const struct config *cfg, int sock), int *sock);
-/* The child's wait status; -1 if it had to be killed after 5 s. */
-int      reap_child(pid_t pid);
-void     err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
-/* A message's payload in shared-memory buffers (payload.c). */
+/* payload.c: a message's payload in shared-memory buffers. */
 struct payload {
     struct lshm_buf *bufs[LSHM_MAX_DESCS];
     size_t           sizes[LSHM_MAX_DESCS];
@@ -122,14 +128,69 @@ void   payload_copy_msg(struct payload *p, const struct lshm_msg *m);
 size_t msg_iov_bytes(const struct lshm_msg *m);
 bool   msg_verify(const struct lshm_msg *m, uint32_t seq);
 
-/* client.c: io_uring modes (shm, inline), against a forked peer or a server. */
-int  lshm_run_forked(const struct config *cfg, struct results *res);
-int  lshm_run_client(const struct config *cfg, struct results *res);
-/* One-line text for a failed library call: the library's detail if any. */
-const char *lshm_why(int ret);
-/* lshm_ctx_new() with the failure reported on stderr, prefixed by who. */
-int  ctx_new_reported(struct lshm_ctx **ctx, const char *who);
+/* payload.c: the fast payload, written and summed at memory speed. */
+void     fast_fill(void *dst, size_t off, size_t len, uint32_t seq);
+/* The sum of the payload's words in src, a piece at offset off: the sums
+ * of the pieces add up to the payload's. */
+uint64_t fast_sum(const void *src, size_t off, size_t len);
+uint64_t fast_sum_expected(size_t len, uint32_t seq);
+/* Whether a whole payload of len bytes sums right; a mismatch is reported. */
+bool     fast_check(const void *src, size_t len, uint32_t seq);
+void     payload_fast_fill(struct payload *p, uint32_t seq);
+/* Read every byte of m: its pattern (verify) or its sum; a mismatch is reported. */
+bool     msg_check(const struct lshm_msg *m, uint32_t seq, bool verify);
 
+/* stats.c */
+int      results_add_rtt(struct results *r, double us);
+void     results_free(struct results *r);
+void     rtt_summarize(const struct results *r, struct rtt_summary *s);
+/* A throughput run's results: time since start (now_ns), what the peer counted. */
+void     results_set_throughput(struct results *r, uint64_t start, const struct peer_stats *st);
+/* Page faults: faults_start at the start of the measured part of a run
+ * (r->peer_pid set), faults_stop at its end. */
+void     faults_start(struct results *r);
+void     faults_stop(struct results *r);
+/* Faults per MiB moved, or -1 when not known. */
+double   faults_per_mib(long faults, uint64_t bytes);
+/* Minor faults of this process so far, and of process pid (-1: unknown). */
+long     minflt_self(void);
+long     minflt_of(pid_t pid);
+
+/* proc.c.  Set by SIGINT/SIGTERM; every loop of the tool checks it. */
+extern volatile sig_atomic_t stop_requested;
+void     install_signals(void);
+void     peer_signals(void);
+int      drop_caps(const struct config *cfg);
+/* Room for n more file descriptors (--idle): the soft RLIMIT_NOFILE is
+ * raised within the hard one; -1 (reported) if it cannot be. */
+int      fd_room(unsigned n);
+/* A socketpair of type, and a child running peer(cfg, its end) then exiting
+ * with what it returns; *sock is the parent's end.  -1 (reported) on failure. */
+pid_t    fork_peer(const struct config *cfg, int type,
+                   int (*peer)(const struct config *cfg, int sock), int *sock);
+/* The child's wait status; -1 if it had to be killed after 5 s. */
+int      reap_child(pid_t pid);
+
+/* output.c */
+const char *mode_name(enum mode m);
+/* A bit of a flag word and its name, for flags_text. */
+struct flag_name {
+    unsigned    bit;
+    const char *name;
+};
+/* The names of the bits of flags set, from names[0 .. n), space-separated
+ * in buf ("none" when there is none). */
+void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf,
+                size_t len);
+void features_text(unsigned feat, char *buf, size_t len);
+void print_header(const struct config *cfg, const char *peer, unsigned features);
+void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
+                 double us);
+void print_summary(const struct config *cfg, const struct results *res, const char *peer);
+int  print_probe(bool json);
+
+/* context.c: lshm_ctx_new() with the failure reported on stderr, prefixed by who. */
+int  ctx_new_reported(struct lshm_ctx **ctx, const char *who);
 /* --idle: ports that do nothing, to measure what they cost the busy one. */
 struct idle_ports {
     struct lshm_port **ports;
@@ -145,15 +206,14 @@ void idle_close(struct idle_ports *ip);
 int  serve(const struct config *cfg);
 int  peer_serve(const struct config *cfg, int sock);
 
-/* copy.c: the AF_UNIX stream baseline, against a forked peer. */
+/* copy.c: the AF_UNIX baselines, against a forked peer. */
 int  copy_run_forked(const struct config *cfg, struct results *res);
 
-/* output.c */
-void print_header(const struct config *cfg, const char *peer, unsigned features);
-void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
-                 double us);
-void print_summary(const struct config *cfg, const struct results *res, const char *peer);
-int  print_probe(bool json);
+/* client.c: io_uring modes (shm, inline), against a forked peer or a server. */
+int  uring_run_forked(const struct config *cfg, struct results *res);
+int  uring_run_client(const struct config *cfg, struct results *res);
+
+/* bench.c */
 int  run_bench(const struct config *cfg);
 
 #endif
