@@ -197,7 +197,7 @@ LTEST(ctx, new_rejects_bad_params)
         { .handshake_ms = 3600001 },
         { .flags = 1u << 20 },
         { .reserved = { [0] = 1 } },
-        { .reserved = { [9] = 1 } },
+        { .reserved = { [7] = 1 } },
     };
     struct lshm_ctx *ctx = NULL;
     unsigned i;
