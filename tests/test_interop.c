@@ -1022,9 +1022,26 @@ static int ip_take(struct ipair *ip, uint32_t stream, size_t size, bool shm, boo
     return mfd;
 }
 
-/* The HELLO exchange and 5 + 4 messages; r41 is the peer's count of them. */
+static struct lshm_port_stats ip_stats(struct ipair *ip)
+{
+    struct lshm_port_stats st;
+    int ret = lshm_port_stats(ip->port, &st);
+
+    cr_assert_eq(ret, 0, "lshm_port_stats: %d %s", ret, lshm_last_error());
+    cr_log_info("interop: port stats: out ring %llu msgs %llu B, socket %llu msgs %llu B; in "
+                "ring %llu, socket %llu; wakes sent %llu, received %llu; ring full %llu",
+                (unsigned long long)st.ring_msgs, (unsigned long long)st.ring_bytes,
+                (unsigned long long)st.sock_msgs, (unsigned long long)st.sock_bytes,
+                (unsigned long long)st.ring_msgs_in, (unsigned long long)st.sock_msgs_in,
+                (unsigned long long)st.wakes_sent, (unsigned long long)st.wakes_received,
+                (unsigned long long)st.ring_full);
+    return st;
+}
+
+/* The HELLO exchange and 5 + 4 messages; r41 is the peer's count of them,
+ * st the library's. */
 static void ring_hello_run(const struct lshm_ctx_params *prm, struct report *r40,
-                           struct report *r41)
+                           struct report *r41, struct lshm_port_stats *st)
 {
     struct ipair ip;
     int pfd[2], fd;
@@ -1054,17 +1071,41 @@ static void ring_hello_run(const struct lshm_ctx_params *prm, struct report *r40
     cr_assert_eq(read(pfd[0], &c, 1), 1);
     cr_assert_eq(c, 'y');
     close(pfd[0]);
+    *st = ip_stats(&ip);
     ip_finish(&ip);
+}
+
+/* Sent and received by the library in ring_hello_run: 4 + 1 out, 5 + 1 in
+ * (the peer's two reports included), in rings or all over the socket. */
+static void ring_hello_stats(const struct lshm_port_stats *st, bool rings)
+{
+    if (rings) {
+        cr_expect_eq(st->ring_msgs, 4);
+        cr_expect_eq(st->ring_bytes, 10 + 1000 + 16384 + 5000);
+        cr_expect_eq(st->sock_msgs, 1);
+        cr_expect_eq(st->sock_bytes, 0);
+        cr_expect_eq(st->ring_msgs_in, 5);
+        cr_expect_eq(st->sock_msgs_in, 1);
+    } else {
+        cr_expect_eq(st->ring_msgs, 0);
+        cr_expect_eq(st->sock_msgs, 5);
+        cr_expect_eq(st->sock_bytes, 10 + 1000 + 16384 + 5000);
+        cr_expect_eq(st->ring_msgs_in, 0);
+        cr_expect_eq(st->sock_msgs_in, 6);
+        cr_expect_eq(st->wakes_sent, 0);
+        cr_expect_eq(st->wakes_received, 0);
+    }
 }
 
 LTEST(interop, ring_hello_sets_ring_by_default)
 {
     unsigned feats = lib_features(NULL);
+    struct lshm_port_stats st;
     struct report r40, r41;
 
     peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX,
                                   .ring_size = LSHM_RING_SIZE_DEFAULT };
-    ring_hello_run(NULL, &r40, &r41);
+    ring_hello_run(NULL, &r40, &r41, &st);
     cr_log_info("interop: library HELLO features %#x ring_size %u; peer got %u ring and %u "
                 "socket messages, %u FENCEs", r40.a, r40.b, r41.a, r41.b, r41.d);
     /* The HELLO says what lshm_ctx_features says. */
@@ -1077,6 +1118,7 @@ LTEST(interop, ring_hello_sets_ring_by_default)
         cr_assert_eq(r40.b, 0);
         cr_assert_eq(r41.a, 0);
         cr_assert_eq(r41.b, 5);
+        ring_hello_stats(&st, false);
         cr_skip("the library does not carry messages in rings (lshm_ctx_features() lacks "
                 "LSHM_FEAT_RING): its HELLO rightly lacks RING");
     }
@@ -1088,17 +1130,43 @@ LTEST(interop, ring_hello_sets_ring_by_default)
     cr_assert_eq(r41.c, 1, "the library sent no RING");
     cr_assert_geq(r41.d, 1, "no FENCE before the fd message");
     cr_assert_eq(r41.pad, 1, "the peer made no ring");
+    cr_assert_eq(r41.bytes, LSHM_RING_SIZE_DEFAULT, "the library's ring has %llu bytes",
+                 (unsigned long long)r41.bytes);
+    ring_hello_stats(&st, true);
+}
+
+/* lshm_ctx_params.ring_size: the HELLO's, and the ring the library makes. */
+LTEST(interop, ring_hello_ring_size_parameter)
+{
+    struct lshm_ctx_params prm = { .ring_size = 131072 };
+    struct lshm_port_stats st;
+    struct report r40, r41;
+    struct lshm_ctx *ctx;
+    int ret;
+
+    need_rings();
+    prm.ring_size = 100000;
+    ret = lshm_ctx_new(&ctx, &prm);
+    cr_assert_eq(ret, -EINVAL, "ring_size 100000 (not a power of two): %d", ret);
+    prm.ring_size = 131072;
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = LSHM_RING_SIZE_MAX };
+    ring_hello_run(&prm, &r40, &r41, &st);
+    cr_assert_eq(r40.b, 131072, "HELLO ring_size %u with ring_size 131072", r40.b);
+    cr_assert_eq(r41.bytes, 131072, "the library's ring has %llu bytes",
+                 (unsigned long long)r41.bytes);
+    ring_hello_stats(&st, true);
 }
 
 LTEST(interop, ring_hello_no_ring_ctx_keeps_everything_on_the_socket)
 {
     struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_RING };
+    struct lshm_port_stats st;
     struct report r40, r41;
 
     cr_assert_not(lib_features(&prm) & LSHM_FEAT_RING, "LSHM_FEAT_RING with LSHM_CTX_NO_RING");
     peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX,
                                   .ring_size = LSHM_RING_SIZE_DEFAULT };
-    ring_hello_run(&prm, &r40, &r41);
+    ring_hello_run(&prm, &r40, &r41, &st);
     cr_assert_eq(r40.a, 0, "HELLO features %#x with LSHM_CTX_NO_RING", r40.a);
     cr_assert_eq(r40.b, 0, "HELLO ring_size %u without RING", r40.b);
     cr_assert_eq(r41.a, 0, "%u messages in a ring", r41.a);
@@ -1106,17 +1174,20 @@ LTEST(interop, ring_hello_no_ring_ctx_keeps_everything_on_the_socket)
     cr_assert_eq(r41.c, 0, "a RING although the library's HELLO lacked RING");
     cr_assert_eq(r41.d, 0, "a FENCE without rings");
     cr_assert_eq(r41.pad, 0, "the peer made a ring although the library's HELLO lacked RING");
+    ring_hello_stats(&st, false);
 }
 
 LTEST(interop, ring_hello_peer_without_ring_gets_everything_on_the_socket)
 {
+    struct lshm_port_stats st;
     struct report r40, r41;
 
     peer_cfg = (struct peer_cfg){ 0 };
-    ring_hello_run(NULL, &r40, &r41);
+    ring_hello_run(NULL, &r40, &r41, &st);
     cr_assert_eq(r41.a, 0, "%u messages in a ring", r41.a);
     cr_assert_eq(r41.b, 5, "%u user messages over the socket", r41.b);
     cr_assert_eq(r41.c, 0, "a RING to a peer whose HELLO lacked RING");
+    ring_hello_stats(&st, false);
 }
 
 LTEST(interop, ring_inline_and_shm_both_ways_wrap_many_times)
@@ -1153,6 +1224,15 @@ LTEST(interop, ring_inline_and_shm_both_ways_wrap_many_times)
     cr_assert_eq(r.a, N_WRAP_MSGS + 1, "the peer's ring carried %u messages", r.a);
     cr_assert_eq(r.d, 0, "the peer sent %u user messages over the socket", r.d);
     cr_assert_geq(r.b, 20, "the peer's ring wrapped only %u times", r.b);
+    {
+        struct lshm_port_stats st = ip_stats(&ip);
+
+        cr_expect_eq(st.ring_msgs, N_WRAP_MSGS);
+        cr_expect_eq(st.ring_bytes, bytes);
+        cr_expect_eq(st.sock_msgs, 0);
+        cr_expect_eq(st.ring_msgs_in, N_WRAP_MSGS + 2);
+        cr_expect_eq(st.sock_msgs_in, 0);
+    }
     ip_finish(&ip);
 }
 
@@ -1222,6 +1302,14 @@ LTEST(interop, ring_order_of_ring_fd_and_mmap_messages_both_ways)
     ip_recv_report(&ip, 61, &r);
     cr_assert_eq(r.a, 9 + 1, "the peer's ring carried %u messages", r.a);
     cr_assert_eq(r.b, 4, "the peer's fd messages: %u", r.b);
+    {
+        struct lshm_port_stats st = ip_stats(&ip);
+
+        cr_expect_eq(st.ring_msgs, 9);
+        cr_expect_eq(st.sock_msgs, 4);
+        cr_expect_eq(st.ring_msgs_in, 9 + 2);
+        cr_expect_eq(st.sock_msgs_in, 4);
+    }
     ip_finish(&ip);
 }
 
@@ -1248,6 +1336,7 @@ LTEST(interop, ring_full_library_producer_waits_nothing_lost)
     cr_assert_eq(r.fnv, fnv, "payload checksum differs: a record overwritten or lost");
     cr_assert_geq(r.b, 1, "the library never set space = 1 while its ring was full");
     cr_log_info("interop: the peer acknowledged room %u times", r.b);
+    cr_assert_geq(ip_stats(&ip).ring_full, 1, "the library never counted its ring full");
     ip_finish(&ip);
 }
 
@@ -1300,6 +1389,15 @@ static void ring_wake_run(const struct lshm_ctx_params *prm, struct report *r)
     cr_log_info("interop: peer woken by futex %u, by WAKE %u; it woke the library by futex "
                 "%u, by WAKE %u; it slept %u times", r->a, r->b, r->c, r->d, r->pad);
     cr_assert_geq(r->pad, 1, "the peer never slept on the library's ring");
+    {
+        struct lshm_port_stats st = ip_stats(&ip);
+
+        /* WAKE datagrams are counted exactly on both sides. */
+        cr_expect_geq(st.wakes_sent, r->b, "the peer got %u WAKEs, the library sent %llu",
+                      r->b, (unsigned long long)st.wakes_sent);
+        cr_expect_geq(st.wakes_sent, 1, "the library woke the sleeping peer never");
+        cr_expect_geq(st.wakes_received, 1, "the library was never woken");
+    }
     ip_finish(&ip);
 }
 

@@ -1747,6 +1747,7 @@ void peer_ring_hello_main(struct peer *p)
     r.c = p->in.hdr != NULL;
     r.d = p->fences_in;
     r.pad = p->out.hdr != NULL;
+    r.bytes = p->in.size;
     r.fnv = fnv;
     peer_report(p, &r);
     peer_drain(p, true);
