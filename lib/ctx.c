@@ -144,6 +144,11 @@ unsigned lshm__ctx_features(const struct lshm_ctx *ctx)
 
     if (noexec_seal())
         f |= LSHM_FEAT_NOEXEC_SEAL;
+    /* Rings are the library's own; the futex matters only for them. */
+    if (ctx->p.flags & LSHM_CTX_NO_RING)
+        f &= ~LSHM_FEAT_FUTEX;
+    else
+        f |= LSHM_FEAT_RING;
     return f;
 }
 

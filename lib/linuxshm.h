@@ -83,7 +83,7 @@ struct lshm_ctx_stats {
     uint64_t enters;        /* io_uring_enter(2) calls made */
     uint64_t submitted;     /* SQEs submitted */
     uint64_t completions;   /* CQEs handled */
-    uint64_t msgs_sent;     /* messages whose send completed */
+    uint64_t msgs_sent;     /* messages sent: datagram send completed, or ring record written */
     uint64_t msgs_received; /* messages delivered to the caller */
     uint64_t reserved[11];
 };

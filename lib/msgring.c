@@ -326,8 +326,10 @@ int lshm__futex_wake(uint32_t *word)
 
 void lshm__msgring_free(struct lshm_msgring *r)
 {
-    if (r->hdr != NULL)
-        munmap(r->hdr, map_size(r->size));
+    /* A ring never made (zeroed) holds nothing: its fd 0 is not ours. */
+    if (r->hdr == NULL)
+        return;
+    munmap(r->hdr, map_size(r->size));
     if (r->fd >= 0)
         close(r->fd);
     memset(r, 0, sizeof(*r));

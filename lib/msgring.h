@@ -127,7 +127,8 @@ uint32_t *lshm__msgring_wake_word(struct lshm_msgring *r);
 /* FUTEX_WAKE on a shared futex word with the system call (no io_uring). */
 int  lshm__futex_wake(uint32_t *word);
 
-/* Unmap, and close the fd if still held; r can be created again after. */
+/* Unmap, and close the fd if still held (nothing for a ring never made);
+ * r can be created again after. */
 void lshm__msgring_free(struct lshm_msgring *r);
 
 #endif

@@ -276,6 +276,8 @@ static bool ring_put(struct lshm_port *port, struct smsg *m)
         memcpy(body, m->data, m->len);
         port->stats.ring_msgs++;
         port->stats.ring_bytes += smsg_size(m);
+        if (port->ctx != NULL)
+            port->ctx->msgs_sent++;
         lshm__smsg_free(m);
     } else {
         /* The FENCE is published before its datagram can leave. */
@@ -608,6 +610,8 @@ int lshm__port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
         return lshm__fail(-ENOMEM, "out of memory");
     port->ctx = ctx;
     port->fd = fd;
+    port->tx.fd = -1;
+    port->rx.fd = -1;
     for (i = 0; i < PL_COUNT; i++)
         port->links[i].port = port;
     /* Ids are process-wide: sent_over names a port among all contexts. */
@@ -754,6 +758,7 @@ void lshm__port_reap(struct lshm_port *port)
     port->user_closed = true;
     port->ctx = NULL;
     port->recv_armed = false;
+    port->futex_armed = false;
     port->inflight = 0;
     /* The ring is gone: sends it held will never complete; whether they
      * went out is unknown, so their chunks stay with the peer. */
@@ -815,7 +820,7 @@ void lshm__port_forget(struct lshm_port *port)
     }
     drop_parked(port);
     /* The rings are not mapped here (MADV_DONTFORK): only an fd to close. */
-    if (port->tx.fd >= 0)
+    if (port->tx.hdr != NULL && port->tx.fd >= 0)
         close(port->tx.fd);
     if (port->fd >= 0)
         close(port->fd);

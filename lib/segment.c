@@ -64,19 +64,20 @@ bool lshm__chunk_get_free(uint64_t *map, uint32_t *c)
     }
 }
 
-static int make_memfd(void)
+static int make_memfd(const char *name)
 {
-    int fd = memfd_create("lshm", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL);
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL);
 
     /* Kernels before 6.3 reject the flag they do not know. */
     if (fd < 0 && errno == EINVAL)
-        fd = memfd_create("lshm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     return fd < 0 ? -errno : fd;
 }
 
 int lshm__memfd_new(const char *what, size_t size)
 {
-    int fd = make_memfd();
+    /* Named so that /proc/PID/maps tells segments ("lshm") from rings. */
+    int fd = make_memfd(strcmp(what, "segment") == 0 ? "lshm" : "lshm-ring");
 
     if (fd < 0)
         return lshm__fail(fd, "memfd_create: %s%s", strerror(-fd),

@@ -250,6 +250,7 @@ static int route(struct lshm_port *port, const struct lshm_out *out, uint64_t to
                 port->tx_dirty = true;
                 port->stats.ring_msgs++;
                 port->stats.ring_bytes += total;
+                port->ctx->msgs_sent++;
                 return 0;
             }
             if (err == -EPROTO) {

@@ -130,7 +130,8 @@ struct lshm_seg {
 };
 
 /*
- * A memfd of size bytes for what ("segment", "ring"), MFD_NOEXEC_SEAL where
+ * A memfd of size bytes for what ("segment", "ring"; named "lshm" and
+ * "lshm-ring" in /proc/PID/maps), MFD_NOEXEC_SEAL where
  * the kernel has it, sealed SHRINK | GROW | SEAL: the fd, or -errno with a
  * text (-ENOSYS: the kernel has no memfd).
  */

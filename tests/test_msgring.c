@@ -37,7 +37,7 @@ static void pair_open(struct pair *p, uint32_t size)
     cr_assert_geq(p->prod.fd, 0);
     cr_assert_eq(lshm__msgring_import(&p->cons, p->prod.fd, size, 7, me, me, &why), 0,
                  "%s", why);
-    lshm__msgring_free(&(struct lshm_msgring){ .fd = p->prod.fd });
+    close(p->prod.fd);
     p->prod.fd = -1;
 }
 

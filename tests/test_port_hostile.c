@@ -157,7 +157,7 @@ static void hostile_setup(struct hostile *h, unsigned flags, bool hello)
     wait_ready(h->good);
     good_pingpong(h, 6);   /* segments both ways exist from here on */
     h->fds1 = count_fds();
-    h->maps1 = count_maps("memfd:");
+    h->maps1 = count_maps(SEG_MAPS);
 
     h->raw = raw_peer(h->ctx, &h->bad);
     if (hello) {
@@ -200,8 +200,8 @@ static void hostile_finish(struct hostile *h)
     h->raw = -1;
     cr_assert_eq(count_fds(), h->fds1, "fds: %d, %d before the hostile port", count_fds(),
                  h->fds1);
-    cr_assert_eq(count_maps("memfd:"), h->maps1, "memfd mappings: %d, %d before",
-                 count_maps("memfd:"), h->maps1);
+    cr_assert_eq(count_maps(SEG_MAPS), h->maps1, "memfd mappings: %d, %d before",
+                 count_maps(SEG_MAPS), h->maps1);
     good_pingpong(h, 3);
 }
 
