@@ -251,8 +251,10 @@ static void ring_publish(struct peer *p)
 {
     uint64_t head;
 
-    __atomic_store_n(&p->out.hdr->tail, p->out.pos, __ATOMIC_RELEASE);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* Release, and sequentially consistent with the exchange of wake below:
+     * either the consumer sees this tail after it set wake, or we see its
+     * wake = 1. */
+    __atomic_store_n(&p->out.hdr->tail, p->out.pos, __ATOMIC_SEQ_CST);
     if (__atomic_exchange_n(&p->out.hdr->wake, 0, __ATOMIC_SEQ_CST) != 1)
         return;
     head = ring_head(p);
@@ -706,8 +708,8 @@ static bool take_datagram(struct peer *p, struct pmsg *m)
 /* Publish our head in the library's ring; SHM_ACK if it waits for room. */
 static void ring_consumed(struct peer *p)
 {
-    __atomic_store_n(&p->in.hdr->head, p->in.pos, __ATOMIC_RELEASE);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    /* Sequentially consistent with the exchange of space, as tail with wake. */
+    __atomic_store_n(&p->in.hdr->head, p->in.pos, __ATOMIC_SEQ_CST);
     if (__atomic_exchange_n(&p->in.hdr->space, 0, __ATOMIC_SEQ_CST) == 1) {
         sock_send(p, 0, P_SHM_ACK, 0, 0, NULL, 0, -1);
         p->space_acks_out++;
