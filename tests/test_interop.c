@@ -1359,7 +1359,8 @@ LTEST(interop, ring_full_peer_producer_waits_nothing_lost)
 
 /* Ping-pong with naps on both sides: each consumer is asleep when its
  * message comes.  Returns the peer's count of wake-ups. */
-static void ring_wake_run(const struct lshm_ctx_params *prm, struct report *r)
+static void ring_wake_run(const struct lshm_ctx_params *prm, struct report *r,
+                          struct lshm_port_stats *st)
 {
     struct ipair ip;
     uint64_t fnv = FNV_INIT;
@@ -1379,27 +1380,25 @@ static void ring_wake_run(const struct lshm_ctx_params *prm, struct report *r)
     cr_log_info("interop: peer woken by futex %u, by WAKE %u; it woke the library by futex "
                 "%u, by WAKE %u; it slept %u times", r->a, r->b, r->c, r->d, r->pad);
     cr_assert_geq(r->pad, 1, "the peer never slept on the library's ring");
-    {
-        struct lshm_port_stats st = ip_stats(&ip);
-
-        /* WAKE datagrams are counted exactly on both sides. */
-        cr_expect_geq(st.wakes_sent, r->b, "the peer got %u WAKEs, the library sent %llu",
-                      r->b, (unsigned long long)st.wakes_sent);
-        cr_expect_geq(st.wakes_sent, 1, "the library woke the sleeping peer never");
-        cr_expect_geq(st.wakes_received, 1, "the library was never woken");
-    }
+    *st = ip_stats(&ip);
+    /* WAKE datagrams are counted exactly on both sides. */
+    cr_expect_geq(st->wakes_sent, r->b, "the peer got %u WAKEs, the library sent %llu", r->b,
+                  (unsigned long long)st->wakes_sent);
+    cr_expect_geq(st->wakes_sent, 1, "the library woke the sleeping peer never");
     ip_finish(&ip);
 }
 
 LTEST(interop, ring_sleeping_consumers_woken_by_futex)
 {
+    struct lshm_port_stats st;
     struct report r;
 
     need_rings();
     if (!(lib_features(NULL) & LSHM_FEAT_FUTEX))
         cr_skip_test("no futex wake-ups here: the kernel lacks io_uring FUTEX_WAIT (6.7+)");
     peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX, .ring_size = 65536 };
-    ring_wake_run(NULL, &r);
+    ring_wake_run(NULL, &r, &st);
+    cr_expect_geq(st.wakes_received, 1, "the library was never woken");
     cr_assert_geq(r.a, 1, "the library never woke the sleeping peer with FUTEX_WAKE");
     cr_assert_geq(r.c, 1, "the library never slept on the peer's ring with wake = 1");
     cr_assert_eq(r.d, 0);
@@ -1408,12 +1407,14 @@ LTEST(interop, ring_sleeping_consumers_woken_by_futex)
 LTEST(interop, ring_sleeping_consumers_woken_by_wake_datagrams)
 {
     struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_FUTEX };
+    struct lshm_port_stats st;
     struct report r;
 
     need_rings();
     cr_assert_not(lib_features(&prm) & LSHM_FEAT_FUTEX, "FUTEX with LSHM_CTX_NO_FUTEX");
     peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536 };
-    ring_wake_run(&prm, &r);
+    ring_wake_run(&prm, &r, &st);
+    cr_expect_geq(st.wakes_received, 1, "the library was never woken");
     cr_assert_geq(r.b, 1, "the library never sent WAKE to the sleeping peer");
     cr_assert_geq(r.d, 1, "the library never slept on the peer's ring with wake = 1");
     cr_assert_eq(r.a, 0);
@@ -1422,6 +1423,7 @@ LTEST(interop, ring_sleeping_consumers_woken_by_wake_datagrams)
 
 LTEST(interop, ring_futex_library_is_woken_by_wake_datagrams_too)
 {
+    struct lshm_port_stats st;
     struct report r;
 
     need_rings();
@@ -1429,7 +1431,26 @@ LTEST(interop, ring_futex_library_is_woken_by_wake_datagrams_too)
         cr_skip_test("no futex wake-ups here: the kernel lacks io_uring FUTEX_WAIT (6.7+)");
     peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX, .ring_size = 65536,
                                   .wake_by_datagram = true };
-    ring_wake_run(NULL, &r);
+    ring_wake_run(NULL, &r, &st);
+    cr_expect_geq(st.wakes_received, 1, "the library was never woken");
     cr_assert_geq(r.d, 1, "the library never slept on the peer's ring with wake = 1");
     cr_assert_eq(r.c, 0);
+}
+
+/* spin_us: a consumer that polls the ring longer than the producer naps
+ * never sleeps on it, so it never needs a wake-up. */
+LTEST(interop, ring_busy_polling_consumer_needs_no_wake_ups)
+{
+    struct lshm_ctx_params prm = { .spin_us = 500000 };
+    struct lshm_port_stats st;
+    struct report r;
+
+    need_rings();
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536 };
+    ring_wake_run(&prm, &r, &st);
+    cr_expect_eq(st.wakes_received, 0, "the library counted %llu wake-ups",
+                 (unsigned long long)st.wakes_received);
+    cr_assert_eq(r.c + r.d, 0, "the library slept on the peer's ring %u times within its "
+                 "spin budget of 500 ms (the peer naps %u ms)", r.c + r.d, WAKE_NAP_US / 1000);
+    cr_assert_geq(r.b, 1, "the peer slept, and the library never sent WAKE");
 }
