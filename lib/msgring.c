@@ -130,14 +130,14 @@ void *lshm__msgring_reserve(struct lshm_msgring *r, uint32_t kind, uint32_t len,
     return body;
 }
 
-bool lshm__msgring_publish(struct lshm_msgring *r)
+bool lshm__msgring_publish(struct lshm_msgring *r, uint64_t limit)
 {
-    uint64_t head;
+    uint64_t head, tail = r->pos < limit ? r->pos : limit;
 
-    if (r->pos == r->published)
+    if (tail <= r->published)
         return false;
-    __atomic_store_n(&r->hdr->tail, r->pos, __ATOMIC_RELEASE);
-    r->published = r->pos;
+    __atomic_store_n(&r->hdr->tail, tail, __ATOMIC_RELEASE);
+    r->published = tail;
 
     /* Pairs with the consumer's store of wake before it reads tail again:
      * either it sees this tail, or we see its wake. */

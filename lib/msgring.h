@@ -71,11 +71,11 @@ int  lshm__msgring_create(struct lshm_msgring *r, uint32_t size, uint16_t port_i
 void *lshm__msgring_reserve(struct lshm_msgring *r, uint32_t kind, uint32_t len, int *err);
 
 /*
- * Make what was reserved visible (release store of tail).  True when the
- * consumer was asleep and is owed a wake-up (at most one per movement of
- * its head).
+ * Make what was reserved visible (release store of tail), up to limit at
+ * most (a record boundary; UINT64_MAX: all of it).  True when the consumer
+ * was asleep and is owed a wake-up (at most one per movement of its head).
  */
-bool lshm__msgring_publish(struct lshm_msgring *r);
+bool lshm__msgring_publish(struct lshm_msgring *r, uint64_t limit);
 
 /*
  * The ring is full for a record of len bytes: ask the consumer for an

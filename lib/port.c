@@ -158,6 +158,7 @@ struct smsg *lshm__smsg_new(struct lshm_port *port, size_t len)
     m->next = NULL;
     m->fd = -1;
     m->seg = NULL;
+    m->fence_end = 0;
     m->len = len;
     return m;
 }
@@ -280,9 +281,11 @@ static bool ring_put(struct lshm_port *port, struct smsg *m)
             port->ctx->msgs_sent++;
         lshm__smsg_free(m);
     } else {
-        /* The FENCE is published before its datagram can leave. */
-        lshm__port_publish(port);
+        /* Published with the chain that takes its datagram (send_kick). */
+        m->fence_end = port->tx.pos;
         sq_append(port, m);
+        if (port->sq_fence == NULL)
+            port->sq_fence = m;
     }
     return true;
 }
@@ -362,14 +365,35 @@ void lshm__port_flush_backlog(struct lshm_port *port)
     lshm__port_publish(port);
 }
 
+void lshm__port_release_fences(struct lshm_port *port, unsigned n)
+{
+    struct smsg *m = port->sq_head;
+    bool passed = false;
+
+    if (port->sq_fence == NULL)
+        return;
+    for (; m != NULL && n > 0; m = m->next, n--)
+        passed |= m == port->sq_fence;
+    if (!passed)
+        return;
+    /* The next datagram with a FENCE, after those going now. */
+    while (m != NULL && m->fence_end == 0)
+        m = m->next;
+    port->sq_fence = m;
+}
+
 void lshm__port_publish(struct lshm_port *port)
 {
+    uint64_t limit = UINT64_MAX;
     struct lshm_ring *r;
 
     if (!port->tx_dirty)
         return;
-    port->tx_dirty = false;
-    if (!lshm__msgring_publish(&port->tx) || port->ctx == NULL)
+    /* Up to the first FENCE whose datagram has not gone yet, excluded. */
+    if (port->sq_fence != NULL)
+        limit = port->sq_fence->fence_end - LSHM_REC_HDR;
+    port->tx_dirty = port->sq_fence != NULL;
+    if (!lshm__msgring_publish(&port->tx, limit) || port->ctx == NULL)
         return;
     port->stats.wakes_sent++;
     r = port->ctx->ring;
@@ -383,8 +407,8 @@ void lshm__port_publish(struct lshm_port *port)
         if (lshm__futex_wake(lshm__msgring_wake_word(&port->tx)) == 0)
             return;
     }
-    if (lshm__port_queue_ctrl(port, LSHM_WIRE_WAKE) == 0)
-        lshm__ctx_kick(port->ctx, port);
+    /* Queued only: whoever publishes submits the chain (send_kick). */
+    lshm__port_queue_ctrl(port, LSHM_WIRE_WAKE);
 }
 
 /* What our HELLO offers: rings unless turned off, the futex where the
@@ -589,6 +613,7 @@ static void drop_queues(struct lshm_port *port)
     }
     port->sq_tail = NULL;
     port->sq_len = 0;
+    port->sq_fence = NULL;
     /* Messages the caller will never see: give their chunks back. */
     if (port->user_closed)
         lshm__port_drop_received(port);

@@ -55,6 +55,7 @@ struct smsg {
     }                  cmsg;
     int                fd;      /* passed with the message, closed after */
     struct lshm_seg   *seg;     /* MMAP: its fd goes out, then is closed */
+    uint64_t           fence_end;   /* our ring's tail past its FENCE; 0: none */
     size_t             len;
     uint8_t            data[];
 };
@@ -120,6 +121,7 @@ struct lshm_port {
     uint32_t             peer_ring_size;    /* the peer's HELLO: our ring at most this */
     struct lshm_msgring  tx;            /* ours (hdr NULL: none yet) */
     bool                 tx_dirty;      /* records reserved, tail not published */
+    struct smsg         *sq_fence;      /* first queued datagram whose FENCE is held */
     struct smsg         *bl_head, *bl_tail; /* waiting for the handshake or ring room */
     unsigned             bl_len;
     struct lshm_msgring  rx;            /* the peer's (hdr NULL: no RING yet) */
@@ -198,8 +200,14 @@ bool lshm__port_uses_ring(const struct lshm_port *port);
 int  lshm__port_ring_out(struct lshm_port *port);
 /* Move what the backlog holds into the ring and the chain while room lasts. */
 void lshm__port_flush_backlog(struct lshm_port *port);
-/* Publish our ring's tail and wake the peer if it sleeps. */
+/*
+ * Publish our ring's tail and wake the peer if it sleeps.  A FENCE stays
+ * unpublished until its datagram is about to be submitted, so that the
+ * peer never waits at a FENCE for a datagram still in our queue.
+ */
 void lshm__port_publish(struct lshm_port *port);
+/* The first n queued datagrams are about to be submitted: their FENCEs may go. */
+void lshm__port_release_fences(struct lshm_port *port, unsigned n);
 int  lshm__port_queue_ctrl(struct lshm_port *port, uint8_t type);
 int  lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
 /* A sent message failed: give back the chunks and slot the peer never saw. */

@@ -485,6 +485,12 @@ static bool ring_read(struct lshm_port *port, bool to_end)
             port->fence_wait = true;
             lshm__ctx_deadline(port->ctx, PL_FENCE, &port->links[PL_FENCE],
                                lshm__now_ms() + LSHM_FENCE_MS);
+            /* Its datagram must be read, even if the socket had stopped at
+             * the bound: one message past it, not a wait for nothing. */
+            if (port->recv_stopped) {
+                port->recv_stopped = false;
+                lshm__recv_arm(port);
+            }
             break;
         }
         lshm__recv_message(port, pk->data, pk->len, pk->cm.fds, pk->cm.nfds,
@@ -617,7 +623,7 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         if (port->recv_armed && ring != NULL && port->fd < 0)
             lshm__ring_cancel(ring, &port->recv_op);
     } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue &&
-               port->state != PORT_DRAINING) {
+               port->state != PORT_DRAINING && !port->fence_wait) {
         /* (A drain holds nothing new: what it reads is released.) */
         if (port->recv_armed && !port->recv_stopped)
             lshm__ring_cancel(ring, &port->recv_op);

@@ -65,9 +65,13 @@ void lshm__send_kick(struct lshm_port *port)
     /* Records written with LSHM_MORE, and what waited for room. */
     if (port->bl_head != NULL)
         lshm__port_flush_backlog(port);
-    lshm__port_publish(port);
-    if (port->inflight > 0 || port->sq_head == NULL)
+    /* (A publish may queue a WAKE: then there is a chain to send.) */
+    if (port->inflight == 0 && port->sq_head == NULL)
+        lshm__port_publish(port);
+    if (port->inflight > 0 || port->sq_head == NULL) {
+        lshm__port_publish(port);
         goto done;
+    }
     r = port->ctx->ring;
     n = lshm__ring_space(r);
     if (n < port->sq_len) {
@@ -78,6 +82,9 @@ void lshm__send_kick(struct lshm_port *port)
         n = port->sq_len;
     if (n > CHAIN_MAX)
         n = CHAIN_MAX;
+    /* The FENCEs of this chain's datagrams are visible before it is. */
+    lshm__port_release_fences(port, n);
+    lshm__port_publish(port);
     for (i = 0; i < n; i++) {
         struct smsg *m = port->sq_head;
 

@@ -147,7 +147,7 @@ LTEST(msgring, records_round_trip_across_many_wraps)
                 break;
             sent++;
         }
-        lshm__msgring_publish(&p.prod);
+        lshm__msgring_publish(&p.prod, UINT64_MAX);
         while (got < sent) {
             uint64_t before = p.cons.pos;
 
@@ -178,7 +178,7 @@ LTEST(msgring, full_ring_refuses_and_overwrites_nothing)
         n++;
     cr_assert_eq(ret, -EAGAIN);
     cr_assert_eq(n, SIZE / LSHM_REC_SPAN(16 + 1000));
-    lshm__msgring_publish(&p.prod);
+    lshm__msgring_publish(&p.prod, UINT64_MAX);
     /* The producer asks for room: space = 1, still full. */
     cr_assert_eq(lshm__msgring_want_room(&p.prod, 16 + 1000), 0);
     cr_assert_eq(p.cons.hdr->space, 1);
@@ -190,7 +190,7 @@ LTEST(msgring, full_ring_refuses_and_overwrites_nothing)
     cr_assert_eq(lshm__msgring_want_room(&p.prod, 16 + 1000), 1);
     cr_assert_eq(p.cons.hdr->space, 0);
     cr_assert_eq(put_msg(&p.prod, n, 1000), 0);
-    lshm__msgring_publish(&p.prod);
+    lshm__msgring_publish(&p.prod, UINT64_MAX);
     /* Every record intact and in order, the new one last. */
     for (uint32_t i = 1; i <= n; i++)
         expect_msg(&p.cons, i, 1000);
@@ -206,7 +206,7 @@ LTEST(msgring, wake_is_owed_once_per_movement_of_head)
     pair_open(&p, SIZE);
     /* Awake consumer: nothing owed. */
     cr_assert_eq(put_msg(&p.prod, 0, 8), 0);
-    cr_assert_not(lshm__msgring_publish(&p.prod));
+    cr_assert_not(lshm__msgring_publish(&p.prod, UINT64_MAX));
     /* Records unread: it may not sleep, and wake stays 0. */
     cr_assert_not(lshm__msgring_may_sleep(&p.cons));
     cr_assert_eq(p.cons.hdr->wake, 0);
@@ -217,21 +217,21 @@ LTEST(msgring, wake_is_owed_once_per_movement_of_head)
     cr_assert_eq(p.cons.hdr->wake, 1);
 
     cr_assert_eq(put_msg(&p.prod, 1, 8), 0);
-    cr_assert(lshm__msgring_publish(&p.prod));
+    cr_assert(lshm__msgring_publish(&p.prod, UINT64_MAX));
     cr_assert_eq(p.cons.hdr->wake, 0);
     /* A consumer that sets wake again without reading costs nothing more. */
     __atomic_store_n(&p.cons.hdr->wake, 1, __ATOMIC_SEQ_CST);
     cr_assert_eq(put_msg(&p.prod, 2, 8), 0);
-    cr_assert_not(lshm__msgring_publish(&p.prod));
+    cr_assert_not(lshm__msgring_publish(&p.prod, UINT64_MAX));
     /* Once head moved, the next publish wakes it again. */
     expect_msg(&p.cons, 1, 8);
     expect_msg(&p.cons, 2, 8);
     lshm__msgring_publish_head(&p.cons);
     cr_assert(lshm__msgring_may_sleep(&p.cons));
     cr_assert_eq(put_msg(&p.prod, 3, 8), 0);
-    cr_assert(lshm__msgring_publish(&p.prod));
+    cr_assert(lshm__msgring_publish(&p.prod, UINT64_MAX));
     /* Nothing new: publishing again owes nothing. */
-    cr_assert_not(lshm__msgring_publish(&p.prod));
+    cr_assert_not(lshm__msgring_publish(&p.prod, UINT64_MAX));
     lshm__msgring_awake(&p.cons);
     cr_assert_eq(p.cons.hdr->wake, 0);
     pair_close(&p);
@@ -248,7 +248,7 @@ LTEST(msgring, fence_records_keep_their_place)
     cr_assert_eq(put_msg(&p.prod, 0, 4), 0);
     cr_assert_not_null(lshm__msgring_reserve(&p.prod, LSHM_REC_FENCE, 0, &err));
     cr_assert_eq(put_msg(&p.prod, 1, 4), 0);
-    lshm__msgring_publish(&p.prod);
+    lshm__msgring_publish(&p.prod, UINT64_MAX);
     expect_msg(&p.cons, 0, 4);
     cr_assert_eq(next_rec(&p.cons, &rec, &why), 1);
     cr_assert_eq(rec.kind, LSHM_REC_FENCE);
@@ -290,7 +290,7 @@ LTEST(msgring, consumer_refuses_a_bad_tail)
     /* Backwards, behind what was consumed. */
     pair_open(&p, SIZE);
     cr_assert_eq(put_msg(&p.prod, 0, 100), 0);
-    lshm__msgring_publish(&p.prod);
+    lshm__msgring_publish(&p.prod, UINT64_MAX);
     expect_msg(&p.cons, 0, 100);
     __atomic_store_n(&p.prod.hdr->tail, 8, __ATOMIC_RELEASE);
     expect_violation(&p, "ring tail moved back behind head");
@@ -346,7 +346,7 @@ LTEST(msgring, record_rewritten_after_publish_is_read_once)
 
     pair_open(&p, SIZE);
     cr_assert_eq(put_msg(&p.prod, 5, 32), 0);
-    lshm__msgring_publish(&p.prod);
+    lshm__msgring_publish(&p.prod, UINT64_MAX);
     cr_assert_eq(lshm__msgring_next(&p.cons, buf, &rec, &why), 1);
     /* The producer scribbles the record after it was taken: the copy the
      * consumer validates does not change. */
@@ -366,7 +366,7 @@ LTEST(msgring, producer_refuses_a_scribbled_head)
     pair_open(&p, SIZE);
     while (put_msg(&p.prod, 0, 1000) == 0)
         ;
-    lshm__msgring_publish(&p.prod);
+    lshm__msgring_publish(&p.prod, UINT64_MAX);
     /* Ahead of tail. */
     __atomic_store_n(&p.cons.hdr->head, p.prod.pos + 8, __ATOMIC_RELEASE);
     cr_assert_null(lshm__msgring_reserve(&p.prod, LSHM_REC_MSG, 1016, &err));
@@ -392,7 +392,7 @@ LTEST(msgring, forced_wake_costs_one_wake_up)
     for (unsigned i = 0; i < 1000; i++) {
         __atomic_store_n(&p.cons.hdr->wake, 1, __ATOMIC_SEQ_CST);
         cr_assert_eq(put_msg(&p.prod, i, 0), 0);
-        owed += lshm__msgring_publish(&p.prod);
+        owed += lshm__msgring_publish(&p.prod, UINT64_MAX);
     }
     cr_assert_eq(owed, 1);
     pair_close(&p);
@@ -543,7 +543,7 @@ LTEST(msgring, sleeping_consumer_wakes_on_the_futex)
     for (uint32_t i = 0; i < f.n; i++) {
         while (put_msg(&p.prod, i, 16) == -EAGAIN)
             usleep(100);
-        if (lshm__msgring_publish(&p.prod)) {
+        if (lshm__msgring_publish(&p.prod, UINT64_MAX)) {
             f.wakes++;
             futex(lshm__msgring_wake_word(&p.prod), FUTEX_WAKE, 1);
         }
@@ -599,7 +599,7 @@ LTEST(msgring, io_uring_futex_wait_is_woken_by_io_uring_futex_wake)
     cr_assert_not(f.done);
 
     cr_assert_eq(put_msg(&p.prod, 0, 8), 0);
-    cr_assert(lshm__msgring_publish(&p.prod));
+    cr_assert(lshm__msgring_publish(&p.prod, UINT64_MAX));
     cr_assert_eq(lshm__ring_futex_wake(waker, lshm__msgring_wake_word(&p.prod)), 0);
     cr_assert_geq(lshm__ring_submit(waker), 1);
     start = now_ms();

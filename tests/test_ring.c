@@ -285,7 +285,8 @@ LTEST(ring, small_ring_wraps_at_every_record_size)
 /*
  * A consumer that does not read: the ring fills, the producer's messages
  * wait in its queue (-EAGAIN past send_queue), nothing is overwritten or
- * lost, and all of it arrives in order once the consumer reads.
+ * lost, and all of it arrives in order once the consumer reads, at most 16
+ * held at a time, datagrams with fds included.
  */
 LTEST(ring, full_ring_waits_and_loses_nothing)
 {
@@ -305,6 +306,11 @@ LTEST(ring, full_ring_waits_and_loses_nothing)
                                 .fd = -1 };
         int ret;
 
+        /* Now and then an fd: a FENCE met while the reader is at its bound. */
+        if (i % 50 == 49) {
+            cr_assert_eq(send_fd_msg(port, i), 0, "%s", lshm_last_error());
+            continue;
+        }
         pattern_write(buf, 0, sizeof(buf), i);
         while ((ret = lshm_send(port, &out, 0)) == -EAGAIN) {
             eagain++;
@@ -317,7 +323,7 @@ LTEST(ring, full_ring_waits_and_loses_nothing)
     st = port_stats(port);
     cr_assert_gt(st.ring_full, 0, "the ring never filled");
     cr_assert_gt(eagain, 0, "send_queue never pushed back");
-    cr_assert_eq(st.ring_msgs, r.n);
+    cr_assert_eq(st.ring_msgs, r.n - r.n / 50);
     cr_log_info("full ring: %llu waits for room, %u -EAGAIN",
                 (unsigned long long)st.ring_full, eagain);
     spawn_end(ctx, port, pid);
