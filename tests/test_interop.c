@@ -31,16 +31,18 @@
  * Message rings (protocol version 2).  The tests above run with a peer
  * whose HELLO lacks RING; these with one whose HELLO sets it:
  *   ring_hello_*         the library's HELLO sets RING (and FUTEX) unless
- *                        LSHM_CTX_NO_RING; with either HELLO lacking RING,
- *                        everything goes over the socket
+ *                        LSHM_CTX_NO_RING, with ring_size; with either HELLO
+ *                        lacking RING, everything goes over the socket
  *   ring_inline_and_shm_both_ways_wrap_many_times
  *                        600 messages each way through 64 KiB rings
  *   ring_order_of_ring_fd_and_mmap_messages_both_ways
  *                        ring, ring, fd, ring, a segment's first message ...
  *   ring_full_*          a slow consumer: the producer waits, space = 1 and
  *                        SHM_ACK, nothing overwritten or lost
- *   ring_sleeping_consumers_woken_*
+ *   ring_sleeping_consumers_woken_*, ring_futex_library_is_woken_by_wake_datagrams_too
  *                        ping-pong with naps: futex wake-ups, WAKE datagrams
+ *   ring_busy_polling_consumer_needs_no_wake_ups
+ *                        spin_us longer than the peer's nap: no wake-up owed
  */
 #include <errno.h>
 #include <fcntl.h>
