@@ -27,6 +27,22 @@
  *   second_port_mmap_id_0_while_first_open_is_violation
  *                        with a port still open at the peer, id 0 on another
  *                        is refused; only that port closes
+ *
+ * Message rings (protocol version 2).  The tests above run with a peer
+ * whose HELLO lacks RING; these with one whose HELLO sets it:
+ *   ring_hello_*         the library's HELLO sets RING (and FUTEX) unless
+ *                        LSHM_CTX_NO_RING, with ring_size; with either HELLO
+ *                        lacking RING, everything goes over the socket
+ *   ring_inline_and_shm_both_ways_wrap_many_times
+ *                        600 messages each way through 64 KiB rings
+ *   ring_order_of_ring_fd_and_mmap_messages_both_ways
+ *                        ring, ring, fd, ring, a segment's first message ...
+ *   ring_full_*          a slow consumer: the producer waits, space = 1 and
+ *                        SHM_ACK, nothing overwritten or lost
+ *   ring_sleeping_consumers_woken_*, ring_futex_library_is_woken_by_wake_datagrams_too
+ *                        ping-pong with naps: futex wake-ups, WAKE datagrams
+ *   ring_busy_polling_consumer_needs_no_wake_ups
+ *                        spin_us longer than the peer's nap: no wake-up owed
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -855,4 +871,588 @@ LTEST(interop, second_port_mmap_id_0_while_first_open_is_violation)
     cr_assert_eq(ret, -EPIPE, "A after BYE: %d", ret);
     lshm_port_close(pa);
     restart_finish(ctx, pid);
+}
+
+/* ================= 10. message rings (protocol version 2) ================= */
+
+_Static_assert(P_RING_MAGIC == LSHM_RING_MAGIC, "ring magic");
+_Static_assert(P_RING_VERSION == LSHM_RING_VERSION, "ring version");
+_Static_assert(P_RING_HDR == LSHM_RING_HEADER_SIZE, "ring header size");
+_Static_assert(P_RING_MIN == LSHM_RING_SIZE_MIN, "ring size min");
+_Static_assert(P_RING_MAX == LSHM_RING_SIZE_MAX, "ring size max");
+
+/* A context with prm (NULL: defaults), a port, and the peer forked on it. */
+static void ip_start_prm(struct ipair *ip, const struct lshm_ctx_params *prm, peer_fn fn)
+{
+    int sock, ret;
+
+    ret = lshm_ctx_new(&ip->ctx, prm);
+    cr_assert_eq(ret, 0, "lshm_ctx_new: %d %s", ret, lshm_last_error());
+    ret = lshm_socketpair(ip->ctx, &ip->port, &sock);
+    cr_assert_eq(ret, 0, "lshm_socketpair: %d %s", ret, lshm_last_error());
+    fflush(NULL);
+    ip->pid = fork();
+    cr_assert_geq(ip->pid, 0);
+    if (ip->pid == 0)
+        peer_run(&sock, 1, fn);
+    close(sock);
+}
+
+/* The library's features with prm (NULL: defaults). */
+static unsigned lib_features(const struct lshm_ctx_params *prm)
+{
+    struct lshm_ctx *ctx;
+    unsigned f;
+    int ret = lshm_ctx_new(&ctx, prm);
+
+    cr_assert_eq(ret, 0, "lshm_ctx_new: %d %s", ret, lshm_last_error());
+    f = lshm_ctx_features(ctx);
+    lshm_ctx_free(ctx);
+    return f;
+}
+
+/* Rings need nothing of the kernel but memfds: a context has them unless
+ * LSHM_CTX_NO_RING. */
+static void need_rings(void)
+{
+    cr_assert(lib_features(NULL) & LSHM_FEAT_RING, "lshm_ctx_features() lacks LSHM_FEAT_RING");
+}
+
+/* lshm_send, waiting for room in the send queue (bounded). */
+static void ip_send(struct ipair *ip, const struct lshm_out *out)
+{
+    long long end = now_ms() + TIMEOUT_MS;
+    int ret;
+
+    while ((ret = lshm_send(ip->port, out, 0)) == -EAGAIN) {
+        cr_assert(now_ms() < end, "the send queue stayed full for %d ms", TIMEOUT_MS);
+        lshm_port_wait(ip->port, LSHM_WAIT_SEND, 100);
+    }
+    cr_assert_eq(ret, 0, "lshm_send stream %u: %d %s", out->stream, ret, lshm_last_error());
+}
+
+/* A buffer of size bytes in shared memory, waiting for chunks (bounded). */
+static struct lshm_buf *ip_alloc(struct ipair *ip, size_t size)
+{
+    long long end = now_ms() + TIMEOUT_MS;
+    struct lshm_buf *b;
+    int ret;
+
+    while ((ret = lshm_buf_alloc(ip->port, size, &b)) == -EAGAIN) {
+        cr_assert(now_ms() < end, "no chunks for %zu bytes within %d ms", size, TIMEOUT_MS);
+        lshm_port_wait(ip->port, LSHM_WAIT_SHM, 100);
+    }
+    cr_assert_eq(ret, 0, "lshm_buf_alloc(%zu): %d %s", size, ret, lshm_last_error());
+    return b;
+}
+
+/* Buffers for size bytes (a buffer may come short: as many as it takes). */
+static unsigned ip_bufs(struct ipair *ip, size_t size, struct lshm_buf **bufs)
+{
+    size_t have = 0;
+    unsigned n = 0;
+
+    while (have < size) {
+        cr_assert_lt(n, LSHM_MAX_DESCS);
+        bufs[n] = ip_alloc(ip, size - have);
+        have += lshm_buf_capacity(bufs[n]);
+        n++;
+    }
+    return n;
+}
+
+/* Message stream of size bytes of its pattern, inline (nbufs 0) or in the
+ * buffers (filled here), with fd (-1: none). */
+static void ip_send_in(struct ipair *ip, uint8_t type, uint32_t stream, size_t size,
+                       struct lshm_buf **bufs, unsigned nbufs, int fd)
+{
+    static uint8_t inl[LSHM_INLINE_MAX];
+    struct lshm_out out = { .type = type, .stream = stream, .fd = fd };
+    size_t off = 0;
+    unsigned i;
+
+    for (i = 0; i < nbufs; i++) {
+        size_t len = lshm_buf_capacity(bufs[i]);
+        int ret;
+
+        if (len > size - off)
+            len = size - off;
+        fill_buf(bufs[i], stream, off, len);
+        ret = lshm_buf_set_size(bufs[i], len);
+        cr_assert_eq(ret, 0, "lshm_buf_set_size(%zu): %d %s", len, ret, lshm_last_error());
+        off += len;
+    }
+    if (nbufs > 0) {
+        cr_assert_eq(off, size);
+        out.bufs = bufs;
+        out.nbufs = nbufs;
+    } else {
+        pattern_write(inl, 0, size, stream);
+        out.data = size > 0 ? inl : NULL;
+        out.size = size;
+    }
+    ip_send(ip, &out);
+}
+
+/* Message stream of size bytes of its pattern, inline or in shared memory. */
+static void ip_send_pat(struct ipair *ip, uint8_t type, uint32_t stream, size_t size, bool shm,
+                        int fd)
+{
+    struct lshm_buf *bufs[LSHM_MAX_DESCS];
+
+    ip_send_in(ip, type, stream, size, bufs, shm ? ip_bufs(ip, size, bufs) : 0, fd);
+}
+
+/* The next message must be stream, size bytes, in shared memory or not,
+ * with an fd or not; every byte checked.  Returns its fd (or -1). */
+static int ip_take(struct ipair *ip, uint32_t stream, size_t size, bool shm, bool fd)
+{
+    struct lshm_msg m;
+    int mfd;
+
+    ip_recv(ip, &m);
+    cr_assert_eq(m.stream, stream, "expected stream %u, got %u", stream, m.stream);
+    cr_assert_eq(m.size, size, "stream %u: %zu bytes, want %zu", stream, m.size, size);
+    cr_assert_eq(!!(m.flags & LSHM_MSG_SHM), shm, "stream %u: flags %#x", stream, m.flags);
+    cr_assert_eq(m.fd >= 0, fd, "stream %u: fd %d", stream, m.fd);
+    check_bytes(&m, stream);
+    mfd = m.fd;
+    lshm_msg_done(&m);
+    return mfd;
+}
+
+static struct lshm_port_stats ip_stats(struct ipair *ip)
+{
+    struct lshm_port_stats st;
+    int ret = lshm_port_stats(ip->port, &st);
+
+    cr_assert_eq(ret, 0, "lshm_port_stats: %d %s", ret, lshm_last_error());
+    cr_log_info("interop: port stats: out ring %llu msgs %llu B, socket %llu msgs %llu B; in "
+                "ring %llu, socket %llu; wakes sent %llu, received %llu; ring full %llu",
+                (unsigned long long)st.ring_msgs, (unsigned long long)st.ring_bytes,
+                (unsigned long long)st.sock_msgs, (unsigned long long)st.sock_bytes,
+                (unsigned long long)st.ring_msgs_in, (unsigned long long)st.sock_msgs_in,
+                (unsigned long long)st.wakes_sent, (unsigned long long)st.wakes_received,
+                (unsigned long long)st.ring_full);
+    return st;
+}
+
+/* The HELLO exchange and 5 + 4 messages; r41 is the peer's count of them,
+ * st the library's. */
+static void ring_hello_run(const struct lshm_ctx_params *prm, struct report *r40,
+                           struct report *r41, struct lshm_port_stats *st)
+{
+    struct ipair ip;
+    int pfd[2], fd;
+    uint64_t fnv = FNV_INIT;
+    uint32_t i;
+    char c;
+
+    ip_start_prm(&ip, prm, peer_ring_hello_main);
+    ip_ready(&ip);
+    ip_recv_report(&ip, 40, r40);
+    ip_send_pat(&ip, 16, 1, 10, false, -1);
+    ip_send_pat(&ip, 16, 2, 1000, false, -1);
+    ip_send_pat(&ip, 16, 3, 16384, false, -1);
+    ip_send_pat(&ip, 17, 4, 5000, true, -1);
+    cr_assert_eq(pipe2(pfd, O_CLOEXEC), 0);
+    ip_send_pat(&ip, 18, 5, 0, false, pfd[1]);
+    for (i = 1; i <= 4; i++)
+        fnv = fnv_pat(fnv, i, i == 1 ? 10 : i == 2 ? 1000 : i == 3 ? 16384 : 5000);
+    for (i = 11; i <= 13; i++)
+        ip_take(&ip, i, 100 * i, false, false);
+    fd = ip_take(&ip, 14, 0, false, true);
+    cr_assert_eq(write(fd, "z", 1), 1);
+    close(fd);
+    ip_recv_report(&ip, 41, r41);
+    cr_assert_eq(r41->fnv, fnv, "payload checksum differs");
+    cr_assert(wait_readable(pfd[0], TIMEOUT_MS));
+    cr_assert_eq(read(pfd[0], &c, 1), 1);
+    cr_assert_eq(c, 'y');
+    close(pfd[0]);
+    *st = ip_stats(&ip);
+    ip_finish(&ip);
+}
+
+/* Sent and received by the library in ring_hello_run: 4 + 1 out, 5 + 1 in
+ * (the peer's two reports included), in rings or all over the socket. */
+static void ring_hello_stats(const struct lshm_port_stats *st, bool rings)
+{
+    if (rings) {
+        cr_expect_eq(st->ring_msgs, 4);
+        cr_expect_eq(st->ring_bytes, 10 + 1000 + 16384 + 5000);
+        cr_expect_eq(st->sock_msgs, 1);
+        cr_expect_eq(st->sock_bytes, 0);
+        cr_expect_eq(st->ring_msgs_in, 5);
+        cr_expect_eq(st->sock_msgs_in, 1);
+    } else {
+        cr_expect_eq(st->ring_msgs, 0);
+        cr_expect_eq(st->sock_msgs, 5);
+        cr_expect_eq(st->sock_bytes, 10 + 1000 + 16384 + 5000);
+        cr_expect_eq(st->ring_msgs_in, 0);
+        cr_expect_eq(st->sock_msgs_in, 6);
+        cr_expect_eq(st->wakes_sent, 0);
+        cr_expect_eq(st->wakes_received, 0);
+    }
+}
+
+LTEST(interop, ring_hello_sets_ring_by_default)
+{
+    unsigned feats = lib_features(NULL);
+    struct lshm_port_stats st;
+    struct report r40, r41;
+
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX,
+                                  .ring_size = LSHM_RING_SIZE_DEFAULT };
+    ring_hello_run(NULL, &r40, &r41, &st);
+    cr_log_info("interop: library HELLO features %#x ring_size %u; peer got %u ring and %u "
+                "socket messages, %u FENCEs", r40.a, r40.b, r41.a, r41.b, r41.d);
+    /* The HELLO says what lshm_ctx_features says. */
+    cr_assert_eq(!!(r40.a & P_FEAT_RING), !!(feats & LSHM_FEAT_RING), "HELLO features %#x",
+                 r40.a);
+    cr_assert_eq(!!(r40.a & P_FEAT_FUTEX),
+                 (feats & (LSHM_FEAT_RING | LSHM_FEAT_FUTEX)) == (LSHM_FEAT_RING | LSHM_FEAT_FUTEX),
+                 "HELLO features %#x, lshm_ctx_features %#x", r40.a, feats);
+    cr_assert(feats & LSHM_FEAT_RING, "lshm_ctx_features %#x lacks LSHM_FEAT_RING", feats);
+    cr_assert_eq(r40.b, LSHM_RING_SIZE_DEFAULT, "HELLO ring_size %u", r40.b);
+    /* 1..4 in the library's ring, 5 (an fd) over the socket after a FENCE;
+     * both rings were made. */
+    cr_assert_eq(r41.a, 4, "messages read from the library's ring: %u", r41.a);
+    cr_assert_eq(r41.b, 1, "user messages over the socket: %u", r41.b);
+    cr_assert_eq(r41.c, 1, "the library sent no RING");
+    cr_assert_geq(r41.d, 1, "no FENCE before the fd message");
+    cr_assert_eq(r41.pad, 1, "the peer made no ring");
+    cr_assert_eq(r41.bytes, LSHM_RING_SIZE_DEFAULT, "the library's ring has %llu bytes",
+                 (unsigned long long)r41.bytes);
+    ring_hello_stats(&st, true);
+}
+
+/* lshm_ctx_params.ring_size: the HELLO's, and the ring the library makes. */
+LTEST(interop, ring_hello_ring_size_parameter)
+{
+    struct lshm_ctx_params prm = { .ring_size = 131072 };
+    struct lshm_port_stats st;
+    struct report r40, r41;
+    struct lshm_ctx *ctx;
+    int ret;
+
+    need_rings();
+    prm.ring_size = 100000;
+    ret = lshm_ctx_new(&ctx, &prm);
+    cr_assert_eq(ret, -EINVAL, "ring_size 100000 (not a power of two): %d", ret);
+    prm.ring_size = 131072;
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = LSHM_RING_SIZE_MAX };
+    ring_hello_run(&prm, &r40, &r41, &st);
+    cr_assert_eq(r40.b, 131072, "HELLO ring_size %u with ring_size 131072", r40.b);
+    cr_assert_eq(r41.bytes, 131072, "the library's ring has %llu bytes",
+                 (unsigned long long)r41.bytes);
+    ring_hello_stats(&st, true);
+}
+
+LTEST(interop, ring_hello_no_ring_ctx_keeps_everything_on_the_socket)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_RING };
+    struct lshm_port_stats st;
+    struct report r40, r41;
+
+    cr_assert_not(lib_features(&prm) & LSHM_FEAT_RING, "LSHM_FEAT_RING with LSHM_CTX_NO_RING");
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX,
+                                  .ring_size = LSHM_RING_SIZE_DEFAULT };
+    ring_hello_run(&prm, &r40, &r41, &st);
+    cr_assert_eq(r40.a, 0, "HELLO features %#x with LSHM_CTX_NO_RING", r40.a);
+    cr_assert_eq(r40.b, 0, "HELLO ring_size %u without RING", r40.b);
+    cr_assert_eq(r41.a, 0, "%u messages in a ring", r41.a);
+    cr_assert_eq(r41.b, 5, "%u user messages over the socket", r41.b);
+    cr_assert_eq(r41.c, 0, "a RING although the library's HELLO lacked RING");
+    cr_assert_eq(r41.d, 0, "a FENCE without rings");
+    cr_assert_eq(r41.pad, 0, "the peer made a ring although the library's HELLO lacked RING");
+    ring_hello_stats(&st, false);
+}
+
+LTEST(interop, ring_hello_peer_without_ring_gets_everything_on_the_socket)
+{
+    struct lshm_port_stats st;
+    struct report r40, r41;
+
+    peer_cfg = (struct peer_cfg){ 0 };
+    ring_hello_run(NULL, &r40, &r41, &st);
+    cr_assert_eq(r41.a, 0, "%u messages in a ring", r41.a);
+    cr_assert_eq(r41.b, 5, "%u user messages over the socket", r41.b);
+    cr_assert_eq(r41.c, 0, "a RING to a peer whose HELLO lacked RING");
+    ring_hello_stats(&st, false);
+}
+
+LTEST(interop, ring_inline_and_shm_both_ways_wrap_many_times)
+{
+    struct ipair ip;
+    struct report r;
+    uint64_t fnv = FNV_INIT, bytes = 0;
+    uint32_t i;
+
+    need_rings();
+    /* 64 KiB rings both ways: about 3 MB each way wraps them many times. */
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536,
+                                  .out_ring_size = 65536 };
+    ip_start_prm(&ip, NULL, peer_ring_wrap_main);
+    ip_ready(&ip);
+    for (i = 0; i < N_WRAP_MSGS; i++) {
+        size_t size = wrap_size(i);
+
+        ip_send_pat(&ip, wrap_is_shm(i) ? 17 : 16, i, size, wrap_is_shm(i), -1);
+        fnv = fnv_pat(fnv, i, size);
+        bytes += size;
+    }
+    ip_recv_report(&ip, 50, &r);
+    cr_log_info("interop: %u messages through the library's ring of %u bytes, %u wraps",
+                r.a, r.c, r.b);
+    cr_assert_eq(r.c, 65536, "the library's ring is %u bytes, the peer accepts 65536", r.c);
+    cr_assert_eq(r.a, N_WRAP_MSGS, "messages in the ring: %u", r.a);
+    cr_assert_eq(r.fnv, fnv, "payload checksum differs");
+    cr_assert_geq(r.b, 20, "the library's ring wrapped only %u times", r.b);
+
+    for (i = 0; i < N_WRAP_MSGS; i++)
+        ip_take(&ip, i, wrap_size(i), wrap_is_shm(i), false);
+    ip_recv_report(&ip, 51, &r);
+    cr_assert_eq(r.a, N_WRAP_MSGS + 1, "the peer's ring carried %u messages", r.a);
+    cr_assert_eq(r.d, 0, "the peer sent %u user messages over the socket", r.d);
+    cr_assert_geq(r.b, 20, "the peer's ring wrapped only %u times", r.b);
+    {
+        struct lshm_port_stats st = ip_stats(&ip);
+
+        cr_expect_eq(st.ring_msgs, N_WRAP_MSGS);
+        cr_expect_eq(st.ring_bytes, bytes);
+        cr_expect_eq(st.sock_msgs, 0);
+        cr_expect_eq(st.ring_msgs_in, N_WRAP_MSGS + 2);
+        cr_expect_eq(st.sock_msgs_in, 0);
+    }
+    ip_finish(&ip);
+}
+
+LTEST(interop, ring_order_of_ring_fd_and_mmap_messages_both_ways)
+{
+    static struct lshm_buf *hold[LSHM_CHUNK_COUNT];
+    struct ipair ip;
+    struct report r;
+    uint64_t fnv = FNV_INIT, bytes = 0;
+    unsigned i, nhold = 0, k;
+
+    need_rings();
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536 };
+    ip_start_prm(&ip, NULL, peer_ring_order_main);
+    ip_ready(&ip);
+    for (i = 0; i < N_ORDER_MSGS; i++) {
+        const struct order_msg *o = &order_msgs[i];
+        struct lshm_buf *b[LSHM_MAX_DESCS];
+        unsigned nb = 0;
+        int pfd[2] = { -1, -1 };
+
+        if (o->kind == O_FD || o->kind == O_SHM_FD)
+            cr_assert_eq(pipe2(pfd, O_CLOEXEC), 0);
+        if (o->kind == O_SHM_NEWSEG) {
+            /* Fill segment 0 until an allocation maps a new one: that
+             * buffer is the new segment's first message. */
+            int maps = count_maps("memfd:");
+
+            for (;;) {
+                b[0] = ip_alloc(&ip, o->size);
+                if (count_maps("memfd:") > maps)
+                    break;
+                cr_assert_lt(nhold, LSHM_CHUNK_COUNT);
+                hold[nhold++] = b[0];
+            }
+            cr_assert_geq(lshm_buf_capacity(b[0]), o->size);
+            nb = 1;
+        } else if (o->kind >= O_SHM) {
+            nb = ip_bufs(&ip, o->size, b);
+        }
+        ip_send_in(&ip, 18, o->stream, o->size, b, nb, pfd[1]);
+        if (pfd[0] >= 0)
+            close(pfd[0]);
+        fnv = fnv_pat(fnv, o->stream, o->size);
+        bytes += o->size;
+    }
+    ip_recv_report(&ip, 60, &r);
+    for (k = 0; k < nhold; k++)
+        lshm_buf_free(hold[k]);
+    cr_assert_eq(r.a, 9, "messages read from the library's ring: %u", r.a);
+    cr_assert_eq(r.b, 4, "fd messages over the socket: %u", r.b);
+    cr_assert_geq(r.c, 5, "FENCEs: %u (4 fd messages and at least segment 1's MMAP)", r.c);
+    cr_assert_eq(r.d, 2, "segments mapped by the peer: %u", r.d);
+    cr_assert_eq(r.bytes, bytes);
+    cr_assert_eq(r.fnv, fnv, "payload checksum differs");
+
+    for (i = 0; i < N_ORDER_MSGS; i++) {
+        const struct order_msg *o = &order_msgs[i];
+        int fd = ip_take(&ip, o->stream, o->size, o->kind >= O_SHM,
+                         o->kind == O_FD || o->kind == O_SHM_FD);
+
+        if (fd >= 0) {
+            cr_assert(fcntl(fd, F_GETFD) & FD_CLOEXEC);
+            close(fd);
+        }
+    }
+    ip_recv_report(&ip, 61, &r);
+    cr_assert_eq(r.a, 9 + 1, "the peer's ring carried %u messages", r.a);
+    cr_assert_eq(r.b, 4, "the peer's fd messages: %u", r.b);
+    {
+        struct lshm_port_stats st = ip_stats(&ip);
+
+        cr_expect_eq(st.ring_msgs, 9);
+        cr_expect_eq(st.sock_msgs, 4);
+        cr_expect_eq(st.ring_msgs_in, 9 + 2);
+        cr_expect_eq(st.sock_msgs_in, 4);
+    }
+    ip_finish(&ip);
+}
+
+LTEST(interop, ring_full_library_producer_waits_nothing_lost)
+{
+    struct ipair ip;
+    struct report r;
+    uint64_t fnv = FNV_INIT;
+    uint32_t i;
+
+    need_rings();
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536 };
+    ip_start_prm(&ip, NULL, peer_ring_full_slow_consumer_main);
+    ip_ready(&ip);
+    ip_recv_report(&ip, 70, &r);
+    /* 800 KB into a 64 KiB ring that the peer does not read for 300 ms. */
+    for (i = 0; i < N_FULL_MSGS; i++) {
+        ip_send_pat(&ip, 16, 1000 + i, FULL_MSG_SIZE, false, -1);
+        fnv = fnv_pat(fnv, 1000 + i, FULL_MSG_SIZE);
+    }
+    ip_recv_report(&ip, 71, &r);
+    cr_assert_eq(r.a, N_FULL_MSGS, "messages in the ring: %u", r.a);
+    cr_assert_eq(r.c, 65536);
+    cr_assert_eq(r.fnv, fnv, "payload checksum differs: a record overwritten or lost");
+    cr_assert_geq(r.b, 1, "the library never set space = 1 while its ring was full");
+    cr_log_info("interop: the peer acknowledged room %u times", r.b);
+    cr_assert_geq(ip_stats(&ip).ring_full, 1, "the library never counted its ring full");
+    ip_finish(&ip);
+}
+
+LTEST(interop, ring_full_peer_producer_waits_nothing_lost)
+{
+    struct lshm_ctx_params prm = { .recv_queue = 2 };
+    struct ipair ip;
+    struct report r;
+    uint32_t i;
+
+    need_rings();
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536,
+                                  .out_ring_size = 65536 };
+    ip_start_prm(&ip, &prm, peer_ring_full_producer_main);
+    ip_ready(&ip);
+    /* A slow consumer: nothing read for 300 ms, then one message at a time. */
+    usleep(300000);
+    for (i = 0; i < N_FULL_MSGS; i++) {
+        ip_take(&ip, 1000 + i, FULL_MSG_SIZE, false, false);
+        if (i % 4 == 0)
+            usleep(1000);
+    }
+    ip_recv_report(&ip, 72, &r);
+    cr_log_info("interop: the peer's ring was full %u times, %u SHM_ACKs", r.a, r.b);
+    cr_assert_eq(r.c, N_FULL_MSGS);
+    cr_assert_geq(r.a, 1, "the peer's ring never filled: the test proves nothing");
+    cr_assert_geq(r.b, 1, "the library never sent SHM_ACK for room (space was 1)");
+    ip_finish(&ip);
+}
+
+/* Ping-pong with naps on both sides: each consumer is asleep when its
+ * message comes.  Returns the peer's count of wake-ups. */
+static void ring_wake_run(const struct lshm_ctx_params *prm, struct report *r,
+                          struct lshm_port_stats *st)
+{
+    struct ipair ip;
+    uint64_t fnv = FNV_INIT;
+    uint32_t i;
+
+    ip_start_prm(&ip, prm, peer_ring_wake_main);
+    ip_ready(&ip);
+    for (i = 0; i < N_WAKE_ROUNDS; i++) {
+        usleep(WAKE_NAP_US);
+        ip_send_pat(&ip, 16, 100 + i, 64, false, -1);
+        fnv = fnv_pat(fnv, 100 + i, 64);
+        /* Sleeps while the peer naps: only the peer's wake-up ends it. */
+        ip_take(&ip, 200 + i, 64, false, false);
+    }
+    ip_recv_report(&ip, 80, r);
+    cr_assert_eq(r->fnv, fnv);
+    cr_log_info("interop: peer woken by futex %u, by WAKE %u; it woke the library by futex "
+                "%u, by WAKE %u; it slept %u times", r->a, r->b, r->c, r->d, r->pad);
+    cr_assert_geq(r->pad, 1, "the peer never slept on the library's ring");
+    *st = ip_stats(&ip);
+    /* WAKE datagrams are counted exactly on both sides. */
+    cr_expect_geq(st->wakes_sent, r->b, "the peer got %u WAKEs, the library sent %llu", r->b,
+                  (unsigned long long)st->wakes_sent);
+    cr_expect_geq(st->wakes_sent, 1, "the library woke the sleeping peer never");
+    ip_finish(&ip);
+}
+
+LTEST(interop, ring_sleeping_consumers_woken_by_futex)
+{
+    struct lshm_port_stats st;
+    struct report r;
+
+    need_rings();
+    if (!(lib_features(NULL) & LSHM_FEAT_FUTEX))
+        cr_skip_test("no futex wake-ups here: the kernel lacks io_uring FUTEX_WAIT (6.7+)");
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX, .ring_size = 65536 };
+    ring_wake_run(NULL, &r, &st);
+    cr_expect_geq(st.wakes_received, 1, "the library was never woken");
+    cr_assert_geq(r.a, 1, "the library never woke the sleeping peer with FUTEX_WAKE");
+    cr_assert_geq(r.c, 1, "the library never slept on the peer's ring with wake = 1");
+    cr_assert_eq(r.d, 0);
+}
+
+LTEST(interop, ring_sleeping_consumers_woken_by_wake_datagrams)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_FUTEX };
+    struct lshm_port_stats st;
+    struct report r;
+
+    need_rings();
+    cr_assert_not(lib_features(&prm) & LSHM_FEAT_FUTEX, "FUTEX with LSHM_CTX_NO_FUTEX");
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536 };
+    ring_wake_run(&prm, &r, &st);
+    cr_expect_geq(st.wakes_received, 1, "the library was never woken");
+    cr_assert_geq(r.b, 1, "the library never sent WAKE to the sleeping peer");
+    cr_assert_geq(r.d, 1, "the library never slept on the peer's ring with wake = 1");
+    cr_assert_eq(r.a, 0);
+    cr_assert_eq(r.c, 0, "FUTEX_WAKE to a library whose HELLO lacked FUTEX");
+}
+
+LTEST(interop, ring_futex_library_is_woken_by_wake_datagrams_too)
+{
+    struct lshm_port_stats st;
+    struct report r;
+
+    need_rings();
+    if (!(lib_features(NULL) & LSHM_FEAT_FUTEX))
+        cr_skip_test("no futex wake-ups here: the kernel lacks io_uring FUTEX_WAIT (6.7+)");
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING | P_FEAT_FUTEX, .ring_size = 65536,
+                                  .wake_by_datagram = true };
+    ring_wake_run(NULL, &r, &st);
+    cr_expect_geq(st.wakes_received, 1, "the library was never woken");
+    cr_assert_geq(r.d, 1, "the library never slept on the peer's ring with wake = 1");
+    cr_assert_eq(r.c, 0);
+}
+
+/* spin_us: a consumer that polls the ring longer than the producer naps
+ * never sleeps on it, so it never needs a wake-up. */
+LTEST(interop, ring_busy_polling_consumer_needs_no_wake_ups)
+{
+    struct lshm_ctx_params prm = { .spin_us = 500000 };
+    struct lshm_port_stats st;
+    struct report r;
+
+    need_rings();
+    peer_cfg = (struct peer_cfg){ .features = P_FEAT_RING, .ring_size = 65536 };
+    ring_wake_run(&prm, &r, &st);
+    cr_expect_eq(st.wakes_received, 0, "the library counted %llu wake-ups",
+                 (unsigned long long)st.wakes_received);
+    cr_assert_eq(r.c + r.d, 0, "the library slept on the peer's ring %u times within its "
+                 "spin budget of 500 ms (the peer naps %u ms)", r.c + r.d, WAKE_NAP_US / 1000);
+    cr_assert_geq(r.b, 1, "the peer slept, and the library never sent WAKE");
 }

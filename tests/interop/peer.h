@@ -38,6 +38,23 @@
 #define P_MMAP    1
 #define P_SHM_ACK 2
 #define P_BYE     3
+#define P_RING    4
+#define P_WAKE    5
+
+/* HELLO features */
+#define P_FEAT_RING  0x1u
+#define P_FEAT_FUTEX 0x2u
+
+/* Message rings */
+#define P_RING_MAGIC    0x5248534cu
+#define P_RING_VERSION  2u
+#define P_RING_HDR      4096u
+#define P_RING_MIN      65536u
+#define P_RING_MAX      16777216u
+#define P_REC_MSG       0u
+#define P_REC_FENCE     1u
+#define P_REC_SKIP      2u
+#define P_FENCE_WAIT_MS 1000
 
 #define P_F_LAST     0x01
 #define P_F_MMAP     0x02
@@ -115,6 +132,33 @@ _Static_assert(offsetof(struct seg_hdr, free_tracking_map_padding) == 192, "seg 
 _Static_assert(offsetof(struct seg_hdr, tracking) == 200, "seg tracking");
 _Static_assert(sizeof(struct seg_hdr) == 2760, "seg header used bytes");
 
+struct ring_hdr {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t port_id;
+    uint32_t size;
+    int32_t  src_pid;
+    int32_t  dst_pid;
+    uint8_t  pad0[44];
+    uint64_t tail;
+    uint8_t  pad1[56];
+    uint64_t head;
+    uint8_t  pad2[56];
+    uint32_t wake;
+    uint32_t space;
+};
+_Static_assert(offsetof(struct ring_hdr, size) == 8 && offsetof(struct ring_hdr, src_pid) == 12 &&
+               offsetof(struct ring_hdr, dst_pid) == 16, "ring header fields");
+_Static_assert(offsetof(struct ring_hdr, tail) == 64 && offsetof(struct ring_hdr, head) == 128 &&
+               offsetof(struct ring_hdr, wake) == 192 && offsetof(struct ring_hdr, space) == 196,
+               "ring header counters");
+
+struct rec_hdr {
+    uint32_t len;
+    uint32_t kind;
+};
+_Static_assert(sizeof(struct rec_hdr) == 8, "record header");
+
 /* ---- Shared by both sides of the test (not protocol) ---- */
 
 #define PEER_PORT_ID   4242
@@ -158,6 +202,49 @@ extern const struct lib_msg lib_msgs[N_LIB_MSGS];
 /* The payload bytes of l. */
 uint64_t lib_msg_size(const struct lib_msg *l);
 
+/* ---- Message rings (the ring_* tests) ---- */
+
+/* How the peer's ports speak: set in the test process before the fork. */
+struct peer_cfg {
+    uint32_t features;          /* our HELLO's: P_FEAT_RING, P_FEAT_FUTEX */
+    uint32_t ring_size;         /* our HELLO's: the largest ring we accept */
+    uint32_t out_ring_size;     /* the ring we make; 0: 65536 */
+    bool     wake_by_datagram;  /* WAKE datagrams even to a FUTEX library */
+};
+extern struct peer_cfg peer_cfg;
+
+/* interop/ring_*_wrap*: message i's size, and whether it goes in shared memory. */
+#define N_WRAP_MSGS 600u
+static inline bool wrap_is_shm(uint32_t i)
+{
+    return i % 5 == 4;
+}
+static inline uint32_t wrap_size(uint32_t i)
+{
+    static const uint32_t inl[] = { 0, 1, 7, 8, 9, 100, 1000, 4095, 8192, 16376, 16383,
+                                    16384, 3000, 12000, 16, 24 };
+
+    return wrap_is_shm(i) ? 20000 + (i * 997u) % 80000 : inl[i % 16];
+}
+
+/* interop/ring_order_*: a mix of ring messages, fd messages and MMAPs. */
+enum { O_INLINE, O_FD, O_SHM, O_SHM_FD, O_SHM_NEWSEG };
+struct order_msg {
+    uint32_t stream;
+    uint8_t  kind;
+    uint32_t size;
+};
+#define N_ORDER_MSGS 13u
+extern const struct order_msg order_msgs[N_ORDER_MSGS];
+
+/* interop/ring_full_*: messages through a 64 KiB ring. */
+#define N_FULL_MSGS 200u
+#define FULL_MSG_SIZE 4000u
+
+/* interop/ring_*_woken_*: ping-pong rounds with sleeping consumers. */
+#define N_WAKE_ROUNDS 10u
+#define WAKE_NAP_US 30000u
+
 /* ---- The peer ---- */
 
 /* One port of the peer (peer.c). */
@@ -191,5 +278,17 @@ void peer_pair_main(struct peer *p);
 void peer_restart_main(struct peer *p);
 /* interop/second_port_mmap_id_0_while_first_open_is_violation */
 void peer_second_port_main(struct peer *p);
+/* interop/ring_hello_* */
+void peer_ring_hello_main(struct peer *p);
+/* interop/ring_inline_and_shm_both_ways_wrap_many_times */
+void peer_ring_wrap_main(struct peer *p);
+/* interop/ring_order_* */
+void peer_ring_order_main(struct peer *p);
+/* interop/ring_full_library_producer_waits */
+void peer_ring_full_slow_consumer_main(struct peer *p);
+/* interop/ring_full_peer_producer_waits */
+void peer_ring_full_producer_main(struct peer *p);
+/* interop/ring_sleeping_consumers_woken_* */
+void peer_ring_wake_main(struct peer *p);
 
 #endif
