@@ -17,6 +17,7 @@ static const struct lshm_ctx_ops ctx_ops = {
     .accept   = lshm__listeners_dispatch,
     .poll     = lshm__recv_poll,
     .sleep    = lshm__recv_sleep,
+    .events   = lshm__port_events,
 };
 
 /* ---- contexts ---- */
@@ -266,6 +267,15 @@ LSHM_EXPORT int lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg
     if (port == NULL || port->user_closed)
         return lshm__fail(-EINVAL, "bad port");
     return lshm__port_set_handler(port, on_msg, on_close, arg);
+}
+
+LSHM_EXPORT int lshm_port_set_event_handler(struct lshm_port *port, lshm_event_fn on_event,
+                                            void *arg)
+{
+    if (port == NULL || port->user_closed)
+        return lshm__fail(-EINVAL, "port is NULL or closed");
+    lshm__port_set_event_handler(port, on_event, arg);
+    return 0;
 }
 
 LSHM_EXPORT int lshm_listener_set_handler(struct lshm_listener *listener,

@@ -283,10 +283,15 @@ static void run_kicks(struct lshm_ctx *ctx)
  * context again.  Ports made ready meanwhile wait for the next run. */
 static void run_handlers(struct lshm_ctx *ctx)
 {
+    struct lshm_link *k, *next;
     unsigned n;
     struct lshm_port *port;
 
     ctx->ops->accept(ctx);
+    for (k = ctx->lists[PL_WANT].head; k != NULL; k = next) {
+        next = k->next;
+        ctx->ops->events(k->port);
+    }
     n = ctx->lists[PL_READY].len;
     while (n-- > 0 && (port = list_pop(ctx, PL_READY)) != NULL)
         ctx->ops->dispatch(port);
@@ -358,6 +363,10 @@ int lshm__ctx_run(struct lshm_ctx *ctx, int timeout_ms)
         timeout_ms = 0;
     if (timeout_ms != 0 && (run_spin(ctx, timeout_ms) || !run_may_sleep(ctx)))
         timeout_ms = 0;
+    /* Freed chunks come back without a word unless the peer acks: look
+     * again soon for an event handler that waits for them. */
+    if (ctx->lists[PL_WANT].head != NULL && (timeout_ms < 0 || timeout_ms > LSHM_RECHECK_MS))
+        timeout_ms = LSHM_RECHECK_MS;
     /* Nothing for the kernel to do and nothing to wait for: no enter. */
     if (timeout_ms != 0 || !lshm__ring_is_idle(ctx->ring)) {
         ret = lshm__ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);

@@ -31,6 +31,7 @@ enum port_list_id {
     PL_FENCE,   /* deadline: at a FENCE, its datagram due by link.due */
     PL_ROOM,    /* deadline: our ring full, look again at link.due */
     PL_RING,    /* reading the peer's message ring: polled by every run */
+    PL_WANT,    /* an event handler waits for room or memory: checked by every run */
     PL_COUNT
 };
 
@@ -53,6 +54,9 @@ struct lshm_timer {
     bool           armed;
 };
 
+/* How often a wait for shared memory looks at the free maps again. */
+#define LSHM_RECHECK_MS 10
+
 /* What the run loop calls in the layers above it, phase by phase. */
 struct lshm_ctx_ops {
     void (*kick)(struct lshm_port *port);       /* PL_KICK: submit its queue */
@@ -62,6 +66,7 @@ struct lshm_ctx_ops {
     void (*accept)(struct lshm_ctx *ctx);       /* call the listeners' handlers */
     bool (*poll)(struct lshm_port *port);       /* PL_RING: read its ring; true if any */
     bool (*sleep)(struct lshm_port *port);      /* PL_RING: may the context sleep? */
+    void (*events)(struct lshm_port *port);     /* PL_WANT: call its event handler */
 };
 
 struct lshm_ctx {

@@ -227,12 +227,16 @@ struct lshm_msg {
 
 typedef void (*lshm_msg_fn)(struct lshm_port *port, struct lshm_msg *msg, void *arg);
 typedef void (*lshm_close_fn)(struct lshm_port *port, int error, void *arg);
+/* Events for lshm_port_set_event_handler(): LSHM_WAIT_SEND, LSHM_WAIT_SHM. */
+typedef void (*lshm_event_fn)(struct lshm_port *port, unsigned events, void *arg);
 typedef void (*lshm_accept_fn)(struct lshm_listener *listener, struct lshm_port *port,
                                void *arg);
 
 /* Have lshm_ctx_run() call on_msg for each message and on_close once. */
 int  lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg,
                            lshm_close_fn on_close, void *arg);
+/* Have lshm_ctx_run() call on_event once room or memory that gave -EAGAIN is back. */
+int  lshm_port_set_event_handler(struct lshm_port *port, lshm_event_fn on_event, void *arg);
 /* Have lshm_ctx_run() call on_accept for each port whose handshake is done. */
 int  lshm_listener_set_handler(struct lshm_listener *listener, lshm_accept_fn on_accept,
                                void *arg);

@@ -13,7 +13,6 @@
 
 #include "port.h"
 
-#define SHM_RECHECK_MS  10
 
 static _Atomic unsigned next_port_id;
 
@@ -945,6 +944,52 @@ void lshm__port_dispatch(struct lshm_port *port)
     port_maybe_free(port);
 }
 
+void lshm__port_set_event_handler(struct lshm_port *port, lshm_event_fn on_event, void *arg)
+{
+    port->on_event = on_event;
+    port->event_arg = arg;
+    if (on_event == NULL) {
+        port->want = 0;
+        list_del(port, PL_WANT);
+    }
+}
+
+void lshm__port_want(struct lshm_port *port, unsigned events)
+{
+    if (port->on_event == NULL || port->user_closed)
+        return;
+    port->want |= events;
+    list_add(port, PL_WANT);
+}
+
+static unsigned port_events(struct lshm_port *port, unsigned events);
+
+void lshm__port_events(struct lshm_port *port)
+{
+    unsigned now;
+
+    if (port->in_handler)
+        return;
+    if (port->user_closed || !port_is_live(port) || port->on_event == NULL) {
+        /* Nothing will come back to a closed port: its close handler says so. */
+        port->want = 0;
+        list_del(port, PL_WANT);
+        return;
+    }
+    now = port_events(port, port->want);
+    if (now == 0)
+        return;
+    port->want &= ~now;
+    if (port->want == 0)
+        list_del(port, PL_WANT);
+    port->in_handler = true;
+    port->refs++;
+    port->on_event(port, now, port->event_arg);
+    port->refs--;
+    port->in_handler = false;
+    port_maybe_free(port);
+}
+
 /* ---- waiting ---- */
 
 static unsigned seg_limit(const struct lshm_port *port)
@@ -1007,8 +1052,8 @@ int lshm__port_wait(struct lshm_port *port, unsigned events, int timeout_ms)
         }
         /* A sender waiting for chunks rechecks the free maps on a short
          * timer: a peer that stops reading never sends the ACK. */
-        if ((events & LSHM_WAIT_SHM) && (step < 0 || step > SHM_RECHECK_MS))
-            step = SHM_RECHECK_MS;
+        if ((events & LSHM_WAIT_SHM) && (step < 0 || step > LSHM_RECHECK_MS))
+            step = LSHM_RECHECK_MS;
         polled = true;
         ret = lshm__ctx_run(port->ctx, step);
         if (ret < 0)
@@ -1051,8 +1096,11 @@ static int port_alloc(struct lshm_port *port, bool tracking, struct lshm_alloc *
 
     ret = lshm__peer_out_alloc(port->peer, port->id, seg_limit(port), tracking,
                               (port->ctx->p.flags & LSHM_CTX_SCRUB) != 0, a);
-    if (ret == -EAGAIN)
-        return ret;     /* the peer layer said why (limit, or a segment not mapped yet) */
+    if (ret == -EAGAIN) {
+        /* The peer layer said why (limit, or a segment not mapped yet). */
+        lshm__port_want(port, LSHM_WAIT_SHM);
+        return ret;
+    }
     if (ret < 0)
         return lshm__fail(ret, "cannot allocate shared memory: %s", strerror(-ret));
     if (a->created) {

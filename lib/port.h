@@ -150,6 +150,9 @@ struct lshm_port {
     lshm_msg_fn          on_msg;
     lshm_close_fn        on_close;
     void                *arg;
+    lshm_event_fn        on_event;      /* room or memory back after -EAGAIN */
+    void                *event_arg;
+    unsigned             want;          /* LSHM_WAIT_SEND | _SHM that refused a call */
     bool                 close_pending; /* on_close still to be called */
     bool                 in_handler;    /* a handler of this port runs */
     struct lshm_link     links[PL_COUNT];   /* on the context's lists */
@@ -222,6 +225,11 @@ struct lshm_msg *lshm__port_pop(struct lshm_port *port);
 /* Handlers, waits and shared memory, for the public functions. */
 int  lshm__port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg,
                             lshm_close_fn on_close, void *arg);
+void lshm__port_set_event_handler(struct lshm_port *port, lshm_event_fn on_event, void *arg);
+/* A call on the port gave -EAGAIN for events: its event handler waits for them. */
+void lshm__port_want(struct lshm_port *port, unsigned events);
+/* The context's PL_WANT phase: call the event handler for what is back. */
+void lshm__port_events(struct lshm_port *port);
 int  lshm__port_wait(struct lshm_port *port, unsigned events, int timeout_ms);
 int  lshm__port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t *gid);
 const char *lshm__port_error(const struct lshm_port *port);

@@ -186,8 +186,10 @@ static int send_check(struct lshm_port *port, const struct lshm_out *out, uint64
     if (*total > UINT32_MAX)
         return lshm__fail(-EMSGSIZE, "message of %llu bytes, at most 4 GiB - 1",
                          (unsigned long long)*total);
-    if (port->sq_len + port->inflight + port->bl_len >= port->ctx->p.send_queue)
+    if (port->sq_len + port->inflight + port->bl_len >= port->ctx->p.send_queue) {
+        lshm__port_want(port, LSHM_WAIT_SEND);
         return lshm__fail(-EAGAIN, "send queue full (%u messages)", port->ctx->p.send_queue);
+    }
     return 0;
 }
 

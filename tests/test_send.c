@@ -599,3 +599,148 @@ LTEST(send, before_handshake_inline_queues_shm_is_ENOTCONN)
     pingpong_pull(port, 10, 64);
     spawn_end(ctx, port, pid);
 }
+
+/* ======================================================================
+ * Callback style: writable events instead of retries on a timer
+ * ====================================================================== */
+
+/* Read in order to the LAST message, every byte checked; report the count. */
+static int ordered_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned sleep_ms = *(unsigned *)arg;
+    struct lshm_msg m;
+    uint32_t i = 0;
+    bool last = false;
+
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    usleep(sleep_ms * 1000);
+    while (!last) {
+        CK(lshm_recv(port, &m, 10000) == 0);
+        CK(m.stream == i);
+        CK(msg_check(&m, i, m.size));
+        last = (m.flags & LSHM_MSG_LAST) != 0;
+        lshm_msg_done(&m);
+        i++;
+        /* Slow enough that the sender meets its limits again and again. */
+        if (i % 8 == 0)
+            usleep(1000);
+    }
+    return report_then_bye(port, i);
+}
+
+/* A shared-memory message of size bytes, or -EAGAIN at once (nothing kept). */
+static int send_shm_once(struct lshm_port *port, uint32_t seq, size_t size)
+{
+    struct lshm_buf *bufs[LSHM_MAX_DESCS];
+    unsigned n = 0, i;
+    size_t have = 0;
+    int ret = 0;
+
+    while (have < size && n < LSHM_MAX_DESCS) {
+        size_t len;
+
+        ret = lshm_buf_alloc(port, size - have, &bufs[n]);
+        if (ret < 0)
+            break;
+        len = lshm_buf_capacity(bufs[n]) < size - have ? lshm_buf_capacity(bufs[n])
+                                                         : size - have;
+        pattern_write(lshm_buf_data(bufs[n]), have, len, seq);
+        lshm_buf_set_size(bufs[n++], len);
+        have += len;
+    }
+    if (ret == 0 && have == size)
+        ret = lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = seq, .bufs = bufs,
+                                                  .nbufs = n, .fd = -1 }, 0);
+    else if (ret == 0)
+        ret = -ENOSPC;
+    if (ret < 0)
+        for (i = 0; i < n; i++)
+            lshm_buf_free(bufs[i]);
+    return ret;
+}
+
+struct writer {
+    struct lshm_port *port;
+    unsigned          n, sent, events, eagain;
+    unsigned          want;     /* LSHM_WAIT_SEND or LSHM_WAIT_SHM */
+    size_t            size;
+    int               error;
+};
+
+/* Send until done or refused; a refusal waits for on_event. */
+static void writer_push(struct writer *w)
+{
+    while (w->sent < w->n) {
+        uint8_t buf[LSHM_INLINE_MAX];
+        int ret;
+
+        if (w->want == LSHM_WAIT_SHM) {
+            ret = send_shm_once(w->port, w->sent, w->size);
+        } else {
+            pattern_write(buf, 0, w->size, w->sent);
+            ret = lshm_send(w->port, &(struct lshm_out){ .type = T_DATA, .stream = w->sent,
+                                                         .data = buf, .size = w->size,
+                                                         .fd = -1 }, 0);
+        }
+
+        if (ret == -EAGAIN) {
+            w->eagain++;
+            return;
+        }
+        if (ret < 0) {
+            w->error = ret;
+            return;
+        }
+        w->sent++;
+    }
+}
+
+static void writer_on_event(struct lshm_port *port, unsigned events, void *arg)
+{
+    struct writer *w = arg;
+
+    w->events++;
+    if (!(events & w->want))
+        w->error = -EINVAL;
+    writer_push(w);
+}
+
+static void writable_events(unsigned want)
+{
+    struct lshm_ctx_params p = { .flags = LSHM_CTX_NO_RING, .send_queue = 8, .max_segments = 1 };
+    struct lshm_ctx *ctx = ctx_make(&p);
+    unsigned n = want == LSHM_WAIT_SHM ? 60 : 2000, sleep_ms = 300;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, ordered_reader, &sleep_ms);
+    struct writer w = { .port = port, .n = n, .want = want,
+                        .size = want == LSHM_WAIT_SHM ? 1 * MiB : LSHM_INLINE_MAX };
+    long long end;
+
+    wait_ready(port);
+    cr_assert_eq(lshm_port_set_event_handler(port, writer_on_event, &w), 0);
+    writer_push(&w);
+    cr_assert_gt(w.eagain, 0, "never refused: the test proves nothing");
+    end = now_ms() + 20000;
+    while (w.sent < w.n && w.error == 0 && now_ms() < end)
+        cr_assert_geq(lshm_ctx_run(ctx, 1000), 0, "%s", lshm_last_error());
+    cr_assert_eq(w.error, 0, "%d", w.error);
+    cr_assert_eq(w.sent, w.n, "sent %u of %u (%u events)", w.sent, w.n, w.events);
+    /* Every refusal was answered by an event, and only refusals were. */
+    cr_assert_eq(w.events, w.eagain, "%u events for %u refusals", w.events, w.eagain);
+    cr_log_info("writable events (%s): %u refusals, %u events",
+                want == LSHM_WAIT_SHM ? "shm" : "send", w.eagain, w.events);
+    cr_assert_eq(lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = w.n,
+                                                     .last = 1, .fd = -1 }, 0), 0);
+    cr_assert_eq(recv_ctrl(port, 20000), w.n + 1);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(send, event_handler_says_when_the_send_queue_has_room)
+{
+    writable_events(LSHM_WAIT_SEND);
+}
+
+LTEST(send, event_handler_says_when_shared_memory_is_back)
+{
+    writable_events(LSHM_WAIT_SHM);
+}
