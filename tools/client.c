@@ -45,6 +45,8 @@ struct session {
     struct slot         *slots;
     uint64_t             inflight;
     unsigned             blocked_on; /* LSHM_WAIT_SEND / _SHM after -EAGAIN */
+    bool                 forked;
+    bool                 header_pending; /* printed once the carrier shows */
 };
 
 static int ms_until(uint64_t now, uint64_t when)
@@ -164,6 +166,22 @@ static void handle_reply(struct session *s, struct lshm_msg *m)
         err("out of memory for RTT samples");
     if (!cfg->quiet && !cfg->flood && !cfg->throughput)
         print_reply(cfg, s->peer, seq, cfg->size, us);
+}
+
+/*
+ * The header, with the carrier: a forked peer has our options, so ours tell;
+ * a server's HELLO is known to the port alone, so its carrier shows in the
+ * counters once a message went.
+ */
+static void session_header(struct session *s)
+{
+    struct lshm_port_stats st;
+    struct carrier c;
+    bool went = lshm_port_stats(s->port, &st) == 0 && st.ring_msgs + st.sock_msgs > 0;
+
+    carrier_of(s->cfg, lshm_ctx_features(s->ctx), went ? &st : NULL, &c);
+    print_header(s->cfg, s->peer, lshm_ctx_features(s->ctx), &c);
+    s->header_pending = false;
 }
 
 /* Send up to n pings as one submit.  Returns how many went, or -errno. */
@@ -299,6 +317,8 @@ static int ping_session(struct session *s)
                 link_failed(s, ret);
                 break;
             }
+            if (ret > 0 && s->header_pending)
+                session_header(s);
             if (ret > 0) {
                 progress = now;
                 next_send = interval ? next_send + interval : now;
@@ -456,7 +476,7 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
                        const char *peer, bool forked, struct results *res)
 {
     struct session s = {
-        .cfg = cfg, .ctx = ctx, .port = port, .peer = peer, .res = res,
+        .cfg = cfg, .ctx = ctx, .port = port, .peer = peer, .res = res, .forked = forked,
     };
     int ret;
 
@@ -470,12 +490,19 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
         return -1;
     }
     memset(s.staging, 0x5a, cfg->size);
-    if (!cfg->json && !cfg->bench)
-        print_header(cfg, peer, lshm_ctx_features(ctx));
+    res->features = lshm_ctx_features(ctx);
+    if (!cfg->json && !cfg->bench) {
+        s.header_pending = true;
+        if (forked || cfg->no_ring)
+            session_header(&s);
+    }
     if (cfg->throughput && forked)
         ret = sink_session(&s);
     else
         ret = ping_session(&s);
+    if (s.header_pending)
+        session_header(&s);
+    res->has_port_stats = lshm_port_stats(port, &res->port_stats) == 0;
     free(s.staging);
     free(s.slots);
     return ret;
@@ -497,7 +524,7 @@ int uring_run_forked(const struct config *cfg, struct results *res)
     if (pid < 0)
         return EXIT_ERROR;
     res->peer_pid = pid;
-    if (ctx_new_reported(&ctx, "") < 0) {
+    if (ctx_new_reported(&ctx, cfg, "") < 0) {
         close(sock);
         goto fail;
     }
@@ -550,7 +577,7 @@ int uring_run_client(const struct config *cfg, struct results *res)
     struct lshm_port *port = NULL;
     int ret;
 
-    if (ctx_new_reported(&ctx, "") < 0)
+    if (ctx_new_reported(&ctx, cfg, "") < 0)
         goto fail;
     /* Before lshm_connect: it reads the server's HELLO. */
     if (drop_caps(cfg) < 0)

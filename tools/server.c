@@ -361,7 +361,7 @@ int serve(const struct config *cfg)
     char feat[160];
     int ret;
 
-    if (ctx_new_reported(&s.ctx, "") < 0)
+    if (ctx_new_reported(&s.ctx, cfg, "") < 0)
         return EXIT_ERROR;
     ret = lshm_listen(s.ctx, cfg->listen, 0, &s.listener);
     if (ret < 0) {
@@ -383,12 +383,17 @@ int serve(const struct config *cfg)
         return EXIT_ERROR;
     }
     if (!cfg->quiet) {
+        struct carrier c;
+        char carrier[192], idle[48] = "";
+
         features_text(lshm_ctx_features(s.ctx), feat, sizeof(feat));
+        /* Rings with each client whose HELLO offers them too. */
+        carrier_of(cfg, lshm_ctx_features(s.ctx), NULL, &c);
+        carrier_text(cfg, &c, false, carrier, sizeof(carrier));
         if (cfg->idle > 0)
-            printf("SHMPING server on %s, %u idle ports, io_uring %s\n", cfg->listen,
-                   cfg->idle, feat);
-        else
-            printf("SHMPING server on %s, io_uring %s\n", cfg->listen, feat);
+            snprintf(idle, sizeof(idle), ", %u idle ports", cfg->idle);
+        printf("SHMPING server on %s%s, carrier %s, io_uring %s\n", cfg->listen, idle, carrier,
+               feat);
         fflush(stdout);
     }
     ret = run_loop(&s);
@@ -403,7 +408,7 @@ int peer_serve(const struct config *cfg, int sock)
     struct lshm_port *port;
     int ret;
 
-    if (ctx_new_reported(&s.ctx, "peer: ") < 0) {
+    if (ctx_new_reported(&s.ctx, cfg, "peer: ") < 0) {
         close(sock);
         return EXIT_ERROR;
     }
