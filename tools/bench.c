@@ -353,7 +353,7 @@ static void print_versus(const struct bench *b)
                 snprintf(b32, sizeof(b32), "%.0f", c->msgs_per_s);
                 snprintf(b32r, sizeof(b32r), "%.2fx", ratio(c->msgs_per_s, seq->msgs_per_s));
             }
-            printf("%-8s %-11s %11.2f %7.2fx %7.1fx %11s %8s %11s %8s\n", sz, rows[k].label,
+            printf("%-8s %-11s %11.2f %7.2fx %7.2fx %11s %8s %11s %8s\n", sz, rows[k].label,
                    c->rtt_p50, ratio(c->rtt_p50, seq->rtt_p50),
                    ratio(c->rtt_p50, floor_of(b, &rows[k])), b1, b1r, b32, b32r);
         }

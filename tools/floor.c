@@ -9,10 +9,13 @@
  * cache line: two words on cache lines of their own, each written by one
  *             side and spun on by the other: the floor of busy-poll.
  *
- * Round trips are timed in groups (a clock read costs about as much as a
- * cache-line round trip), each group one sample of the mean trip.
+ * Each round trip is one sample (a clock read, some 20 ns, included), so
+ * that the median is the trip of two processes that both hold a CPU even
+ * where they often do not.  A spinner that has waited YIELD_NS yields its
+ * CPU, so that two processes on one CPU still take turns.
  */
 #include <errno.h>
+#include <sched.h>
 #include <linux/futex.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -25,7 +28,7 @@
 
 #include "shmping.h"
 
-#define GROUP       32u             /* round trips per sample */
+#define YIELD_NS    1000000ull      /* a spinner waiting this long yields */
 #define STALL_NS    2000000000ull   /* the other side silent this long: give up */
 #define FLOOR_STOP  UINT32_MAX      /* the parent's last value: the child exits */
 
@@ -89,11 +92,15 @@ static uint32_t spin_await(_Atomic uint32_t *w, uint32_t want)
 
         if (v == want || v == FLOOR_STOP)
             return v;
-        if ((i & 0xfff) == 0) {
+        if ((i & 0xff) == 0) {
+            uint64_t now = now_ns();
+
             if (start == 0)
-                start = now_ns();
-            else if (now_ns() - start > STALL_NS)
+                start = now;
+            else if (now - start > STALL_NS)
                 return v;
+            else if (now - start > YIELD_NS)
+                sched_yield();
         }
         cpu_relax();
     }
@@ -171,10 +178,9 @@ int floor_run(enum floor_kind kind, double seconds, struct floor_result *out)
     while (ok && !stop_requested) {
         uint64_t t0 = now_ns(), t1;
 
-        for (unsigned i = 0; i < GROUP && ok; i++)
-            ok = floor_trip(kind, pg, k++);
+        ok = floor_trip(kind, pg, k++);
         t1 = now_ns();
-        if (ok && results_add_rtt(&res, (double)(t1 - t0) / 1e3 / GROUP) < 0) {
+        if (ok && results_add_rtt(&res, (double)(t1 - t0) / 1e3) < 0) {
             err("floor: out of memory for samples");
             ok = false;
         }
@@ -197,7 +203,7 @@ int floor_run(enum floor_kind kind, double seconds, struct floor_result *out)
     rtt_summarize(&res, &s);
     out->p50_us = s.p50;
     out->avg_us = s.avg;
-    out->trips = (uint64_t)res.nrtt * GROUP;
+    out->trips = res.nrtt;
     results_free(&res);
     return 0;
 }
