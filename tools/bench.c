@@ -261,11 +261,21 @@ struct bench {
     bool                 futex_ok, cacheline_ok;
 };
 
+/*
+ * Spinning can only beat sleeping when each process has a CPU of its own:
+ * a cache-line round trip slower than a futex one says they had not (the
+ * other CPUs were busy, or they shared one), and then it is no floor.
+ */
+static bool cacheline_valid(const struct bench *b)
+{
+    return b->cacheline_ok && b->futex_ok && b->cacheline.p50_us < b->futex.p50_us;
+}
+
 /* The floor that a row's round trip is set against: busy-poll's or sleep's. */
 static double floor_of(const struct bench *b, const struct row *row)
 {
     if (row->spin)
-        return b->cacheline_ok ? b->cacheline.p50_us : 0;
+        return cacheline_valid(b) ? b->cacheline.p50_us : 0;
     return b->futex_ok ? b->futex.p50_us : 0;
 }
 
@@ -321,10 +331,15 @@ static void print_versus(const struct bench *b)
            "mode's (one write a message), batch 1 and batch %u\n", b->cfg->batch);
     if (b->futex_ok && b->cacheline_ok)
         printf("floors: futex ping-pong p50 %.2f us (avg %.2f), cache-line ping-pong p50 %.3f us "
-               "(avg %.3f)\n\n", b->futex.p50_us, b->futex.avg_us, b->cacheline.p50_us,
+               "(avg %.3f)\n", b->futex.p50_us, b->futex.avg_us, b->cacheline.p50_us,
                b->cacheline.avg_us);
     else
-        printf("floors: failed (see above)\n\n");
+        printf("floors: failed (see above)\n");
+    if (b->futex_ok && b->cacheline_ok && !cacheline_valid(b))
+        printf("the cache-line round trip is slower than the futex one: the two processes "
+               "did not each have a CPU,\nso it is no floor (/floor: -) and the +spin rows "
+               "measure the scheduler more than the transport\n");
+    printf("\n");
     printf("%-8s %-11s %11s %8s %8s %11s %8s %11s %8s\n", "size", "mode", "rtt p50 us",
            "/seqpkt", "/floor", "msgs/s b1", "/seqpkt", "msgs/s b32", "/seqpkt");
     for (size_t i = 0; i < 2 && i < NSIZES; i++) {
@@ -353,9 +368,13 @@ static void print_versus(const struct bench *b)
                 snprintf(b32, sizeof(b32), "%.0f", c->msgs_per_s);
                 snprintf(b32r, sizeof(b32r), "%.2fx", ratio(c->msgs_per_s, seq->msgs_per_s));
             }
-            printf("%-8s %-11s %11.2f %7.2fx %7.2fx %11s %8s %11s %8s\n", sz, rows[k].label,
-                   c->rtt_p50, ratio(c->rtt_p50, seq->rtt_p50),
-                   ratio(c->rtt_p50, floor_of(b, &rows[k])), b1, b1r, b32, b32r);
+            double fr = ratio(c->rtt_p50, floor_of(b, &rows[k]));
+            char frs[16] = "-";
+
+            if (fr > 0)
+                snprintf(frs, sizeof(frs), "%.2fx", fr);
+            printf("%-8s %-11s %11.2f %7.2fx %8s %11s %8s %11s %8s\n", sz, rows[k].label,
+                   c->rtt_p50, ratio(c->rtt_p50, seq->rtt_p50), frs, b1, b1r, b32, b32r);
         }
     }
 }
@@ -380,7 +399,7 @@ static size_t targets(const struct bench *b, struct target *t)
     t[1] = (struct target){ "64 B rtt p50, busy-poll: inline+spin over seqpacket",
                             sok ? ratio(spin->rtt_p50, seq->rtt_p50) : 0, 0.05, true };
     t[2] = (struct target){ "64 B rtt p50, busy-poll: inline+spin over cache-line floor",
-                            !spin->failed && b->cacheline_ok
+                            !spin->failed && cacheline_valid(b)
                             ? ratio(spin->rtt_p50, b->cacheline.p50_us) : 0, 20, true };
     t[3] = (struct target){ "64 B msgs/s, batch 1: inline over seqpacket",
                             ok ? ratio(in->msgs_b1, seq->msgs_per_s) : 0, 8, false };
@@ -403,7 +422,7 @@ static void print_targets(const struct bench *b)
     printf("\ntargets (this run's ratios)\n");
     for (size_t i = 0; i < n; i++) {
         if (t[i].ratio <= 0)
-            printf("  %-58s %9s   %s %6.2fx  not measured\n", t[i].figure, "-",
+            printf("  %-58s %9s   %s %6.2fx  no figure\n", t[i].figure, "-",
                    t[i].at_most ? "<=" : ">=", t[i].limit);
         else
             printf("  %-58s %8.3fx   %s %6.2fx  %s\n", t[i].figure, t[i].ratio,
@@ -426,22 +445,23 @@ static void json_targets(const struct bench *b)
     printf("]");
 }
 
-static void json_floor(const char *name, bool ok, const struct floor_result *f)
+static void json_floor(const char *name, bool ok, bool valid, const struct floor_result *f)
 {
     if (!ok)
         printf("\"%s\":null", name);
     else
-        printf("\"%s\":{\"rtt_p50_us\":%.4f,\"rtt_avg_us\":%.4f,\"trips\":%llu}", name,
-               f->p50_us, f->avg_us, (unsigned long long)f->trips);
+        printf("\"%s\":{\"rtt_p50_us\":%.4f,\"rtt_avg_us\":%.4f,\"trips\":%llu"
+               ",\"valid\":%s}", name, f->p50_us, f->avg_us, (unsigned long long)f->trips,
+               valid ? "true" : "false");
 }
 
 static void json_bench(struct bench *b)
 {
     printf("{\"cell_s\":%.2f,\"batch\":%u,\"spin_us\":%u,\"floor_s\":%.2f,\"floors\":{", CELL_S,
            b->cfg->batch, b->spin_us, FLOOR_S);
-    json_floor("futex", b->futex_ok, &b->futex);
+    json_floor("futex", b->futex_ok, b->futex_ok, &b->futex);
     printf(",");
-    json_floor("cacheline", b->cacheline_ok, &b->cacheline);
+    json_floor("cacheline", b->cacheline_ok, cacheline_valid(b), &b->cacheline);
     printf("},\"bench\":[");
     for (size_t i = 0; i < NSIZES; i++) {
         json_row(b, i, NULL, 0, &b->mem[i]);
