@@ -80,9 +80,10 @@ static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flag
 {
     const struct config *cfg = s->cfg;
     struct lshm_out out = { .type = type, .last = 1, .stream = seq, .fd = -1 };
-    struct payload p = { .n = 0 };
+    struct payload p;   /* not zeroed: 1 KiB a message; n says what it holds */
     int ret;
 
+    p.n = 0;
     if (type == MSG_END) {
         /* no payload */
     } else if (cfg->mode == MODE_SHM && cfg->size > 0) {

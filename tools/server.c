@@ -110,9 +110,10 @@ static int echo(struct client *c, const struct lshm_msg *m)
     struct lshm_out out = {
         .type = m->type, .last = 1, .stream = m->stream, .fd = -1,
     };
-    struct payload p = { .n = 0 };
+    struct payload p;   /* not zeroed: 1 KiB a message; n says what it holds */
     int ret;
 
+    p.n = 0;
     if (m->size > 0 && (m->flags & LSHM_MSG_SHM)) {
         ret = payload_alloc(c->port, m->size, &p);
         if (ret < 0)
