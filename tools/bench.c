@@ -4,6 +4,12 @@
  * figure's ratio to copy mode's for the same size.  Every mode writes every
  * payload byte and reads every byte received; the memory row does the same
  * writing and reading inside one process, the floor a transport could reach.
+ * The library's rows run on both carriers (message rings, and the socket
+ * with LSHM_CTX_NO_RING), each with sleeping waits and with busy-poll
+ * (spin_us); a second table sets their median round trips against
+ * seqpacket mode's and against the floors of the same two processes (a
+ * futex ping-pong for sleeping waits, a cache-line ping-pong for busy-poll),
+ * and a last block checks the targets.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,22 +18,48 @@
 #include "shmping.h"
 
 #define CELL_S        0.4
+#define FLOOR_S       0.3
 
 struct cell {
     bool   ran, failed, no_rtt;
-    double rtt_avg, rtt_p99, msgs_per_s, gb_per_s;
+    double rtt_avg, rtt_p50, rtt_p99, msgs_per_s, gb_per_s;
+    double msgs_b1;             /* msgs/s with batch 1; -1: not measured */
     double flt_self, flt_peer;  /* minor faults per MiB of the one-way run; -1 unknown */
 };
 
-static const size_t sizes[] = { 64, 4096, 1u << 20 };
-/* copy first: the other rows are measured against it. */
-static const enum mode modes[] = { MODE_COPY, MODE_SEQPACKET, MODE_SHM, MODE_INLINE };
-#define MEMORY_LABEL "memory"
-#define NMODES (sizeof(modes) / sizeof(modes[0]))
+/* A row of a size: a mode, on which carrier, waiting how. */
+struct row {
+    const char *label;
+    enum mode   mode;
+    bool        no_ring;    /* the socket carrier (LSHM_CTX_NO_RING) */
+    bool        spin;       /* busy-poll: spin_us of the bench */
+    bool        batch1;     /* a one-way run with batch 1 too */
+};
 
-/* The last row: inline 64 B again, with BENCH_IDLE idle ports in each
+/* copy first: the other rows are measured against it. */
+static const struct row rows[] = {
+    { "copy",        MODE_COPY,      false, false, false },
+    { "seqpacket",   MODE_SEQPACKET, false, false, false },
+    { "shm",         MODE_SHM,       false, false, false },
+    { "inline",      MODE_INLINE,    false, false, true },
+    { "inline+spin", MODE_INLINE,    false, true,  true },
+    { "socket",      MODE_INLINE,    true,  false, false },
+    { "socket+spin", MODE_INLINE,    true,  true,  false },
+};
+enum { R_COPY, R_SEQPACKET, R_SHM, R_INLINE, R_SPIN, R_SOCKET, R_SOCKET_SPIN, NROWS };
+
+static const size_t sizes[] = { 64, 4096, 1u << 20 };
+#define NSIZES (sizeof(sizes) / sizeof(sizes[0]))
+#define MEMORY_LABEL "memory"
+
+/* The last row of 64 B: inline again, with BENCH_IDLE idle ports in each
  * process, against the same copy figures. */
 #define IDLE_LABEL "inline*"
+
+static bool row_fits(const struct row *r, size_t size)
+{
+    return !((r->mode == MODE_INLINE || r->mode == MODE_SEQPACKET) && size > LSHM_INLINE_MAX);
+}
 
 static int run_one(const struct config *cfg, struct results *res)
 {
@@ -37,16 +69,36 @@ static int run_one(const struct config *cfg, struct results *res)
     return uring_run_forked(cfg, res);
 }
 
+/* The messages of an io_uring run took the row's carrier, and only it. */
+static bool carrier_right(const struct row *row, size_t size, const struct results *res)
+{
+    const struct lshm_port_stats *st = &res->port_stats;
+    bool ring = st->ring_msgs > 0 && st->sock_msgs == 0;
+    bool sock = st->sock_msgs > 0 && st->ring_msgs == 0;
+
+    if (row->mode == MODE_COPY || row->mode == MODE_SEQPACKET || !res->has_port_stats)
+        return true;
+    if (row->no_ring ? sock : ring)
+        return true;
+    err("%zu-byte %s row: %llu messages by ring and %llu by socket, not the %s alone", size,
+        row->label, (unsigned long long)st->ring_msgs, (unsigned long long)st->sock_msgs,
+        row->no_ring ? "socket" : "rings");
+    return false;
+}
+
 /* Returns whether every reply came back (and verified). */
-static bool run_cell(const struct config *base, enum mode mode, size_t size, unsigned idle,
-                     struct cell *c)
+static bool run_cell(const struct config *base, const struct row *row, size_t size,
+                     unsigned idle, unsigned spin_us, struct cell *c)
 {
     struct config cfg = *base;
     struct results res;
     struct rtt_summary r;
     bool complete = true;
 
-    cfg.mode = mode;
+    cfg.mode = row->mode;
+    cfg.no_ring = row->no_ring;
+    cfg.no_futex = false;
+    cfg.spin_us = row->spin ? spin_us : 0;
     cfg.size = size;
     cfg.idle = idle;
     cfg.count = COUNT_FOREVER;
@@ -56,19 +108,21 @@ static bool run_cell(const struct config *base, enum mode mode, size_t size, uns
     cfg.bench = true;
     cfg.json = false;
     cfg.batch = 1;
+    c->msgs_b1 = -1;
 
     cfg.throughput = false;
-    if (run_one(&cfg, &res) != 0)
+    if (run_one(&cfg, &res) != 0 || !carrier_right(row, size, &res))
         c->failed = true;
     rtt_summarize(&res, &r);
     c->rtt_avg = r.avg;
+    c->rtt_p50 = r.p50;
     c->rtt_p99 = r.p99;
     complete &= res.received == res.sent && res.corrupt == 0;
     results_free(&res);
 
     cfg.throughput = true;
     cfg.batch = base->batch;
-    if (!stop_requested && run_one(&cfg, &res) != 0)
+    if (!stop_requested && (run_one(&cfg, &res) != 0 || !carrier_right(row, size, &res)))
         c->failed = true;
     c->msgs_per_s = res.msgs_per_s;
     c->gb_per_s = res.gb_per_s;
@@ -76,6 +130,15 @@ static bool run_cell(const struct config *base, enum mode mode, size_t size, uns
     c->flt_peer = faults_per_mib(res.minflt_peer, res.bytes_moved);
     complete &= res.received == res.sent && res.corrupt == 0;
     results_free(&res);
+
+    if (row->batch1 && idle == 0 && !stop_requested) {
+        cfg.batch = 1;
+        if (run_one(&cfg, &res) != 0 || !carrier_right(row, size, &res))
+            c->failed = true;
+        c->msgs_b1 = res.msgs_per_s;
+        complete &= res.received == res.sent && res.corrupt == 0;
+        results_free(&res);
+    }
     c->ran = true;
     return complete;
 }
@@ -93,6 +156,7 @@ static bool run_memory(size_t size, struct cell *c)
 
     c->ran = true;
     c->no_rtt = true;
+    c->msgs_b1 = -1;
     if (buf == NULL) {
         err("out of memory for a %zu-byte buffer", size);
         c->failed = true;
@@ -122,9 +186,10 @@ static bool run_memory(size_t size, struct cell *c)
     return bad == 0;
 }
 
-static double ratio(double v, double copy)
+/* v over base; 0 when either is not known. */
+static double ratio(double v, double base)
 {
-    return copy > 0 ? v / copy : 0;
+    return base > 0 && v > 0 ? v / base : 0;
 }
 
 /* "0.12", or "-" when not known. */
@@ -136,27 +201,33 @@ static void fmt_faults(double v, char *buf, size_t len)
         snprintf(buf, len, "%.2f", v);
 }
 
+static void size_text(size_t size, char *buf, size_t len)
+{
+    if (size >= (1u << 20))
+        snprintf(buf, len, "%zu MiB", size >> 20);
+    else if (size >= 1024)
+        snprintf(buf, len, "%zu KiB", size >> 10);
+    else
+        snprintf(buf, len, "%zu B", size);
+}
+
 static void print_row(size_t size, const char *label, const struct cell *c,
                       const struct cell *copy, const struct cell *mem)
 {
     char sz[24], fs[16], fp[16];
 
-    if (size >= (1u << 20))
-        snprintf(sz, sizeof(sz), "%zu MiB", size >> 20);
-    else if (size >= 1024)
-        snprintf(sz, sizeof(sz), "%zu KiB", size >> 10);
-    else
-        snprintf(sz, sizeof(sz), "%zu B", size);
+    size_text(size, sz, sizeof(sz));
     if (c->failed) {
-        printf("%-8s %-9s %s\n", sz, label, "failed (see above)");
+        printf("%-8s %-11s %s\n", sz, label, "failed (see above)");
+        fflush(stdout);
         return;
     }
     fmt_faults(c->flt_self, fs, sizeof(fs));
     fmt_faults(c->flt_peer, fp, sizeof(fp));
     if (c->no_rtt)
-        printf("%-8s %-9s %11s %7s %11s %7s", sz, label, "-", "", "-", "");
+        printf("%-8s %-11s %11s %7s %11s %7s", sz, label, "-", "", "-", "");
     else
-        printf("%-8s %-9s %11.1f %6.2fx %11.1f %6.2fx", sz, label,
+        printf("%-8s %-11s %11.1f %6.2fx %11.1f %6.2fx", sz, label,
                c->rtt_avg, ratio(c->rtt_avg, copy->rtt_avg),
                c->rtt_p99, ratio(c->rtt_p99, copy->rtt_p99));
     printf(" %11.0f %6.2fx %9.3f %6.2fx %5.2fx %7s %7s\n",
@@ -175,112 +246,312 @@ static void json_opt(const char *name, double v)
         printf(",\"%s\":%.4f", name, v);
 }
 
-static void json_row(bool first, size_t size, const char *mode, unsigned idle,
-                     const struct cell *c, const struct cell *copy, const struct cell *mem)
+/* A ratio, or null when it is not known (0). */
+static void json_ratio(const char *name, double v)
 {
-    printf("%s{\"size\":%zu,\"mode\":\"%s\",\"idle_ports\":%u,\"failed\":%s",
-           first ? "" : ",", size, mode, idle, c->failed ? "true" : "false");
-    if (c->no_rtt)
-        printf(",\"rtt_avg_us\":null,\"rtt_p99_us\":null,\"rtt_avg_ratio\":null"
-               ",\"rtt_p99_ratio\":null");
+    json_opt(name, v > 0 ? v : -1);
+}
+
+struct bench {
+    const struct config *cfg;
+    unsigned             spin_us;
+    bool                 complete, failed, first;
+    struct cell          mem[NSIZES], cells[NSIZES][NROWS], idle;
+    struct floor_result  futex, cacheline;
+    bool                 futex_ok, cacheline_ok;
+};
+
+/*
+ * Spinning can only beat sleeping when each process has a CPU of its own:
+ * a cache-line round trip slower than a futex one says they had not (the
+ * other CPUs were busy, or they shared one), and then it is no floor.
+ */
+static bool cacheline_valid(const struct bench *b)
+{
+    return b->cacheline_ok && b->futex_ok && b->cacheline.p50_us < b->futex.p50_us;
+}
+
+/* The floor that a row's round trip is set against: busy-poll's or sleep's. */
+static double floor_of(const struct bench *b, const struct row *row)
+{
+    if (row->spin)
+        return cacheline_valid(b) ? b->cacheline.p50_us : 0;
+    return b->futex_ok ? b->futex.p50_us : 0;
+}
+
+static void json_row(struct bench *b, size_t i, const struct row *row, unsigned idle,
+                     const struct cell *c)
+{
+    const struct cell *copy = &b->cells[i][R_COPY], *mem = &b->mem[i];
+    const struct cell *seq = &b->cells[i][R_SEQPACKET];
+    bool lib = row != NULL && row->mode != MODE_COPY && row->mode != MODE_SEQPACKET;
+
+    if (!c->ran)
+        return;
+    printf("%s{\"size\":%zu,\"mode\":\"%s\",\"label\":\"%s\",\"idle_ports\":%u,\"failed\":%s",
+           b->first ? "" : ",", sizes[i], row ? mode_name(row->mode) : MEMORY_LABEL,
+           row ? (idle ? IDLE_LABEL : row->label) : MEMORY_LABEL, idle,
+           c->failed ? "true" : "false");
+    b->first = false;
+    if (lib)
+        printf(",\"carrier\":\"%s\",\"spin_us\":%u", row->no_ring ? "socket" : "ring",
+               row->spin ? b->spin_us : 0);
     else
-        printf(",\"rtt_avg_us\":%.3f,\"rtt_p99_us\":%.3f,\"rtt_avg_ratio\":%.4f"
-               ",\"rtt_p99_ratio\":%.4f", c->rtt_avg, c->rtt_p99,
-               ratio(c->rtt_avg, copy->rtt_avg), ratio(c->rtt_p99, copy->rtt_p99));
+        printf(",\"carrier\":null,\"spin_us\":null");
+    if (c->no_rtt) {
+        printf(",\"rtt_avg_us\":null,\"rtt_p50_us\":null,\"rtt_p99_us\":null"
+               ",\"rtt_avg_ratio\":null,\"rtt_p99_ratio\":null,\"rtt_p50_seqpacket_ratio\":null"
+               ",\"rtt_p50_floor_ratio\":null,\"floor\":null");
+    } else {
+        printf(",\"rtt_avg_us\":%.3f,\"rtt_p50_us\":%.3f,\"rtt_p99_us\":%.3f"
+               ",\"rtt_avg_ratio\":%.4f,\"rtt_p99_ratio\":%.4f", c->rtt_avg, c->rtt_p50,
+               c->rtt_p99, ratio(c->rtt_avg, copy->rtt_avg), ratio(c->rtt_p99, copy->rtt_p99));
+        json_ratio("rtt_p50_seqpacket_ratio", ratio(c->rtt_p50, seq->rtt_p50));
+        json_ratio("rtt_p50_floor_ratio", ratio(c->rtt_p50, floor_of(b, row)));
+        printf(",\"floor\":\"%s\"", row->spin ? "cacheline" : "futex");
+    }
     printf(",\"msgs_per_s\":%.1f,\"gb_per_s\":%.6f,\"msgs_per_s_ratio\":%.4f"
            ",\"gb_per_s_ratio\":%.4f,\"gb_per_s_memory_ratio\":%.4f",
            c->msgs_per_s, c->gb_per_s, ratio(c->msgs_per_s, copy->msgs_per_s),
            ratio(c->gb_per_s, copy->gb_per_s), ratio(c->gb_per_s, mem->gb_per_s));
+    json_ratio("msgs_per_s_seqpacket_ratio", ratio(c->msgs_per_s, seq->msgs_per_s));
+    json_opt("msgs_per_s_batch1", c->msgs_b1);
+    json_ratio("msgs_per_s_batch1_seqpacket_ratio", ratio(c->msgs_b1, seq->msgs_per_s));
     json_opt("minflt_self_per_mib", c->flt_self);
     json_opt("minflt_peer_per_mib", c->flt_peer);
     printf("}");
 }
 
-struct bench {
-    const struct config *cfg;
-    bool complete, failed, first;
-};
+/* ---- the second table: against seqpacket and the floors ---- */
 
-/* One cell run; mode MODE_AUTO is the memory row. */
-static void bench_run(struct bench *b, size_t size, enum mode mode, unsigned idle,
-                      struct cell *c)
+static void print_versus(const struct bench *b)
 {
-    if (mode == MODE_AUTO)
-        b->complete &= run_memory(size, c);
+    printf("\nround trips (p50) against seqpacket mode and the floor of the same two processes "
+           "(sleeping rows: futex, +spin rows: cache line);\none-way msgs/s against seqpacket "
+           "mode's (one write a message), batch 1 and batch %u\n", b->cfg->batch);
+    if (b->futex_ok && b->cacheline_ok)
+        printf("floors: futex ping-pong p50 %.2f us (avg %.2f), cache-line ping-pong p50 %.3f us "
+               "(avg %.3f)\n", b->futex.p50_us, b->futex.avg_us, b->cacheline.p50_us,
+               b->cacheline.avg_us);
     else
-        b->complete &= run_cell(b->cfg, mode, size, idle, c);
-    b->failed |= c->failed;
+        printf("floors: failed (see above)\n");
+    if (b->futex_ok && b->cacheline_ok && !cacheline_valid(b))
+        printf("the cache-line round trip is slower than the futex one: the two processes "
+               "did not each have a CPU,\nso it is no floor (/floor: -) and the +spin rows "
+               "measure the scheduler more than the transport\n");
+    printf("\n");
+    printf("%-8s %-11s %11s %8s %8s %11s %8s %11s %8s\n", "size", "mode", "rtt p50 us",
+           "/seqpkt", "/floor", "msgs/s b1", "/seqpkt", "msgs/s b32", "/seqpkt");
+    for (size_t i = 0; i < 2 && i < NSIZES; i++) {
+        const struct cell *seq = &b->cells[i][R_SEQPACKET];
+        char sz[24], b1[16] = "-", b1r[16] = "-", b32[16] = "-", b32r[16] = "-";
+
+        size_text(sizes[i], sz, sizeof(sz));
+        for (size_t k = R_SEQPACKET; k < NROWS; k++) {
+            const struct cell *c = &b->cells[i][k];
+
+            if (!c->ran || c->failed || k == R_SHM)
+                continue;
+            if (k == R_SEQPACKET) {
+                snprintf(b1, sizeof(b1), "%.0f", c->msgs_per_s);
+                snprintf(b1r, sizeof(b1r), "1.00x");
+                snprintf(b32, sizeof(b32), "-");
+                snprintf(b32r, sizeof(b32r), "-");
+            } else {
+                if (c->msgs_b1 >= 0) {
+                    snprintf(b1, sizeof(b1), "%.0f", c->msgs_b1);
+                    snprintf(b1r, sizeof(b1r), "%.2fx", ratio(c->msgs_b1, seq->msgs_per_s));
+                } else {
+                    snprintf(b1, sizeof(b1), "-");
+                    snprintf(b1r, sizeof(b1r), "-");
+                }
+                snprintf(b32, sizeof(b32), "%.0f", c->msgs_per_s);
+                snprintf(b32r, sizeof(b32r), "%.2fx", ratio(c->msgs_per_s, seq->msgs_per_s));
+            }
+            double fr = ratio(c->rtt_p50, floor_of(b, &rows[k]));
+            char frs[16] = "-";
+
+            if (fr > 0)
+                snprintf(frs, sizeof(frs), "%.2fx", fr);
+            printf("%-8s %-11s %11.2f %7.2fx %8s %11s %8s %11s %8s\n", sz, rows[k].label,
+                   c->rtt_p50, ratio(c->rtt_p50, seq->rtt_p50), frs, b1, b1r, b32, b32r);
+        }
+    }
 }
 
-/* One cell printed; copy and mem are the copy mode and memory cells of its size. */
-static void bench_print(struct bench *b, size_t size, enum mode mode, unsigned idle,
-                        const char *label, const struct cell *c, const struct cell *copy,
-                        const struct cell *mem)
+/* ---- targets ---- */
+
+struct target {
+    const char *figure;
+    double      ratio;      /* 0: not measured */
+    double      limit;
+    bool        at_most;    /* ratio <= limit; else ratio >= limit */
+};
+
+static size_t targets(const struct bench *b, struct target *t)
 {
-    if (!c->ran)
-        return;
-    if (b->cfg->json)
-        json_row(b->first, size, mode == MODE_AUTO ? MEMORY_LABEL : mode_name(mode), idle, c,
-                 copy, mem);
+    const struct cell *seq = &b->cells[0][R_SEQPACKET], *in = &b->cells[0][R_INLINE];
+    const struct cell *spin = &b->cells[0][R_SPIN];
+    bool ok = !seq->failed && !in->failed, sok = !seq->failed && !spin->failed;
+
+    t[0] = (struct target){ "64 B rtt p50, sleeping: inline over seqpacket",
+                            ok ? ratio(in->rtt_p50, seq->rtt_p50) : 0, 0.6, true };
+    t[1] = (struct target){ "64 B rtt p50, busy-poll: inline+spin over seqpacket",
+                            sok ? ratio(spin->rtt_p50, seq->rtt_p50) : 0, 0.05, true };
+    t[2] = (struct target){ "64 B rtt p50, busy-poll: inline+spin over cache-line floor",
+                            !spin->failed && cacheline_valid(b)
+                            ? ratio(spin->rtt_p50, b->cacheline.p50_us) : 0, 20, true };
+    t[3] = (struct target){ "64 B msgs/s, batch 1: inline over seqpacket",
+                            ok ? ratio(in->msgs_b1, seq->msgs_per_s) : 0, 8, false };
+    t[4] = (struct target){ "64 B msgs/s, batch 32: inline over seqpacket",
+                            ok && b->cfg->batch == 32 ? ratio(in->msgs_per_s, seq->msgs_per_s)
+                                                      : 0, 20, false };
+    return 5;
+}
+
+static bool target_met(const struct target *t)
+{
+    return t->ratio > 0 && (t->at_most ? t->ratio <= t->limit : t->ratio >= t->limit);
+}
+
+static void print_targets(const struct bench *b)
+{
+    struct target t[8];
+    size_t n = targets(b, t);
+
+    printf("\ntargets (this run's ratios)\n");
+    for (size_t i = 0; i < n; i++) {
+        if (t[i].ratio <= 0)
+            printf("  %-58s %9s   %s %6.2fx  no figure\n", t[i].figure, "-",
+                   t[i].at_most ? "<=" : ">=", t[i].limit);
+        else
+            printf("  %-58s %8.3fx   %s %6.2fx  %s\n", t[i].figure, t[i].ratio,
+                   t[i].at_most ? "<=" : ">=", t[i].limit, target_met(&t[i]) ? "met" : "missed");
+    }
+}
+
+static void json_targets(const struct bench *b)
+{
+    struct target t[8];
+    size_t n = targets(b, t);
+
+    printf(",\"targets\":[");
+    for (size_t i = 0; i < n; i++) {
+        printf("%s{\"figure\":\"%s\"", i ? "," : "", t[i].figure);
+        json_ratio("ratio", t[i].ratio);
+        printf(",\"op\":\"%s\",\"target\":%.4f,\"met\":%s}", t[i].at_most ? "<=" : ">=",
+               t[i].limit, target_met(&t[i]) ? "true" : "false");
+    }
+    printf("]");
+}
+
+static void json_floor(const char *name, bool ok, bool valid, const struct floor_result *f)
+{
+    if (!ok)
+        printf("\"%s\":null", name);
     else
-        print_row(size, label, c, copy, mem);
-    b->first = false;
+        printf("\"%s\":{\"rtt_p50_us\":%.4f,\"rtt_avg_us\":%.4f,\"trips\":%llu"
+               ",\"valid\":%s}", name, f->p50_us, f->avg_us, (unsigned long long)f->trips,
+               valid ? "true" : "false");
+}
+
+static void json_bench(struct bench *b)
+{
+    printf("{\"cell_s\":%.2f,\"batch\":%u,\"spin_us\":%u,\"floor_s\":%.2f,\"floors\":{", CELL_S,
+           b->cfg->batch, b->spin_us, FLOOR_S);
+    json_floor("futex", b->futex_ok, b->futex_ok, &b->futex);
+    printf(",");
+    json_floor("cacheline", b->cacheline_ok, cacheline_valid(b), &b->cacheline);
+    printf("},\"bench\":[");
+    for (size_t i = 0; i < NSIZES; i++) {
+        json_row(b, i, NULL, 0, &b->mem[i]);
+        for (size_t k = 0; k < NROWS; k++)
+            json_row(b, i, &rows[k], 0, &b->cells[i][k]);
+        if (i == 0)
+            json_row(b, i, &rows[R_INLINE], BENCH_IDLE, &b->idle);
+    }
+    printf("]");
+    json_targets(b);
+    printf(",\"interrupted\":%s}\n", stop_requested ? "true" : "false");
+}
+
+static void print_intro(const struct bench *b, const struct lshm_probe *p)
+{
+    char feat[160];
+
+    features_text(p->features, feat, sizeof(feat));
+    printf("shmping --bench: forked peer, %.1f s per figure, throughput batch %u, busy-poll "
+           "%u us, io_uring %s\n", CELL_S, b->cfg->batch, b->spin_us, feat);
+    printf("every message's bytes written by the sender and read (summed) by the "
+           "receiver;\n%s: the same writing and reading in one process\n", MEMORY_LABEL);
+    printf("shm, inline: the library on message rings, sleeping waits; +spin: busy-poll "
+           "(--spin %u);\nsocket: inline with every message a datagram (--no-ring)\n",
+           b->spin_us);
+    printf("ratio: the figure over copy mode's for the same size "
+           "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster);\n"
+           "mem: GB/s over the memory row's; faults: minor page faults per MiB of the "
+           "one-way run, sender and receiver\n\n");
+    printf("%-8s %-11s %11s %7s %11s %7s %11s %7s %9s %7s %6s %7s %7s\n", "size", "mode",
+           "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio",
+           "mem", "flt snd", "flt rcv");
+    fflush(stdout);
 }
 
 int run_bench(const struct config *cfg)
 {
-    struct bench b = { .cfg = cfg, .complete = true, .first = true };
+    static struct bench b;
     struct lshm_probe p;
-    char feat[160];
+    bool text = !cfg->json;
 
+    memset(&b, 0, sizeof(b));
+    b.cfg = cfg;
+    b.spin_us = cfg->spin_set ? cfg->spin_us : BENCH_SPIN_US;
+    b.complete = true;
+    b.first = true;
     if (lshm_probe(&p) == 0 && p.io_uring != 0) {
         err("io_uring unavailable: %s", p.io_uring_why);
         return EXIT_ERROR;
     }
-    if (cfg->json) {
-        printf("{\"cell_s\":%.2f,\"batch\":%u,\"bench\":[", CELL_S, cfg->batch);
-    } else {
-        features_text(p.features, feat, sizeof(feat));
-        printf("shmping --bench: forked peer, %.1f s per figure, throughput batch %u, "
-               "io_uring %s\n", CELL_S, cfg->batch, feat);
-        printf("every message's bytes written by the sender and read (summed) by the "
-               "receiver;\n%s: the same writing and reading in one process\n", MEMORY_LABEL);
-        printf("ratio: the figure over copy mode's for the same size "
-               "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster);\n"
-               "mem: GB/s over the memory row's; faults: minor page faults per MiB of the "
-               "one-way run, sender and receiver\n\n");
-        printf("%-8s %-9s %11s %7s %11s %7s %11s %7s %9s %7s %6s %7s %7s\n", "size", "mode",
-               "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio",
-               "mem", "flt snd", "flt rcv");
-    }
-    for (size_t i = 0; i < sizeof(sizes) / sizeof(sizes[0]) && !stop_requested; i++) {
-        struct cell cells[NMODES] = { { .ran = false } }, idle = { .ran = false };
-        struct cell mem = { .ran = false };
+    if (text)
+        print_intro(&b, &p);
+    b.futex_ok = floor_run(FLOOR_FUTEX, FLOOR_S, &b.futex) == 0;
+    if (!stop_requested)
+        b.cacheline_ok = floor_run(FLOOR_CACHELINE, FLOOR_S, &b.cacheline) == 0;
+    b.failed |= !b.futex_ok || !b.cacheline_ok;
+    for (size_t i = 0; i < NSIZES && !stop_requested; i++) {
+        struct cell *cells = b.cells[i], *mem = &b.mem[i];
 
         /* The memory row and copy mode first: the other rows' ratios need both. */
-        bench_run(&b, sizes[i], MODE_AUTO, 0, &mem);
+        b.complete &= run_memory(sizes[i], mem);
         if (!stop_requested)
-            bench_run(&b, sizes[i], MODE_COPY, 0, &cells[0]);
-        bench_print(&b, sizes[i], MODE_AUTO, 0, MEMORY_LABEL, &mem, &cells[0], &mem);
-        bench_print(&b, sizes[i], MODE_COPY, 0, mode_name(MODE_COPY), &cells[0], &cells[0], &mem);
-        for (size_t m = 1; m < NMODES && !stop_requested; m++) {
-            if ((modes[m] == MODE_INLINE || modes[m] == MODE_SEQPACKET) &&
-                sizes[i] > LSHM_INLINE_MAX)
+            b.complete &= run_cell(cfg, &rows[R_COPY], sizes[i], 0, b.spin_us, &cells[R_COPY]);
+        if (text) {
+            print_row(sizes[i], MEMORY_LABEL, mem, &cells[R_COPY], mem);
+            print_row(sizes[i], rows[R_COPY].label, &cells[R_COPY], &cells[R_COPY], mem);
+        }
+        for (size_t k = 1; k < NROWS && !stop_requested; k++) {
+            if (!row_fits(&rows[k], sizes[i]))
                 continue;
-            bench_run(&b, sizes[i], modes[m], 0, &cells[m]);
-            bench_print(&b, sizes[i], modes[m], 0, mode_name(modes[m]), &cells[m], &cells[0],
-                        &mem);
+            b.complete &= run_cell(cfg, &rows[k], sizes[i], 0, b.spin_us, &cells[k]);
+            if (text)
+                print_row(sizes[i], rows[k].label, &cells[k], &cells[R_COPY], mem);
         }
         if (i == 0 && !stop_requested) {
-            bench_run(&b, sizes[i], MODE_INLINE, BENCH_IDLE, &idle);
-            bench_print(&b, sizes[i], MODE_INLINE, BENCH_IDLE, IDLE_LABEL, &idle, &cells[0],
-                        &mem);
+            b.complete &= run_cell(cfg, &rows[R_INLINE], sizes[i], BENCH_IDLE, 0, &b.idle);
+            if (text)
+                print_row(sizes[i], IDLE_LABEL, &b.idle, &cells[R_COPY], mem);
         }
+        for (size_t k = 0; k < NROWS; k++)
+            b.failed |= cells[k].failed;
+        b.failed |= mem->failed || b.idle.failed;
     }
-    if (cfg->json)
-        printf("],\"interrupted\":%s}\n", stop_requested ? "true" : "false");
-    else
+    if (cfg->json) {
+        json_bench(&b);
+    } else {
         printf("\n" IDLE_LABEL ": inline with %u idle ports in each process\n", BENCH_IDLE);
+        print_versus(&b);
+        print_targets(&b);
+    }
     fflush(stdout);
     if (b.failed)
         return EXIT_ERROR;

@@ -29,6 +29,7 @@
 #define STALL_NS        (10 * NS_PER_S)       /* no progress for this long: give up */
 #define DRAIN_NS        (2 * NS_PER_S)        /* after -w, for replies on their way */
 #define WAIT_SLICE_MS   100                   /* how often loops look at signals */
+#define CLOCK_EVERY     65536                 /* a one-way run reads the clock per this many bytes */
 
 struct slot {
     uint32_t seq;
@@ -45,6 +46,8 @@ struct session {
     struct slot         *slots;
     uint64_t             inflight;
     unsigned             blocked_on; /* LSHM_WAIT_SEND / _SHM after -EAGAIN */
+    bool                 forked;
+    bool                 header_pending; /* printed once the carrier shows */
 };
 
 static int ms_until(uint64_t now, uint64_t when)
@@ -77,9 +80,10 @@ static int send_msg(struct session *s, uint8_t type, uint32_t seq, unsigned flag
 {
     const struct config *cfg = s->cfg;
     struct lshm_out out = { .type = type, .last = 1, .stream = seq, .fd = -1 };
-    struct payload p = { .n = 0 };
+    struct payload p;   /* not zeroed: 1 KiB a message; n says what it holds */
     int ret;
 
+    p.n = 0;
     if (type == MSG_END) {
         /* no payload */
     } else if (cfg->mode == MODE_SHM && cfg->size > 0) {
@@ -164,6 +168,22 @@ static void handle_reply(struct session *s, struct lshm_msg *m)
         err("out of memory for RTT samples");
     if (!cfg->quiet && !cfg->flood && !cfg->throughput)
         print_reply(cfg, s->peer, seq, cfg->size, us);
+}
+
+/*
+ * The header, with the carrier: a forked peer has our options, so ours tell;
+ * a server's HELLO is known to the port alone, so its carrier shows in the
+ * counters once a message went.
+ */
+static void session_header(struct session *s)
+{
+    struct lshm_port_stats st;
+    struct carrier c;
+    bool went = lshm_port_stats(s->port, &st) == 0 && st.ring_msgs + st.sock_msgs > 0;
+
+    carrier_of(s->cfg, lshm_ctx_features(s->ctx), went ? &st : NULL, &c);
+    print_header(s->cfg, s->peer, lshm_ctx_features(s->ctx), &c);
+    s->header_pending = false;
 }
 
 /* Send up to n pings as one submit.  Returns how many went, or -errno. */
@@ -299,6 +319,8 @@ static int ping_session(struct session *s)
                 link_failed(s, ret);
                 break;
             }
+            if (ret > 0 && s->header_pending)
+                session_header(s);
             if (ret > 0) {
                 progress = now;
                 next_send = interval ? next_send + interval : now;
@@ -388,7 +410,7 @@ static int sink_answer(struct session *s, struct peer_stats *st)
 static int send_blocking(struct session *s, uint8_t type, uint32_t seq, unsigned flags,
                          bool flush_first, uint64_t deadline)
 {
-    uint64_t start = now_ns();
+    uint64_t start = 0;     /* the clock is read once there is no room */
     bool flush = flush_first;
 
     for (;;) {
@@ -396,6 +418,8 @@ static int send_blocking(struct session *s, uint8_t type, uint32_t seq, unsigned
 
         if (ret != -EAGAIN)
             return ret;
+        if (start == 0)
+            start = now_ns();
         if (now_ns() - start > STALL_NS) {
             err("nothing could be queued to %s for %llu s", s->peer,
                 (unsigned long long)(STALL_NS / NS_PER_S));
@@ -417,13 +441,23 @@ static int sink_session(struct session *s)
     uint64_t start = now_ns();
     uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
     struct peer_stats st;
+    uint64_t unclocked = 0;     /* bytes sent since the clock was last read */
     int ret = 0;
 
     faults_start(res);
-    while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
+    while (res->sent < cfg->count && !stop_requested) {
         uint64_t n = cfg->count - res->sent;
+
+        /* A clock read costs as much as sending a small message: the
+         * deadline is looked at every 32 messages or 64 KiB. */
+        if (deadline && unclocked >= CLOCK_EVERY) {
+            if (now_ns() >= deadline)
+                break;
+            unclocked = 0;
+        }
         if (n > cfg->batch)
             n = cfg->batch;
+        unclocked += n * (cfg->size > CLOCK_EVERY / 32 ? cfg->size : CLOCK_EVERY / 32);
         for (uint64_t i = 0; i < n; i++) {
             ret = send_blocking(s, MSG_DATA, (uint32_t)(res->sent + 1),
                                 i + 1 < n ? LSHM_MORE : 0, i > 0, deadline);
@@ -456,7 +490,7 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
                        const char *peer, bool forked, struct results *res)
 {
     struct session s = {
-        .cfg = cfg, .ctx = ctx, .port = port, .peer = peer, .res = res,
+        .cfg = cfg, .ctx = ctx, .port = port, .peer = peer, .res = res, .forked = forked,
     };
     int ret;
 
@@ -470,12 +504,19 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
         return -1;
     }
     memset(s.staging, 0x5a, cfg->size);
-    if (!cfg->json && !cfg->bench)
-        print_header(cfg, peer, lshm_ctx_features(ctx));
+    res->features = lshm_ctx_features(ctx);
+    if (!cfg->json && !cfg->bench) {
+        s.header_pending = true;
+        if (forked || cfg->no_ring)
+            session_header(&s);
+    }
     if (cfg->throughput && forked)
         ret = sink_session(&s);
     else
         ret = ping_session(&s);
+    if (s.header_pending)
+        session_header(&s);
+    res->has_port_stats = lshm_port_stats(port, &res->port_stats) == 0;
     free(s.staging);
     free(s.slots);
     return ret;
@@ -497,7 +538,7 @@ int uring_run_forked(const struct config *cfg, struct results *res)
     if (pid < 0)
         return EXIT_ERROR;
     res->peer_pid = pid;
-    if (ctx_new_reported(&ctx, "") < 0) {
+    if (ctx_new_reported(&ctx, cfg, "") < 0) {
         close(sock);
         goto fail;
     }
@@ -550,7 +591,7 @@ int uring_run_client(const struct config *cfg, struct results *res)
     struct lshm_port *port = NULL;
     int ret;
 
-    if (ctx_new_reported(&ctx, "") < 0)
+    if (ctx_new_reported(&ctx, cfg, "") < 0)
         goto fail;
     /* Before lshm_connect: it reads the server's HELLO. */
     if (drop_caps(cfg) < 0)

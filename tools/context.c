@@ -10,9 +10,13 @@
 
 #include "shmping.h"
 
-int ctx_new_reported(struct lshm_ctx **ctx, const char *who)
+int ctx_new_reported(struct lshm_ctx **ctx, const struct config *cfg, const char *who)
 {
-    int ret = lshm_ctx_new(ctx, NULL);
+    struct lshm_ctx_params p = {
+        .flags = (cfg->no_ring ? LSHM_CTX_NO_RING : 0u) | (cfg->no_futex ? LSHM_CTX_NO_FUTEX : 0u),
+        .spin_us = cfg->spin_us,
+    };
+    int ret = lshm_ctx_new(ctx, &p);
 
     if (ret == -EPERM || ret == -ENOSYS)
         err("%sio_uring unavailable: %s", who, lib_why(ret));

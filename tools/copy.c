@@ -305,10 +305,17 @@ static int copy_throughput(const struct config *cfg, int fd, struct results *res
     uint64_t deadline = cfg->deadline > 0 ? start + (uint64_t)(cfg->deadline * NS_PER_S) : 0;
     struct copy_hdr h = { .type = MSG_DATA, .len = cfg->size };
     struct peer_stats st;
+    uint64_t unclocked = 0;     /* as the io_uring modes: the clock every 32 or 64 KiB */
     ssize_t r = 0;
 
     faults_start(res);
-    while (res->sent < cfg->count && !stop_requested && !(deadline && now_ns() >= deadline)) {
+    while (res->sent < cfg->count && !stop_requested) {
+        if (deadline && unclocked >= 65536) {
+            if (now_ns() >= deadline)
+                break;
+            unclocked = 0;
+        }
+        unclocked += cfg->size > 2048 ? cfg->size : 2048;
         h.seq = (uint32_t)(res->sent + 1);
         if (cfg->verify)
             pattern_write(sendbuf, 0, cfg->size, h.seq);
@@ -385,7 +392,7 @@ int copy_run_forked(const struct config *cfg, struct results *res)
         goto out;
     }
     if (!cfg->json && !cfg->bench)
-        print_header(cfg, "peer", 0);
+        print_header(cfg, "peer", 0, NULL);
     if (cfg->throughput)
         copy_throughput(cfg, sock, res, sendbuf, &recvbuf, &recvcap);
     else

@@ -45,14 +45,59 @@ void features_text(unsigned feat, char *buf, size_t len)
         { LSHM_FEAT_BUF_RING,         "buf_ring" },
         { LSHM_FEAT_MULTISHOT_ACCEPT, "multishot_accept" },
         { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
+        { LSHM_FEAT_RING,             "ring" },
+        { LSHM_FEAT_FUTEX,            "futex" },
     };
 
     flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
 }
 
-void print_header(const struct config *cfg, const char *peer, unsigned features)
+void carrier_of(const struct config *cfg, unsigned features, const struct lshm_port_stats *st,
+                struct carrier *c)
 {
-    char feat[160], batch[192] = "";
+    c->futex = (features & LSHM_FEAT_FUTEX) != 0;
+    c->why = NULL;
+    if (cfg->no_ring) {
+        c->ring = false;
+        c->why = "LSHM_CTX_NO_RING, --no-ring";
+    } else if (st != NULL && st->ring_msgs + st->ring_msgs_in > 0) {
+        c->ring = true;
+    } else if (st != NULL && st->sock_msgs + st->sock_msgs_in > 0) {
+        /* Rings offered here, yet the messages took the socket. */
+        c->ring = false;
+        c->why = "the peer's HELLO offers no RING";
+    } else {
+        c->ring = true;
+    }
+    if (c->ring && !c->futex)
+        c->why = cfg->no_futex ? "LSHM_CTX_NO_FUTEX, --no-futex"
+                               : "io_uring without FUTEX_WAIT and FUTEX_WAKE";
+}
+
+void carrier_text(const struct config *cfg, const struct carrier *c, bool forked, char *buf,
+                  size_t len)
+{
+    int n;
+
+    if (!c->ring)
+        n = snprintf(buf, len, "socket (%s)", c->why);
+    else if (c->futex)
+        n = snprintf(buf, len, "message rings, futex wake-ups%s",
+                     forked ? "" : " for this side");
+    else
+        n = snprintf(buf, len, "message rings, WAKE datagram wake-ups%s (%s)",
+                     forked ? "" : " for this side", c->why);
+    if (n < 0 || (size_t)n >= len || cfg->spin_us == 0)
+        return;
+    /* The library polls rings only: a socket carrier sleeps all the same. */
+    snprintf(buf + n, len - (size_t)n, ", busy-poll %u us%s", cfg->spin_us,
+             c->ring ? "" : " (no effect: rings only)");
+}
+
+void print_header(const struct config *cfg, const char *peer, unsigned features,
+                  const struct carrier *c)
+{
+    char feat[160], batch[192] = "", carrier[192];
     int n = 0;
 
     if (cfg->throughput && cfg->batch > 1)
@@ -73,8 +118,9 @@ void print_header(const struct config *cfg, const char *peer, unsigned features)
                cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
         features_text(features, feat, sizeof(feat));
-        printf("SHMPING %s: %zu bytes, mode %s%s%s, io_uring %s\n", peer, cfg->size,
-               mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, feat);
+        carrier_text(cfg, c, cfg->path == NULL, carrier, sizeof(carrier));
+        printf("SHMPING %s: %zu bytes, mode %s%s%s, carrier %s, io_uring %s\n", peer, cfg->size,
+               mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, carrier, feat);
     }
     fflush(stdout);
 }
@@ -128,6 +174,35 @@ static void json_faults(const struct results *res)
     json_num("minflt_peer_per_mib", faults_per_mib(res->minflt_peer, res->bytes_moved), 4);
 }
 
+/* The carrier the run's messages took, by the port's counters. */
+static void json_carrier(const struct config *cfg, const struct results *res)
+{
+    const struct lshm_port_stats *st = &res->port_stats;
+    struct carrier c;
+
+    printf(",\"spin_us\":%u", cfg->spin_us);
+    if (!res->has_port_stats) {
+        printf(",\"carrier\":null,\"carrier_why\":null,\"wakeups\":null,\"ring_msgs\":null"
+               ",\"ring_msgs_in\":null,\"sock_msgs\":null,\"sock_msgs_in\":null"
+               ",\"wakes_sent\":null,\"wakes_received\":null,\"ring_full\":null");
+        return;
+    }
+    carrier_of(cfg, res->features, st, &c);
+    printf(",\"carrier\":\"%s\",\"carrier_why\":", c.ring ? "ring" : "socket");
+    if (c.why != NULL)
+        json_string(c.why);
+    else
+        printf("null");
+    printf(",\"wakeups\":%s", c.ring ? (c.futex ? "\"futex\"" : "\"wake\"") : "null");
+    printf(",\"ring_msgs\":%llu,\"ring_msgs_in\":%llu,\"sock_msgs\":%llu"
+           ",\"sock_msgs_in\":%llu,\"wakes_sent\":%llu,\"wakes_received\":%llu"
+           ",\"ring_full\":%llu",
+           (unsigned long long)st->ring_msgs, (unsigned long long)st->ring_msgs_in,
+           (unsigned long long)st->sock_msgs, (unsigned long long)st->sock_msgs_in,
+           (unsigned long long)st->wakes_sent, (unsigned long long)st->wakes_received,
+           (unsigned long long)st->ring_full);
+}
+
 static void json_summary(const struct config *cfg, const struct results *res, const char *peer)
 {
     struct rtt_summary r;
@@ -159,6 +234,7 @@ static void json_summary(const struct config *cfg, const struct results *res, co
         printf(",\"frames\":%llu,\"slow_frames\":%llu,\"slow_ms\":%u",
                (unsigned long long)cfg->frames, (unsigned long long)cfg->slow_n, cfg->slow_ms);
     json_faults(res);
+    json_carrier(cfg, res);
     printf("}\n");
 }
 
@@ -181,6 +257,25 @@ static void print_faults(const struct results *res)
             printf(" (%.2f/MiB)", per);
     }
     printf("\n");
+}
+
+/* "carrier message rings, ...: ring 10 sent/10 received, socket 0/0, wake-ups ..." */
+static void print_carrier(const struct config *cfg, const struct results *res)
+{
+    const struct lshm_port_stats *st = &res->port_stats;
+    struct carrier c;
+    char text[192];
+
+    if (!res->has_port_stats)
+        return;
+    carrier_of(cfg, res->features, st, &c);
+    carrier_text(cfg, &c, cfg->path == NULL, text, sizeof(text));
+    printf("carrier %s: ring %llu sent/%llu received, socket %llu/%llu, "
+           "wake-ups %llu sent/%llu received, ring full %llu\n", text,
+           (unsigned long long)st->ring_msgs, (unsigned long long)st->ring_msgs_in,
+           (unsigned long long)st->sock_msgs, (unsigned long long)st->sock_msgs_in,
+           (unsigned long long)st->wakes_sent, (unsigned long long)st->wakes_received,
+           (unsigned long long)st->ring_full);
 }
 
 void print_summary(const struct config *cfg, const struct results *res, const char *peer)
@@ -206,6 +301,7 @@ void print_summary(const struct config *cfg, const struct results *res, const ch
     }
     if (cfg->throughput)
         printf("throughput: %.0f msgs/s, %.3f GB/s\n", res->msgs_per_s, res->gb_per_s);
+    print_carrier(cfg, res);
     print_faults(res);
     fflush(stdout);
 }

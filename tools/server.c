@@ -110,9 +110,10 @@ static int echo(struct client *c, const struct lshm_msg *m)
     struct lshm_out out = {
         .type = m->type, .last = 1, .stream = m->stream, .fd = -1,
     };
-    struct payload p = { .n = 0 };
+    struct payload p;   /* not zeroed: 1 KiB a message; n says what it holds */
     int ret;
 
+    p.n = 0;
     if (m->size > 0 && (m->flags & LSHM_MSG_SHM)) {
         ret = payload_alloc(c->port, m->size, &p);
         if (ret < 0)
@@ -361,7 +362,7 @@ int serve(const struct config *cfg)
     char feat[160];
     int ret;
 
-    if (ctx_new_reported(&s.ctx, "") < 0)
+    if (ctx_new_reported(&s.ctx, cfg, "") < 0)
         return EXIT_ERROR;
     ret = lshm_listen(s.ctx, cfg->listen, 0, &s.listener);
     if (ret < 0) {
@@ -383,12 +384,17 @@ int serve(const struct config *cfg)
         return EXIT_ERROR;
     }
     if (!cfg->quiet) {
+        struct carrier c;
+        char carrier[192], idle[48] = "";
+
         features_text(lshm_ctx_features(s.ctx), feat, sizeof(feat));
+        /* Rings with each client whose HELLO offers them too. */
+        carrier_of(cfg, lshm_ctx_features(s.ctx), NULL, &c);
+        carrier_text(cfg, &c, false, carrier, sizeof(carrier));
         if (cfg->idle > 0)
-            printf("SHMPING server on %s, %u idle ports, io_uring %s\n", cfg->listen,
-                   cfg->idle, feat);
-        else
-            printf("SHMPING server on %s, io_uring %s\n", cfg->listen, feat);
+            snprintf(idle, sizeof(idle), ", %u idle ports", cfg->idle);
+        printf("SHMPING server on %s%s, carrier %s, io_uring %s\n", cfg->listen, idle, carrier,
+               feat);
         fflush(stdout);
     }
     ret = run_loop(&s);
@@ -403,7 +409,7 @@ int peer_serve(const struct config *cfg, int sock)
     struct lshm_port *port;
     int ret;
 
-    if (ctx_new_reported(&s.ctx, "peer: ") < 0) {
+    if (ctx_new_reported(&s.ctx, cfg, "peer: ") < 0) {
         close(sock);
         return EXIT_ERROR;
     }

@@ -15,7 +15,8 @@
 
 enum {
     OPT_MODE = 256, OPT_THROUGHPUT, OPT_BATCH, OPT_VERIFY, OPT_JSON, OPT_PROBE,
-    OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE, OPT_FRAMES, OPT_SLOW,
+    OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE, OPT_FRAMES, OPT_SLOW, OPT_SPIN,
+    OPT_NO_RING, OPT_NO_FUTEX,
 };
 
 static const struct option long_options[] = {
@@ -30,6 +31,9 @@ static const struct option long_options[] = {
     { "idle",       required_argument, NULL, OPT_IDLE },
     { "frames",     required_argument, NULL, OPT_FRAMES },
     { "slow",       required_argument, NULL, OPT_SLOW },
+    { "spin",       required_argument, NULL, OPT_SPIN },
+    { "no-ring",    no_argument,       NULL, OPT_NO_RING },
+    { "no-futex",   no_argument,       NULL, OPT_NO_FUTEX },
     { "help",       no_argument,       NULL, 'h' },
     { "version",    no_argument,       NULL, OPT_VERSION },
     { NULL, 0, NULL, 0 },
@@ -77,9 +81,11 @@ static void usage(FILE *f)
 "                  receiver checks a sum of the payload)\n"
 "  --json          print the summary as one JSON object\n"
 "  --probe         print what the kernel and the process offer\n"
-"  --bench         rtt and throughput for 64 B, 4K, 1M in every mode, with\n"
-"                  ratios to copy mode and to a memory row, and page faults\n"
-"                  (about 12 s)\n"
+"  --bench         rtt and throughput for 64 B, 4K, 1M in every mode, on\n"
+"                  message rings and on the socket, sleeping and busy-polling,\n"
+"                  with ratios to copy mode, to a memory row, to seqpacket\n"
+"                  mode and to futex and cache-line floors, page faults, and\n"
+"                  the targets (about 20 s)\n"
 "  --frames N      stream N frames (default -s 3.5M) one way to the forked\n"
 "                  peer, every byte checked, and time the whole run; without\n"
 "                  --mode, once in shm (or inline) and once in copy mode, with\n"
@@ -89,12 +95,20 @@ static void usage(FILE *f)
 "  --idle N        N more ports (0 .. %u, rounded up to even) in every\n"
 "                  context, connected but doing nothing, to see what they\n"
 "                  cost the busy one; io_uring modes only\n"
+"  --spin US       waits poll the message rings US microseconds (0 .. %u)\n"
+"                  before sleeping (busy-poll, lshm_ctx_params.spin_us), in\n"
+"                  this process and the forked peer or server; with --bench,\n"
+"                  the busy-poll rows' budget (default %u)\n"
+"  --no-ring       every message over the socket (LSHM_CTX_NO_RING), not\n"
+"                  the message rings\n"
+"  --no-futex      wake-ups as WAKE datagrams, not futex (LSHM_CTX_NO_FUTEX)\n"
 "  --keep-caps     do not drop capabilities after set-up\n"
 "  -h, --help      this text\n"
 "      --version   shmping and library versions\n"
 "\n"
 "exit status: 0 every reply came back (and verified), 1 replies lost or\n"
-"corrupt, 2 other errors, 64 bad usage\n", MAX_BATCH, MAX_SLOW_MS, MAX_IDLE);
+"corrupt, 2 other errors, 64 bad usage\n", MAX_BATCH, MAX_SLOW_MS, MAX_IDLE, MAX_SPIN_US,
+            BENCH_SPIN_US);
 }
 
 static int usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -287,6 +301,19 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
                 return usage_error("--slow %s: give N:MS, the first N messages, MS (0 .. %u) "
                                    "milliseconds each", optarg, MAX_SLOW_MS);
             break;
+        case OPT_SPIN:
+            if (!parse_u64(optarg, &v) || v > MAX_SPIN_US)
+                return usage_error("--spin %s: the spin must be microseconds, 0 .. %u", optarg,
+                                   MAX_SPIN_US);
+            cfg->spin_us = (unsigned)v;
+            cfg->spin_set = true;
+            break;
+        case OPT_NO_RING:
+            cfg->no_ring = true;
+            break;
+        case OPT_NO_FUTEX:
+            cfg->no_futex = true;
+            break;
         case OPT_VERSION:
             *version = true;
             break;
@@ -327,6 +354,14 @@ static int check_options(struct config *cfg, bool probe)
                            mode_name(cfg->mode));
     if (cfg->bench && cfg->idle > 0)
         return usage_error("--idle: --bench measures with and without idle ports itself");
+    if (cfg->bench && cfg->spin_set && cfg->spin_us == 0)
+        return usage_error("--spin 0: --bench's busy-poll rows need a spin above 0");
+    if (cfg->bench && (cfg->no_ring || cfg->no_futex))
+        return usage_error("--no-ring, --no-futex: --bench measures both carriers itself");
+    if ((cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) &&
+        (cfg->spin_set || cfg->no_ring || cfg->no_futex))
+        return usage_error("--spin, --no-ring, --no-futex: --mode %s has no library context; "
+                           "use shm or inline", mode_name(cfg->mode));
     if (cfg->frames > 0 && (cfg->path || cfg->listen || cfg->bench))
         return usage_error("--frames runs against a forked peer; it takes no PATH, -l or --bench");
     if (cfg->frames > 0 && cfg->count_set)

@@ -25,6 +25,13 @@
 #define COUNT_FOREVER   UINT64_MAX
 #define BENCH_IDLE      1000    /* --bench: idle ports of its last row */
 #define HANDSHAKE_MS    5000    /* a peer, a server or an idle port must greet within */
+#define MAX_SPIN_US     1000000u  /* --spin: lshm_ctx_params.spin_us's maximum */
+/* --bench's busy-poll rows: ten times a busy-poll round trip of 4 KiB and
+ * longer than a sleeping one, so that a waiter whose peer has a CPU of its
+ * own sees the answer without falling asleep; short, because a waiter whose
+ * peer shares its CPU spins the whole budget before the peer can run (each
+ * round trip then costs about two budgets). */
+#define BENCH_SPIN_US   50u
 
 /* User message types of shmping's own protocol (a server echoes them all). */
 enum {
@@ -57,6 +64,10 @@ struct config {
     uint64_t    frames;     /* --frames: a one-way run of that many, 0: none */
     uint64_t    slow_n;     /* --slow N:MS: the peer sleeps MS ms after each */
     unsigned    slow_ms;    /*   of its first N messages of a one-way run */
+    unsigned    spin_us;    /* --spin: lshm_ctx_params.spin_us of both contexts */
+    bool        spin_set;
+    bool        no_ring;    /* --no-ring: LSHM_CTX_NO_RING in both contexts */
+    bool        no_futex;   /* --no-futex: LSHM_CTX_NO_FUTEX in both contexts */
 };
 
 struct results {
@@ -72,6 +83,18 @@ struct results {
     pid_t    peer_pid;      /* 0: no forked peer */
     long     minflt_self, minflt_peer;
     uint64_t bytes_moved;
+    /* io_uring modes: the port's counters at the end of the run, and the
+     * features of this side's context. */
+    bool     has_port_stats;
+    struct lshm_port_stats port_stats;
+    unsigned features;
+};
+
+/* Which way a run's user messages went, and why (output.c: carrier_of). */
+struct carrier {
+    bool        ring;       /* message rings; else the socket */
+    bool        futex;      /* ring: this side is woken by futex, not WAKE datagrams */
+    const char *why;        /* socket: why not the rings; ring: why WAKE, or NULL */
 };
 
 struct rtt_summary {
@@ -92,6 +115,7 @@ struct rtt_summary {
  *   context.c  io_uring contexts and --idle ports
  *   server.c   the echo server and the io_uring modes' forked peer
  *   copy.c     the copy and seqpacket baselines
+ *   floor.c    the floors of --bench: futex and cache-line ping-pong
  *   client.c   the io_uring modes' client
  *   bench.c    --bench
  *   shmping.c  options, main
@@ -183,14 +207,26 @@ struct flag_name {
 void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf,
                 size_t len);
 void features_text(unsigned feat, char *buf, size_t len);
-void print_header(const struct config *cfg, const char *peer, unsigned features);
+/*
+ * The carrier of a run of cfg on a context with features: from the port's
+ * counters st once messages went (NULL: none yet), else from the options,
+ * which a forked peer shares.
+ */
+void carrier_of(const struct config *cfg, unsigned features, const struct lshm_port_stats *st,
+                struct carrier *c);
+/* "message rings, futex wake-ups, busy-poll 200 us" or "socket (why)". */
+void carrier_text(const struct config *cfg, const struct carrier *c, bool forked, char *buf,
+                  size_t len);
+void print_header(const struct config *cfg, const char *peer, unsigned features,
+                  const struct carrier *c);
 void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
                  double us);
 void print_summary(const struct config *cfg, const struct results *res, const char *peer);
 int  print_probe(bool json);
 
-/* context.c: lshm_ctx_new() with the failure reported on stderr, prefixed by who. */
-int  ctx_new_reported(struct lshm_ctx **ctx, const char *who);
+/* context.c: lshm_ctx_new() with cfg's --spin, --no-ring and --no-futex, the
+ * failure reported on stderr, prefixed by who. */
+int  ctx_new_reported(struct lshm_ctx **ctx, const struct config *cfg, const char *who);
 /* --idle: ports that do nothing, to measure what they cost the busy one. */
 struct idle_ports {
     struct lshm_port **ports;
@@ -208,6 +244,15 @@ int  peer_serve(const struct config *cfg, int sock);
 
 /* copy.c: the AF_UNIX baselines, against a forked peer. */
 int  copy_run_forked(const struct config *cfg, struct results *res);
+
+/* floor.c: a ping-pong between this process and a forked child through a
+ * MAP_SHARED page, for seconds: sleeping (futex) or spinning (cache line). */
+enum floor_kind { FLOOR_FUTEX, FLOOR_CACHELINE };
+struct floor_result {
+    double   p50_us, avg_us;    /* one round trip */
+    uint64_t trips;
+};
+int  floor_run(enum floor_kind kind, double seconds, struct floor_result *out);
 
 /* client.c: io_uring modes (shm, inline), against a forked peer or a server. */
 int  uring_run_forked(const struct config *cfg, struct results *res);
