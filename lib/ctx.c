@@ -115,6 +115,14 @@ void lshm__ctx_stop(struct lshm_ctx *ctx)
 
 void lshm__ctx_free(struct lshm_ctx *ctx)
 {
+    void *obj = ctx->rm_cache;
+
+    while (obj != NULL) {
+        void *next = *(void **)obj;
+
+        free(obj);
+        obj = next;
+    }
     free(ctx);
 }
 

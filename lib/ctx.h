@@ -81,6 +81,9 @@ struct lshm_ctx {
     unsigned                   walking;     /* completions or handlers running */
     struct lshm_list           lists[PL_COUNT];
     struct lshm_timer          timers[PL_COUNT];  /* of the deadline lists */
+    void                      *rm_cache;    /* small received messages to reuse (port.c's);
+                                             * each one's first word links the next */
+    unsigned                   rm_cached;
 };
 
 int  lshm__ctx_new(struct lshm_ctx **ctx, const struct lshm_ctx_params *params,

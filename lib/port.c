@@ -456,6 +456,40 @@ int lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg)
     return 0;
 }
 
+/* Received messages this small are reused, not freed: most are. */
+#define RMSG_SMALL   256u
+#define RMSG_CACHED  256u
+
+struct rmsg *lshm__rmsg_new(struct lshm_port *port, size_t extra)
+{
+    struct lshm_ctx *ctx = port->ctx;
+    struct rmsg *rm;
+
+    if (extra <= RMSG_SMALL && ctx != NULL && ctx->rm_cache != NULL) {
+        rm = ctx->rm_cache;
+        ctx->rm_cache = *(void **)rm;
+        ctx->rm_cached--;
+        return rm;
+    }
+    rm = malloc(sizeof(*rm) + (extra <= RMSG_SMALL ? RMSG_SMALL : extra));
+    if (rm != NULL)
+        rm->small = extra <= RMSG_SMALL;
+    return rm;
+}
+
+void lshm__rmsg_free(struct lshm_port *port, struct rmsg *rm)
+{
+    struct lshm_ctx *ctx = port->ctx;
+
+    if (rm->small && ctx != NULL && ctx->rm_cached < RMSG_CACHED) {
+        *(void **)rm = ctx->rm_cache;
+        ctx->rm_cache = rm;
+        ctx->rm_cached++;
+        return;
+    }
+    free(rm);
+}
+
 void lshm__rmsg_release(struct rmsg *rm)
 {
     struct lshm_port *port = rm->port;
@@ -485,7 +519,7 @@ void lshm__port_drop_received(struct lshm_port *port)
         port->rq_head = rm->next;
         lshm__rmsg_release(rm);
         port->held--;
-        free(rm);
+        lshm__rmsg_free(port, rm);
     }
     port->rq_tail = NULL;
 }

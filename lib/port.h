@@ -77,7 +77,8 @@ struct parked {
 
 /* A received message, held until the caller is done with it. */
 struct rmsg {
-    struct lshm_msg    pub;
+    struct lshm_msg    pub;     /* first: a cached rmsg's link (ctx->rm_cache) */
+    bool               small;   /* RMSG_SMALL bytes of data: goes back to the cache */
     struct rmsg       *next;
     struct lshm_port  *port;
     unsigned           ndesc;
@@ -218,6 +219,10 @@ void lshm__port_free_unsent(struct lshm_port *port, const struct smsg *m);
 /* Do a receiver's part for a message nobody reads (incoming: the peer's). */
 void lshm__port_discard(struct lshm_port *port, const struct lshm_wire_view *v,
                         bool incoming);
+/* A received message with extra bytes of data, from the context's cache
+ * when small; given back with lshm__rmsg_free. */
+struct rmsg *lshm__rmsg_new(struct lshm_port *port, size_t extra);
+void lshm__rmsg_free(struct lshm_port *port, struct rmsg *rm);
 void lshm__rmsg_release(struct rmsg *rm);
 void lshm__port_drop_received(struct lshm_port *port);
 struct lshm_msg *lshm__port_pop(struct lshm_port *port);

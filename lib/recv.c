@@ -22,7 +22,7 @@ static void deliver(struct lshm_port *port, struct rmsg *rm)
     if (port->user_closed) {
         /* Nobody is left to read it. */
         lshm__rmsg_release(rm);
-        free(rm);
+        lshm__rmsg_free(port, rm);
         return;
     }
     if (port->ctx != NULL)
@@ -192,7 +192,7 @@ static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int f
         return -EPROTO;
     extra = v->ndesc ? v->ndesc * (sizeof(struct rdesc) + sizeof(struct lshm_iov))
                      : v->hdr.size;
-    rm = malloc(sizeof(*rm) + extra);
+    rm = lshm__rmsg_new(port, extra);
     if (rm == NULL) {
         lshm__port_fail(port, -ENOMEM, "out of memory receiving a message");
         return -ENOMEM;
@@ -221,7 +221,7 @@ static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int f
 
             if (seg == NULL) {
                 lshm__rmsg_release(rm);
-                free(rm);
+                lshm__rmsg_free(port, rm);
                 lshm__port_fail(port, -EPROTO, "protocol violation: descriptor names "
                                "segment %u, which was never sent", d.mmap_id);
                 return -EPROTO;
@@ -245,7 +245,7 @@ static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int f
     }
     if (cancelled && port->ctx != NULL && (port->ctx->p.flags & LSHM_CTX_DROP_CANCELLED)) {
         lshm__rmsg_release(rm);
-        free(rm);
+        lshm__rmsg_free(port, rm);
         return 0;
     }
     deliver(port, rm);
@@ -718,7 +718,7 @@ void lshm__recv_done(struct lshm_msg *msg)
      * (lshm_recv(3)); only undelivered messages close theirs. */
     rm->pub.fd = -1;
     lshm__rmsg_release(rm);
-    free(rm);
+    lshm__rmsg_free(port, rm);
     port->held--;
     /* Reading stopped at the bound: resume once half the room is back. */
     if (port->recv_stopped && port->ctx != NULL && port->held <= port->ctx->p.recv_queue / 2) {
