@@ -113,16 +113,20 @@ void lshm__ctx_stop(struct lshm_ctx *ctx)
     ctx->ring = NULL;
 }
 
-void lshm__ctx_free(struct lshm_ctx *ctx)
+static void free_cache(void *obj)
 {
-    void *obj = ctx->rm_cache;
-
     while (obj != NULL) {
         void *next = *(void **)obj;
 
         free(obj);
         obj = next;
     }
+}
+
+void lshm__ctx_free(struct lshm_ctx *ctx)
+{
+    free_cache(ctx->rm_cache);
+    free_cache(ctx->sm_cache);
     free(ctx);
 }
 

@@ -84,6 +84,8 @@ struct lshm_ctx {
     void                      *rm_cache;    /* small received messages to reuse (port.c's);
                                              * each one's first word links the next */
     unsigned                   rm_cached;
+    void                      *sm_cache;    /* small messages to send, likewise */
+    unsigned                   sm_cached;
 };
 
 int  lshm__ctx_new(struct lshm_ctx **ctx, const struct lshm_ctx_params *params,

@@ -147,12 +147,26 @@ void lshm__port_settle(struct lshm_port *port)
 
 /* ---- queues ---- */
 
+/* Messages to send this small reuse their memory: control messages, and
+ * user messages waiting for room in the ring. */
+#define SMSG_SMALL   256u
+#define SMSG_CACHED  256u
+
 struct smsg *lshm__smsg_new(struct lshm_port *port, size_t len)
 {
-    struct smsg *m = malloc(sizeof(*m) + len);
+    struct lshm_ctx *ctx = port->ctx;
+    struct smsg *m;
 
-    if (m == NULL)
-        return NULL;
+    if (len <= SMSG_SMALL && ctx != NULL && ctx->sm_cache != NULL) {
+        m = ctx->sm_cache;
+        ctx->sm_cache = *(void **)m;
+        ctx->sm_cached--;
+    } else {
+        m = malloc(sizeof(*m) + (len <= SMSG_SMALL ? SMSG_SMALL : len));
+        if (m == NULL)
+            return NULL;
+        m->small = len <= SMSG_SMALL;
+    }
     m->port = port;
     m->next = NULL;
     m->fd = -1;
@@ -164,11 +178,19 @@ struct smsg *lshm__smsg_new(struct lshm_port *port, size_t len)
 
 void lshm__smsg_free(struct smsg *m)
 {
+    struct lshm_ctx *ctx = m->port->ctx;
+
     if (m->fd >= 0)
         close(m->fd);
     if (m->seg != NULL) {
         lshm__seg_close_fd(m->seg);
         lshm__seg_unref(m->seg);
+    }
+    if (m->small && ctx != NULL && ctx->sm_cached < SMSG_CACHED) {
+        *(void **)m = ctx->sm_cache;
+        ctx->sm_cache = m;
+        ctx->sm_cached++;
+        return;
     }
     free(m);
 }

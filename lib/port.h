@@ -44,7 +44,8 @@ enum port_state {
 
 /* A datagram to send, and the chain link that orders it. */
 struct smsg {
-    struct lshm_op     op;
+    struct lshm_op     op;      /* first: a cached smsg's link (ctx->sm_cache) */
+    bool               small;   /* SMSG_SMALL bytes of data: goes back to the cache */
     struct lshm_port  *port;
     struct smsg       *next;
     struct msghdr      mh;
