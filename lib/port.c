@@ -135,6 +135,8 @@ void lshm__port_settle(struct lshm_port *port)
      * or buffer holds them (those keep their own references); sends in
      * flight may still need the table to give their chunks back. */
     if (port->state == PORT_CLOSED && port->inflight == 0 && port->peer != NULL) {
+        if (port->forget_segments)
+            lshm__peer_out_forget_port(port->peer, port->id);
         lshm__peer_put_sock(port->peer, port->fd);
         port->peer = NULL;
     }
@@ -805,8 +807,11 @@ void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
     va_end(ap);
     lshm__log("port %u to pid %d closed: %s", port->id, (int)port->peer_pid, port->reason);
     drop_queues(port);
-    if (port->peer != NULL)
-        lshm__peer_out_forget_port(port->peer, port->id);
+    /* The segments it announced and the peer never mapped are taken back
+     * once no send is in flight (lshm__port_settle): a send that fails
+     * late frees its chunks by segment id, and a taken-back id may name a
+     * new segment by then. */
+    port->forget_segments = port->peer != NULL;
     /* The handler runs from lshm_ctx_run, never inside a completion. */
     port->close_pending = notify;
     if (notify)

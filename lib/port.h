@@ -109,6 +109,7 @@ struct lshm_port {
     uint16_t             peer_port_id;
     uint32_t             peer_max_segments;
     struct lshm_peer    *peer;          /* referenced once OPEN */
+    bool                 forget_segments;   /* failed: take back unmapped segments */
     bool                 shm_acked;     /* SHM_ACK since the last wait */
 
     /* Sending: FIFO queue; one linked chain in flight at a time. */

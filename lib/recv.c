@@ -188,12 +188,18 @@ static int on_user(struct lshm_port *port, const struct lshm_wire_view *v, int f
     size_t extra;
     unsigned i;
 
-    if (v->has_tracking && read_tracking(port, v, &cancelled) < 0)
+    /* The fd is ours from here: handed on with the message, or closed. */
+    if (v->has_tracking && read_tracking(port, v, &cancelled) < 0) {
+        if (fd >= 0)
+            close(fd);
         return -EPROTO;
+    }
     extra = v->ndesc ? v->ndesc * (sizeof(struct rdesc) + sizeof(struct lshm_iov))
                      : v->hdr.size;
     rm = lshm__rmsg_new(port, extra);
     if (rm == NULL) {
+        if (fd >= 0)
+            close(fd);
         lshm__port_fail(port, -ENOMEM, "out of memory receiving a message");
         return -ENOMEM;
     }

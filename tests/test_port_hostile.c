@@ -546,6 +546,26 @@ LTEST(hostile, tracking_in_a_segment_never_sent)
     both_modes(tracking_unknown, true);
 }
 
+/* Refused for its tracking, a message still gives back the fd it carried
+ * (regression: the fd stayed open in the receiver). */
+static void tracking_unknown_with_fd(struct hostile *h)
+{
+    uint8_t body[8 + 4] = { 0 };
+    struct lshm_wire_tracking t = { .mmap_id = 0, .tracking_id = 5 };
+    int p[2];
+
+    cr_assert_eq(pipe(p), 0);
+    memcpy(body, &t, sizeof(t));
+    raw_msg(h, 9, getpid(), T_DATA, LSHM_WIRE_TRACKING, 4, body, sizeof(body), &p[1], 1);
+    close(p[1]);
+    hostile_check_eof(h, "does not exist", p[0]);
+}
+
+LTEST(hostile, refused_tracked_message_closes_its_fd)
+{
+    both_modes(tracking_unknown_with_fd, true);
+}
+
 /* What the library sends the raw end: one datagram, and its fd if any. */
 static ssize_t raw_recv(int fd, struct lshm_wire_msg *hdr, void *body, size_t blen, int *rfd)
 {
