@@ -1,0 +1,344 @@
+/*
+ * The sender's own trust rules.  The library sends messages through shared
+ * memory on a port whose peer is this target; the peer maps the segments
+ * it receives, frees chunks (rightly or not), acks, and rewrites their
+ * headers (free map, padding sentinel, tracking map and slots, oosm, any
+ * field) while the library keeps allocating, growing, sending, cancelling.
+ * The library must not crash, write outside its segments, announce a
+ * segment twice or point a descriptor anywhere it has not announced, and
+ * must leave no fd or mapping behind.  While the peer plays fair (frees
+ * only what it received and scribbles nothing), every payload must arrive
+ * intact.
+ *
+ * Input: a context byte (fuzz_ctx), the max_segments of the peer's HELLO,
+ * then operations, one byte each followed by its arguments.
+ */
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "fuzz.h"
+#include "shm.h"
+#include "wire.h"
+
+#define RAW_PORT   78
+#define MAX_SEGS   8
+#define MAX_BUFS   8
+#define MAX_TRACK  8
+#define MAX_DESCS  256
+#define MAX_OPS    96
+
+#define CHECK(c)                                                                   \
+    do {                                                                           \
+        if (!(c)) {                                                                \
+            fprintf(stderr, "fuzz_segment: %s:%d: %s\n", __FILE__, __LINE__, #c);  \
+            abort();                                                               \
+        }                                                                          \
+    } while (0)
+
+struct rdesc {
+    uint32_t mmap_id, chunk, nchunks;
+};
+
+struct state {
+    struct lshm_ctx      *ctx;
+    struct lshm_port     *port;
+    int                   raw;
+    struct lshm_segment_header *segs[MAX_SEGS];   /* the peer's mappings, by id */
+    unsigned              nsegs;                   /* ids announced: 0 .. nsegs - 1 */
+    struct lshm_buf      *bufs[MAX_BUFS];          /* allocated, not sent */
+    unsigned              nbufs;
+    struct lshm_tracking *track[MAX_TRACK];
+    unsigned              ntrack;
+    struct rdesc          descs[MAX_DESCS];         /* received, not freed */
+    unsigned              ndescs;
+    uint32_t              stream;
+    bool                  fair;                     /* no scribble, no stray free */
+};
+
+static void free_bufs(struct state *s)
+{
+    while (s->nbufs > 0)
+        lshm_buf_free(s->bufs[--s->nbufs]);
+}
+
+static void cancel_all(struct state *s)
+{
+    while (s->ntrack > 0)
+        lshm_tracking_cancel(s->track[--s->ntrack]);
+}
+
+static void raw_ctrl(struct state *s, uint8_t type)
+{
+    uint8_t buf[LSHM_WIRE_MAX];
+    size_t n = lshm__wire_encode_ctrl(buf, type, getpid(), RAW_PORT, 0);
+
+    fuzz_raw_send(s->raw, buf, n, NULL, 0);
+}
+
+/* A descriptor as the library sent it: its segment was announced before. */
+static void on_desc(struct state *s, const struct lshm_wire_desc *d, uint8_t pattern)
+{
+    const uint8_t *p;
+    uint32_t i;
+
+    CHECK(d->mmap_id < s->nsegs);
+    if (s->ndescs < MAX_DESCS)
+        s->descs[s->ndescs++] = (struct rdesc){
+            d->mmap_id, d->chunk_id, (d->size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE };
+    if (!s->fair || d->mmap_id >= MAX_SEGS || s->segs[d->mmap_id] == NULL)
+        return;
+    p = (const uint8_t *)s->segs[d->mmap_id] + LSHM_HEADER_SIZE +
+        (size_t)d->chunk_id * LSHM_CHUNK_SIZE;
+    for (i = 0; i < d->size; i++)
+        if (p[i] != pattern) {
+            fprintf(stderr, "fuzz_segment: segment %u chunk %u byte %u is %#x, sent %#x\n",
+                    d->mmap_id, d->chunk_id, i, p[i], pattern);
+            abort();
+        }
+}
+
+/* Read what the library sent: map its segments, note its descriptors. */
+static void op_recv(struct state *s, unsigned max)
+{
+    static uint8_t buf[LSHM_WIRE_MAX + 64];
+    struct lshm_wire_view v;
+    const char *why;
+    int fds[4];
+    unsigned nfds, i, k;
+    ssize_t n;
+
+    for (k = 0; k < max; k++) {
+        n = fuzz_raw_recv(s->raw, buf, sizeof(buf), fds, 4, &nfds);
+        if (n < 0)
+            break;
+        if (n == 0 && nfds == 0)
+            break;   /* the library shut its end */
+        /* What the library sends must be valid protocol. */
+        if (lshm__wire_decode(buf, (size_t)n, nfds, &v, &why) < 0) {
+            fprintf(stderr, "fuzz_segment: the library sent an invalid datagram: %s\n", why);
+            abort();
+        }
+        if (v.hdr.type == LSHM_WIRE_MMAP_MSG) {
+            /* Ids go 0, 1, 2, ...: never one twice, never one skipped. */
+            CHECK(v.mmap_id == s->nsegs);
+            if (s->nsegs < MAX_SEGS) {
+                void *m = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
+                               fds[0], 0);
+
+                CHECK(m != MAP_FAILED);
+                s->segs[s->nsegs] = m;
+                CHECK(s->segs[s->nsegs]->id == s->nsegs || !s->fair);
+                /* As a receiver does once it mapped it. */
+                s->segs[s->nsegs]->sent_over = LSHM_SENT_OVER_ANY;
+            }
+            s->nsegs++;
+        } else if (v.hdr.type >= LSHM_TYPE_USER_MIN) {
+            if (v.has_tracking)
+                CHECK(v.tracking.mmap_id < s->nsegs);
+            for (i = 0; i < v.ndesc; i++) {
+                struct lshm_wire_desc d = lshm__wire_desc_at(&v, i);
+
+                on_desc(s, &d, (uint8_t)v.hdr.stream);
+            }
+        }
+        for (i = 0; i < nfds; i++)
+            close(fds[i]);
+    }
+}
+
+/* Free received chunks as the receiver does, then ack if the sender waits. */
+static void op_free(struct state *s, struct fin *in)
+{
+    unsigned n = 1 + fin_u8(in) % 8, ack = 0;
+
+    while (n-- > 0 && s->ndescs > 0) {
+        struct rdesc d = s->descs[--s->ndescs];
+        struct lshm_segment_header *h = d.mmap_id < MAX_SEGS ? s->segs[d.mmap_id] : NULL;
+        uint32_t c;
+        uint32_t one = 1;
+
+        if (h == NULL)
+            continue;
+        for (c = d.chunk; c < d.chunk + d.nchunks && c < LSHM_CHUNK_COUNT; c++)
+            __atomic_fetch_or(&h->free_map[c / 64], 1ull << (c % 64), __ATOMIC_RELEASE);
+        if (__atomic_compare_exchange_n(&h->oosm, &one, 0, false, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            ack = 1;
+    }
+    if (ack)
+        raw_ctrl(s, LSHM_WIRE_SHM_ACK);
+}
+
+/* The peer rewrites a header it was sent. */
+static void op_scribble(struct state *s, struct fin *in, uint8_t op)
+{
+    struct lshm_segment_header *h;
+    uint8_t i = fin_u8(in), w = fin_u8(in);
+    uint64_t v;
+
+    if (s->nsegs == 0 || (h = s->segs[i % s->nsegs % MAX_SEGS]) == NULL)
+        return;
+    s->fair = false;
+    switch ((op >> 4) & 7) {
+    case 0:   /* a free map word, the padding sentinel (the word after) included */
+        v = (w & 0x80) ? ~0ull : (uint64_t)fin_u32(in) << 32 | fin_u32(in);
+        memcpy((uint8_t *)h->free_map + (w & 0x7f) % (LSHM_FREE_WORDS + 1) * 8, &v, 8);
+        break;
+    case 1:
+        v = (w & 0x80) ? ~0ull : (uint64_t)fin_u32(in) << 32 | fin_u32(in);
+        memcpy((uint8_t *)h->free_tracking_map + (w & 0x7f) % (LSHM_FREE_WORDS + 1) * 8, &v, 8);
+        break;
+    case 2:   /* every chunk free, past the end too */
+        memset((uint8_t *)h + offsetof(struct lshm_segment_header, free_map), 0xff,
+               sizeof(h->free_map) + sizeof(h->free_map_padding));
+        break;
+    case 3:
+        h->oosm = fin_u32(in);
+        break;
+    case 4:
+        h->tracking[fin_u16(in) % LSHM_CHUNK_COUNT] = fin_u32(in);
+        break;
+    case 5:   /* any field of the fixed part */
+        ((uint32_t *)h)[w % 6] = fin_u32(in);
+        break;
+    default: {  /* any 4 bytes of the header page */
+        uint32_t x = fin_u32(in);
+
+        memcpy((uint8_t *)h + (fin_u16(in) % LSHM_HEADER_SIZE & ~3u), &x, 4);
+        break;
+    }
+    }
+}
+
+/* The library allocates, grows and sends; some buffers are kept unsent. */
+static void op_send(struct state *s, struct fin *in, uint8_t op)
+{
+    struct lshm_buf *b[3];
+    struct lshm_tracking *t = NULL;
+    struct lshm_out out = { .type = LSHM_TYPE_USER_MIN, .fd = -1 };
+    unsigned nb = 1 + (op >> 4) % 3, i, got = 0;
+    uint8_t sel = fin_u8(in);
+    int ret;
+
+    s->stream++;
+    if (s->stream == 0)
+        s->stream = 1;
+    out.stream = s->stream;
+    for (i = 0; i < nb; i++) {
+        size_t size = (sel & 1) ? 1 + (size_t)fin_u16(in) * 64 : 1u + fin_u16(in) % 20000u;
+        size_t cap;
+
+        if (lshm_buf_alloc(s->port, size, &b[got]) < 0)
+            break;
+        cap = lshm_buf_capacity(b[got]);
+        CHECK(cap >= LSHM_CHUNK_SIZE && cap <= LSHM_DATA_SIZE && cap % LSHM_CHUNK_SIZE == 0);
+        if ((sel & 2) && lshm_buf_grow(b[got], size + fin_u16(in) * 16, (sel & 4) ? size : 0) == 0)
+            cap = lshm_buf_capacity(b[got]);
+        CHECK(cap <= LSHM_DATA_SIZE);
+        /* Every byte the library hands out is writable and its own. */
+        memset(lshm_buf_data(b[got]), (uint8_t)s->stream, cap);
+        lshm_buf_set_size(b[got], cap < size ? cap : size);
+        got++;
+    }
+    if (got == 0)
+        return;
+    if (sel & 8) {
+        /* Kept: freed later, or at the end. */
+        for (i = 0; i < got; i++) {
+            if (s->nbufs < MAX_BUFS)
+                s->bufs[s->nbufs++] = b[i];
+            else
+                lshm_buf_free(b[i]);
+        }
+        return;
+    }
+    if ((sel & 16) && s->ntrack < MAX_TRACK && lshm_tracking_new(s->port, s->stream, &t) == 0) {
+        out.tracking = t;
+        s->track[s->ntrack++] = t;
+    }
+    out.bufs = b;
+    out.nbufs = got;
+    ret = lshm_send(s->port, &out, (sel & 32) ? LSHM_MORE : 0);
+    if (ret < 0)
+        for (i = 0; i < got; i++)
+            lshm_buf_free(b[i]);
+}
+
+static void step(struct state *s, struct fin *in)
+{
+    uint8_t op = fin_u8(in);
+
+    switch (op & 15) {
+    case 0: case 1: case 2: op_send(s, in, op); break;
+    case 3: case 4: op_recv(s, 1 + (op >> 4)); break;
+    case 5: case 6: op_free(s, in); break;
+    case 7: op_scribble(s, in, op); break;
+    case 8: case 9: fuzz_pump(s->ctx, 1 + (op >> 6)); break;
+    case 10:
+        lshm_port_wait(s->port, LSHM_WAIT_SHM | LSHM_WAIT_SEND | LSHM_WAIT_IDLE, 0);
+        break;
+    case 11:
+        if (s->nbufs > 0)
+            lshm_buf_free(s->bufs[--s->nbufs]);
+        break;
+    case 12:
+        if (s->ntrack > 0) {
+            unsigned i = fin_u8(in) % s->ntrack;
+
+            lshm_tracking_cancel(s->track[i]);
+            s->track[i] = s->track[--s->ntrack];
+        }
+        break;
+    case 13:
+        if (s->nbufs > 0)
+            lshm_buf_grow(s->bufs[fin_u8(in) % s->nbufs], (size_t)fin_u16(in) * 256, 0);
+        break;
+    case 14:
+        raw_ctrl(s, (op & 0x10) ? LSHM_WIRE_BYE : LSHM_WIRE_SHM_ACK);
+        break;
+    default:
+        lshm_flush(s->ctx);
+        break;
+    }
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    struct fin in = { .p = data, .left = size };
+    struct fuzz_leaks leaks;
+    struct state s;
+    uint8_t hello[64];
+    unsigned i, ops = 0;
+
+    fuzz_leaks_begin(&leaks);
+    memset(&s, 0, sizeof(s));
+    s.fair = true;
+    s.ctx = fuzz_ctx(fin_u8(&in) & 0x7f);
+    s.raw = fuzz_raw_port(s.ctx, &s.port);
+    CHECK(s.raw >= 0);
+    fuzz_raw_send(s.raw, hello, fuzz_hello(hello, RAW_PORT, 1 + fin_u8(&in) % 4), NULL, 0);
+    for (i = 0; i < 20 && lshm_port_wait(s.port, LSHM_WAIT_READY, 0) <= 0; i++)
+        fuzz_pump(s.ctx, 1);
+    CHECK(lshm_port_wait(s.port, LSHM_WAIT_READY, 0) > 0);
+    while (fin_more(&in) && ops++ < MAX_OPS)
+        step(&s, &in);
+    fuzz_pump(s.ctx, 2);
+    op_recv(&s, 256);
+    free_bufs(&s);
+    cancel_all(&s);
+    close(s.raw);
+    lshm_port_close(s.port);
+    lshm_ctx_free(s.ctx);
+    for (i = 0; i < s.nsegs && i < MAX_SEGS; i++)
+        munmap(s.segs[i], LSHM_SEGMENT_SIZE);
+    fuzz_leaks_end(&leaks, "fuzz_segment");
+    return 0;
+}
