@@ -136,6 +136,16 @@ fuzz: fuzz-deps
 	$(MAKE) O=build/fuzz CC=clang SAN="$(FUZZ_SAN)" $(FUZZ_BINS)
 	@if [ "$(FUZZ_S)" != 0 ]; then sh tests/fuzz/run.sh $(FUZZ_S) $(FUZZ_TARGETS); fi
 
+# ---- soak: minutes of clients killed at random (tests/soak/soak.c) ----
+SOAK_ARGS  ?=
+$(O)/tests/soak: tests/soak/soak.c lib/linuxshm.h $(O)/liblinuxshm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $< $(O)/liblinuxshm.a $(LIBS)
+
+soak: deps
+	$(MAKE) $(O)/tests/soak
+	$(O)/tests/soak $(SOAK_ARGS)
+
 clean:
 	rm -rf build lib/*.so* lib/*.a tools/shmping
 
