@@ -149,6 +149,9 @@ static int client_send(struct client *c)
 
             if (want == 0)
                 want = size - off;
+            /* The head stays whole in the first buffer. */
+            if (n == 0 && want < sizeof(struct head))
+                want = sizeof(struct head);
             ret = lshm_buf_alloc(c->port, want, &bufs[n]);
             if (ret == -EAGAIN) {
                 /* Out of chunks: wait for the server to free some. */
@@ -508,6 +511,8 @@ static long rss_kib(void)
     return v;
 }
 
+static char self_path[4096];
+
 static pid_t spawn(const char *path, uint32_t id, enum kind kind, uint64_t seed, int secs,
                    int *out)
 {
@@ -525,8 +530,7 @@ static pid_t spawn(const char *path, uint32_t id, enum kind kind, uint64_t seed,
     if (pid == 0) {
         if (out != NULL)
             dup2(p[1], 1);
-        execl("/proc/self/exe", "soak", "--client", path, a_id, a_kind, a_seed, a_secs,
-              (char *)NULL);
+        execl(self_path, "soak", "--client", path, a_id, a_kind, a_seed, a_secs, (char *)NULL);
         _exit(127);
     }
     if (out != NULL) {
@@ -598,6 +602,10 @@ int main(int argc, char **argv)
                             "[-r SEED]\n");
             return 2;
         }
+    }
+    if (readlink("/proc/self/exe", self_path, sizeof(self_path) - 1) < 0) {
+        perror("soak: /proc/self/exe");
+        return 1;
     }
     if (victims < 1 || victims > MAX_KIDS - 8)
         victims = 6;
