@@ -6,6 +6,8 @@
  *
  * A target is LLVMFuzzerTestOneInput over one input; a new one needs only
  * its file, its name in FUZZ_TARGETS (Makefile) and a corpus directory.
+ * An input that found a bug stays in its corpus as regress-<what>, so that
+ * every later run starts by replaying it.
  */
 #ifndef LSHM_FUZZ_H
 #define LSHM_FUZZ_H
