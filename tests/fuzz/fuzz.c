@@ -132,28 +132,38 @@ int fuzz_raw_port(struct lshm_ctx *ctx, struct lshm_port **port)
     return sv[1];
 }
 
-ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsigned nfds)
+ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsigned nfds,
+                      const struct ucred *cred)
 {
     union {
         struct cmsghdr align;
-        char           buf[CMSG_SPACE(sizeof(int) * 8)];
+        char           buf[CMSG_SPACE(sizeof(int) * 8) + CMSG_SPACE(sizeof(struct ucred))];
     } cm;
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
     struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+    struct cmsghdr *c;
 
     if (nfds > 8)
         nfds = 8;
+    if (nfds == 0 && cred == NULL)
+        return sendmsg(raw, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+    memset(&cm, 0, sizeof(cm));
+    mh.msg_control = cm.buf;
+    mh.msg_controllen = (nfds ? CMSG_SPACE(sizeof(int) * nfds) : 0) +
+                        (cred ? CMSG_SPACE(sizeof(*cred)) : 0);
+    c = CMSG_FIRSTHDR(&mh);
     if (nfds > 0) {
-        struct cmsghdr *c;
-
-        memset(&cm, 0, sizeof(cm));
-        mh.msg_control = cm.buf;
-        mh.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-        c = CMSG_FIRSTHDR(&mh);
         c->cmsg_level = SOL_SOCKET;
         c->cmsg_type = SCM_RIGHTS;
         c->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
         memcpy(CMSG_DATA(c), fds, sizeof(int) * nfds);
+        c = CMSG_NXTHDR(&mh, c);
+    }
+    if (cred != NULL) {
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_CREDENTIALS;
+        c->cmsg_len = CMSG_LEN(sizeof(*cred));
+        memcpy(CMSG_DATA(c), cred, sizeof(*cred));
     }
     return sendmsg(raw, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
 }

@@ -53,8 +53,11 @@ struct lshm_ctx *fuzz_ctx(uint8_t sel);
  */
 int fuzz_raw_port(struct lshm_ctx *ctx, struct lshm_port **port);
 
-/* One datagram with nfds (<= 8) fds; the result of sendmsg (-1: errno). */
-ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsigned nfds);
+/* One datagram with nfds (<= 8) fds and, unless cred is NULL, explicit
+ * SCM_CREDENTIALS; the result of sendmsg (-1: errno). */
+struct ucred;
+ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsigned nfds,
+                      const struct ucred *cred);
 /* One datagram into buf (cap bytes), its fds (closed beyond max) in fds;
  * the length or -1.  *nfds receives how many were stored. */
 ssize_t fuzz_raw_recv(int raw, void *buf, size_t cap, int *fds, unsigned max, unsigned *nfds);

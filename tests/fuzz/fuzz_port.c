@@ -29,6 +29,8 @@
 #define MAX_OPS   96
 
 static bool avoid_tracking_fd;
+/* The pid headers and segments carry: this process, or the one claimed. */
+static int32_t header_pid;
 
 struct seg {
     int   fd;
@@ -38,8 +40,10 @@ struct seg {
 
 struct state {
     struct lshm_ctx  *ctx;
-    struct lshm_port *port;    /* NULL once closed */
-    int               raw;
+    struct lshm_port *ports[2];    /* NULL once closed, or before the second is made */
+    int               raws[2];     /* their raw ends, -1 before */
+    unsigned          cur;         /* the port the operations act on */
+    pid_t             cred_pid;    /* 0, or the pid the raw end claims (root only) */
     bool              handler;
     struct seg        segs[MAX_SEGS];
     unsigned          nsegs;
@@ -96,17 +100,57 @@ static void release_held(struct state *s)
 static void run(struct state *s, unsigned times, bool hold)
 {
     struct lshm_msg m;
+    unsigned i;
 
     fuzz_pump(s->ctx, times);
-    if (s->port == NULL || s->handler)
-        return;
-    while (lshm_recv(s->port, &m, 0) == 0) {
-        consume(s, &m);
-        if (hold && s->nheld < MAX_HELD)
-            s->held[s->nheld++] = m;
-        else
-            lshm_msg_done(&m);
+    for (i = 0; i < 2; i++) {
+        if (s->ports[i] == NULL || s->handler)
+            continue;
+        while (lshm_recv(s->ports[i], &m, 0) == 0) {
+            consume(s, &m);
+            if (hold && s->nheld < MAX_HELD)
+                s->held[s->nheld++] = m;
+            else
+                lshm_msg_done(&m);
+        }
     }
+}
+
+/* A datagram on the current raw end, with the credentials it claims. */
+static void raw_send(struct state *s, const void *buf, size_t len, const int *fds, unsigned n)
+{
+    struct ucred cred = { .pid = s->cred_pid, .uid = getuid(), .gid = getgid() };
+
+    fuzz_raw_send(s->raws[s->cur], buf, len, fds, n, s->cred_pid ? &cred : NULL);
+}
+
+/* Credentials that name another process: the kernel lets a privileged
+ * sender claim any live pid (it refuses the datagram otherwise). */
+static pid_t claimed_pid(uint8_t sel)
+{
+    switch (sel % 4) {
+    case 1:  return getppid();
+    case 2:  return 1;
+    case 3:  return getpid();
+    default: return 0;
+    }
+}
+
+/* A second port to the same process (the fuzzer), made on first use:
+ * the two share the pair's segments. */
+static void switch_port(struct state *s)
+{
+    uint8_t buf[64];
+
+    s->cur ^= 1;
+    if (s->raws[s->cur] >= 0)
+        return;
+    s->raws[s->cur] = fuzz_raw_port(s->ctx, &s->ports[s->cur]);
+    if (s->raws[s->cur] < 0)
+        abort();
+    if (s->handler)
+        lshm_port_set_handler(s->ports[s->cur], on_msg, on_close, s);
+    fuzz_raw_send(s->raws[s->cur], buf, fuzz_hello(buf, RAW_PORT, 4), NULL, 0, NULL);
 }
 
 /* An fd to send along, by kind; the fuzzer's copy is closed after the send. */
@@ -130,7 +174,7 @@ static int make_fd(struct state *s, unsigned kind)
             abort();
         return fd;
     case 4:
-        return dup(s->raw);
+        return dup(s->raws[s->cur]);
     default:
         return -1;
     }
@@ -148,14 +192,14 @@ static void send_with(struct state *s, const void *buf, size_t len, unsigned fds
         if (fd >= 0)
             fds[n++] = fd;
     }
-    fuzz_raw_send(s->raw, buf, len, fds, n);
+    raw_send(s, buf, len, fds, n);
     for (i = 0; i < n; i++)
         close(fds[i]);
 }
 
 static size_t put_hdr(uint8_t *p, uint32_t stream, uint8_t type, uint8_t flags, uint32_t size)
 {
-    struct lshm_wire_msg h = { .stream = stream, .pid = getpid(), .port_id = RAW_PORT,
+    struct lshm_wire_msg h = { .stream = stream, .pid = header_pid, .port_id = RAW_PORT,
                                .type = type, .flags = flags, .size = size };
 
     memcpy(p, &h, sizeof(h));
@@ -168,7 +212,7 @@ static void op_raw(struct state *s, struct fin *in, uint8_t op)
     static uint8_t buf[LSHM_WIRE_MAX + 64];
     size_t len = fin_u16(in) % sizeof(buf);
     unsigned fdsel = fin_u8(in);
-    int32_t pid = getpid();
+    int32_t pid = header_pid;
     uint16_t port = RAW_PORT;
 
     len = fin_bytes(in, buf, len);
@@ -210,7 +254,7 @@ static void op_mmap(struct state *s, struct fin *in, uint8_t op)
     h.version = (bad & 2) ? fin_u16(in) : LSHM_PROTOCOL_VERSION;
     h.sent_over = RAW_PORT;
     h.id = (bad & 4) ? fin_u8(in) : id;
-    h.src_pid = (bad & 8) ? (int32_t)fin_u32(in) : getpid();
+    h.src_pid = (bad & 8) ? (int32_t)fin_u32(in) : header_pid;
     h.dst_pid = (bad & 16) ? (int32_t)fin_u32(in) : getpid();
     memset(h.free_map, 0xff, sizeof(h.free_map));
     memset(h.free_tracking_map, 0xff, sizeof(h.free_tracking_map));
@@ -237,7 +281,7 @@ static void op_mmap(struct state *s, struct fin *in, uint8_t op)
         s->next_id++;
     size = put_hdr(buf, 0, LSHM_WIRE_MMAP_MSG, 0, 4);
     memcpy(buf + size, &id, 4);
-    fuzz_raw_send(s->raw, buf, size + 4, &fd, 1);
+    raw_send(s, buf, size + 4, &fd, 1);
     if (g == NULL)
         close(fd);
 }
@@ -359,11 +403,13 @@ static void op_lib_send(struct state *s, struct fin *in, uint8_t op)
     struct lshm_buf *b = NULL;
     uint32_t size = fin_u16(in) * 4u;
 
-    if (s->port == NULL)
+    struct lshm_port *port = s->ports[s->cur];
+
+    if (port == NULL)
         return;
     out.stream = fin_u8(in);
     if (op & 0x10) {
-        if (lshm_buf_alloc(s->port, size, &b) < 0)
+        if (lshm_buf_alloc(port, size, &b) < 0)
             return;
         memset(lshm_buf_data(b), 0x5a, lshm_buf_capacity(b));
         out.bufs = &b;
@@ -372,7 +418,7 @@ static void op_lib_send(struct state *s, struct fin *in, uint8_t op)
         out.data = data;
         out.size = size % sizeof(data);
     }
-    if (lshm_send(s->port, &out, 0) < 0 && b != NULL)
+    if (lshm_send(port, &out, 0) < 0 && b != NULL)
         lshm_buf_free(b);
 }
 
@@ -384,7 +430,7 @@ static void op_drain_raw(struct state *s)
     unsigned n, i, k;
 
     for (k = 0; k < 64; k++) {
-        if (fuzz_raw_recv(s->raw, buf, sizeof(buf), fds, 4, &n) < 0)
+        if (fuzz_raw_recv(s->raws[s->cur], buf, sizeof(buf), fds, 4, &n) < 0)
             break;
         for (i = 0; i < n; i++)
             close(fds[i]);
@@ -408,18 +454,25 @@ static void step(struct state *s, struct fin *in)
     case 12: op_drain_raw(s); break;
     case 13:
         if (op & 0x10)
-            shutdown(s->raw, SHUT_WR);
+            shutdown(s->raws[s->cur], SHUT_WR);
         break;
     case 14:
-        if (op & 0x10 && s->port != NULL) {
+        if (op & 0x10 && s->ports[s->cur] != NULL) {
             release_held(s);
-            lshm_port_close(s->port);
-            s->port = NULL;
+            lshm_port_close(s->ports[s->cur]);
+            s->ports[s->cur] = NULL;
         }
         break;
     default:
-        if (s->port != NULL)
-            lshm_port_wait(s->port, LSHM_WAIT_READY | LSHM_WAIT_RECV | LSHM_WAIT_SHM, 0);
+        if (op & 0x80)
+            switch_port(s);
+        else if (op & 0x40) {
+            s->cred_pid = claimed_pid(fin_u8(in));
+            header_pid = s->cred_pid ? s->cred_pid : getpid();
+        }
+        else if (s->ports[s->cur] != NULL)
+            lshm_port_wait(s->ports[s->cur], LSHM_WAIT_READY | LSHM_WAIT_RECV | LSHM_WAIT_SHM,
+                           0);
         break;
     }
 }
@@ -438,7 +491,7 @@ static void hello(struct state *s, struct fin *in)
         if (!(sel & 0x10) && len >= 8)
             memcpy(buf + 4, &pid, 4);
     }
-    fuzz_raw_send(s->raw, buf, len, NULL, 0);
+    raw_send(s, buf, len, NULL, 0);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
@@ -452,26 +505,31 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint8_t sel;
 
     avoid_tracking_fd = fuzz_avoid("tracking-fd");
+    header_pid = getpid();
     fuzz_leaks_begin(&leaks);
     memset(&s, 0, sizeof(s));
     sel = fin_u8(&in);
     s.ctx = fuzz_ctx(sel);
-    s.raw = fuzz_raw_port(s.ctx, &s.port);
-    if (s.raw < 0)
+    s.raws[1] = -1;
+    s.raws[0] = fuzz_raw_port(s.ctx, &s.ports[0]);
+    if (s.raws[0] < 0)
         abort();
     s.handler = sel & 0x80;
     if (s.handler)
-        lshm_port_set_handler(s.port, on_msg, on_close, &s);
+        lshm_port_set_handler(s.ports[0], on_msg, on_close, &s);
     hello(&s, &in);
     while (fin_more(&in) && ops++ < MAX_OPS)
         step(&s, &in);
     run(&s, 4, false);
     release_held(&s);
-    /* The peer goes away first: the port sees EOF, its close does not
+    /* The peer goes away first: the ports see EOF, their close does not
      * wait for a drain. */
-    close(s.raw);
-    if (s.port != NULL)
-        lshm_port_close(s.port);
+    for (i = 0; i < 2; i++) {
+        if (s.raws[i] >= 0)
+            close(s.raws[i]);
+        if (s.ports[i] != NULL)
+            lshm_port_close(s.ports[i]);
+    }
     lshm_ctx_free(s.ctx);
     for (i = 0; i < s.nsegs; i++) {
         if (s.segs[i].map != NULL)

@@ -78,7 +78,7 @@ static void raw_ctrl(struct state *s, uint8_t type)
     uint8_t buf[LSHM_WIRE_MAX];
     size_t n = lshm__wire_encode_ctrl(buf, type, getpid(), RAW_PORT, 0);
 
-    fuzz_raw_send(s->raw, buf, n, NULL, 0);
+    fuzz_raw_send(s->raw, buf, n, NULL, 0, NULL);
 }
 
 /* The bytes of a buffer that are written and checked: the first 64, then
@@ -342,7 +342,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     s.ctx = fuzz_ctx(fin_u8(&in) & 0x7f);
     s.raw = fuzz_raw_port(s.ctx, &s.port);
     CHECK(s.raw >= 0);
-    fuzz_raw_send(s.raw, hello, fuzz_hello(hello, RAW_PORT, 1 + fin_u8(&in) % 4), NULL, 0);
+    fuzz_raw_send(s.raw, hello, fuzz_hello(hello, RAW_PORT, 1 + fin_u8(&in) % 4), NULL, 0,
+                  NULL);
     for (i = 0; i < 20 && lshm_port_wait(s.port, LSHM_WAIT_READY, 0) <= 0; i++)
         fuzz_pump(s.ctx, 1);
     CHECK(lshm_port_wait(s.port, LSHM_WAIT_READY, 0) > 0);
