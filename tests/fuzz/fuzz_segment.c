@@ -4,10 +4,12 @@
  * it receives, frees chunks (rightly or not), acks, and rewrites their
  * headers (free map, padding sentinel, tracking map and slots, oosm, any
  * field) while the library keeps allocating, growing, sending, cancelling.
- * The library must not crash, write outside its segments, announce a
- * segment twice or point a descriptor anywhere it has not announced, and
- * must leave no fd or mapping behind.  While the peer plays fair (frees
- * only what it received and scribbles nothing), every payload must arrive
+ * The peer may open a second port (the two share the pair's segments),
+ * say BYE on one or close it.  The library must not crash, write outside
+ * its segments, announce again a segment the peer mapped while the pair
+ * lives, or point a descriptor anywhere it has not announced, and must
+ * leave no fd or mapping behind.  While the peer plays fair (frees only
+ * what it received and scribbles nothing), every payload must arrive
  * intact.
  *
  * Input: a context byte (fuzz_ctx), the max_segments of the peer's HELLO,
@@ -47,10 +49,13 @@ struct rdesc {
 
 struct state {
     struct lshm_ctx      *ctx;
-    struct lshm_port     *port;
-    int                   raw;
+    struct lshm_port     *ports[2];                /* two ports to one process */
+    int                   raws[2];                 /* their raw ends; -1 before or after */
+    bool                  made[2];
+    bool                  bye[2];                  /* the peer said BYE and shut it down */
+    unsigned              cur;                     /* the port operations act on */
     struct lshm_segment_header *segs[MAX_SEGS];   /* the peer's mappings, by id */
-    unsigned              nsegs;                   /* ids announced: 0 .. nsegs - 1 */
+    unsigned              nsegs;                   /* highest id mapped + 1 */
     struct lshm_buf      *bufs[MAX_BUFS];          /* allocated, not sent */
     unsigned              nbufs;
     struct lshm_tracking *track[MAX_TRACK];
@@ -73,12 +78,29 @@ static void cancel_all(struct state *s)
         lshm_tracking_cancel(s->track[--s->ntrack]);
 }
 
+static void end_pair(struct state *s);
+
+/* A port of the peer is open until it closes its socket or says BYE (and
+ * shuts it down for writing, as the protocol has it). */
+static bool peer_port_open(const struct state *s, unsigned n)
+{
+    return s->raws[n] >= 0 && !s->bye[n];
+}
+
 static void raw_ctrl(struct state *s, uint8_t type)
 {
     uint8_t buf[LSHM_WIRE_MAX];
-    size_t n = lshm__wire_encode_ctrl(buf, type, getpid(), RAW_PORT, 0);
+    size_t n = lshm__wire_encode_ctrl(buf, type, getpid(), RAW_PORT + s->cur, 0);
 
-    fuzz_raw_send(s->raw, buf, n, NULL, 0, NULL);
+    if (!peer_port_open(s, s->cur))
+        return;
+    fuzz_raw_send(s->raws[s->cur], buf, n, NULL, 0, NULL);
+    if (type == LSHM_WIRE_BYE) {
+        shutdown(s->raws[s->cur], SHUT_WR);
+        s->bye[s->cur] = true;
+        if (!peer_port_open(s, s->cur ^ 1))
+            end_pair(s);
+    }
 }
 
 /* The bytes of a buffer that are written and checked: the first 64, then
@@ -105,11 +127,12 @@ static void on_desc(struct state *s, const struct lshm_wire_desc *d, uint8_t pat
     const uint8_t *p;
     uint32_t i;
 
-    CHECK(d->mmap_id < s->nsegs);
+    /* Announced on this port, or mapped (sent_over any) before. */
+    CHECK(d->mmap_id < MAX_SEGS && (s->segs[d->mmap_id] != NULL || !s->fair));
     if (s->ndescs < MAX_DESCS)
         s->descs[s->ndescs++] = (struct rdesc){
             d->mmap_id, d->chunk_id, (d->size + LSHM_CHUNK_SIZE - 1) / LSHM_CHUNK_SIZE };
-    if (!s->fair || d->mmap_id >= MAX_SEGS || s->segs[d->mmap_id] == NULL)
+    if (!s->fair || s->segs[d->mmap_id] == NULL)
         return;
     p = (const uint8_t *)s->segs[d->mmap_id] + LSHM_HEADER_SIZE +
         (size_t)d->chunk_id * LSHM_CHUNK_SIZE;
@@ -132,7 +155,9 @@ static void op_recv(struct state *s, unsigned max)
     ssize_t n;
 
     for (k = 0; k < max; k++) {
-        n = fuzz_raw_recv(s->raw, buf, sizeof(buf), fds, 4, &nfds);
+        if (s->raws[s->cur] < 0)
+            break;
+        n = fuzz_raw_recv(s->raws[s->cur], buf, sizeof(buf), fds, 4, &nfds);
         if (n < 0)
             break;
         if (n == 0 && nfds == 0)
@@ -142,23 +167,32 @@ static void op_recv(struct state *s, unsigned max)
             fprintf(stderr, "fuzz_segment: the library sent an invalid datagram: %s\n", why);
             abort();
         }
-        if (v.hdr.type == LSHM_WIRE_MMAP_MSG) {
-            /* Ids go 0, 1, 2, ...: never one twice, never one skipped. */
-            CHECK(v.mmap_id == s->nsegs);
-            if (s->nsegs < MAX_SEGS) {
-                void *m = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED,
-                               fds[0], 0);
+        if (s->bye[s->cur]) {
+            /* After its BYE a receiver maps nothing more: the sender has
+             * taken back what it announced there and the peer did not map
+             * (its id can come again on the other port). */
+        } else if (v.hdr.type == LSHM_WIRE_MMAP_MSG) {
+            /* Below the limit, and once mapped (sent_over any) an id is
+             * never announced again; the two ports may interleave ids. */
+            uint32_t id = v.mmap_id;
+            void *m;
 
-                CHECK(m != MAP_FAILED);
-                s->segs[s->nsegs] = m;
-                CHECK(s->segs[s->nsegs]->id == s->nsegs || !s->fair);
-                /* As a receiver does once it mapped it. */
-                s->segs[s->nsegs]->sent_over = LSHM_SENT_OVER_ANY;
-            }
-            s->nsegs++;
+            CHECK(id < MAX_SEGS);
+            CHECK(s->segs[id] == NULL || !s->fair);
+            m = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+            CHECK(m != MAP_FAILED);
+            if (s->segs[id] != NULL)
+                munmap(s->segs[id], LSHM_SEGMENT_SIZE);
+            s->segs[id] = m;
+            CHECK(s->segs[id]->id == id || !s->fair);
+            /* As a receiver does once it mapped it. */
+            s->segs[id]->sent_over = LSHM_SENT_OVER_ANY;
+            if (id >= s->nsegs)
+                s->nsegs = id + 1;
         } else if (v.hdr.type >= LSHM_TYPE_USER_MIN) {
             if (v.has_tracking)
-                CHECK(v.tracking.mmap_id < s->nsegs);
+                CHECK(v.tracking.mmap_id < MAX_SEGS &&
+                      (s->segs[v.tracking.mmap_id] != NULL || !s->fair));
             for (i = 0; i < v.ndesc; i++) {
                 struct lshm_wire_desc d = lshm__wire_desc_at(&v, i);
 
@@ -200,7 +234,7 @@ static void op_scribble(struct state *s, struct fin *in, uint8_t op)
     uint8_t i = fin_u8(in), w = fin_u8(in);
     uint64_t v;
 
-    if (s->nsegs == 0 || (h = s->segs[i % s->nsegs % MAX_SEGS]) == NULL)
+    if (s->nsegs == 0 || (h = s->segs[i % s->nsegs]) == NULL)
         return;
     s->fair = false;
     switch ((op >> 4) & 7) {
@@ -237,6 +271,7 @@ static void op_scribble(struct state *s, struct fin *in, uint8_t op)
 /* The library allocates, grows and sends; some buffers are kept unsent. */
 static void op_send(struct state *s, struct fin *in, uint8_t op)
 {
+    struct lshm_port *port = s->ports[s->cur];
     struct lshm_buf *b[3];
     struct lshm_tracking *t = NULL;
     struct lshm_out out = { .type = LSHM_TYPE_USER_MIN, .fd = -1 };
@@ -252,7 +287,7 @@ static void op_send(struct state *s, struct fin *in, uint8_t op)
         size_t size = (sel & 1) ? 1 + (size_t)fin_u16(in) * 64 : 1u + fin_u16(in) % 20000u;
         size_t cap;
 
-        if (lshm_buf_alloc(s->port, size, &b[got]) < 0)
+        if (port == NULL || lshm_buf_alloc(port, size, &b[got]) < 0)
             break;
         cap = lshm_buf_capacity(b[got]);
         CHECK(cap >= LSHM_CHUNK_SIZE && cap <= LSHM_DATA_SIZE && cap % LSHM_CHUNK_SIZE == 0);
@@ -276,16 +311,55 @@ static void op_send(struct state *s, struct fin *in, uint8_t op)
         }
         return;
     }
-    if ((sel & 16) && s->ntrack < MAX_TRACK && lshm_tracking_new(s->port, s->stream, &t) == 0) {
+    if ((sel & 16) && s->ntrack < MAX_TRACK && lshm_tracking_new(port, s->stream, &t) == 0) {
         out.tracking = t;
         s->track[s->ntrack++] = t;
     }
     out.bufs = b;
     out.nbufs = got;
-    ret = lshm_send(s->port, &out, (sel & 32) ? LSHM_MORE : 0);
+    ret = lshm_send(port, &out, (sel & 32) ? LSHM_MORE : 0);
     if (ret < 0)
         for (i = 0; i < got; i++)
             lshm_buf_free(b[i]);
+}
+
+/* The last port between the two processes closed: the pair's segments
+ * are gone, and a port made later begins a new pair (ids from 0). */
+static void end_pair(struct state *s)
+{
+    unsigned i;
+
+    for (i = 0; i < MAX_SEGS; i++)
+        if (s->segs[i] != NULL) {
+            munmap(s->segs[i], LSHM_SEGMENT_SIZE);
+            s->segs[i] = NULL;
+        }
+    s->nsegs = 0;
+    s->ndescs = 0;
+}
+
+/* Make port n (HELLO from the raw end, the handshake run to its end). */
+static void open_port(struct state *s, unsigned n, unsigned max_segments)
+{
+    uint8_t hello[64];
+    unsigned i;
+
+    s->made[n] = true;
+    s->raws[n] = fuzz_raw_port(s->ctx, &s->ports[n]);
+    CHECK(s->raws[n] >= 0);
+    fuzz_raw_send(s->raws[n], hello, fuzz_hello(hello, RAW_PORT + n, max_segments), NULL, 0,
+                  NULL);
+    for (i = 0; i < 20 && lshm_port_wait(s->ports[n], LSHM_WAIT_READY, 0) <= 0; i++)
+        fuzz_pump(s->ctx, 1);
+    CHECK(lshm_port_wait(s->ports[n], LSHM_WAIT_READY, 0) > 0);
+}
+
+/* Act on the other port; the second is made on first use. */
+static void switch_port(struct state *s, unsigned max_segments)
+{
+    s->cur ^= 1;
+    if (!s->made[s->cur])
+        open_port(s, s->cur, max_segments);
 }
 
 static void step(struct state *s, struct fin *in)
@@ -299,7 +373,9 @@ static void step(struct state *s, struct fin *in)
     case 7: op_scribble(s, in, op); break;
     case 8: case 9: fuzz_pump(s->ctx, 1 + (op >> 6)); break;
     case 10:
-        lshm_port_wait(s->port, LSHM_WAIT_SHM | LSHM_WAIT_SEND | LSHM_WAIT_IDLE, 0);
+        if (s->ports[s->cur] != NULL)
+            lshm_port_wait(s->ports[s->cur], LSHM_WAIT_SHM | LSHM_WAIT_SEND | LSHM_WAIT_IDLE,
+                           0);
         break;
     case 11:
         if (s->nbufs > 0)
@@ -321,7 +397,18 @@ static void step(struct state *s, struct fin *in)
         raw_ctrl(s, (op & 0x10) ? LSHM_WIRE_BYE : LSHM_WIRE_SHM_ACK);
         break;
     default:
-        lshm_flush(s->ctx);
+        if (op & 0x80) {
+            switch_port(s, 1 + fin_u8(in) % 4);
+        } else if ((op & 0x40) && s->raws[s->cur] >= 0) {
+            /* The peer goes away on this port: what it announced there and
+             * never mapped is the library's again. */
+            close(s->raws[s->cur]);
+            s->raws[s->cur] = -1;
+            if (!peer_port_open(s, s->cur ^ 1))
+                end_pair(s);
+        } else {
+            lshm_flush(s->ctx);
+        }
         break;
     }
 }
@@ -333,31 +420,29 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct fin in = { .p = data, .left = size };
     struct fuzz_leaks leaks;
     struct state s;
-    uint8_t hello[64];
     unsigned i, ops = 0;
 
     fuzz_leaks_begin(&leaks);
     memset(&s, 0, sizeof(s));
     s.fair = true;
     s.ctx = fuzz_ctx(fin_u8(&in) & 0x7f);
-    s.raw = fuzz_raw_port(s.ctx, &s.port);
-    CHECK(s.raw >= 0);
-    fuzz_raw_send(s.raw, hello, fuzz_hello(hello, RAW_PORT, 1 + fin_u8(&in) % 4), NULL, 0,
-                  NULL);
-    for (i = 0; i < 20 && lshm_port_wait(s.port, LSHM_WAIT_READY, 0) <= 0; i++)
-        fuzz_pump(s.ctx, 1);
-    CHECK(lshm_port_wait(s.port, LSHM_WAIT_READY, 0) > 0);
+    s.raws[0] = s.raws[1] = -1;
+    open_port(&s, 0, 1 + fin_u8(&in) % 4);
     while (fin_more(&in) && ops++ < MAX_OPS)
         step(&s, &in);
     fuzz_pump(s.ctx, 2);
-    op_recv(&s, 256);
+    for (s.cur = 0; s.cur < 2; s.cur++)
+        op_recv(&s, 256);
     free_bufs(&s);
     cancel_all(&s);
-    close(s.raw);
-    lshm_port_close(s.port);
+    for (i = 0; i < 2; i++) {
+        if (s.raws[i] >= 0)
+            close(s.raws[i]);
+        if (s.ports[i] != NULL)
+            lshm_port_close(s.ports[i]);
+    }
     lshm_ctx_free(s.ctx);
-    for (i = 0; i < s.nsegs && i < MAX_SEGS; i++)
-        munmap(s.segs[i], LSHM_SEGMENT_SIZE);
+    end_pair(&s);
     fuzz_leaks_end(&leaks, "fuzz_segment");
     return 0;
 }

@@ -436,6 +436,26 @@ static void segment_seeds(void)
     }
 }
 
+/* Two ports to one process: the peer says BYE on the first, or closes it,
+ * and a new pair begins (ids from 0) once none of its ports is left. */
+static void two_port_seeds(void)
+{
+    static const uint8_t bye_then_second[] = { 0x01, 0x00, 0x00, 0x00, 0x00, 0x10, 0x7e, 0xff, 0x10, 0x10 };
+    static const uint8_t close_then_second[] = { 0x02, 0x04, 0x00, 0x00, 0x00, 0x08, 0x13, 0x5f, 0xff, 0x02, 0x02 };
+    static const uint8_t mapped_bye_then_second[] = { 0x00, 0x08, 0x00, 0x90, 0x01, 0x08, 0x13, 0x3e, 0xef, 0x22, 0x00 };
+    struct out o;
+
+    o.n = 0;
+    bytes(&o, bye_then_second, sizeof(bye_then_second));
+    save("segment", "two-ports-bye-unmapped", &o);
+    o.n = 0;
+    bytes(&o, close_then_second, sizeof(close_then_second));
+    save("segment", "two-ports-close-new-pair", &o);
+    o.n = 0;
+    bytes(&o, mapped_bye_then_second, sizeof(mapped_bye_then_second));
+    save("segment", "two-ports-bye-new-pair", &o);
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
@@ -447,5 +467,6 @@ int main(int argc, char **argv)
     wire_seeds();
     port_seeds();
     segment_seeds();
+    two_port_seeds();
     return 0;
 }
