@@ -137,14 +137,14 @@ ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsi
 {
     union {
         struct cmsghdr align;
-        char           buf[CMSG_SPACE(sizeof(int) * 8) + CMSG_SPACE(sizeof(struct ucred))];
+        char           buf[CMSG_SPACE(sizeof(int) * 32) + CMSG_SPACE(sizeof(struct ucred))];
     } cm;
     struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
     struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
     struct cmsghdr *c;
 
-    if (nfds > 8)
-        nfds = 8;
+    if (nfds > 32)
+        nfds = 32;
     if (nfds == 0 && cred == NULL)
         return sendmsg(raw, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
     memset(&cm, 0, sizeof(cm));

@@ -53,7 +53,7 @@ struct lshm_ctx *fuzz_ctx(uint8_t sel);
  */
 int fuzz_raw_port(struct lshm_ctx *ctx, struct lshm_port **port);
 
-/* One datagram with nfds (<= 8) fds and, unless cred is NULL, explicit
+/* One datagram with nfds (<= 32) fds and, unless cred is NULL, explicit
  * SCM_CREDENTIALS; the result of sendmsg (-1: errno). */
 struct ucred;
 ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsigned nfds,

@@ -182,12 +182,15 @@ static int make_fd(struct state *s, unsigned kind)
 
 static void send_with(struct state *s, const void *buf, size_t len, unsigned fdsel)
 {
-    int fds[3];
-    unsigned n = 0, i;
+    int fds[24];
+    unsigned n = 0, i, want = fdsel & 3;
 
-    /* Low bits: how many fds (0..3); the rest: which kind. */
-    for (i = 0; i < (fdsel & 3); i++) {
-        int fd = make_fd(s, (fdsel >> 2) + i);
+    /* Low bits: how many fds (0..3, or 24: more than the receiver's control
+     * buffer holds); the rest: which kind. */
+    if (want == 3 && (fdsel & 0x80))
+        want = 24;
+    for (i = 0; i < want; i++) {
+        int fd = make_fd(s, want > 3 ? 2 + i % 3 : (fdsel >> 2) + i);
 
         if (fd >= 0)
             fds[n++] = fd;

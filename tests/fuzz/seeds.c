@@ -262,6 +262,11 @@ static void port_seeds(void)
     u8(&o, P_RUN);
     save("port", "hostile-three-fds", &o);
 
+    port_start(&o, 1);
+    p_inline(&o, 2048, 0xa3);         /* 24 fds: more than the control buffer holds */
+    u8(&o, P_RUN);
+    save("port", "hostile-too-many-fds", &o);
+
     port_start(&o, 0);
     p_ctrl(&o, LSHM_WIRE_SHM_ACK, FD_PIPE(1));
     u8(&o, P_RUN);
