@@ -124,9 +124,9 @@ fuzz-deps:
 	@sh tools/deps.sh fuzz
 
 # Rewrite the seed corpora (they are in the tree; see tests/fuzz/seeds.c).
-build/fuzz/seeds: tests/fuzz/seeds.c $(LIB_HDR) build/default/liblinuxshm.a
+build/fuzz/seeds: tests/fuzz/seeds.c $(LIB_HDR) $(O)/liblinuxshm.a
 	@mkdir -p $(dir $@)
-	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $< build/default/liblinuxshm.a $(LIBS)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $< $(O)/liblinuxshm.a $(LIBS)
 
 fuzz-seeds: build/fuzz/seeds
 	mkdir -p $(FUZZ_TARGETS:%=tests/fuzz/corpus/%)
