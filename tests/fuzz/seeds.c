@@ -447,6 +447,10 @@ static void two_port_seeds(void)
 {
     static const uint8_t bye_then_second[] = { 0x01, 0x00, 0x00, 0x00, 0x00, 0x10, 0x7e, 0xff, 0x10, 0x10 };
     static const uint8_t close_then_second[] = { 0x02, 0x04, 0x00, 0x00, 0x00, 0x08, 0x13, 0x5f, 0xff, 0x02, 0x02 };
+    static const uint8_t late_free[] = {
+        0x3b, 0xff, 0xff, 0x60, 0x30, 0x30, 0x30, 0x30, 0x2f, 0xde, 0x00,
+        0x00, 0x00, 0xff, 0x08, 0xff, 0x00, 0x00, 0x01, 0x30, 0x30,
+    };
     static const uint8_t mapped_bye_then_second[] = { 0x00, 0x08, 0x00, 0x90, 0x01, 0x08, 0x13, 0x3e, 0xef, 0x22, 0x00 };
     struct out o;
 
@@ -459,6 +463,15 @@ static void two_port_seeds(void)
     o.n = 0;
     bytes(&o, mapped_bye_then_second, sizeof(mapped_bye_then_second));
     save("segment", "two-ports-bye-new-pair", &o);
+
+    /* Found by fuzz_segment: the peer says BYE on port B while a message
+     * into segment 0 (announced on B, never mapped) is in flight there; the
+     * library forgets segment 0, makes a new segment 0 for port A, and the
+     * late failure of B's send frees its chunks by id, in the new segment,
+     * under a message of A (scrubbed with LSHM_CTX_SCRUB). */
+    o.n = 0;
+    bytes(&o, late_free, sizeof(late_free));
+    save("segment", "regress-late-send-failure-frees-reused-id", &o);
 }
 
 int main(int argc, char **argv)
