@@ -34,7 +34,7 @@ SHLIB      := lib/liblinuxshm.so.$(VERSION)
 STLIB      := lib/liblinuxshm.a
 MAPFILE    := lib/linuxshm.map
 
-.PHONY: all test check asan tsan run deps install uninstall clean bench
+.PHONY: all test check asan tsan run deps install uninstall clean bench fuzz fuzz-deps fuzz-seeds soak
 all: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB) tools/shmping
 
 $(O)/lib/%.o: lib/%.c $(LIB_HDR)
@@ -119,6 +119,48 @@ tsan: deps
 run: deps
 	$(MAKE) all
 	./tools/shmping --bench
+
+# ---- fuzzing: libFuzzer targets tests/fuzz/fuzz_<name>.c (clang) ----
+# `make fuzz` builds them in build/fuzz; `make fuzz FUZZ_S=N` then runs each
+# for N seconds from its seed corpus tests/fuzz/corpus/<name> (see
+# tests/fuzz/run.sh: FUZZ_DIR, FUZZ_JOBS).  A new target: its file, its name
+# here, its corpus directory.
+FUZZ_TARGETS := wire port segment
+FUZZ_S       ?= 0
+FUZZ_SAN     := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
+                -fno-sanitize-recover=all
+FUZZ_BINS    := $(FUZZ_TARGETS:%=build/fuzz/fuzz-%)
+
+build/fuzz/fuzz-%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz.c tests/fuzz/fuzz.h lib/linuxshm.h \
+                   $(LIB_HDR) build/fuzz/liblinuxshm.a
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -fsanitize=fuzzer -Itests/fuzz -o $@ $< tests/fuzz/fuzz.c \
+	    build/fuzz/liblinuxshm.a $(LIBS)
+
+fuzz-deps:
+	@sh tools/deps.sh fuzz
+
+# Rewrite the seed corpora (they are in the tree; see tests/fuzz/seeds.c).
+build/fuzz/seeds: tests/fuzz/seeds.c $(LIB_HDR) $(O)/liblinuxshm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $< $(O)/liblinuxshm.a $(LIBS)
+
+fuzz-seeds: build/fuzz/seeds
+	mkdir -p $(FUZZ_TARGETS:%=tests/fuzz/corpus/%)
+	build/fuzz/seeds man/man7/linuxshm-protocol.7 tests/fuzz/corpus
+
+fuzz: fuzz-deps
+	$(MAKE) O=build/fuzz CC=clang SAN="$(FUZZ_SAN)" $(FUZZ_BINS)
+	@if [ "$(FUZZ_S)" != 0 ]; then sh tests/fuzz/run.sh $(FUZZ_S) $(FUZZ_TARGETS); fi
+
+# ---- soak: minutes of clients killed at random (tests/soak/soak.c) ----
+SOAK_ARGS  ?=
+$(O)/tests/soak: tests/soak/soak.c lib/linuxshm.h $(O)/liblinuxshm.a
+	@mkdir -p $(dir $@)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $< $(O)/liblinuxshm.a $(LIBS)
+
+soak: deps
+	$(MAKE) $(O)/tests/soak
+	$(O)/tests/soak $(SOAK_ARGS)
 
 clean:
 	rm -rf build lib/*.so* lib/*.a tools/shmping

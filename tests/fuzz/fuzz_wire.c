@@ -1,0 +1,124 @@
+/*
+ * The wire decoder on one datagram.  Input: one byte, the fd count the
+ * datagram came with (low 2 bits), then the datagram.  A datagram that
+ * passes lshm__wire_decode must keep every pointer of the view inside it,
+ * and encode back to the same bytes; one that fails must say why.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fuzz.h"
+#include "wire.h"
+
+#define CHECK(c)                                                                  \
+    do {                                                                          \
+        if (!(c)) {                                                               \
+            fprintf(stderr, "fuzz_wire: %s:%d: %s\n", __FILE__, __LINE__, #c);    \
+            abort();                                                              \
+        }                                                                         \
+    } while (0)
+
+static bool inside(const uint8_t *buf, size_t len, const uint8_t *p, size_t n)
+{
+    return p >= buf && n <= len && (size_t)(p - buf) <= len - n;
+}
+
+static void check_user(const uint8_t *buf, size_t len, const struct lshm_wire_view *v)
+{
+    struct lshm_wire_desc descs[LSHM_MAX_DESCS];
+    static uint8_t out[LSHM_WIRE_MAX];
+    uint64_t sum = 0;
+    size_t n;
+    unsigned i;
+
+    CHECK(v->hdr.type >= LSHM_TYPE_USER_MIN);
+    if (v->ndesc > 0) {
+        CHECK(v->ndesc <= LSHM_MAX_DESCS);
+        CHECK(v->payload == NULL);
+        CHECK(inside(buf, len, v->desc, (size_t)v->ndesc * sizeof(struct lshm_wire_desc)));
+        for (i = 0; i < v->ndesc; i++) {
+            descs[i] = lshm__wire_desc_at(v, i);
+            CHECK(descs[i].size >= 1);
+            CHECK(descs[i].chunk_id < LSHM_CHUNK_COUNT);
+            CHECK((uint64_t)descs[i].chunk_id * LSHM_CHUNK_SIZE + descs[i].size <=
+                  LSHM_DATA_SIZE);
+            sum += descs[i].size;
+        }
+        CHECK(sum == v->hdr.size);
+    } else {
+        CHECK(v->hdr.size <= LSHM_INLINE_MAX);
+        CHECK(v->hdr.size == 0 || inside(buf, len, v->payload, v->hdr.size));
+    }
+    if (v->has_tracking)
+        CHECK(v->tracking.tracking_id < LSHM_CHUNK_COUNT);
+    n = lshm__wire_encode_user(out, &v->hdr, v->has_tracking ? &v->tracking : NULL,
+                               v->ndesc ? descs : NULL, v->ndesc, v->payload);
+    CHECK(n == len);
+    CHECK(memcmp(out, buf, len) == 0);
+}
+
+static void check_ctrl(const uint8_t *buf, size_t len, const struct lshm_wire_view *v)
+{
+    static uint8_t out[LSHM_WIRE_MAX];
+    const char *why = NULL;
+    size_t n;
+
+    CHECK(v->hdr.stream == 0 && v->hdr.flags == 0);
+    CHECK(v->ndesc == 0 && v->desc == NULL && !v->has_tracking);
+    if (v->hdr.type == LSHM_WIRE_HELLO) {
+        if (lshm__wire_check_hello(&v->hello, &why) < 0) {
+            CHECK(why != NULL && why[0] != '\0');
+            return;
+        }
+        n = lshm__wire_encode_hello(out, v->hdr.pid, v->hdr.port_id, v->hello.max_segments);
+        /* The encoder writes its own port id into the payload. */
+        if (v->hdr.port_id == v->hello.port_id) {
+            CHECK(n == len);
+            CHECK(memcmp(out, buf, len) == 0);
+        }
+        return;
+    }
+    CHECK(v->hdr.type < LSHM_TYPE_USER_MIN);
+    n = lshm__wire_encode_ctrl(out, v->hdr.type, v->hdr.pid, v->hdr.port_id, v->mmap_id);
+    CHECK(n == len);
+    CHECK(memcmp(out, buf, len) == 0);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    struct lshm_wire_view v;
+    const char *why = NULL;
+    unsigned nfds;
+    uint8_t *buf;
+    size_t len;
+    int ret;
+
+    if (size < 1)
+        return 0;
+    nfds = data[0] & 3;
+    len = size - 1;
+    /* An exact copy: a read past the datagram is a finding. */
+    buf = malloc(len ? len : 1);
+    CHECK(buf != NULL);
+    memcpy(buf, data + 1, len);
+    ret = lshm__wire_decode(buf, len, nfds, &v, &why);
+    if (ret < 0) {
+        CHECK(ret == -EPROTO);
+        CHECK(why != NULL && why[0] != '\0');
+    } else {
+        CHECK(ret == 0);
+        CHECK(len >= sizeof(struct lshm_wire_msg) && len <= LSHM_WIRE_MAX);
+        if (v.hdr.type >= LSHM_TYPE_USER_MIN) {
+            CHECK(nfds <= 1);
+            check_user(buf, len, &v);
+        } else {
+            CHECK(nfds == (v.hdr.type == LSHM_WIRE_MMAP_MSG ? 1u : 0u));
+            check_ctrl(buf, len, &v);
+        }
+    }
+    free(buf);
+    return 0;
+}
