@@ -17,6 +17,25 @@ static const struct lshm_ctx_ops ctx_ops = {
     .accept   = lshm__listeners_dispatch,
 };
 
+/*
+ * A context, and all that hangs on it, belongs to the thread that made it:
+ * any other thread, or a forked child, gets -EPERM from every call (and a
+ * call without a return value does nothing), before anything is touched.
+ */
+static int port_check(const struct lshm_port *port)
+{
+    return port->ctx == NULL ? 0 : lshm__ctx_check(port->ctx);
+}
+
+static int buf_check(const struct lshm_buf *buf)
+{
+    if (likely(buf->tid == lshm__thread_id()))
+        return 0;
+    return lshm__fail(-EPERM, "the buffer belongs to thread %d, not to this thread %d "
+                              "(or to the parent of this forked child)",
+                      (int)buf->tid, (int)lshm__thread_id());
+}
+
 /* ---- contexts ---- */
 
 LSHM_EXPORT int lshm_ctx_new(struct lshm_ctx **ctx, const struct lshm_ctx_params *params)
@@ -38,6 +57,8 @@ LSHM_EXPORT void lshm_ctx_free(struct lshm_ctx *ctx)
         lshm__ctx_forget(ctx);
         return;
     }
+    if (lshm__ctx_check(ctx) < 0)
+        return;     /* another thread's: it frees its own */
     lshm__listeners_close(ctx);
     lshm__ports_close(ctx);
     /* Give queued messages and BYEs a bounded time to go out, and the
@@ -59,8 +80,13 @@ LSHM_EXPORT int lshm_ctx_fd(const struct lshm_ctx *ctx)
 
 LSHM_EXPORT int lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 {
+    int ret;
+
     if (ctx == NULL)
         return lshm__fail(-EINVAL, "ctx is NULL");
+    ret = lshm__ctx_check(ctx);
+    if (ret < 0)
+        return ret;
     return lshm__ctx_run(ctx, timeout_ms);
 }
 
@@ -95,6 +121,9 @@ LSHM_EXPORT int lshm_socketpair(struct lshm_ctx *ctx, struct lshm_port **port, i
 
     if (ctx == NULL || port == NULL || peer_sock == NULL)
         return lshm__fail(-EINVAL, "NULL argument");
+    ret = lshm__ctx_check(ctx);
+    if (ret < 0)
+        return ret;
     ret = lshm__sock_pair(sv);
     if (ret < 0)
         return ret;
@@ -115,6 +144,9 @@ LSHM_EXPORT int lshm_port_adopt(struct lshm_ctx *ctx, int sock, struct lshm_port
 
     if (ctx == NULL || port == NULL || sock < 0)
         return lshm__fail(-EINVAL, "NULL argument or negative fd");
+    ret = lshm__ctx_check(ctx);
+    if (ret < 0)
+        return ret;
     ret = lshm__port_new(ctx, sock, port);
     if (ret < 0)
         return ret;
@@ -125,14 +157,19 @@ LSHM_EXPORT int lshm_port_adopt(struct lshm_ctx *ctx, int sock, struct lshm_port
 LSHM_EXPORT int lshm_connect(struct lshm_ctx *ctx, const char *path, int timeout_ms,
                              struct lshm_port **port)
 {
+    int ret;
+
     if (ctx == NULL || port == NULL)
         return lshm__fail(-EINVAL, "NULL argument");
+    ret = lshm__ctx_check(ctx);
+    if (ret < 0)
+        return ret;
     return lshm__connect(ctx, path, timeout_ms, port);
 }
 
 LSHM_EXPORT void lshm_port_close(struct lshm_port *port)
 {
-    if (port == NULL || port->user_closed)
+    if (port == NULL || port->user_closed || port_check(port) < 0)
         return;
     lshm__port_close(port);
 }
@@ -140,8 +177,13 @@ LSHM_EXPORT void lshm_port_close(struct lshm_port *port)
 LSHM_EXPORT int lshm_listen(struct lshm_ctx *ctx, const char *path, int mode,
                             struct lshm_listener **listener)
 {
+    int ret;
+
     if (ctx == NULL || listener == NULL || mode < 0 || mode > 0777)
         return lshm__fail(-EINVAL, "bad context, listener or mode");
+    ret = lshm__ctx_check(ctx);
+    if (ret < 0)
+        return ret;
     return lshm__listen(ctx, path, mode ? (mode_t)mode : 0600, listener);
 }
 
@@ -170,15 +212,25 @@ LSHM_EXPORT int lshm_port_wait(struct lshm_port *port, unsigned events, int time
     const unsigned all = LSHM_WAIT_READY | LSHM_WAIT_SEND | LSHM_WAIT_SHM |
                          LSHM_WAIT_RECV | LSHM_WAIT_IDLE;
 
+    int ret;
+
     if (port == NULL || port->user_closed || events == 0 || (events & ~all))
         return lshm__fail(-EINVAL, "bad port or events");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     return lshm__port_wait(port, events, timeout_ms);
 }
 
 LSHM_EXPORT int lshm_port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t *gid)
 {
+    int ret;
+
     if (port == NULL)
         return lshm__fail(-EINVAL, "port is NULL");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     return lshm__port_peer(port, pid, uid, gid);
 }
 
@@ -189,8 +241,13 @@ LSHM_EXPORT const char *lshm_port_error(const struct lshm_port *port)
 
 LSHM_EXPORT int lshm_port_id(const struct lshm_port *port)
 {
+    int ret;
+
     if (port == NULL)
         return lshm__fail(-EINVAL, "port is NULL");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     return port->id;
 }
 
@@ -198,35 +255,50 @@ LSHM_EXPORT int lshm_port_id(const struct lshm_port *port)
 
 LSHM_EXPORT int lshm_buf_alloc(struct lshm_port *port, size_t size, struct lshm_buf **buf)
 {
+    int ret;
+
     if (buf == NULL)
         return lshm__fail(-EINVAL, "buf is NULL");
     if (port == NULL || port->user_closed)
         return lshm__fail(-EINVAL, "bad port");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     return lshm__port_buf_alloc(port, size, buf);
 }
 
 LSHM_EXPORT int lshm_buf_grow(struct lshm_buf *buf, size_t size, size_t min_size)
 {
+    if (buf != NULL && buf_check(buf) < 0)
+        return -EPERM;
     return lshm__buf_grow(buf, size, min_size);
 }
 
 LSHM_EXPORT void *lshm_buf_data(struct lshm_buf *buf)
 {
+    if (buf != NULL && buf_check(buf) < 0)
+        return NULL;
     return lshm__buf_data(buf);
 }
 
 LSHM_EXPORT size_t lshm_buf_capacity(const struct lshm_buf *buf)
 {
+    if (buf != NULL && buf_check(buf) < 0)
+        return 0;
     return lshm__buf_capacity(buf);
 }
 
 LSHM_EXPORT int lshm_buf_set_size(struct lshm_buf *buf, size_t size)
 {
+    if (buf != NULL && buf_check(buf) < 0)
+        return -EPERM;
     return lshm__buf_set_size(buf, size);
 }
 
 LSHM_EXPORT void lshm_buf_free(struct lshm_buf *buf)
 {
+    if (buf != NULL && buf_check(buf) < 0)
+        return;
     lshm__buf_free(buf);
 }
 
@@ -234,17 +306,27 @@ LSHM_EXPORT void lshm_buf_free(struct lshm_buf *buf)
 
 LSHM_EXPORT int lshm_send(struct lshm_port *port, const struct lshm_out *msg, unsigned flags)
 {
+    int ret;
+
     if (port == NULL || msg == NULL || port->user_closed || (flags & ~LSHM_MORE))
         return lshm__fail(-EINVAL, "bad port, message or flags");
     if (port->ctx == NULL)
         return lshm__fail(-EPIPE, "the port's context is gone");
+    ret = lshm__ctx_check(port->ctx);
+    if (ret < 0)
+        return ret;
     return lshm__send(port, msg, flags);
 }
 
 LSHM_EXPORT int lshm_flush(struct lshm_ctx *ctx)
 {
+    int ret;
+
     if (ctx == NULL)
         return lshm__fail(-EINVAL, "ctx is NULL");
+    ret = lshm__ctx_check(ctx);
+    if (ret < 0)
+        return ret;
     return lshm__ctx_flush(ctx);
 }
 
@@ -253,8 +335,13 @@ LSHM_EXPORT int lshm_flush(struct lshm_ctx *ctx)
 LSHM_EXPORT int lshm_port_set_handler(struct lshm_port *port, lshm_msg_fn on_msg,
                                       lshm_close_fn on_close, void *arg)
 {
+    int ret;
+
     if (port == NULL || port->user_closed)
         return lshm__fail(-EINVAL, "bad port");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     return lshm__port_set_handler(port, on_msg, on_close, arg);
 }
 
@@ -271,8 +358,13 @@ LSHM_EXPORT int lshm_listener_set_handler(struct lshm_listener *listener,
 
 LSHM_EXPORT int lshm_recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms)
 {
+    int ret;
+
     if (port == NULL || msg == NULL || port->user_closed)
         return lshm__fail(-EINVAL, "bad port or message");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     if (port->on_msg != NULL)
         return lshm__fail(-EBUSY, "the port has a message handler");
     return lshm__recv(port, msg, timeout_ms);
@@ -284,6 +376,8 @@ LSHM_EXPORT void lshm_msg_done(struct lshm_msg *msg)
 
     if (msg == NULL || msg->priv == NULL)
         return;
+    if (msg->port != NULL && port_check(msg->port) < 0)
+        return;     /* the chunks stay with the owner's copy */
     /* A handler's msg is the library's own copy, freed by the release:
      * mark it done first, release through a copy. */
     copy = *msg;
@@ -296,16 +390,23 @@ LSHM_EXPORT void lshm_msg_done(struct lshm_msg *msg)
 LSHM_EXPORT int lshm_tracking_new(struct lshm_port *port, uint32_t stream,
                                   struct lshm_tracking **t)
 {
+    int ret;
+
     if (t == NULL || stream == 0)
         return lshm__fail(-EINVAL, "stream 0 cannot be tracked (0 marks a cancelled stream)");
     if (port == NULL || port->user_closed)
         return lshm__fail(-EINVAL, "bad port");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
     return lshm__port_tracking_new(port, stream, t);
 }
 
 LSHM_EXPORT bool lshm_tracking_cancel(struct lshm_tracking *t)
 {
-    return t == NULL ? false : lshm__tracking_cancel(t);
+    if (t == NULL || port_check(t->port) < 0)
+        return false;
+    return lshm__tracking_cancel(t);
 }
 
 /* ---- what the kernel offers ---- */

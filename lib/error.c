@@ -1,4 +1,6 @@
-/* The text of the calling thread's last failure (lshm_last_error()) and debug logging. */
+/* The text of the calling thread's last failure (lshm_last_error()), debug logging,
+ * and the calling thread's id. */
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -42,4 +44,28 @@ void lshm__log(const char *fmt, ...)
     vsnprintf(line, sizeof(line), fmt, ap);
     va_end(ap);
     fprintf(stderr, "linuxshm[%d]: %s\n", (int)getpid(), line);
+}
+
+/* A thread's id costs a system call: cache it, and forget it in a forked
+ * child, whose one thread has a new id. */
+static __thread pid_t this_tid;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void forget_tid(void)
+{
+    this_tid = 0;
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, forget_tid);
+}
+
+pid_t lshm__thread_id(void)
+{
+    if (unlikely(this_tid == 0)) {
+        pthread_once(&atfork_once, register_atfork);
+        this_tid = gettid();
+    }
+    return this_tid;
 }

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <sys/types.h>
 #include <time.h>
 
 #include "linuxshm.h"
@@ -56,6 +57,9 @@ const char *lshm__error_text(void);
 
 /* Fill in what the kernel and the process offer (probe.c). */
 int lshm__probe(struct lshm_probe *out);
+
+/* The calling thread's id, cached (and forgotten in a forked child). */
+pid_t lshm__thread_id(void);
 
 /* Log one line to stderr when LSHM_DEBUG is set in the environment. */
 void lshm__log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

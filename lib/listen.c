@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "listen.h"
@@ -167,6 +168,8 @@ int lshm__listener_check(const struct lshm_listener *l, bool accepting)
 {
     if (l == NULL || l->closing)
         return lshm__fail(-EINVAL, "bad listener");
+    if (lshm__ctx_check(l->ctx) < 0)
+        return -EPERM;
     if (accepting && l->on_accept != NULL)
         return lshm__fail(-EBUSY, "the listener has an accept handler");
     return 0;
@@ -274,9 +277,12 @@ void lshm__listeners_forget(struct lshm_ctx *ctx)
     }
 }
 
+/* A connect in flight.  It lives on the heap: a connect the kernel does
+ * not let go of in time is abandoned, and frees itself when it ends. */
 struct connect_op {
     struct lshm_op op;
     bool           done;
+    bool           abandoned;
     int            res;
 };
 
@@ -284,43 +290,118 @@ static void connect_done(struct lshm_op *op, int res, bool more, void *buf, unsi
 {
     struct connect_op *c = (struct connect_op *)op;
 
+    if (c->abandoned) {
+        free(c);
+        return;
+    }
     c->done = true;
     c->res = res;
+}
+
+/* Milliseconds left until end (end 0: no limit, -1). */
+static int left_ms(long long end)
+{
+    long long left;
+
+    if (end == 0)
+        return -1;
+    left = end - lshm__now_ms();
+    return left <= 0 ? 0 : left > INT32_MAX ? INT32_MAX : (int)left;
+}
+
+/* A server that is alive but does not accept, its backlog full, keeps a
+ * connect(2) waiting: the kernel bounds that wait by SO_SNDTIMEO (and the
+ * sends after it, so it is taken off again: -1). */
+static void bound_connect(int fd, int timeout_ms)
+{
+    struct timeval tv = { 0, 0 };
+
+    if (timeout_ms >= 0) {
+        tv.tv_sec = timeout_ms / 1000;
+        tv.tv_usec = timeout_ms % 1000 * 1000;
+        if (timeout_ms == 0)
+            tv.tv_usec = 1000;      /* 0 would mean no limit */
+    }
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+}
+
+/* Wait for c within end; on time out cancel it, and give the cancel a
+ * moment before c is abandoned.  0, or -ETIMEDOUT with c abandoned. */
+static int connect_wait(struct lshm_ctx *ctx, struct connect_op *c, long long end)
+{
+    long long stop;
+
+    while (!c->done) {
+        int step = left_ms(end);
+
+        if (step == 0)
+            break;
+        lshm__ctx_step(ctx, step);
+    }
+    if (c->done)
+        return 0;
+    lshm__ring_cancel(ctx->ring, &c->op);
+    stop = lshm__now_ms() + 100;
+    while (!c->done && lshm__now_ms() < stop)
+        lshm__ctx_step(ctx, 10);
+    if (c->done)
+        return c->res == -ECANCELED || c->res == -EINTR ? -ETIMEDOUT : 0;
+    c->abandoned = true;
+    return -ETIMEDOUT;
 }
 
 int lshm__connect(struct lshm_ctx *ctx, const char *path, int timeout_ms,
                   struct lshm_port **out)
 {
-    struct connect_op c = { .op.complete = connect_done };
+    long long end = timeout_ms >= 0 ? lshm__now_ms() + timeout_ms : 0;
+    struct connect_op *c;
     struct sockaddr_un sun;
     struct lshm_port *port;
-    int fd, ret;
+    int fd, ret, res;
 
     ret = lshm__sock_addr(path, &sun);
     if (ret < 0)
         return ret;
+    c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return lshm__fail(-ENOMEM, "out of memory");
+    c->op.complete = connect_done;
     fd = lshm__sock_new();
-    if (fd < 0)
+    if (fd < 0) {
+        free(c);
         return fd;
-    ret = lshm__ring_connect(ctx->ring, fd, (struct sockaddr *)&sun, sizeof(sun), &c.op);
-    if (ret < 0)
-        goto fail;
-    /* Only this operation points at the stack: wait for it whatever else
-     * completes meanwhile. */
-    while (!c.done) {
-        ret = lshm__ctx_step(ctx, -1);
-        if (ret < 0 && ret != -EINTR)
-            goto fail_wait;
     }
-    if (c.res < 0) {
-        ret = lshm__fail(c.res, "connect %s: %s", path, strerror(-c.res));
-        goto fail;
+    if (timeout_ms >= 0)
+        bound_connect(fd, timeout_ms);
+    ret = lshm__ring_connect(ctx->ring, fd, (struct sockaddr *)&sun, sizeof(sun), &c->op);
+    if (ret < 0) {
+        free(c);
+        close(fd);
+        return lshm__fail(ret, "connect %s: no room in the ring", path);
     }
+    ret = connect_wait(ctx, c, end);
+    res = c->res;
+    if (!c->abandoned)
+        free(c);
+    if (ret == 0 && res == -EAGAIN)
+        ret = -ETIMEDOUT;   /* SO_SNDTIMEO ran out */
+    if (ret == -ETIMEDOUT) {
+        close(fd);
+        return lshm__fail(-ETIMEDOUT, "connect %s: not accepted within %d ms (the server is "
+                          "alive but not accepting: its backlog is full)", path, timeout_ms);
+    }
+    if (res < 0) {
+        close(fd);
+        return lshm__fail(res, "connect %s: %s", path, strerror(-res));
+    }
+    bound_connect(fd, -1);
     ret = lshm__port_new(ctx, fd, &port);
-    if (ret < 0)
-        goto fail;
+    if (ret < 0) {
+        close(fd);
+        return ret;
+    }
     lshm__port_start(port);
-    ret = lshm__port_wait(port, LSHM_WAIT_READY, timeout_ms);
+    ret = lshm__port_wait(port, LSHM_WAIT_READY, left_ms(end));
     if (ret < 0) {
         /* The wait's text, before closing can write another. */
         char why[256];
@@ -331,13 +412,4 @@ int lshm__connect(struct lshm_ctx *ctx, const char *path, int timeout_ms,
     }
     *out = port;
     return 0;
-fail_wait:
-    /* Can't leave c on the stack with the ring still holding it. */
-    close(fd);
-    while (!c.done && lshm__ctx_step(ctx, 100) >= 0)
-        ;
-    return ret;
-fail:
-    close(fd);
-    return ret;
 }
