@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
@@ -21,6 +22,12 @@ struct lshm_listener {
     struct lshm_op        op;
     bool                  armed;
     bool                  closing;
+    /* Out of fds (or memory), accept(2) fails while a client waits: retry
+     * on a timer, backing off, rather than at once. */
+    struct lshm_op        retry_op;
+    bool                  retry_armed;
+    unsigned              backoff_ms;   /* the next retry's delay; 0: none pending */
+    int                   error;        /* the last accept's failure, or 0 */
     struct lshm_port    **ready;        /* accepted, waiting for lshm_accept */
     unsigned              nready, capready;
     lshm_accept_fn        on_accept;
@@ -48,9 +55,15 @@ static void listener_free(struct lshm_listener *l)
     free(l);
 }
 
+/* Both its operations ended: nothing in the ring points at l any more. */
+static bool listener_idle(const struct lshm_listener *l)
+{
+    return !l->armed && !l->retry_armed;
+}
+
 static void listener_arm(struct lshm_listener *l)
 {
-    if (l->armed || l->closing)
+    if (l->armed || l->retry_armed || l->closing)
         return;
     if (lshm__ring_accept(l->ctx->ring, l->fd, &l->op, true) == 0)
         l->armed = true;
@@ -76,6 +89,56 @@ static void port_ready(void *owner, struct lshm_port *port)
     l->ready[l->nready++] = port;
 }
 
+#define BACKOFF_MIN_MS 10u
+#define BACKOFF_MAX_MS 500u
+
+/* Is this accept failure one of the process's limits (fds, memory)? */
+static bool is_resource_error(int res)
+{
+    return res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM;
+}
+
+static void retry_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct lshm_listener *l = (struct lshm_listener *)((char *)op -
+                                                       offsetof(struct lshm_listener, retry_op));
+
+    l->retry_armed = false;
+    if (l->closing) {
+        if (listener_idle(l))
+            listener_free(l);
+        return;
+    }
+    listener_arm(l);
+}
+
+/* accept(2) failed for want of a resource: try again after a pause that
+ * doubles up to BACKOFF_MAX_MS, and say so once per failure kind. */
+static void accept_back_off(struct lshm_listener *l, int res)
+{
+    if (l->error != res) {
+        struct rlimit rl = { 0, 0 };
+
+        getrlimit(RLIMIT_NOFILE, &rl);
+        lshm__log("accept on %s failed: %s (RLIMIT_NOFILE %llu); retrying every %u ms at most",
+                  l->path, strerror(-res), (unsigned long long)rl.rlim_cur, BACKOFF_MAX_MS);
+    }
+    l->error = res;
+    l->backoff_ms = l->backoff_ms == 0 ? BACKOFF_MIN_MS
+                  : l->backoff_ms * 2 > BACKOFF_MAX_MS ? BACKOFF_MAX_MS : l->backoff_ms * 2;
+    if (l->armed) {
+        /* A multishot accept still armed: stop it, the timer re-arms. */
+        lshm__ring_cancel(l->ctx->ring, &l->op);
+    }
+    l->retry_op.complete = retry_done;
+    /* The ring keeps one timespec for timeouts, read at submission:
+     * submit what is queued before and this one at once. */
+    lshm__ring_submit(l->ctx->ring);
+    if (lshm__ring_timeout(l->ctx->ring, l->backoff_ms, &l->retry_op) == 0)
+        l->retry_armed = true;
+    lshm__ring_submit(l->ctx->ring);
+}
+
 static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
 {
     struct lshm_listener *l = (struct lshm_listener *)((char *)op -
@@ -87,11 +150,18 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
     if (l->closing) {
         if (res >= 0)
             close(res);
-        if (!l->armed)
+        if (listener_idle(l))
             listener_free(l);
         return;
     }
+    if (is_resource_error(res)) {
+        if (!l->retry_armed)
+            accept_back_off(l, res);
+        return;
+    }
     if (res >= 0) {
+        l->error = 0;
+        l->backoff_ms = 0;
         /* The caller sees the port once its handshake is done (port_ready);
          * one that leaves before is never shown. */
         if (lshm__port_new(l->ctx, res, &port) < 0) {
@@ -103,10 +173,6 @@ static void accept_done(struct lshm_op *op, int res, bool more, void *buf, unsig
         }
     } else if (res != -ECANCELED && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN) {
         lshm__log("accept on %s failed: %s", l->path, strerror(-res));
-    }
-    if (l->closing && !l->armed) {
-        listener_free(l);
-        return;
     }
     listener_arm(l);
 }
@@ -193,6 +259,11 @@ int lshm__accept(struct lshm_listener *l, struct lshm_port **port, int timeout_m
         if (timeout_ms >= 0) {
             long long left = end - lshm__now_ms();
 
+            if (left <= 0 && l->error != 0)
+                return lshm__fail(l->error, "no connection accepted within %d ms: accept "
+                                  "fails with \"%s\" (RLIMIT_NOFILE, or the system's file "
+                                  "table); it is retried until fds are free", timeout_ms,
+                                  strerror(-l->error));
             if (left <= 0)
                 return lshm__fail(-ETIMEDOUT, "no connection within %d ms", timeout_ms);
             step = (int)left;
@@ -227,10 +298,14 @@ void lshm__listener_close(struct lshm_listener *l)
                 lshm__port_close(port);
         }
     }
-    if (l->armed) {
-        /* The accept in flight still points at l: free it at its end. */
+    if (!listener_idle(l)) {
+        /* An accept or a retry timer in flight still points at l: free it
+         * at their end. */
         shutdown(l->fd, SHUT_RDWR);
-        lshm__ring_cancel(l->ctx->ring, &l->op);
+        if (l->armed)
+            lshm__ring_cancel(l->ctx->ring, &l->op);
+        if (l->retry_armed)
+            lshm__ring_cancel(l->ctx->ring, &l->retry_op);
         lshm__ring_submit(l->ctx->ring);
         return;
     }
@@ -257,6 +332,7 @@ void lshm__listeners_reap(struct lshm_ctx *ctx)
         if (!l->closing && l->path != NULL)
             unlink(l->path);
         l->armed = false;
+        l->retry_armed = false;
         listener_free(l);
     }
 }

@@ -93,3 +93,93 @@ LTEST(limits, connect_to_full_backlog_with_timeout_0_returns)
 {
     connect_keeps_timeout(0);
 }
+
+/* ======================================================================
+ * A listener at its fd limit sleeps, says why, and accepts later
+ * ====================================================================== */
+
+static long cpu_ms(void)
+{
+    struct rusage ru;
+
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec * 1000 + ru.ru_utime.tv_usec / 1000 +
+           ru.ru_stime.tv_sec * 1000 + ru.ru_stime.tv_usec / 1000;
+}
+
+LTEST(limits, listener_at_fd_limit_sleeps_says_why_and_accepts_later)
+{
+    char *dir = tmp_dir(), path[128];
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_listener *l;
+    struct lshm_port *p = NULL;
+    struct lshm_ctx_stats st0, st1;
+    struct rlimit old, low;
+    int fill[256], nfill = 0, ret;
+    long cpu;
+    pid_t pid;
+
+    snprintf(path, sizeof(path), "%s/srv", dir);
+    /* The kernel reads the limit when the accept is armed: lower it first. */
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = count_fds() + 40;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &low), 0);
+    cr_assert_eq(lshm_listen(ctx, path, 0, &l), 0, "%s", lshm_last_error());
+    while (nfill < 256) {
+        int fd = dup(0);
+
+        if (fd < 0)
+            break;
+        fill[nfill++] = fd;
+    }
+    cr_assert_eq(errno, EMFILE);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        struct lshm_ctx *cctx;
+        struct lshm_port *cp;
+        struct lshm_msg m;
+
+        for (int i = 0; i < nfill; i++)
+            close(fill[i]);
+        if (lshm_ctx_new(&cctx, NULL) < 0)
+            _exit(90);
+        if (lshm_connect(cctx, path, 10000, &cp) < 0) {
+            fprintf(stderr, "client: %s\n", lshm_last_error());
+            _exit(1);
+        }
+        /* Until the server closes the port. */
+        while (lshm_recv(cp, &m, 10000) == 0)
+            lshm_msg_done(&m);
+        lshm_port_close(cp);
+        lshm_ctx_free(cctx);
+        _exit(0);
+    }
+    cr_assert_eq(lshm_ctx_stats(ctx, &st0), 0);
+    cpu = cpu_ms();
+    ret = lshm_accept(l, &p, 1000);
+    cpu = cpu_ms() - cpu;
+    cr_assert_eq(lshm_ctx_stats(ctx, &st1), 0);
+    cr_expect_eq(ret, -EMFILE, "lshm_accept at the fd limit: %d %s", ret, lshm_last_error());
+    cr_expect(strstr(lshm_last_error(), "RLIMIT_NOFILE") != NULL, "%s", lshm_last_error());
+    cr_expect_lt(cpu, 150, "lshm_accept spun: %ld ms of CPU in 1000 ms", cpu);
+    cr_expect_lt(st1.enters - st0.enters, 100, "lshm_accept spun: %llu io_uring_enter calls "
+                 "in 1000 ms", (unsigned long long)(st1.enters - st0.enters));
+    for (int i = 0; i < nfill; i++)
+        close(fill[i]);
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+    if (ret == 0)
+        lshm_port_close(p);
+    else {
+        ret = lshm_accept(l, &p, 5000);
+        cr_assert_eq(ret, 0, "fds free again, the client is still not accepted: %d %s", ret,
+                     lshm_last_error());
+        lshm_port_close(p);
+    }
+    lshm_listener_close(l);
+    lshm_ctx_free(ctx);
+    child_ok(pid, 10000);
+    rmdir(dir);
+    free(dir);
+}
