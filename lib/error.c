@@ -3,6 +3,8 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -68,4 +70,39 @@ pid_t lshm__thread_id(void)
         this_tid = gettid();
     }
     return this_tid;
+}
+
+const char *lshm__limit_text(int err)
+{
+    static __thread char text[160];
+    struct rlimit rl;
+    int res = -1;
+
+    switch (err) {
+    case -EMFILE:
+        res = RLIMIT_NOFILE;
+        break;
+    case -EFBIG:
+        res = RLIMIT_FSIZE;
+        break;
+    case -ENFILE:
+        return "the system's file table is full (fs.file-max)";
+    case -ENOMEM:
+        if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+            snprintf(text, sizeof(text), "out of memory or address space (RLIMIT_AS %llu "
+                     "bytes), or of mappings (vm.max_map_count)",
+                     (unsigned long long)rl.rlim_cur);
+            return text;
+        }
+        return "out of memory, or of mappings (vm.max_map_count)";
+    default:
+        return strerror(-err);
+    }
+    if (getrlimit(res, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+        snprintf(text, sizeof(text), "%s: the process is at its limit (%s %llu)",
+                 strerror(-err), res == RLIMIT_NOFILE ? "RLIMIT_NOFILE" : "RLIMIT_FSIZE",
+                 (unsigned long long)rl.rlim_cur);
+    else
+        snprintf(text, sizeof(text), "%s", strerror(-err));
+    return text;
 }

@@ -58,6 +58,10 @@ const char *lshm__error_text(void);
 /* Fill in what the kernel and the process offer (probe.c). */
 int lshm__probe(struct lshm_probe *out);
 
+/* err (-errno) in words, naming the limit it comes from when it is one
+ * (RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_AS, vm.max_map_count, fs.file-max). */
+const char *lshm__limit_text(int err);
+
 /* The calling thread's id, cached (and forgotten in a forked child). */
 pid_t lshm__thread_id(void);
 

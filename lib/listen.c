@@ -19,6 +19,7 @@ struct lshm_listener {
     struct lshm_listener *next, *prev;
     int                   fd;
     char                 *path;
+    struct lshm_sock_file own;          /* the file path named when bound */
     struct lshm_op        op;
     bool                  armed;
     bool                  closing;
@@ -181,24 +182,26 @@ int lshm__listen(struct lshm_ctx *ctx, const char *path, mode_t mode,
                  struct lshm_listener **out)
 {
     struct lshm_listener *l;
+    struct lshm_sock_file own;
     struct sockaddr_un sun;
     int fd, ret;
 
     ret = lshm__sock_addr(path, &sun);
     if (ret < 0)
         return ret;
-    ret = lshm__sock_listen(&sun, mode, &fd);
+    ret = lshm__sock_listen(&sun, mode, &fd, &own);
     if (ret < 0)
         return ret;
     l = calloc(1, sizeof(*l));
     if (l == NULL || (l->path = strdup(path)) == NULL) {
         free(l);
-        unlink(path);
+        lshm__sock_unlink_own(path, &own);
         close(fd);
         return lshm__fail(-ENOMEM, "out of memory");
     }
     l->ctx = ctx;
     l->fd = fd;
+    l->own = own;
     l->op.complete = accept_done;
     l->next = ctx->listeners;
     if (ctx->listeners != NULL)
@@ -284,7 +287,7 @@ void lshm__listener_close(struct lshm_listener *l)
 
     l->closing = true;
     if (l->path != NULL)
-        unlink(l->path);
+        lshm__sock_unlink_own(l->path, &l->own);
     /* Accepted, never taken: their peers get a BYE. */
     for (i = 0; i < l->nready; i++)
         if (!l->ready[i]->user_closed)
@@ -330,7 +333,7 @@ void lshm__listeners_reap(struct lshm_ctx *ctx)
 
     while ((l = ctx->listeners) != NULL) {
         if (!l->closing && l->path != NULL)
-            unlink(l->path);
+            lshm__sock_unlink_own(l->path, &l->own);
         l->armed = false;
         l->retry_armed = false;
         listener_free(l);
