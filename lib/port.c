@@ -754,10 +754,8 @@ static int port_alloc(struct lshm_port *port, bool tracking, struct lshm_alloc *
 
     ret = lshm__peer_out_alloc(port->peer, port->id, seg_limit(port), tracking,
                               (port->ctx->p.flags & LSHM_CTX_SCRUB) != 0, a);
-    if (ret == -EAGAIN)
-        return ret;     /* the peer layer said why (limit, or a segment not mapped yet) */
     if (ret < 0)
-        return lshm__fail(ret, "cannot allocate shared memory: %s", strerror(-ret));
+        return ret;     /* the peer layer said why (a limit, or a segment not mapped yet) */
     if (a->created) {
         /* The segment's MMAP goes ahead of every message that uses it. */
         ret = lshm__port_queue_mmap(port, a->seg);

@@ -91,6 +91,11 @@ static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int f
         return -EPROTO;
     }
     ret = lshm__seg_import(fd, v->mmap_id, port->peer_pid, port->ctx->pid, &seg);
+    if (ret == -ENOMEM) {       /* this process's limit: the peer did nothing wrong */
+        lshm__port_fail(port, ret, "segment %u cannot be mapped: %s", v->mmap_id,
+                        lshm__limit_text(ret));
+        return ret;
+    }
     if (ret < 0) {
         lshm__port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
                        v->mmap_id, lshm__seg_strerror(ret));

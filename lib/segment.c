@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -79,6 +80,7 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
 {
     struct lshm_segment_header *hdr;
     struct lshm_seg *seg;
+    struct rlimit rl;
     void *mem;
     int fd, ret;
 
@@ -86,10 +88,18 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     if (seg == NULL)
         return lshm__fail(-ENOMEM, "segment: out of memory");
 
+    /* Above RLIMIT_FSIZE, ftruncate would raise SIGXFSZ, which kills. */
+    if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < LSHM_SEGMENT_SIZE) {
+        ret = lshm__fail(-EFBIG, "segment of %u bytes is above the file size limit "
+                         "(RLIMIT_FSIZE %llu)", LSHM_SEGMENT_SIZE,
+                         (unsigned long long)rl.rlim_cur);
+        goto fail_free;
+    }
     fd = make_memfd();
     if (fd < 0) {
         ret = fd;
-        lshm__fail(ret, "memfd_create: %s%s", strerror(-ret),
+        lshm__fail(ret, "memfd_create: %s%s", lshm__limit_text(ret),
                   ret == -ENOSYS ? " (the kernel has no memfd; there is no fallback)" : "");
         goto fail_free;
     }
@@ -103,7 +113,7 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     }
     mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED) {
-        ret = lshm__fail(-errno, "segment: mmap: %s", strerror(errno));
+        ret = lshm__fail(-errno, "segment: mmap: %s", lshm__limit_text(-errno));
         goto fail_close;
     }
     /* A forked child must not keep the peer's memory (or its pages) alive. */
@@ -256,7 +266,8 @@ const char *lshm__seg_strerror(int err)
     case -ENXIO:
         return "segment destination pid is not this process";
     case -ENOMEM:
-        return "out of memory mapping the segment";
+        return "out of memory or address space mapping the segment (RLIMIT_AS, "
+               "vm.max_map_count)";
     default:
         return "segment cannot be mapped";
     }

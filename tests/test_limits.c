@@ -183,3 +183,117 @@ LTEST(limits, listener_at_fd_limit_sleeps_says_why_and_accepts_later)
     rmdir(dir);
     free(dir);
 }
+
+/* ======================================================================
+ * Resource limits name themselves: never a signal, never the peer's fault
+ * ====================================================================== */
+
+LTEST(limits, file_size_limit_gives_efbig_not_sigxfsz)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    struct lshm_buf *b = NULL;
+    struct rlimit old, low;
+    pid_t pid;
+    int ret;
+
+    pid = spawn(ctx, NULL, &port, echo_pull, NULL);
+    wait_ready(port);
+    cr_assert_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    low = old;
+    low.rlim_cur = 1 << 20;
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &low), 0);
+    ret = lshm_buf_alloc(port, 1000, &b);
+    cr_assert_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    cr_assert_eq(ret, -EFBIG, "%d %s", ret, lshm_last_error());
+    cr_assert(strstr(lshm_last_error(), "RLIMIT_FSIZE") != NULL, "%s", lshm_last_error());
+    /* Nothing is left half made: with the limit back it works. */
+    echo_roundtrip(port, 1, 10000, true);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(limits, fd_limit_at_segment_creation_names_rlimit_nofile)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    struct lshm_buf *b = NULL;
+    struct rlimit old, low;
+    int fill[256], nfill = 0, ret;
+    pid_t pid;
+
+    pid = spawn(ctx, NULL, &port, echo_pull, NULL);
+    wait_ready(port);
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &old), 0);
+    low = old;
+    low.rlim_cur = count_fds() + 20;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &low), 0);
+    while (nfill < 256 && (fill[nfill] = dup(2)) >= 0)
+        nfill++;
+    ret = lshm_buf_alloc(port, 1000, &b);
+    for (int i = 0; i < nfill; i++)
+        close(fill[i]);
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &old), 0);
+    cr_assert_eq(ret, -EMFILE, "%d %s", ret, lshm_last_error());
+    cr_assert(strstr(lshm_last_error(), "RLIMIT_NOFILE") != NULL, "%s", lshm_last_error());
+    echo_roundtrip(port, 1, 10000, true);
+    spawn_end(ctx, port, pid);
+}
+
+/* The child: at its address-space limit, it cannot map the peer's segment. */
+static int recv_at_as_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned long pages = 0;
+    struct lshm_msg m;
+    struct rlimit rl;
+    FILE *f = fopen("/proc/self/statm", "r");
+    int ret;
+
+    CK(f != NULL && fscanf(f, "%lu", &pages) == 1);
+    fclose(f);
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    rl.rlim_cur = rl.rlim_max = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (4u << 20);
+    CK(setrlimit(RLIMIT_AS, &rl) == 0);
+    ret = lshm_recv(port, &m, 10000);
+    if (ret == 0)
+        lshm_msg_done(&m);
+    CK(ret == -ENOMEM);
+    CK(strstr(lshm_last_error(), "RLIMIT_AS") != NULL);
+    CK(strstr(lshm_last_error(), "protocol violation") == NULL);
+    return 0;
+}
+
+LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peer)
+{
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    pid_t pid;
+
+    if (getenv("LSHM_SANITIZER") != NULL)
+        cr_skip_test("a sanitizer's shadow memory does not fit under RLIMIT_AS");
+    ctx = ctx_make(NULL);
+    pid = spawn(ctx, NULL, &port, recv_at_as_limit, NULL);
+    wait_ready(port);
+    cr_assert_eq(send_shm(port, 1, 100000, -1), 0, "%s", lshm_last_error());
+    child_ok(pid, 10000);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+}
+
+LTEST(limits, segment_limit_names_max_segments)
+{
+    struct lshm_ctx_params cp = { .max_segments = 1 };
+    struct lshm_ctx *ctx = ctx_make(&cp);
+    struct lshm_port *port;
+    struct lshm_buf *b[2] = { NULL, NULL };
+    pid_t pid;
+    int ret;
+
+    pid = spawn(ctx, NULL, &port, echo_pull, NULL);
+    wait_ready(port);
+    cr_assert_eq(lshm_buf_alloc(port, LSHM_DATA_SIZE, &b[0]), 0, "%s", lshm_last_error());
+    ret = lshm_buf_alloc(port, 1000, &b[1]);
+    cr_assert_eq(ret, -EAGAIN, "%d %s", ret, lshm_last_error());
+    cr_assert(strstr(lshm_last_error(), "max_segments") != NULL, "%s", lshm_last_error());
+    lshm_buf_free(b[0]);
+    spawn_end(ctx, port, pid);
+}
