@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include "listen.h"
+#include "payload.h"
 
 #define CLOSE_DRAIN_MS 1000
 
@@ -300,6 +301,77 @@ LSHM_EXPORT void lshm_buf_free(struct lshm_buf *buf)
     if (buf != NULL && buf_check(buf) < 0)
         return;
     lshm__buf_free(buf);
+}
+
+/* ---- whole payloads ---- */
+
+/* Every piece present and this thread's. */
+static int bufs_check(struct lshm_buf *const *bufs, unsigned n)
+{
+    unsigned i;
+
+    if (bufs == NULL || n == 0 || n > LSHM_MAX_DESCS)
+        return lshm__fail(-EINVAL, "bufs is NULL, or nbufs %u not 1 to %u", n, LSHM_MAX_DESCS);
+    for (i = 0; i < n; i++) {
+        if (bufs[i] == NULL || bufs[i]->sent)
+            return lshm__fail(-EINVAL, "buffer %u is NULL or was sent", i);
+        if (buf_check(bufs[i]) < 0)
+            return -EPERM;
+    }
+    return 0;
+}
+
+LSHM_EXPORT int lshm_bufs_alloc(struct lshm_port *port, size_t size, int timeout_ms,
+                                struct lshm_buf **bufs, unsigned *nbufs)
+{
+    int ret;
+
+    if (bufs == NULL || nbufs == NULL)
+        return lshm__fail(-EINVAL, "bufs or nbufs is NULL");
+    *nbufs = 0;
+    if (port == NULL || port->user_closed)
+        return lshm__fail(-EINVAL, "bad port");
+    ret = port_check(port);
+    if (ret < 0)
+        return ret;
+    if (size == 0 || size > (size_t)LSHM_MAX_DESCS * LSHM_DATA_SIZE)
+        return lshm__fail(-EMSGSIZE, "a payload of %zu bytes: 1 to %u pieces of at most "
+                          "%u bytes", size, LSHM_MAX_DESCS, LSHM_DATA_SIZE);
+    return lshm__bufs_alloc(port, size, timeout_ms, bufs, nbufs);
+}
+
+LSHM_EXPORT size_t lshm_bufs_iov(struct lshm_buf *const *bufs, unsigned nbufs,
+                                 struct iovec *iov)
+{
+    if (iov == NULL || bufs_check(bufs, nbufs) < 0)
+        return 0;
+    lshm__bufs_iov(bufs, nbufs, iov);
+    return lshm__bufs_size(bufs, nbufs);
+}
+
+LSHM_EXPORT int lshm_bufs_copy_in(struct lshm_buf *const *bufs, unsigned nbufs, size_t off,
+                                  const void *src, size_t len)
+{
+    size_t total;
+    int ret = bufs_check(bufs, nbufs);
+
+    if (ret < 0)
+        return ret;
+    total = lshm__bufs_size(bufs, nbufs);
+    if (off > total || len > total - off)
+        return lshm__fail(-ERANGE, "%zu bytes at offset %zu: the payload holds %zu",
+                          len, off, total);
+    if (src == NULL && len > 0)
+        return lshm__fail(-EINVAL, "src is NULL");
+    lshm__bufs_copy_in(bufs, nbufs, off, src, len);
+    return 0;
+}
+
+LSHM_EXPORT void lshm_bufs_free(struct lshm_buf **bufs, unsigned nbufs)
+{
+    if (nbufs == 0 || bufs_check(bufs, nbufs) < 0)
+        return;
+    lshm__bufs_free(bufs, nbufs);
 }
 
 /* ---- sending ---- */
