@@ -1,8 +1,33 @@
 #!/bin/sh
 # Make sure the Debian packages liblinuxshm builds and tests with are here.
 # As root with apt-get, install what is missing; otherwise say what to run.
+#   sh tools/deps.sh build   what `make` needs (the library and shmping)
+#   sh tools/deps.sh         everything, tests and documentation checks too
+# Without dpkg (not Debian), check the headers and name what is missing.
 set -u
-need="liburing-dev libcap-dev libcriterion-dev mandoc pkg-config"
+case "${1:-all}" in
+build)
+    need="liburing-dev libcap-dev"
+    headers="liburing.h sys/capability.h"
+    ;;
+*)
+    need="liburing-dev libcap-dev libcriterion-dev mandoc pkg-config"
+    headers="liburing.h sys/capability.h criterion/criterion.h"
+    ;;
+esac
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    missing=""
+    for h in $headers; do
+        echo "#include <$h>" | ${CC:-cc} -E -x c - >/dev/null 2>&1 || missing="$missing $h"
+    done
+    [ -z "$missing" ] && exit 0
+    echo "missing headers:$missing" >&2
+    echo "install the development packages of liburing, libcap and Criterion" \
+         "(on Debian: apt-get install $need)" >&2
+    exit 1
+fi
+
 missing=""
 for p in $need; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
