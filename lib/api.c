@@ -100,6 +100,8 @@ LSHM_EXPORT int lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats
 {
     if (ctx == NULL || stats == NULL)
         return lshm__fail(-EINVAL, "NULL argument");
+    if (lshm__ctx_check(ctx) < 0)
+        return -EPERM;
     lshm__ctx_stats(ctx, stats);
     return 0;
 }
