@@ -297,3 +297,34 @@ LTEST(limits, segment_limit_names_max_segments)
     lshm_buf_free(b[0]);
     spawn_end(ctx, port, pid);
 }
+
+LTEST(limits, address_space_limit_at_segment_creation_names_rlimit_as)
+{
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    struct lshm_buf *b = NULL;
+    struct rlimit old, low;
+    unsigned long pages = 0;
+    FILE *f;
+    pid_t pid;
+    int ret;
+
+    if (getenv("LSHM_SANITIZER") != NULL)
+        cr_skip_test("a sanitizer's shadow memory does not fit under RLIMIT_AS");
+    ctx = ctx_make(NULL);
+    pid = spawn(ctx, NULL, &port, echo_pull, NULL);
+    wait_ready(port);
+    f = fopen("/proc/self/statm", "r");
+    cr_assert(f != NULL && fscanf(f, "%lu", &pages) == 1);
+    fclose(f);
+    cr_assert_eq(getrlimit(RLIMIT_AS, &old), 0);
+    low = old;
+    low.rlim_cur = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (4u << 20);
+    cr_assert_eq(setrlimit(RLIMIT_AS, &low), 0);
+    ret = lshm_buf_alloc(port, 1000, &b);
+    cr_assert_eq(setrlimit(RLIMIT_AS, &old), 0);
+    cr_assert_eq(ret, -ENOMEM, "%d %s", ret, lshm_last_error());
+    cr_assert(strstr(lshm_last_error(), "RLIMIT_AS") != NULL, "%s", lshm_last_error());
+    echo_roundtrip(port, 1, 10000, true);
+    spawn_end(ctx, port, pid);
+}

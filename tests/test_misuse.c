@@ -6,7 +6,9 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <sys/wait.h>
 
 #include "port_util.h"
@@ -15,6 +17,9 @@ struct other {
     struct lshm_ctx  *ctx;
     struct lshm_port *port;
     struct lshm_buf  *buf;      /* the owner's */
+    struct lshm_listener *listener;     /* the owner's, or NULL */
+    struct lshm_tracking *tracking;     /* the owner's, or NULL */
+    struct lshm_msg   msg;              /* the owner's, priv NULL: none */
     int               bad;      /* first call that did not answer -EPERM, 0: none */
     int               got;      /* what it answered */
 };
@@ -53,9 +58,27 @@ static void misuse_all(struct other *o)
     EXPECT_EPERM(o, 12, lshm_connect(o->ctx, "/nonexistent/lshm", 10, &p2));
     EXPECT_EPERM(o, 13, lshm_port_adopt(o->ctx, 0, &p2));
     EXPECT_EPERM(o, 14, lshm_port_id(o->port));
+    EXPECT_EPERM(o, 15, lshm_ctx_stats(o->ctx, &(struct lshm_ctx_stats){ 0 }));
+    EXPECT_EPERM(o, 16, lshm_bufs_alloc(o->port, 100, 0, &b, &(unsigned){ 0 }));
+    EXPECT_EPERM(o, 17, lshm_bufs_copy_in(&o->buf, 1, 0, &byte, 1));
+    if (lshm_buf_data(o->buf) != NULL || lshm_buf_capacity(o->buf) != 0)
+        o->bad = 18;
+    if (o->listener != NULL) {
+        EXPECT_EPERM(o, 19, lshm_accept(o->listener, &p2, 0));
+        EXPECT_EPERM(o, 20, lshm_listener_set_handler(o->listener, NULL, NULL));
+        lshm_listener_close(o->listener);
+    }
+    if (o->tracking != NULL && lshm_tracking_cancel(o->tracking))
+        o->bad = 21;
     /* Calls without a return value do nothing at all. */
     lshm_buf_free(o->buf);
+    lshm_bufs_free(&o->buf, 1);
     lshm_port_close(o->port);
+    if (o->msg.priv != NULL) {
+        struct lshm_msg copy = o->msg;
+
+        lshm_msg_done(&copy);
+    }
     if (b != NULL || p2 != NULL || t != NULL) {
         o->bad = 99;
         o->got = 0;
@@ -64,7 +87,10 @@ static void misuse_all(struct other *o)
 
 static void *thread_main(void *arg)
 {
-    misuse_all(arg);
+    struct other *o = arg;
+
+    misuse_all(o);
+    lshm_ctx_free(o->ctx);      /* not this thread's: nothing happens */
     return NULL;
 }
 
@@ -77,15 +103,29 @@ static void from_second_thread(unsigned flags)
     pid_t pid;
     int ret;
 
+    char *dir = tmp_dir(), path[128];
+
     pid = spawn(ctx, &cp, &o.port, echo_pull, NULL);
     wait_ready(o.port);
     ret = lshm_buf_alloc(o.port, 1000, &o.buf);
     cr_assert_eq(ret, 0, "%d %s", ret, lshm_last_error());
+    snprintf(path, sizeof(path), "%s/srv", dir);
+    cr_assert_eq(lshm_listen(ctx, path, 0, &o.listener), 0, "%s", lshm_last_error());
+    cr_assert_eq(lshm_tracking_new(o.port, 5, &o.tracking), 0, "%s", lshm_last_error());
+    cr_assert_eq(send_pat(o.port, 3, 10, 0), 0);
+    cr_assert_eq(lshm_recv(o.port, &o.msg, 10000), 0, "%s", lshm_last_error());
     cr_assert_eq(pthread_create(&th, NULL, thread_main, &o), 0);
     pthread_join(th, NULL);
     cr_expect_eq(o.bad, 0, "call %d from a second thread answered %d, not -EPERM",
                  o.bad, o.got);
-    /* The owner's buffer and port were left alone. */
+    /* The owner's buffer, message, tracking, listener and port were left alone. */
+    cr_assert(msg_check(&o.msg, 3, 10));
+    lshm_msg_done(&o.msg);
+    cr_assert_eq(lshm_tracking_cancel(o.tracking), true);
+    cr_assert_eq(access(path, F_OK), 0, "another thread closed the listener");
+    lshm_listener_close(o.listener);
+    rmdir(dir);
+    free(dir);
     cr_assert_eq(lshm_buf_set_size(o.buf, 10), 0);
     memset(lshm_buf_data(o.buf), 0, 10);
     lshm_buf_free(o.buf);
