@@ -16,6 +16,8 @@ static const struct lshm_ctx_ops ctx_ops = {
     .sweep    = lshm__port_sweep,
     .expire   = lshm__port_expire,
     .accept   = lshm__listeners_dispatch,
+    .poll     = lshm__recv_poll,
+    .sleep    = lshm__recv_sleep,
 };
 
 /*
@@ -252,6 +254,16 @@ LSHM_EXPORT int lshm_port_id(const struct lshm_port *port)
     if (ret < 0)
         return ret;
     return port->id;
+}
+
+LSHM_EXPORT int lshm_port_stats(const struct lshm_port *port, struct lshm_port_stats *stats)
+{
+    if (port == NULL || stats == NULL)
+        return lshm__fail(-EINVAL, "port or stats is NULL");
+    if (port_check(port) < 0)
+        return -EPERM;
+    *stats = port->stats;
+    return 0;
 }
 
 /* ---- shared-memory buffers ---- */

@@ -12,6 +12,7 @@
 
 #include "ctx.h"
 #include "shm.h"
+#include "wire.h"
 
 #define DEFAULT_RING_ENTRIES 1024u
 #define DEFAULT_MAX_SEGMENTS 32u
@@ -29,7 +30,8 @@ static bool is_power_of_two(unsigned v)
 static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params *p)
 {
     const unsigned known = LSHM_CTX_SCRUB | LSHM_CTX_DROP_CANCELLED |
-                           LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN;
+                           LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN |
+                           LSHM_CTX_NO_RING | LSHM_CTX_NO_FUTEX;
     unsigned i;
 
     memset(p, 0, sizeof(*p));
@@ -60,6 +62,13 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
         return lshm__fail(-EINVAL, "send_queue and recv_queue: at most 65536");
     if (p->handshake_ms > 3600000)
         return lshm__fail(-EINVAL, "handshake_ms %u: at most an hour", p->handshake_ms);
+    if (p->ring_size == 0)
+        p->ring_size = LSHM_RING_SIZE_DEFAULT;
+    if (!lshm__ring_size_is_valid(p->ring_size))
+        return lshm__fail(-EINVAL, "ring_size %u: a power of two from %u to %u bytes",
+                          p->ring_size, LSHM_RING_SIZE_MIN, LSHM_RING_SIZE_MAX);
+    if (p->spin_us > 1000000)
+        return lshm__fail(-EINVAL, "spin_us %u: at most a second", p->spin_us);
     return 0;
 }
 
@@ -152,6 +161,11 @@ unsigned lshm__ctx_features(const struct lshm_ctx *ctx)
 
     if (noexec_seal())
         f |= LSHM_FEAT_NOEXEC_SEAL;
+    /* Rings are the library's own; the futex matters only for them. */
+    if (ctx->p.flags & LSHM_CTX_NO_RING)
+        f &= ~LSHM_FEAT_FUTEX;
+    else
+        f |= LSHM_FEAT_RING;
     return f;
 }
 
@@ -243,7 +257,7 @@ void lshm__ctx_deadline(struct lshm_ctx *ctx, enum port_list_id which, struct ls
  * finds none due costs one comparison per list. */
 static void run_deadlines(struct lshm_ctx *ctx)
 {
-    static const enum port_list_id lists[] = { PL_HELLO, PL_DRAIN };
+    static const enum port_list_id lists[] = { PL_HELLO, PL_DRAIN, PL_FENCE, PL_ROOM };
     long long now = lshm__now_ms();
     struct lshm_link *k;
     unsigned i;
@@ -295,17 +309,77 @@ static void run_handlers(struct lshm_ctx *ctx)
         ctx->ops->dispatch(port);
 }
 
+/* Read every peer's ring in use: true if any had something. */
+static bool run_rings(struct lshm_ctx *ctx)
+{
+    struct lshm_link *k, *next;
+    bool any = false;
+
+    for (k = ctx->lists[PL_RING].head; k != NULL; k = next) {
+        next = k->next;
+        any |= ctx->ops->poll(k->port);
+    }
+    return any;
+}
+
+/* Is there anything for this run to do without waiting? */
+static bool run_has_work(struct lshm_ctx *ctx)
+{
+    return ctx->lists[PL_READY].head != NULL || !lshm__ring_is_idle(ctx->ring);
+}
+
+/*
+ * Busy-poll, when the caller asked for it (spin_us): read the rings for up
+ * to spin_us before sleeping, since a wake-up costs a system call on each
+ * side and a trip through the scheduler.  True when something came.
+ */
+static bool run_spin(struct lshm_ctx *ctx, int timeout_ms)
+{
+    long long end;
+
+    if (ctx->p.spin_us == 0 || ctx->lists[PL_RING].head == NULL)
+        return false;
+    end = lshm__now_us() + (timeout_ms >= 0 && timeout_ms * 1000LL < ctx->p.spin_us
+                            ? timeout_ms * 1000LL : ctx->p.spin_us);
+    do {
+        if (run_rings(ctx) || run_has_work(ctx))
+            return true;
+        lshm__cpu_relax();
+    } while (lshm__now_us() < end);
+    return false;
+}
+
+/* Tell every ring's producer that we sleep: false if records came meanwhile. */
+static bool run_may_sleep(struct lshm_ctx *ctx)
+{
+    struct lshm_link *k;
+
+    for (k = ctx->lists[PL_RING].head; k != NULL; k = k->next)
+        if (!ctx->ops->sleep(k->port))
+            return false;
+    return true;
+}
+
 int lshm__ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 {
-    int ret;
+    int ret = 0;
 
     ctx->walking++;
     /* Messages queued with LSHM_MORE go out with this run. */
     run_kicks(ctx);
+    /* Records in the rings cost no system call to read. */
+    if (run_rings(ctx))
+        timeout_ms = 0;
     /* Handlers still to call (a nested run left them): do not sleep. */
     if (ctx->lists[PL_READY].head != NULL)
         timeout_ms = 0;
-    ret = lshm__ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
+    if (timeout_ms != 0 && (run_spin(ctx, timeout_ms) || !run_may_sleep(ctx)))
+        timeout_ms = 0;
+    /* Nothing for the kernel to do and nothing to wait for: no enter. */
+    if (timeout_ms != 0 || !lshm__ring_is_idle(ctx->ring)) {
+        ret = lshm__ring_run(ctx->ring, timeout_ms < 0 ? -1 : timeout_ms);
+        run_rings(ctx);
+    }
     run_deadlines(ctx);
     run_handlers(ctx);
     /* Completions may have queued more (a next chain, an ACK): push it

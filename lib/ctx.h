@@ -28,6 +28,9 @@ enum port_list_id {
     PL_ZOMBIE,  /* freed while the context walked: free after it */
     PL_HELLO,   /* deadline: accepted, its HELLO due by link.due */
     PL_DRAIN,   /* deadline: BYE sent, the peer's end of file due by link.due */
+    PL_FENCE,   /* deadline: at a FENCE, its datagram due by link.due */
+    PL_ROOM,    /* deadline: our ring full, look again at link.due */
+    PL_RING,    /* reading the peer's message ring: polled by every run */
     PL_COUNT
 };
 
@@ -57,6 +60,8 @@ struct lshm_ctx_ops {
     void (*sweep)(struct lshm_port *port);      /* PL_ZOMBIE: free it if unreachable */
     void (*expire)(struct lshm_port *port, enum port_list_id which); /* deadline passed */
     void (*accept)(struct lshm_ctx *ctx);       /* call the listeners' handlers */
+    bool (*poll)(struct lshm_port *port);       /* PL_RING: read its ring; true if any */
+    bool (*sleep)(struct lshm_port *port);      /* PL_RING: may the context sleep? */
 };
 
 struct lshm_ctx {

@@ -46,6 +46,25 @@ static inline long long lshm__now_ms(void)
     return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
 }
 
+/* A polite spin: tell the CPU we wait (the other hyperthread may run). */
+static inline void lshm__cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Microseconds on CLOCK_MONOTONIC, for spin budgets. */
+static inline long long lshm__now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000LL + ts.tv_nsec / 1000;
+}
+
 /*
  * Record why the calling thread's last call failed, for lshm_last_error();
  * returns err so that a failure path reads "return lshm__fail(-EINVAL, ...)".

@@ -24,7 +24,14 @@ extern "C" {
 #define LSHM_VERSION_PATCH  0
 
 /* Protocol constants (linuxshm-protocol(7)). */
-#define LSHM_PROTOCOL_VERSION  1
+#define LSHM_PROTOCOL_VERSION  2
+#define LSHM_SEGMENT_VERSION   1      /* a segment header's version field */
+#define LSHM_RING_MAGIC        0x5248534cu
+#define LSHM_RING_VERSION      2
+#define LSHM_RING_HEADER_SIZE  4096u
+#define LSHM_RING_SIZE_MIN     65536u
+#define LSHM_RING_SIZE_MAX     16777216u
+#define LSHM_RING_SIZE_DEFAULT 262144u
 #define LSHM_MAGIC             0x4d48534cu
 #define LSHM_HEADER_SIZE       4096u
 #define LSHM_CHUNK_SIZE        16384u
@@ -47,6 +54,8 @@ struct lshm_tracking;
 #define LSHM_CTX_DROP_CANCELLED   (1u << 1) /* drop cancelled messages */
 #define LSHM_CTX_NO_MULTISHOT     (1u << 2) /* single-shot receives only */
 #define LSHM_CTX_NO_DEFER_TASKRUN (1u << 3) /* plain ring set-up flags */
+#define LSHM_CTX_NO_RING          (1u << 4) /* every message over the socket */
+#define LSHM_CTX_NO_FUTEX         (1u << 5) /* wake-ups as WAKE datagrams only */
 
 struct lshm_ctx_params {
     unsigned int flags;          /* LSHM_CTX_* */
@@ -55,7 +64,9 @@ struct lshm_ctx_params {
     unsigned int send_queue;     /* messages queued per port; 0: 1024 */
     unsigned int recv_queue;     /* messages held for the caller per port; 0: 256 */
     unsigned int handshake_ms;   /* an accepted client's HELLO must come within; 0: 10000 */
-    unsigned int reserved[10];   /* must be zero */
+    unsigned int ring_size;      /* message ring bytes, a power of two; 0: 262144 */
+    unsigned int spin_us;        /* waits poll the rings this long before sleeping; 0: none */
+    unsigned int reserved[8];    /* must be zero */
 };
 
 /* Features of a context's ring, from lshm_ctx_features(). */
@@ -66,12 +77,14 @@ struct lshm_ctx_params {
 #define LSHM_FEAT_BUF_RING       (1u << 4)
 #define LSHM_FEAT_MULTISHOT_ACCEPT (1u << 5)
 #define LSHM_FEAT_NOEXEC_SEAL    (1u << 6)
+#define LSHM_FEAT_RING           (1u << 7)  /* message rings (protocol version 2) */
+#define LSHM_FEAT_FUTEX          (1u << 8)  /* futex waits and wakes through io_uring */
 
 struct lshm_ctx_stats {
     uint64_t enters;        /* io_uring_enter(2) calls made */
     uint64_t submitted;     /* SQEs submitted */
     uint64_t completions;   /* CQEs handled */
-    uint64_t msgs_sent;     /* messages whose send completed */
+    uint64_t msgs_sent;     /* messages sent: datagram send completed, or ring record written */
     uint64_t msgs_received; /* messages delivered to the caller */
     uint64_t reserved[11];
 };
@@ -92,6 +105,22 @@ unsigned    lshm_ctx_features(const struct lshm_ctx *ctx);
 int         lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *stats);
 
 /* ---- Errors and version ---- */
+
+/* What went through a port, from lshm_port_stats(). */
+struct lshm_port_stats {
+    uint64_t ring_msgs;         /* user messages sent through our ring */
+    uint64_t ring_bytes;        /* their payload bytes */
+    uint64_t sock_msgs;         /* user messages sent over the socket */
+    uint64_t sock_bytes;        /* their payload bytes */
+    uint64_t ring_msgs_in;      /* user messages received through the peer's ring */
+    uint64_t ring_bytes_in;
+    uint64_t sock_msgs_in;      /* user messages received over the socket */
+    uint64_t sock_bytes_in;
+    uint64_t wakes_sent;        /* futex wakes and WAKE datagrams sent to the peer */
+    uint64_t wakes_received;    /* futex wake-ups and WAKE datagrams received */
+    uint64_t ring_full;         /* messages that found our ring full and waited */
+    uint64_t reserved[5];
+};
 
 /* Text of the last failure in the calling thread, or "" if none. */
 const char *lshm_last_error(void);
@@ -137,6 +166,8 @@ int  lshm_port_peer(const struct lshm_port *port, pid_t *pid, uid_t *uid, gid_t 
 const char *lshm_port_error(const struct lshm_port *port);
 /* This side's port id, the one its HELLO and message headers carry. */
 int  lshm_port_id(const struct lshm_port *port);
+/* Counters of what went through the port: ring or socket, wake-ups, a full ring. */
+int  lshm_port_stats(const struct lshm_port *port, struct lshm_port_stats *stats);
 
 /* ---- Shared-memory buffers: payloads written once, read in place ---- */
 

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stddef.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -51,11 +52,16 @@ static void port_enter(struct lshm_port *port, enum port_state to)
         list_del(port, PL_HELLO);
         list_del(port, PL_DRAIN);
         /* Stop the socket: pending operations complete, then it is closed. */
+        list_del(port, PL_FENCE);
+        list_del(port, PL_ROOM);
+        list_del(port, PL_RING);
         if (port->fd >= 0) {
             shutdown(port->fd, SHUT_RDWR);
             if (port->recv_armed && port->ctx != NULL)
                 lshm__ring_cancel(port->ctx->ring, &port->recv_op);
         }
+        if (port->futex_armed && port->ctx != NULL)
+            lshm__ring_cancel(port->ctx->ring, &port->futex_op);
         break;
     }
     port->state = to;
@@ -73,7 +79,7 @@ static bool port_is_live(const struct lshm_port *port)
 
 static bool port_idle(const struct lshm_port *port)
 {
-    return port->inflight == 0 && !port->recv_armed;
+    return port->inflight == 0 && !port->recv_armed && !port->futex_armed;
 }
 
 /* ---- references and freeing ---- */
@@ -97,6 +103,8 @@ static void port_free(struct lshm_port *port)
         lshm__peer_put_sock(port->peer, port->fd);
     if (port->fd >= 0)
         close(port->fd);
+    lshm__msgring_free(&port->tx);
+    lshm__msgring_free(&port->rx);
     free(port->recv_buf);
     free(port);
 }
@@ -150,6 +158,7 @@ struct smsg *lshm__smsg_new(struct lshm_port *port, size_t len)
     m->next = NULL;
     m->fd = -1;
     m->seg = NULL;
+    m->fence_end = 0;
     m->len = len;
     return m;
 }
@@ -165,8 +174,22 @@ void lshm__smsg_free(struct smsg *m)
     free(m);
 }
 
-void lshm__port_queue(struct lshm_port *port, struct smsg *m)
+static uint32_t smsg_size(const struct smsg *m)
 {
+    uint32_t size;
+
+    memcpy(&size, m->data + offsetof(struct lshm_wire_msg, size), sizeof(size));
+    return size;
+}
+
+static uint8_t smsg_type(const struct smsg *m);
+
+static void sq_append(struct lshm_port *port, struct smsg *m)
+{
+    if (smsg_type(m) >= LSHM_TYPE_USER_MIN) {
+        port->stats.sock_msgs++;
+        port->stats.sock_bytes += smsg_size(m);
+    }
     if (port->sq_tail != NULL)
         port->sq_tail->next = m;
     else
@@ -178,6 +201,230 @@ void lshm__port_queue(struct lshm_port *port, struct smsg *m)
         list_add(port, PL_KICK);
 }
 
+static void bl_append(struct lshm_port *port, struct smsg *m)
+{
+    if (port->bl_tail != NULL)
+        port->bl_tail->next = m;
+    else
+        port->bl_head = m;
+    port->bl_tail = m;
+    port->bl_len++;
+}
+
+static uint8_t smsg_type(const struct smsg *m)
+{
+    return m->data[offsetof(struct lshm_wire_msg, type)];
+}
+
+/* A user message without an fd rides in the ring; the rest needs the socket. */
+static bool smsg_fits_ring(const struct smsg *m)
+{
+    return m->fd < 0 && m->seg == NULL && smsg_type(m) >= LSHM_TYPE_USER_MIN;
+}
+
+/* WAKE and SHM_ACK order nothing, HELLO and RING come before any record:
+ * none takes a FENCE. */
+static bool smsg_takes_fence(const struct smsg *m)
+{
+    uint8_t type = smsg_type(m);
+
+    return type != LSHM_WIRE_HELLO && type != LSHM_WIRE_RING && type != LSHM_WIRE_WAKE &&
+           type != LSHM_WIRE_SHM_ACK;
+}
+
+bool lshm__port_uses_ring(const struct lshm_port *port)
+{
+    return port->ring_ok && port->state == PORT_OPEN;
+}
+
+static void ring_violation(struct lshm_port *port)
+{
+    lshm__port_fail(port, -EPROTO, "protocol violation: the peer moved our ring's head "
+                    "out of bounds");
+}
+
+/*
+ * One message into our ring: a MSG record with its bytes, or a FENCE
+ * before a datagram (which then joins the chain).  False when the ring is
+ * full: the producer asked for an SHM_ACK and looks again on a timer.
+ */
+static bool ring_put(struct lshm_port *port, struct smsg *m)
+{
+    bool msg = smsg_fits_ring(m);
+    void *body;
+    int err = 0;
+
+    body = lshm__msgring_reserve(&port->tx, msg ? LSHM_REC_MSG : LSHM_REC_FENCE,
+                                 msg ? (uint32_t)m->len : 0, &err);
+    if (body == NULL) {
+        if (err == -EPROTO) {
+            ring_violation(port);
+            return false;
+        }
+        port->stats.ring_full++;
+        if (lshm__msgring_want_room(&port->tx, msg ? (uint32_t)m->len : 0) < 0) {
+            ring_violation(port);
+            return false;
+        }
+        /* (Room may have come meanwhile: the next flush finds it.) */
+        if (port->ctx != NULL)
+            lshm__ctx_deadline(port->ctx, PL_ROOM, &port->links[PL_ROOM],
+                               lshm__now_ms() + LSHM_ROOM_MS);
+        return false;
+    }
+    port->tx_dirty = true;
+    if (msg) {
+        memcpy(body, m->data, m->len);
+        port->stats.ring_msgs++;
+        port->stats.ring_bytes += smsg_size(m);
+        if (port->ctx != NULL)
+            port->ctx->msgs_sent++;
+        lshm__smsg_free(m);
+    } else {
+        /* Published with the chain that takes its datagram (send_kick). */
+        m->fence_end = port->tx.pos;
+        sq_append(port, m);
+        if (port->sq_fence == NULL)
+            port->sq_fence = m;
+    }
+    return true;
+}
+
+void lshm__port_queue(struct lshm_port *port, struct smsg *m)
+{
+    m->next = NULL;
+    if (port->tx.hdr == NULL || !smsg_takes_fence(m)) {
+        /* Not yet in the ring's order (or ordering nothing): the chain.
+         * A user message waits for the handshake to know its way. */
+        if (port->state == PORT_HANDSHAKE && smsg_type(m) >= LSHM_TYPE_USER_MIN)
+            bl_append(port, m);
+        else
+            sq_append(port, m);
+        return;
+    }
+    if (port->bl_head != NULL || !ring_put(port, m))
+        bl_append(port, m);
+}
+
+int lshm__port_ring_out(struct lshm_port *port)
+{
+    uint32_t size = port->ctx->p.ring_size;
+    struct smsg *m;
+    int ret;
+
+    if (port->tx.hdr != NULL)
+        return 0;
+    if (size > port->peer_ring_size)
+        size = port->peer_ring_size;
+    m = lshm__smsg_new(port, 64);
+    if (m == NULL)
+        return lshm__fail(-ENOMEM, "out of memory");
+    ret = lshm__msgring_create(&port->tx, size, port->id, port->ctx->pid, port->peer_pid);
+    if (ret < 0) {
+        free(m);
+        return ret;
+    }
+    m->len = lshm__wire_encode_ctrl(m->data, LSHM_WIRE_RING, port->ctx->pid, port->id, size);
+    /* The ring's fd goes with the RING datagram and is closed after it. */
+    m->fd = port->tx.fd;
+    port->tx.fd = -1;
+    sq_append(port, m);
+    return 0;
+}
+
+void lshm__port_flush_backlog(struct lshm_port *port)
+{
+    struct smsg *m;
+
+    while ((m = port->bl_head) != NULL && port->state == PORT_OPEN) {
+        if (port->ring_ok && smsg_fits_ring(m) && port->tx.hdr == NULL &&
+            lshm__port_ring_out(port) < 0) {
+            lshm__port_fail(port, -ENOMEM, "cannot make the message ring: %s",
+                            lshm_last_error());
+            return;
+        }
+        if (port->tx.hdr != NULL && smsg_takes_fence(m)) {
+            port->bl_head = m->next;
+            m->next = NULL;
+            if (!ring_put(port, m)) {
+                m->next = port->bl_head;
+                port->bl_head = m;
+                break;
+            }
+        } else {
+            port->bl_head = m->next;
+            m->next = NULL;
+            sq_append(port, m);
+        }
+        port->bl_len--;
+    }
+    if (port->bl_head == NULL) {
+        port->bl_tail = NULL;
+        list_del(port, PL_ROOM);
+    }
+    lshm__port_publish(port);
+}
+
+void lshm__port_release_fences(struct lshm_port *port, unsigned n)
+{
+    struct smsg *m = port->sq_head;
+    bool passed = false;
+
+    if (port->sq_fence == NULL)
+        return;
+    for (; m != NULL && n > 0; m = m->next, n--)
+        passed |= m == port->sq_fence;
+    if (!passed)
+        return;
+    /* The next datagram with a FENCE, after those going now. */
+    while (m != NULL && m->fence_end == 0)
+        m = m->next;
+    port->sq_fence = m;
+}
+
+void lshm__port_publish(struct lshm_port *port)
+{
+    uint64_t limit = UINT64_MAX;
+    struct lshm_ring *r;
+
+    if (!port->tx_dirty)
+        return;
+    /* Up to the first FENCE whose datagram has not gone yet, excluded. */
+    if (port->sq_fence != NULL)
+        limit = port->sq_fence->fence_end - LSHM_REC_HDR;
+    port->tx_dirty = port->sq_fence != NULL;
+    if (!lshm__msgring_publish(&port->tx, limit) || port->ctx == NULL)
+        return;
+    port->stats.wakes_sent++;
+    r = port->ctx->ring;
+    if (port->peer_futex) {
+        /* Through io_uring where it can, else the system call: either
+         * wakes the peer's wait on the same shared futex word. */
+        if (lshm__ring_futex_wake(r, lshm__msgring_wake_word(&port->tx)) == 0) {
+            lshm__ring_submit(r);
+            return;
+        }
+        if (lshm__futex_wake(lshm__msgring_wake_word(&port->tx)) == 0)
+            return;
+    }
+    /* Queued only: whoever publishes submits the chain (send_kick). */
+    lshm__port_queue_ctrl(port, LSHM_WIRE_WAKE);
+}
+
+/* What our HELLO offers: rings unless turned off, the futex where the
+ * ring layer can wait on one. */
+static uint32_t hello_features(const struct lshm_ctx *ctx)
+{
+    uint32_t f = 0;
+
+    if (!(ctx->p.flags & LSHM_CTX_NO_RING)) {
+        f |= LSHM_WIRE_FEAT_RING;
+        if (lshm__ring_features(ctx->ring) & LSHM_FEAT_FUTEX)
+            f |= LSHM_WIRE_FEAT_FUTEX;
+    }
+    return f;
+}
+
 int lshm__port_queue_ctrl(struct lshm_port *port, uint8_t type)
 {
     struct smsg *m = lshm__smsg_new(port, 64);
@@ -186,7 +433,8 @@ int lshm__port_queue_ctrl(struct lshm_port *port, uint8_t type)
         return -ENOMEM;
     if (type == LSHM_WIRE_HELLO)
         m->len = lshm__wire_encode_hello(m->data, port->ctx->pid, port->id,
-                                        port->ctx->p.max_segments);
+                                        port->ctx->p.max_segments, hello_features(port->ctx),
+                                        hello_features(port->ctx) ? port->ctx->p.ring_size : 0);
     else
         m->len = lshm__wire_encode_ctrl(m->data, type, port->ctx->pid, port->id, 0);
     lshm__port_queue(port, m);
@@ -327,9 +575,34 @@ void lshm__port_free_unsent(struct lshm_port *port, const struct smsg *m)
     lshm__port_discard(port, &v, false);
 }
 
+static void drop_parked(struct lshm_port *port)
+{
+    struct parked *pk;
+
+    while ((pk = port->pk_head) != NULL) {
+        port->pk_head = pk->next;
+        lshm__sock_close_fds(pk->cm.fds, pk->cm.nfds);
+        free(pk);
+    }
+    port->pk_tail = NULL;
+    port->pk_len = 0;
+}
+
 static void drop_queues(struct lshm_port *port)
 {
     struct smsg *m;
+
+    /* The backlog comes after the chain in the port's order. */
+    if (port->bl_head != NULL) {
+        if (port->sq_tail != NULL)
+            port->sq_tail->next = port->bl_head;
+        else
+            port->sq_head = port->bl_head;
+        port->sq_tail = port->bl_tail;
+        port->bl_head = port->bl_tail = NULL;
+        port->bl_len = 0;
+    }
+    drop_parked(port);
 
     for (m = port->sq_head; m != NULL; m = m->next)
         lshm__port_free_unsent(port, m);
@@ -340,6 +613,7 @@ static void drop_queues(struct lshm_port *port)
     }
     port->sq_tail = NULL;
     port->sq_len = 0;
+    port->sq_fence = NULL;
     /* Messages the caller will never see: give their chunks back. */
     if (port->user_closed)
         lshm__port_drop_received(port);
@@ -361,6 +635,8 @@ int lshm__port_new(struct lshm_ctx *ctx, int fd, struct lshm_port **out)
         return lshm__fail(-ENOMEM, "out of memory");
     port->ctx = ctx;
     port->fd = fd;
+    port->tx.fd = -1;
+    port->rx.fd = -1;
     for (i = 0; i < PL_COUNT; i++)
         port->links[i].port = port;
     /* Ids are process-wide: sent_over names a port among all contexts. */
@@ -484,7 +760,14 @@ void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
 /* A deadline of the context's lists passed. */
 void lshm__port_expire(struct lshm_port *port, enum port_list_id which)
 {
-    if (which == PL_HELLO)
+    if (which == PL_ROOM) {
+        /* A consumer that never acks: look at the ring again. */
+        lshm__port_flush_backlog(port);
+        lshm__ctx_kick(port->ctx, port);
+    } else if (which == PL_FENCE)
+        lshm__port_fail(port, -EPROTO, "protocol violation: no datagram for a FENCE within "
+                        "%u ms", LSHM_FENCE_MS);
+    else if (which == PL_HELLO)
         lshm__port_fail(port, -ETIMEDOUT, "no HELLO within %u ms of the connection",
                         port->ctx->p.handshake_ms);
     else
@@ -500,6 +783,7 @@ void lshm__port_reap(struct lshm_port *port)
     port->user_closed = true;
     port->ctx = NULL;
     port->recv_armed = false;
+    port->futex_armed = false;
     port->inflight = 0;
     /* The ring is gone: sends it held will never complete; whether they
      * went out is unknown, so their chunks stay with the peer. */
@@ -547,12 +831,22 @@ void lshm__port_forget(struct lshm_port *port)
             close(m->fd);
         free(m);
     }
+    while ((m = port->bl_head) != NULL) {
+        port->bl_head = m->next;
+        if (m->fd >= 0)
+            close(m->fd);
+        free(m);
+    }
     while ((rm = port->rq_head) != NULL) {
         port->rq_head = rm->next;
         if (rm->pub.fd >= 0)
             close(rm->pub.fd);
         free(rm);
     }
+    drop_parked(port);
+    /* The rings are not mapped here (MADV_DONTFORK): only an fd to close. */
+    if (port->tx.hdr != NULL && port->tx.fd >= 0)
+        close(port->tx.fd);
     if (port->fd >= 0)
         close(port->fd);
     free(port->recv_buf);
@@ -666,7 +960,7 @@ static unsigned port_events(struct lshm_port *port, unsigned events)
     if ((events & LSHM_WAIT_READY) && port->peer_pid != 0)
         now |= LSHM_WAIT_READY;
     if ((events & LSHM_WAIT_SEND) && port_is_live(port) &&
-        port->sq_len + port->inflight < port->ctx->p.send_queue)
+        port->sq_len + port->inflight + port->bl_len < port->ctx->p.send_queue)
         now |= LSHM_WAIT_SEND;
     if ((events & LSHM_WAIT_SHM) && port->state == PORT_OPEN &&
         (port->shm_acked || lshm__peer_out_has_room(port->peer, port->id, seg_limit(port)))) {
@@ -675,7 +969,8 @@ static unsigned port_events(struct lshm_port *port, unsigned events)
     }
     if ((events & LSHM_WAIT_RECV) && port->rq_head != NULL)
         now |= LSHM_WAIT_RECV;
-    if ((events & LSHM_WAIT_IDLE) && port->sq_head == NULL && port->inflight == 0)
+    if ((events & LSHM_WAIT_IDLE) && port->sq_head == NULL && port->inflight == 0 &&
+        port->bl_head == NULL && !port->tx_dirty)
         now |= LSHM_WAIT_IDLE;
     return now;
 }

@@ -1,7 +1,7 @@
 /*
  * The port: one SOCK_SEQPACKET socket to a peer process.  Its core
  * (port.c: state, references, queues) sits below its receive path (recv.c)
- * and its send path (send.c); this header is theirs, listen.c's and api.c's.
+ * and its send path (send.c); this header is theirs and listen.c's.
  */
 #ifndef LSHM_PORT_H
 #define LSHM_PORT_H
@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 
 #include "ctx.h"
+#include "msgring.h"
 #include "ring.h"
 #include "shm.h"
 #include "sock.h"
@@ -19,6 +20,10 @@
 
 /* How long a port closed by this process reads after its BYE. */
 #define LSHM_DRAIN_MS 500
+/* How long a consumer at a FENCE waits for its datagram (protocol). */
+#define LSHM_FENCE_MS 1000
+/* How often a producer with a full ring looks at it again. */
+#define LSHM_ROOM_MS  10
 
 /*
  * A port's life, one state at a time; port.c changes it, in one function.
@@ -50,6 +55,7 @@ struct smsg {
     }                  cmsg;
     int                fd;      /* passed with the message, closed after */
     struct lshm_seg   *seg;     /* MMAP: its fd goes out, then is closed */
+    uint64_t           fence_end;   /* our ring's tail past its FENCE; 0: none */
     size_t             len;
     uint8_t            data[];
 };
@@ -58,6 +64,15 @@ struct rdesc {
     struct lshm_seg *seg;       /* referenced */
     uint32_t         chunk;
     uint32_t         nchunks;
+};
+
+/* A datagram that came while the peer's ring is in use: held for its FENCE. */
+struct parked {
+    struct parked    *next;
+    uint64_t          fence_tail;   /* the ring's tail, read after it came */
+    struct lshm_sock_cmsg cm;       /* its fds (ours to close) and credentials */
+    size_t            len;
+    uint8_t           data[];
 };
 
 /* A received message, held until the caller is done with it. */
@@ -99,6 +114,23 @@ struct lshm_port {
     unsigned             sq_len;        /* queued, not in flight */
     unsigned             inflight;      /* sends submitted, not completed */
     struct smsg         *if_head, *if_tail;  /* those sends, oldest first */
+
+    /* Message rings (protocol version 2), both ways once both HELLOs said RING. */
+    bool                 ring_ok;       /* both HELLOs set RING */
+    bool                 peer_futex;    /* the peer sleeps on its futex word */
+    uint32_t             peer_ring_size;    /* the peer's HELLO: our ring at most this */
+    struct lshm_msgring  tx;            /* ours (hdr NULL: none yet) */
+    bool                 tx_dirty;      /* records reserved, tail not published */
+    struct smsg         *sq_fence;      /* first queued datagram whose FENCE is held */
+    struct smsg         *bl_head, *bl_tail; /* waiting for the handshake or ring room */
+    unsigned             bl_len;
+    struct lshm_msgring  rx;            /* the peer's (hdr NULL: no RING yet) */
+    bool                 fence_wait;    /* at a FENCE, its datagram not here yet */
+    struct parked       *pk_head, *pk_tail;  /* datagrams held for their FENCE */
+    unsigned             pk_len;
+    struct lshm_op       futex_op;      /* waiting on rx's wake word */
+    bool                 futex_armed;
+    struct lshm_port_stats stats;
 
     /* Receiving. */
     struct lshm_op       recv_op;
@@ -159,7 +191,23 @@ void lshm__port_settle(struct lshm_port *port);
 /* Queues. */
 struct smsg *lshm__smsg_new(struct lshm_port *port, size_t len);
 void lshm__smsg_free(struct smsg *m);
+/* Queue a message in order: the socket's chain, after a FENCE once our
+ * ring is out, or the backlog while the handshake or ring room is awaited. */
 void lshm__port_queue(struct lshm_port *port, struct smsg *m);
+/* Does a user message go through our ring (both HELLOs said RING)? */
+bool lshm__port_uses_ring(const struct lshm_port *port);
+/* Our ring, made and announced (RING queued) on first use: 0 or -errno. */
+int  lshm__port_ring_out(struct lshm_port *port);
+/* Move what the backlog holds into the ring and the chain while room lasts. */
+void lshm__port_flush_backlog(struct lshm_port *port);
+/*
+ * Publish our ring's tail and wake the peer if it sleeps.  A FENCE stays
+ * unpublished until its datagram is about to be submitted, so that the
+ * peer never waits at a FENCE for a datagram still in our queue.
+ */
+void lshm__port_publish(struct lshm_port *port);
+/* The first n queued datagrams are about to be submitted: their FENCEs may go. */
+void lshm__port_release_fences(struct lshm_port *port, unsigned n);
 int  lshm__port_queue_ctrl(struct lshm_port *port, uint8_t type);
 int  lshm__port_queue_mmap(struct lshm_port *port, struct lshm_seg *seg);
 /* A sent message failed: give back the chunks and slot the peer never saw. */
@@ -199,6 +247,10 @@ void lshm__recv_message(struct lshm_port *port, const void *data, size_t len,
                         int *fds, unsigned nfds, const struct ucred *cred);
 int  lshm__recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms);
 void lshm__recv_done(struct lshm_msg *msg);
+/* Read the peer's ring (ops->poll): true if anything was read. */
+bool lshm__recv_poll(struct lshm_port *port);
+/* About to sleep (ops->sleep): false if the ring has records after all. */
+bool lshm__recv_sleep(struct lshm_port *port);
 
 /* ---- send.c: the send path ---- */
 

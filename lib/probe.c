@@ -110,5 +110,8 @@ int lshm__probe(struct lshm_probe *out)
     }
     if (out->noexec_seal)
         out->features |= LSHM_FEAT_NOEXEC_SEAL;
+    /* A new context offers message rings (sealed memfds, like segments). */
+    if (out->memfd && out->sealing)
+        out->features |= LSHM_FEAT_RING;
     return 0;
 }

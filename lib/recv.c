@@ -5,6 +5,7 @@
  * identity, segments in order, descriptors into mapped segments, tracking
  * slots) and delivers it, or, while draining, gives its chunks back.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,6 +13,9 @@
 #include <unistd.h>
 
 #include "port.h"
+
+static void recv_checked(struct lshm_port *port, const struct lshm_wire_view *v, int *fds,
+                         unsigned nfds, const struct ucred *cred, bool from_ring);
 
 static void deliver(struct lshm_port *port, struct rmsg *rm)
 {
@@ -70,7 +74,56 @@ static int on_hello(struct lshm_port *port, const struct lshm_wire_view *v,
     port->peer_gid = cred->gid;
     port->peer_port_id = v->hello.port_id;
     port->peer_max_segments = v->hello.max_segments;
+    /* Rings both ways only when both HELLOs offer them. */
+    port->ring_ok = (v->hello.features & LSHM_WIRE_FEAT_RING) &&
+                    !(port->ctx->p.flags & LSHM_CTX_NO_RING);
+    port->peer_futex = port->ring_ok && (v->hello.features & LSHM_WIRE_FEAT_FUTEX);
+    port->peer_ring_size = v->hello.ring_size;
     lshm__port_open(port);
+    /* What the caller sent during the handshake now knows its way. */
+    lshm__port_flush_backlog(port);
+    if (port->sq_head != NULL)
+        lshm__ctx_kick(port->ctx, port);
+    return 0;
+}
+
+/* Does our HELLO say that we sleep on the futex word? */
+static bool we_wait_on_futex(const struct lshm_port *port)
+{
+    return !(port->ctx->p.flags & LSHM_CTX_NO_RING) &&
+           (lshm__ring_features(port->ctx->ring) & LSHM_FEAT_FUTEX);
+}
+
+/* The peer's ring: every check of a segment's, and the RING rules. */
+static int on_ring(struct lshm_port *port, const struct lshm_wire_view *v, int fd)
+{
+    const char *why = "";
+    int ret;
+
+    if (!port->ring_ok) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: RING, but a HELLO lacked RING");
+        return -EPROTO;
+    }
+    if (port->rx.hdr != NULL) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: a second RING");
+        return -EPROTO;
+    }
+    if (v->ring_size > port->ctx->p.ring_size) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: RING of %u bytes, above the %u "
+                        "of our HELLO", v->ring_size, port->ctx->p.ring_size);
+        return -EPROTO;
+    }
+    ret = lshm__msgring_import(&port->rx, fd, v->ring_size, port->peer_port_id,
+                               port->peer_pid, port->ctx->pid, &why);
+    if (ret == -ENOMEM) {       /* this process's limit: the peer did nothing wrong */
+        lshm__port_fail(port, ret, "the peer's ring cannot be mapped: %s", lshm__limit_text(ret));
+        return ret;
+    }
+    if (ret < 0) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: ring refused: %s", why);
+        return -EPROTO;
+    }
+    lshm__ctx_list_add(port->ctx, PL_RING, &port->links[PL_RING]);
     return 0;
 }
 
@@ -222,6 +275,11 @@ void lshm__recv_message(struct lshm_port *port, const void *data, size_t len,
     int ret;
 
     ret = lshm__wire_decode(data, len, nfds, &v, &why);
+    if (ret == -EPROTONOSUPPORT) {
+        lshm__sock_close_fds(fds, nfds);
+        lshm__port_fail(port, ret, "handshake refused: %s", why);
+        return;
+    }
     if (ret < 0) {
         lshm__sock_close_fds(fds, nfds);
         lshm__port_fail(port, -EPROTO, "protocol violation: %s", why);
@@ -236,15 +294,25 @@ void lshm__recv_message(struct lshm_port *port, const void *data, size_t len,
             on_hello(port, &v, cred);
         return;
     }
-    if (v.hdr.pid != port->peer_pid || (cred != NULL && cred->pid != port->peer_pid) ||
-        v.hdr.port_id != port->peer_port_id) {
+    recv_checked(port, &v, fds, nfds, cred, false);
+}
+
+/*
+ * A decoded message from the peer, from a datagram or a ring record (the
+ * same checks either way): the sender's identity, then what its type asks.
+ */
+static void recv_checked(struct lshm_port *port, const struct lshm_wire_view *v, int *fds,
+                         unsigned nfds, const struct ucred *cred, bool from_ring)
+{
+    if (v->hdr.pid != port->peer_pid || (cred != NULL && cred->pid != port->peer_pid) ||
+        v->hdr.port_id != port->peer_port_id) {
         lshm__sock_close_fds(fds, nfds);
         lshm__port_fail(port, -EPROTO, "protocol violation: header pid %d / port %u, "
-                       "handshake said pid %d / port %u", (int)v.hdr.pid, v.hdr.port_id,
+                       "handshake said pid %d / port %u", (int)v->hdr.pid, v->hdr.port_id,
                        (int)port->peer_pid, port->peer_port_id);
         return;
     }
-    switch (v.hdr.type) {
+    switch (v->hdr.type) {
     case LSHM_WIRE_HELLO:
         lshm__port_fail(port, -EPROTO, "protocol violation: second HELLO");
         break;
@@ -252,26 +320,241 @@ void lshm__recv_message(struct lshm_port *port, const void *data, size_t len,
         /* Draining, a new segment is not mapped: the peer takes back what
          * it announced on a port that closed before mapping it. */
         if (port->state != PORT_DRAINING)
-            on_mmap(port, &v, fds[0]);
+            on_mmap(port, v, fds[0]);
         close(fds[0]);
         break;
     case LSHM_WIRE_SHM_ACK:
+        /* Chunks, or room in our ring, came back. */
         port->shm_acked = true;
+        if (port->bl_head != NULL && port->state == PORT_OPEN) {
+            lshm__port_flush_backlog(port);
+            lshm__ctx_kick(port->ctx, port);
+        }
         break;
     case LSHM_WIRE_BYE:
         lshm__port_fail(port, -EPIPE, "peer closed the port (BYE)");
         break;
+    case LSHM_WIRE_RING:
+        on_ring(port, v, fds[0]);
+        close(fds[0]);
+        break;
+    case LSHM_WIRE_WAKE:
+        if (port->rx.hdr == NULL)
+            lshm__port_fail(port, -EPROTO, "protocol violation: WAKE before the peer's RING");
+        else
+            port->stats.wakes_received++;
+        break;
     default:
+        if (!from_ring && nfds == 0 && port->ring_ok) {
+            /* Its place was the ring (strict reading). */
+            lshm__port_fail(port, -EPROTO, "protocol violation: a user message without an "
+                            "fd on the socket, where both HELLOs said RING");
+            break;
+        }
+        if (from_ring) {
+            port->stats.ring_msgs_in++;
+            port->stats.ring_bytes_in += v->hdr.size;
+        } else {
+            port->stats.sock_msgs_in++;
+            port->stats.sock_bytes_in += v->hdr.size;
+        }
         if (port->state == PORT_DRAINING) {
             /* Checked like any other; read and discarded.  Descriptors
              * into a segment not mapped (see MMAP) are the peer's. */
             lshm__sock_close_fds(fds, nfds);
-            lshm__port_discard(port, &v, true);
+            lshm__port_discard(port, v, true);
         } else {
-            on_user(port, &v, nfds ? fds[0] : -1);
+            on_user(port, v, nfds ? fds[0] : -1);
         }
         break;
     }
+}
+
+/* ---- the peer's ring ---- */
+
+/* Does the datagram order nothing (WAKE, SHM_ACK), so that it takes no FENCE? */
+static bool orders_nothing(const uint8_t *data, size_t len)
+{
+    uint8_t type;
+
+    if (len < sizeof(struct lshm_wire_msg))
+        return false;
+    type = data[offsetof(struct lshm_wire_msg, type)];
+    return type == LSHM_WIRE_WAKE || type == LSHM_WIRE_SHM_ACK;
+}
+
+/* A datagram whose place in the order is a FENCE of the peer's ring. */
+static void park(struct lshm_port *port, const void *data, size_t len,
+                 const struct lshm_sock_cmsg *cm)
+{
+    struct parked *pk;
+
+    if (port->fence_wait) {
+        /* The ring stopped at its FENCE: this is the message there. */
+        port->fence_wait = false;
+        lshm__ctx_list_del(port->ctx, PL_FENCE, &port->links[PL_FENCE]);
+        lshm__recv_message(port, data, len, (int *)cm->fds, cm->nfds,
+                           cm->has_cred ? &cm->cred : NULL);
+        lshm__recv_poll(port);
+        return;
+    }
+    pk = malloc(sizeof(*pk) + len);
+    if (pk == NULL) {
+        lshm__sock_close_fds(cm->fds, cm->nfds);
+        lshm__port_fail(port, -ENOMEM, "out of memory holding a datagram for its FENCE");
+        return;
+    }
+    pk->next = NULL;
+    pk->cm = *cm;
+    pk->len = len;
+    memcpy(pk->data, data, len);
+    if (port->pk_tail != NULL)
+        port->pk_tail->next = pk;
+    else
+        port->pk_head = pk;
+    port->pk_tail = pk;
+    port->pk_len++;
+    /* Its FENCE was published before it was sent: read up to it now. */
+    lshm__recv_poll(port);
+}
+
+static struct parked *unpark(struct lshm_port *port)
+{
+    struct parked *pk = port->pk_head;
+
+    if (pk != NULL) {
+        port->pk_head = pk->next;
+        if (port->pk_head == NULL)
+            port->pk_tail = NULL;
+        port->pk_len--;
+    }
+    return pk;
+}
+
+static void recv_record(struct lshm_port *port, const void *buf, uint32_t len)
+{
+    struct lshm_wire_view v;
+    const char *why = "";
+
+    if (lshm__wire_decode_record(buf, len, &v, &why) < 0) {
+        lshm__port_fail(port, -EPROTO, "protocol violation: %s", why);
+        return;
+    }
+    recv_checked(port, &v, NULL, 0, NULL, true);
+}
+
+/*
+ * Is the port reading the peer's ring now: open or draining, below the
+ * bound (to_end: at the peer's end of file, what it published before it
+ * is read whatever the bound; the ring's size bounds it).
+ */
+static bool ring_readable(const struct lshm_port *port, bool to_end)
+{
+    return port->rx.hdr != NULL && lshm__port_is_reading(port) && !port->fence_wait &&
+           (to_end || port->held < port->ctx->p.recv_queue || port->state == PORT_DRAINING);
+}
+
+static bool ring_read(struct lshm_port *port, bool to_end)
+{
+    uint8_t buf[LSHM_WIRE_MAX];
+    bool any = false;
+
+    if (!ring_readable(port, to_end))
+        return false;
+    lshm__msgring_awake(&port->rx);
+    port->refs++;
+    while (ring_readable(port, to_end)) {
+        struct lshm_wire_record rec;
+        struct parked *pk;
+        const char *why = "";
+        int ret = lshm__msgring_next(&port->rx, buf, &rec, &why);
+
+        if (ret < 0) {
+            lshm__port_fail(port, -EPROTO, "protocol violation: %s", why);
+            break;
+        }
+        if (ret == 0) {
+            /* Read to a tail read after the datagram came: its FENCE
+             * should have been there. */
+            if (port->pk_head != NULL)
+                lshm__port_fail(port, -EPROTO, "protocol violation: a datagram with no "
+                                "FENCE for it in the ring");
+            break;
+        }
+        any = true;
+        if (rec.kind == LSHM_REC_MSG) {
+            recv_record(port, buf, rec.len);
+            continue;
+        }
+        /* A FENCE: the next message is the next datagram. */
+        pk = unpark(port);
+        if (pk == NULL && to_end)
+            break;
+        if (pk == NULL) {
+            port->fence_wait = true;
+            lshm__ctx_deadline(port->ctx, PL_FENCE, &port->links[PL_FENCE],
+                               lshm__now_ms() + LSHM_FENCE_MS);
+            /* Its datagram must be read, even if the socket had stopped at
+             * the bound: one message past it, not a wait for nothing. */
+            if (port->recv_stopped) {
+                port->recv_stopped = false;
+                lshm__recv_arm(port);
+            }
+            break;
+        }
+        lshm__recv_message(port, pk->data, pk->len, pk->cm.fds, pk->cm.nfds,
+                           pk->cm.has_cred ? &pk->cm.cred : NULL);
+        free(pk);
+    }
+    /* The producer waits for room: say it came. */
+    if (lshm__msgring_publish_head(&port->rx) && port->state == PORT_OPEN &&
+        lshm__port_queue_ctrl(port, LSHM_WIRE_SHM_ACK) == 0)
+        lshm__ctx_kick(port->ctx, port);
+    port->refs--;
+    lshm__port_settle(port);
+    return any;
+}
+
+bool lshm__recv_poll(struct lshm_port *port)
+{
+    return ring_read(port, false);
+}
+
+/* The peer's end of file: deliver what it published before, then close. */
+static void recv_eof(struct lshm_port *port)
+{
+    ring_read(port, true);
+    lshm__port_fail(port, -EPIPE, "peer closed the connection");
+}
+
+static void futex_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct lshm_port *port = (struct lshm_port *)((char *)op -
+                                                  offsetof(struct lshm_port, futex_op));
+
+    port->futex_armed = false;
+    if (res == 0)
+        port->stats.wakes_received++;
+    lshm__port_settle(port);
+}
+
+bool lshm__recv_sleep(struct lshm_port *port)
+{
+    if (!ring_readable(port, false))
+        return true;
+    if (!lshm__msgring_may_sleep(&port->rx))
+        return false;
+    if (port->futex_armed || !we_wait_on_futex(port))
+        return true;
+    port->futex_op.complete = futex_done;
+    if (lshm__ring_futex_wait(port->ctx->ring, lshm__msgring_wake_word(&port->rx), 1,
+                              &port->futex_op) < 0) {
+        /* No wait could be armed: a wake would find nobody.  Don't sleep. */
+        lshm__msgring_awake(&port->rx);
+        return false;
+    }
+    port->futex_armed = true;
+    return true;
 }
 
 /* One datagram: what only a datagram can get wrong, then its message. */
@@ -297,6 +580,11 @@ static void recv_datagram(struct lshm_port *port, const void *data, size_t len,
                        LSHM_WIRE_MAX);
         return;
     }
+    /* Once the peer's ring is out, a datagram waits for its FENCE. */
+    if (port->rx.hdr != NULL && !orders_nothing(data, len)) {
+        park(port, data, len, &cm);
+        return;
+    }
     lshm__recv_message(port, data, len, cm.fds, cm.nfds, cm.has_cred ? &cm.cred : NULL);
 }
 
@@ -319,7 +607,7 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
             /* EOF: multishot ends with an empty completion (res > 0: the
              * recvmsg_out header).  A real datagram always carries
              * SCM_CREDENTIALS (SO_PASSCRED), so an empty one is not this. */
-            lshm__port_fail(port, -EPIPE, "peer closed the connection");
+            recv_eof(port);
         else
             recv_datagram(port, payload, plen, &mh);
     } else if (res > 0) {
@@ -328,7 +616,7 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         /* An empty datagram (it came with credentials), not EOF. */
         recv_datagram(port, port->recv_buf, 0, &port->recv_mh);
     } else if (res == 0) {
-        lshm__port_fail(port, -EPIPE, "peer closed the connection");
+        recv_eof(port);
     } else if (res == -ECONNRESET && port->recv_multishot && lshm__port_is_reading(port)) {
         /* Multishot can end with ECONNRESET while datagrams are still
          * queued: drain them with single-shot receives. */
@@ -344,7 +632,7 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         if (port->recv_armed && ring != NULL && port->fd < 0)
             lshm__ring_cancel(ring, &port->recv_op);
     } else if (port->ctx != NULL && port->held >= port->ctx->p.recv_queue &&
-               port->state != PORT_DRAINING) {
+               port->state != PORT_DRAINING && !port->fence_wait) {
         /* (A drain holds nothing new: what it reads is released.) */
         if (port->recv_armed && !port->recv_stopped)
             lshm__ring_cancel(ring, &port->recv_op);
@@ -398,6 +686,9 @@ int lshm__recv(struct lshm_port *port, struct lshm_msg *msg, int timeout_ms)
     int ret;
 
     m = lshm__port_pop(port);
+    /* A record in the ring costs no system call. */
+    if (m == NULL && lshm__recv_poll(port))
+        m = lshm__port_pop(port);
     if (m == NULL) {
         ret = lshm__port_wait(port, LSHM_WAIT_RECV, timeout_ms);
         if (ret < 0)

@@ -12,6 +12,16 @@
 
 #include "ring.h"
 
+/*
+ * Futex opcodes (kernel 6.7), newer than the liburing that Debian 12 ships:
+ * the values of the kernel's enum io_uring_op and futex2 flags.  Whether
+ * the running kernel has them is probed, never assumed.
+ */
+#define OP_FUTEX_WAIT      51
+#define OP_FUTEX_WAKE      52
+#define FUTEX2_SIZE_U32    0x02u
+#define FUTEX_MATCH_ANY    0xffffffffu
+
 #define BUF_GROUP    1
 #define BUF_COUNT    128u    /* provided buffers shared by the context's ports */
 
@@ -25,6 +35,7 @@ struct lshm_ring {
     uint8_t                  *bufs;          /* BUF_COUNT * LSHM_RING_BUF_SIZE */
     struct lshm_ctx_stats    stats;
     unsigned                 sends;          /* sends submitted, not completed */
+    bool                     taskrun_flag;   /* the kernel flags pending task work */
     struct __kernel_timespec timeout_ts;     /* of the one timeout SQE */
 };
 
@@ -33,6 +44,9 @@ static const struct {
     unsigned flags;
     unsigned feats;
 } setups[] = {
+    { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL |
+      IORING_SETUP_TASKRUN_FLAG,
+      LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_DEFER_TASKRUN },
     { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SUBMIT_ALL,
       LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_DEFER_TASKRUN },
     { IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL,
@@ -105,6 +119,19 @@ fail:
     return -ENOTSUP;
 }
 
+static bool futex_ops_work(struct lshm_ring *r)
+{
+    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
+    bool ok;
+
+    if (p == NULL)
+        return false;
+    ok = io_uring_opcode_supported(p, OP_FUTEX_WAIT) &&
+         io_uring_opcode_supported(p, OP_FUTEX_WAKE);
+    io_uring_free_probe(p);
+    return ok;
+}
+
 static bool multishot_recvmsg_works(struct lshm_ring *r)
 {
     struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
@@ -147,10 +174,13 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
         return disabled_why(ret);
     }
     r->features = setups[i].feats;
+    r->taskrun_flag = (setups[i].flags & IORING_SETUP_TASKRUN_FLAG) != 0;
     if (!(ctx_flags & LSHM_CTX_NO_MULTISHOT) && multishot_recvmsg_works(r) &&
         setup_buffers(r) == 0)
         r->features |= LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING |
                        LSHM_FEAT_MULTISHOT_ACCEPT;
+    if (!(ctx_flags & LSHM_CTX_NO_FUTEX) && futex_ops_work(r))
+        r->features |= LSHM_FEAT_FUTEX;
     *out = r;
     return 0;
 }
@@ -359,6 +389,45 @@ int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
     return 0;
 }
 
+static void prep_futex(struct io_uring_sqe *sqe, int opcode, uint32_t *word, uint64_t val)
+{
+    /* Shared, not private: the word is in a memfd another process maps. */
+    io_uring_prep_rw(opcode, sqe, (int)FUTEX2_SIZE_U32, word, 0, val);
+    sqe->rw_flags = 0;
+    sqe->addr3 = FUTEX_MATCH_ANY;
+}
+
+int lshm__ring_futex_wait(struct lshm_ring *r, uint32_t *word, uint32_t val,
+                          struct lshm_op *op)
+{
+    struct io_uring_sqe *sqe;
+
+    if (!(r->features & LSHM_FEAT_FUTEX))
+        return -EOPNOTSUPP;
+    sqe = get_sqe(r);
+    if (sqe == NULL)
+        return -EBUSY;
+    prep_futex(sqe, OP_FUTEX_WAIT, word, val);
+    io_uring_sqe_set_data(sqe, op);
+    return 0;
+}
+
+int lshm__ring_futex_wake(struct lshm_ring *r, uint32_t *word)
+{
+    struct io_uring_sqe *sqe;
+
+    if (!(r->features & LSHM_FEAT_FUTEX))
+        return -EOPNOTSUPP;
+    sqe = get_sqe(r);
+    if (sqe == NULL)
+        return -EBUSY;
+    prep_futex(sqe, OP_FUTEX_WAKE, word, 1);
+    /* Nothing to learn from a wake that worked: no completion for it. */
+    sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    io_uring_sqe_set_data(sqe, NULL);
+    return 0;
+}
+
 int lshm__ring_cancel(struct lshm_ring *r, struct lshm_op *op)
 {
     struct io_uring_sqe *sqe = get_sqe(r);
@@ -409,6 +478,17 @@ static int dispatch(struct lshm_ring *r)
     }
     r->stats.completions += n;
     return (int)n;
+}
+
+bool lshm__ring_is_idle(struct lshm_ring *r)
+{
+    /* Without the flag, completions may wait as task work unseen; with
+     * the eventfd of lshm_ctx_fd, only a run drains it. */
+    if (!r->taskrun_flag || r->has_evfd)
+        return false;
+    return io_uring_sq_ready(&r->ring) == 0 && r->sends == 0 &&
+           io_uring_cq_ready(&r->ring) == 0 &&
+           !(IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN);
 }
 
 void lshm__ring_sends(struct lshm_ring *r, int delta)

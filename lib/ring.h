@@ -7,6 +7,7 @@
 #define LSHM_RING_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <sys/socket.h>
 
 #include "internal.h"
@@ -57,10 +58,20 @@ int lshm__ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool mult
 int lshm__ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
                       socklen_t len, struct lshm_op *op);
 int lshm__ring_cancel(struct lshm_ring *r, struct lshm_op *op);
+/* Wait until a FUTEX_WAKE on the shared futex word (while it holds val),
+ * and wake one waiter on it: -EOPNOTSUPP without LSHM_FEAT_FUTEX.  A wake
+ * has no completion unless it fails. */
+int lshm__ring_futex_wait(struct lshm_ring *r, uint32_t *word, uint32_t val,
+                          struct lshm_op *op);
+int lshm__ring_futex_wake(struct lshm_ring *r, uint32_t *word);
 /* One completion after ms milliseconds (-ETIME), unless cancelled. */
 int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op);
 
 int lshm__ring_submit(struct lshm_ring *r);
+/* Nothing to submit, nothing in flight that needs an enter, no completion
+ * waiting (as a CQE or as task work): a run with no wait can skip the
+ * kernel.  False where the kernel cannot tell us. */
+bool lshm__ring_is_idle(struct lshm_ring *r);
 /* Sends in flight, counted by the caller: a chain needs them asked for. */
 void lshm__ring_sends(struct lshm_ring *r, int delta);
 /* Submit and collect completions without waiting, then dispatch them:

@@ -65,14 +65,46 @@ bool lshm__chunk_get_free(uint64_t *map, uint32_t *c)
     }
 }
 
-static int make_memfd(void)
+static int make_memfd(const char *name)
 {
-    int fd = memfd_create("lshm", MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL);
+    int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING | MFD_NOEXEC_SEAL);
 
     /* Kernels before 6.3 reject the flag they do not know. */
     if (fd < 0 && errno == EINVAL)
-        fd = memfd_create("lshm", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
     return fd < 0 ? -errno : fd;
+}
+
+int lshm__memfd_new(const char *what, size_t size)
+{
+    /* Named so that /proc/PID/maps tells segments ("lshm") from rings. */
+    int fd;
+    struct rlimit rl;
+
+    /* Above RLIMIT_FSIZE, ftruncate would raise SIGXFSZ, which kills. */
+    if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < size)
+        return lshm__fail(-EFBIG, "%s of %zu bytes is above the file size limit "
+                          "(RLIMIT_FSIZE %llu)", what, size, (unsigned long long)rl.rlim_cur);
+    fd = make_memfd(strcmp(what, "segment") == 0 ? "lshm" : "lshm-ring");
+
+    if (fd < 0)
+        return lshm__fail(fd, "memfd_create: %s%s", lshm__limit_text(fd),
+                          fd == -ENOSYS ? " (the kernel has no memfd; there is no fallback)"
+                                        : "");
+    if (ftruncate(fd, (off_t)size) < 0) {
+        int ret = lshm__fail(-errno, "%s: ftruncate: %s", what, strerror(errno));
+
+        close(fd);
+        return ret;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
+        int ret = lshm__fail(-errno, "%s: sealing: %s", what, strerror(errno));
+
+        close(fd);
+        return ret;
+    }
+    return fd;
 }
 
 int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
@@ -80,7 +112,6 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
 {
     struct lshm_segment_header *hdr;
     struct lshm_seg *seg;
-    struct rlimit rl;
     void *mem;
     int fd, ret;
 
@@ -88,28 +119,10 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     if (seg == NULL)
         return lshm__fail(-ENOMEM, "segment: out of memory");
 
-    /* Above RLIMIT_FSIZE, ftruncate would raise SIGXFSZ, which kills. */
-    if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
-        rl.rlim_cur < LSHM_SEGMENT_SIZE) {
-        ret = lshm__fail(-EFBIG, "segment of %u bytes is above the file size limit "
-                         "(RLIMIT_FSIZE %llu)", LSHM_SEGMENT_SIZE,
-                         (unsigned long long)rl.rlim_cur);
-        goto fail_free;
-    }
-    fd = make_memfd();
+    fd = lshm__memfd_new("segment", LSHM_SEGMENT_SIZE);
     if (fd < 0) {
         ret = fd;
-        lshm__fail(ret, "memfd_create: %s%s", lshm__limit_text(ret),
-                  ret == -ENOSYS ? " (the kernel has no memfd; there is no fallback)" : "");
         goto fail_free;
-    }
-    if (ftruncate(fd, LSHM_SEGMENT_SIZE) < 0) {
-        ret = lshm__fail(-errno, "segment: ftruncate: %s", strerror(errno));
-        goto fail_close;
-    }
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) < 0) {
-        ret = lshm__fail(-errno, "segment: sealing: %s", strerror(errno));
-        goto fail_close;
     }
     mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED) {
@@ -125,7 +138,7 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     /* A fresh memfd reads as zeros: oosm, the paddings and tracking[] are 0. */
     hdr = mem;
     hdr->magic = LSHM_MAGIC;
-    hdr->version = LSHM_PROTOCOL_VERSION;
+    hdr->version = LSHM_SEGMENT_VERSION;
     hdr->sent_over = port_id;
     hdr->id = id;
     hdr->src_pid = src;
@@ -169,13 +182,10 @@ static bool fd_is_other_file(int fd)
     return strncmp(target, "/memfd:", 7) != 0;
 }
 
-int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
+int lshm__memfd_check(int fd, size_t size)
 {
-    struct lshm_segment_header *hdr;
-    struct lshm_seg *seg;
     struct stat st;
-    int seals, ret;
-    void *mem;
+    int seals;
 
     if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))
         return -EBADF;
@@ -191,8 +201,21 @@ int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg 
     /* Only now that the size is sealed does it stay what fstat says. */
     if (fstat(fd, &st) < 0)
         return -errno;
-    if (st.st_size != (off_t)LSHM_SEGMENT_SIZE)
+    if (st.st_size != (off_t)size)
         return -EMSGSIZE;
+    return 0;
+}
+
+int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out)
+{
+    struct lshm_segment_header *hdr;
+    struct lshm_seg *seg;
+    void *mem;
+    int ret;
+
+    ret = lshm__memfd_check(fd, LSHM_SEGMENT_SIZE);
+    if (ret < 0)
+        return ret;
 
     seg = calloc(1, sizeof(*seg));
     if (seg == NULL)
@@ -207,7 +230,7 @@ int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg 
     hdr = mem;
     if (__atomic_load_n(&hdr->magic, __ATOMIC_RELAXED) != LSHM_MAGIC)
         ret = -EPROTO;
-    else if (__atomic_load_n(&hdr->version, __ATOMIC_RELAXED) != LSHM_PROTOCOL_VERSION)
+    else if (__atomic_load_n(&hdr->version, __ATOMIC_RELAXED) != LSHM_SEGMENT_VERSION)
         ret = -EPROTONOSUPPORT;
     else if (__atomic_load_n(&hdr->id, __ATOMIC_RELAXED) != id)
         ret = -ERANGE;

@@ -60,9 +60,18 @@ void lshm__send_kick(struct lshm_port *port)
     struct lshm_ring *r;
     unsigned n, i;
 
-    if (port->ctx == NULL || port->inflight > 0 || port->sq_head == NULL ||
-        port->state >= PORT_DRAINING)
+    if (port->ctx == NULL || port->state >= PORT_DRAINING)
         goto done;
+    /* Records written with LSHM_MORE, and what waited for room. */
+    if (port->bl_head != NULL)
+        lshm__port_flush_backlog(port);
+    /* (A publish may queue a WAKE: then there is a chain to send.) */
+    if (port->inflight == 0 && port->sq_head == NULL)
+        lshm__port_publish(port);
+    if (port->inflight > 0 || port->sq_head == NULL) {
+        lshm__port_publish(port);
+        goto done;
+    }
     r = port->ctx->ring;
     n = lshm__ring_space(r);
     if (n < port->sq_len) {
@@ -73,6 +82,9 @@ void lshm__send_kick(struct lshm_port *port)
         n = port->sq_len;
     if (n > CHAIN_MAX)
         n = CHAIN_MAX;
+    /* The FENCEs of this chain's datagrams are visible before it is. */
+    lshm__port_release_fences(port, n);
+    lshm__port_publish(port);
     for (i = 0; i < n; i++) {
         struct smsg *m = port->sq_head;
 
@@ -99,7 +111,7 @@ done:
         lshm__ctx_list_add(port->ctx, PL_KICK, &port->links[PL_KICK]);
     /* A closing port's BYE was the last message: it went out, now drain. */
     if (port->user_closed && port->state < PORT_DRAINING && port->inflight == 0 &&
-        port->sq_head == NULL && lshm__port_bye_sent(port))
+        port->sq_head == NULL && port->bl_head == NULL && lshm__port_bye_sent(port))
         lshm__recv_arm(port);
 }
 
@@ -174,20 +186,28 @@ static int send_check(struct lshm_port *port, const struct lshm_out *out, uint64
     if (*total > UINT32_MAX)
         return lshm__fail(-EMSGSIZE, "message of %llu bytes, at most 4 GiB - 1",
                          (unsigned long long)*total);
-    if (port->sq_len + port->inflight >= port->ctx->p.send_queue)
+    if (port->sq_len + port->inflight + port->bl_len >= port->ctx->p.send_queue)
         return lshm__fail(-EAGAIN, "send queue full (%u messages)", port->ctx->p.send_queue);
     return 0;
 }
 
-/* Encode out as a v1 message (header, tracking, descriptors or inline bytes). */
-static struct smsg *encode_user(struct lshm_port *port, const struct lshm_out *out,
-                                uint64_t total)
+/* The bytes of out as a v1 message: header, tracking, descriptors or inline. */
+static size_t wire_len(const struct lshm_out *out)
+{
+    size_t len = sizeof(struct lshm_wire_msg);
+
+    if (out->tracking != NULL)
+        len += sizeof(struct lshm_wire_tracking);
+    return len + (out->nbufs > 0 ? out->nbufs * sizeof(struct lshm_wire_desc) : out->size);
+}
+
+/* Encode out into dst (wire_len(out) bytes): the datagram, or a ring record's body. */
+static size_t encode(struct lshm_port *port, const struct lshm_out *out, uint64_t total,
+                     void *dst)
 {
     struct lshm_wire_desc descs[LSHM_MAX_DESCS];
     struct lshm_wire_tracking tr, *trp = NULL;
     struct lshm_wire_msg hdr;
-    struct smsg *m;
-    size_t len;
     unsigned i;
 
     memset(&hdr, 0, sizeof(hdr));
@@ -197,46 +217,68 @@ static struct smsg *encode_user(struct lshm_port *port, const struct lshm_out *o
     hdr.type = out->type;
     hdr.flags = out->last ? LSHM_WIRE_LAST : 0;
     hdr.size = (uint32_t)total;
-    len = sizeof(hdr);
     if (out->tracking != NULL) {
-        hdr.flags |= LSHM_WIRE_TRACKING;
         tr.mmap_id = out->tracking->seg->id;
         tr.tracking_id = out->tracking->slot;
         trp = &tr;
-        len += sizeof(tr);
     }
-    if (out->nbufs > 0) {
-        hdr.flags |= LSHM_WIRE_MMAP;
-        for (i = 0; i < out->nbufs; i++) {
-            descs[i].mmap_id = out->bufs[i]->seg->id;
-            descs[i].chunk_id = out->bufs[i]->chunk;
-            descs[i].size = (uint32_t)out->bufs[i]->size;
-        }
-        len += out->nbufs * sizeof(descs[0]);
-    } else {
-        len += out->size;
+    for (i = 0; i < out->nbufs; i++) {
+        descs[i].mmap_id = out->bufs[i]->seg->id;
+        descs[i].chunk_id = out->bufs[i]->chunk;
+        descs[i].size = (uint32_t)out->bufs[i]->size;
     }
-    m = lshm__smsg_new(port, len);
-    if (m == NULL)
-        return NULL;
-    m->len = lshm__wire_encode_user(m->data, &hdr, trp, out->nbufs ? descs : NULL,
-                                   out->nbufs, out->data);
-    m->fd = out->fd;
-    return m;
+    return lshm__wire_encode_user(dst, &hdr, trp, out->nbufs ? descs : NULL, out->nbufs,
+                                  out->data);
 }
 
 /*
  * Where a user message goes: the one decision point of the send path.
- * Every message takes the socket's ordered chain.
+ * With rings (both HELLOs said RING) a message without an fd is a record
+ * of our ring, written in place when nothing waits before it; the rest
+ * takes the socket's chain, after a FENCE once our ring is out.  During
+ * the handshake every message waits to know its way.
  */
-static void route(struct lshm_port *port, struct smsg *m)
+static int route(struct lshm_port *port, const struct lshm_out *out, uint64_t total)
 {
+    size_t len = wire_len(out);
+    struct smsg *m;
+    int ret;
+
+    if (lshm__port_uses_ring(port) && out->fd < 0) {
+        ret = lshm__port_ring_out(port);
+        if (ret < 0)
+            return ret;
+        if (port->bl_head == NULL) {
+            int err = 0;
+            void *body = lshm__msgring_reserve(&port->tx, LSHM_REC_MSG, (uint32_t)len, &err);
+
+            if (body != NULL) {
+                encode(port, out, total, body);
+                port->tx_dirty = true;
+                port->stats.ring_msgs++;
+                port->stats.ring_bytes += total;
+                port->ctx->msgs_sent++;
+                return 0;
+            }
+            if (err == -EPROTO) {
+                lshm__port_fail(port, -EPROTO, "protocol violation: the peer moved our "
+                                "ring's head out of bounds");
+                return lshm__fail(-EPROTO, "%s", port->reason);
+            }
+            /* Full: the message waits in the backlog (lshm__port_queue). */
+        }
+    }
+    m = lshm__smsg_new(port, len);
+    if (m == NULL)
+        return lshm__fail(-ENOMEM, "out of memory");
+    m->len = encode(port, out, total, m->data);
+    m->fd = out->fd;
     lshm__port_queue(port, m);
+    return 0;
 }
 
 int lshm__send(struct lshm_port *port, const struct lshm_out *out, unsigned flags)
 {
-    struct smsg *m;
     uint64_t total;
     unsigned i;
     int ret;
@@ -244,16 +286,22 @@ int lshm__send(struct lshm_port *port, const struct lshm_out *out, unsigned flag
     ret = send_check(port, out, &total);
     if (ret < 0)
         return ret;
-    m = encode_user(port, out, total);
-    if (m == NULL)
-        return lshm__fail(-ENOMEM, "out of memory");
-    route(port, m);
+    ret = route(port, out, total);
+    if (ret < 0)
+        return ret;
     /* The receiver frees the chunks it was sent; the rest come back now. */
     for (i = 0; i < out->nbufs; i++)
         lshm__buf_release_sent(out->bufs[i]);
     if (out->tracking != NULL)
         out->tracking->sent = true;
-    if (!(flags & LSHM_MORE)) {
+    if (flags & LSHM_MORE) {
+        /* The next run, or lshm_flush, publishes and submits. */
+        lshm__ctx_list_add(port->ctx, PL_KICK, &port->links[PL_KICK]);
+        return 0;
+    }
+    lshm__port_publish(port);
+    /* Only the socket needs the kernel. */
+    if (port->sq_head != NULL || port->inflight > 0) {
         lshm__send_kick(port);
         ret = lshm__ctx_pump(port->ctx);   /* queued, but a refused submit is no success */
         if (ret < 0)

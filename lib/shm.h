@@ -23,7 +23,7 @@
 
 struct lshm_segment_header {
     uint32_t magic;                                /* LSHM_MAGIC */
-    uint16_t version;                              /* LSHM_PROTOCOL_VERSION */
+    uint16_t version;                              /* LSHM_SEGMENT_VERSION */
     uint16_t sent_over;                            /* port id, 0xffff: any port */
     uint32_t id;                                   /* index in the sender's table */
     int32_t  src_pid;
@@ -128,6 +128,21 @@ struct lshm_seg {
     bool                        scrub; /* fill freed chunks with 0xA5 */
     atomic_int                  use;
 };
+
+/*
+ * A memfd of size bytes for what ("segment", "ring"; named "lshm" and
+ * "lshm-ring" in /proc/PID/maps), MFD_NOEXEC_SEAL where
+ * the kernel has it, sealed SHRINK | GROW | SEAL: the fd, or -errno with a
+ * text (-ENOSYS: the kernel has no memfd).
+ */
+int  lshm__memfd_new(const char *what, size_t size);
+
+/*
+ * The checks every memfd from a peer passes before it is mapped: a regular
+ * file (-EBADF), a memfd (-EOPNOTSUPP), sealed SHRINK and GROW (-EPERM),
+ * not sealed against writing (-EACCES), exactly size bytes (-EMSGSIZE).
+ */
+int  lshm__memfd_check(int fd, size_t size);
 
 /*
  * Create a sealed memfd segment (MFD_NOEXEC_SEAL where the kernel has it),

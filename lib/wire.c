@@ -7,6 +7,7 @@
  * Bytes come from a receive buffer with no alignment promise, so every field
  * is read and written with memcpy, never through a cast pointer.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -41,7 +42,7 @@ static const struct ctrl_rule {
 } ctrl_rules[] = {
     [LSHM_WIRE_HELLO] = {
         sizeof(struct lshm_wire_hello), 0,
-        "HELLO size field is not 24", "HELLO datagram is not 40 bytes",
+        "HELLO size field is not 32", "HELLO datagram is not 48 bytes",
         "fd on a message type that carries none",
     },
     [LSHM_WIRE_MMAP_MSG] = {
@@ -59,7 +60,45 @@ static const struct ctrl_rule {
         "BYE size field is not 0", "BYE datagram is not 16 bytes",
         "fd on a message type that carries none",
     },
+    [LSHM_WIRE_RING] = {
+        sizeof(uint32_t), 1,
+        "RING size field is not 4", "RING datagram is not 20 bytes",
+        "RING control message without exactly one fd",
+    },
+    [LSHM_WIRE_WAKE] = {
+        0, 0,
+        "WAKE size field is not 0", "WAKE datagram is not 16 bytes",
+        "fd on a message type that carries none",
+    },
 };
+
+/* The version 1 HELLO: its 24 bytes are this version's first 24. */
+#define HELLO_V1_LEN  24u
+
+/*
+ * A version 1 peer gets an answer that says so, not a length violation: the
+ * strict reading of "a HELLO of version 1 ... ends the port with an error
+ * that names both versions".  Any other 24-byte HELLO is a violation.
+ */
+static int decode_hello_v1(const uint8_t *p, size_t len, struct lshm_wire_view *v,
+                           const char **why)
+{
+    static __thread char text[128];
+    uint16_t version;
+
+    if (v->hdr.size != HELLO_V1_LEN || len != HDR_LEN + HELLO_V1_LEN)
+        return 1;
+    memcpy(&version, p + HDR_LEN + offsetof(struct lshm_wire_hello, version),
+           sizeof(version));
+    if (version == LSHM_PROTOCOL_VERSION)
+        return 1;
+    memcpy(&v->hello, p + HDR_LEN, HELLO_V1_LEN);
+    snprintf(text, sizeof(text), "peer speaks protocol version %u, this side version %u",
+             (unsigned)version, (unsigned)LSHM_PROTOCOL_VERSION);
+    if (why != NULL)
+        *why = text;
+    return -EPROTONOSUPPORT;
+}
 
 static int decode_ctrl(const uint8_t *p, size_t len, unsigned nfds,
                        struct lshm_wire_view *v, const char **why)
@@ -73,6 +112,12 @@ static int decode_ctrl(const uint8_t *p, size_t len, unsigned nfds,
         return violation(why, "MMAP or TRACKING flag on a control message");
     if (h->flags != 0)
         return violation(why, "flags on a control message");
+    if (h->type == LSHM_WIRE_HELLO) {
+        int ret = decode_hello_v1(p, len, v, why);
+
+        if (ret <= 0)
+            return ret;
+    }
     if (h->size != r->payload)
         return violation(why, r->bad_size);
     if (len != HDR_LEN + r->payload)
@@ -80,10 +125,15 @@ static int decode_ctrl(const uint8_t *p, size_t len, unsigned nfds,
     if (nfds != r->nfds)
         return violation(why, r->bad_fds);
 
-    if (h->type == LSHM_WIRE_HELLO)
+    if (h->type == LSHM_WIRE_HELLO) {
         memcpy(&v->hello, p + HDR_LEN, sizeof(v->hello));
-    else if (h->type == LSHM_WIRE_MMAP_MSG)
+        /* A receiver ignores the bits it does not know. */
+        v->hello.features &= LSHM_WIRE_FEATS;
+    } else if (h->type == LSHM_WIRE_MMAP_MSG) {
         memcpy(&v->mmap_id, p + HDR_LEN, sizeof(v->mmap_id));
+    } else if (h->type == LSHM_WIRE_RING) {
+        memcpy(&v->ring_size, p + HDR_LEN, sizeof(v->ring_size));
+    }
     return 0;
 }
 
@@ -207,7 +257,7 @@ static size_t put_hdr(uint8_t *p, uint32_t stream, int32_t pid, uint16_t port_id
 }
 
 size_t lshm__wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
-                              uint32_t max_segments)
+                              uint32_t max_segments, uint32_t features, uint32_t ring_size)
 {
     struct lshm_wire_hello hello = {
         .magic = LSHM_MAGIC,
@@ -217,6 +267,8 @@ size_t lshm__wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
         .chunk_size = LSHM_CHUNK_SIZE,
         .chunk_count = LSHM_CHUNK_COUNT,
         .max_segments = max_segments,
+        .features = features,
+        .ring_size = ring_size,
     };
     uint8_t *p = out;
     size_t off = put_hdr(p, 0, pid, port_id, LSHM_WIRE_HELLO, 0, sizeof(hello));
@@ -226,18 +278,20 @@ size_t lshm__wire_encode_hello(void *out, int32_t pid, uint16_t port_id,
 }
 
 size_t lshm__wire_encode_ctrl(void *out, uint8_t type, int32_t pid, uint16_t port_id,
-                             uint32_t mmap_id)
+                             uint32_t arg)
 {
     uint8_t *p = out;
     size_t off;
 
     switch (type) {
     case LSHM_WIRE_MMAP_MSG:
-        off = put_hdr(p, 0, pid, port_id, type, 0, sizeof(mmap_id));
-        memcpy(p + off, &mmap_id, sizeof(mmap_id));
-        return off + sizeof(mmap_id);
+    case LSHM_WIRE_RING:
+        off = put_hdr(p, 0, pid, port_id, type, 0, sizeof(arg));
+        memcpy(p + off, &arg, sizeof(arg));
+        return off + sizeof(arg);
     case LSHM_WIRE_SHM_ACK:
     case LSHM_WIRE_BYE:
+    case LSHM_WIRE_WAKE:
         return put_hdr(p, 0, pid, port_id, type, 0, 0);
     default:
         /* HELLO has its own encoder; anything else is not a control type. */
@@ -313,5 +367,58 @@ int lshm__wire_check_hello(const struct lshm_wire_hello *h, const char **why)
     }
     if (h->max_segments < 1)
         return violation(why, "HELLO max_segments is 0");
+    if ((h->features & LSHM_WIRE_FEAT_FUTEX) && !(h->features & LSHM_WIRE_FEAT_RING))
+        return violation(why, "HELLO sets FUTEX without RING");
+    if (h->features & LSHM_WIRE_FEAT_RING) {
+        if (!lshm__ring_size_is_valid(h->ring_size)) {
+            snprintf(text, sizeof(text), "HELLO ring_size %u is not a power of two from "
+                     "%u to %u", h->ring_size, LSHM_RING_SIZE_MIN, LSHM_RING_SIZE_MAX);
+            return violation(why, text);
+        }
+    } else if (h->ring_size != 0) {
+        return violation(why, "HELLO ring_size is not 0 without RING");
+    }
     return 0;
+}
+
+int64_t lshm__wire_record_check(struct lshm_wire_record rec, uint64_t avail, uint64_t room,
+                                const char **why)
+{
+    uint64_t span;
+
+    switch (rec.kind) {
+    case LSHM_REC_MSG:
+        if (rec.len < HDR_LEN || rec.len > LSHM_WIRE_MAX)
+            return violation(why, "MSG record length out of range");
+        span = LSHM_REC_SPAN(rec.len);
+        if (span > room)
+            return violation(why, "record crosses the end of the ring");
+        break;
+    case LSHM_REC_FENCE:
+        if (rec.len != 0)
+            return violation(why, "FENCE record with a length");
+        span = LSHM_REC_HDR;
+        break;
+    case LSHM_REC_SKIP:
+        if (rec.len != 0)
+            return violation(why, "SKIP record with a length");
+        span = room;
+        break;
+    default:
+        return violation(why, "unknown record kind");
+    }
+    if (span > avail)
+        return violation(why, rec.kind == LSHM_REC_SKIP ? "SKIP record past tail"
+                                                        : "record ends beyond tail");
+    return (int64_t)span;
+}
+
+int lshm__wire_decode_record(const void *buf, size_t len, struct lshm_wire_view *v,
+                             const char **why)
+{
+    int ret = lshm__wire_decode(buf, len, 0, v, why);
+
+    if (ret == 0 && v->hdr.type < LSHM_TYPE_USER_MIN)
+        return violation(why, "control message in a ring record");
+    return ret;
 }

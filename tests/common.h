@@ -11,6 +11,9 @@ int count_fds(void);
 /* Mappings of this process whose line in /proc/self/maps contains what
  * (NULL: all of them); memfd segments show as "/memfd:lshm". */
 int count_maps(const char *what);
+/* What count_maps() matches for segments alone (message rings are
+ * "memfd:lshm-ring"; every memfd mapping: "memfd:"). */
+#define SEG_MAPS "memfd:lshm (deleted)"
 
 /* Snapshot the counts before a test, check them after: nothing may be left. */
 void leak_snapshot(void);

@@ -141,9 +141,12 @@ size_t raw_hello_build(uint8_t *buf, pid_t pid, uint16_t version)
                                  .header_size = 4096, .chunk_size = 16384,
                                  .chunk_count = 640, .max_segments = 32 };
 
+    /* Version 1's HELLO is this one's first 24 bytes. */
+    if (version == 1)
+        h.size = 24;
     memcpy(buf, &h, sizeof(h));
-    memcpy(buf + sizeof(h), &b, sizeof(b));
-    return sizeof(h) + sizeof(b);
+    memcpy(buf + sizeof(h), &b, h.size);
+    return sizeof(h) + h.size;
 }
 
 void raw_sendv(int fd, const void *buf, size_t len, const int *fds, unsigned nfds)

@@ -52,7 +52,7 @@ static int streamer(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
 static void killed_peers(const struct lshm_ctx_params *prm, unsigned rounds)
 {
     struct lshm_ctx *ctx = ctx_make(prm);
-    int fds0 = count_fds(), maps0 = count_maps("memfd:");
+    int fds0 = count_fds(), maps0 = count_maps(SEG_MAPS);
     unsigned it;
 
     for (it = 0; it < rounds; it++) {
@@ -104,8 +104,8 @@ static void killed_peers(const struct lshm_ctx_params *prm, unsigned rounds)
             lshm_ctx_run(ctx, 10);
         cr_assert_eq(count_fds(), fds0, "iteration %u: %d fds, %d before", it, count_fds(),
                      fds0);
-        cr_assert_eq(count_maps("memfd:"), maps0, "iteration %u: %d memfd mappings, %d before",
-                     it, count_maps("memfd:"), maps0);
+        cr_assert_eq(count_maps(SEG_MAPS), maps0, "iteration %u: %d memfd mappings, %d before",
+                     it, count_maps(SEG_MAPS), maps0);
     }
     lshm_ctx_free(ctx);
 }
@@ -528,7 +528,7 @@ static int stream_forever(struct lshm_ctx *ctx, struct lshm_port *port, void *ar
 LTEST(close, peer_sigkilled_handler_style_on_close_once)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
-    int fds0 = count_fds(), maps0 = count_maps("memfd:"), it, i;
+    int fds0 = count_fds(), maps0 = count_maps(SEG_MAPS), it, i;
 
     for (it = 0; it < 5; it++) {
         struct lshm_port *port;
@@ -549,7 +549,7 @@ LTEST(close, peer_sigkilled_handler_style_on_close_once)
         cr_assert_eq(d.closes, 1, "on_close ran %u times", d.closes);
         cr_assert(d.error == -EPIPE || d.error == -ECONNRESET, "close error %d", d.error);
         cr_assert_eq(count_fds(), fds0);
-        cr_assert_eq(count_maps("memfd:"), maps0);
+        cr_assert_eq(count_maps(SEG_MAPS), maps0);
     }
     lshm_ctx_free(ctx);
 }

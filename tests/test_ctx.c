@@ -197,7 +197,12 @@ LTEST(ctx, new_rejects_bad_params)
         { .handshake_ms = 3600001 },
         { .flags = 1u << 20 },
         { .reserved = { [0] = 1 } },
-        { .reserved = { [9] = 1 } },
+        { .reserved = { [7] = 1 } },
+        { .ring_size = 65535 },
+        { .ring_size = 32768 },
+        { .ring_size = 3u << 16 },
+        { .ring_size = 1u << 25 },
+        { .spin_us = 1000001 },
     };
     struct lshm_ctx *ctx = NULL;
     unsigned i;

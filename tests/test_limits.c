@@ -251,8 +251,11 @@ static int recv_at_as_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *
     CK(f != NULL && fscanf(f, "%lu", &pages) == 1);
     fclose(f);
     CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    /* Room for this side's message ring (256 KiB), not for a segment of
+     * 10 MiB; then tell the parent to send. */
     rl.rlim_cur = rl.rlim_max = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (4u << 20);
     CK(setrlimit(RLIMIT_AS, &rl) == 0);
+    CK(send_inline(port, T_CTRL, 1, NULL, 0, -1) == 0);
     ret = lshm_recv(port, &m, 10000);
     if (ret == 0)
         lshm_msg_done(&m);
@@ -273,6 +276,7 @@ LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peer)
     ctx = ctx_make(NULL);
     pid = spawn(ctx, NULL, &port, recv_at_as_limit, NULL);
     wait_ready(port);
+    cr_assert_eq(recv_ctrl(port, 10000), 1);
     cr_assert_eq(send_shm(port, 1, 100000, -1), 0, "%s", lshm_last_error());
     child_ok(pid, 10000);
     lshm_port_close(port);
@@ -327,4 +331,49 @@ LTEST(limits, address_space_limit_at_segment_creation_names_rlimit_as)
     cr_assert(strstr(lshm_last_error(), "RLIMIT_AS") != NULL, "%s", lshm_last_error());
     echo_roundtrip(port, 1, 10000, true);
     spawn_end(ctx, port, pid);
+}
+
+/* The child: at its address-space limit, it cannot map the peer's ring. */
+static int ring_at_as_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    unsigned long pages = 0;
+    struct lshm_msg m;
+    struct rlimit rl;
+    FILE *f = fopen("/proc/self/statm", "r");
+    int ret;
+
+    CK(f != NULL && fscanf(f, "%lu", &pages) == 1);
+    fclose(f);
+    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
+    rl.rlim_cur = rl.rlim_max = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (64u << 10);
+    CK(setrlimit(RLIMIT_AS, &rl) == 0);
+    ret = lshm_recv(port, &m, 10000);
+    if (ret == 0)
+        lshm_msg_done(&m);
+    CK(ret == -ENOMEM);
+    CK(strstr(lshm_last_error(), "ring") != NULL);
+    CK(strstr(lshm_last_error(), "protocol violation") == NULL);
+    return 0;
+}
+
+LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peers_ring)
+{
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    pid_t pid;
+
+    if (getenv("LSHM_SANITIZER") != NULL)
+        cr_skip_test("a sanitizer's shadow memory does not fit under RLIMIT_AS");
+    ctx = ctx_make(NULL);
+    if (!(lshm_ctx_features(ctx) & LSHM_FEAT_RING)) {
+        lshm_ctx_free(ctx);
+        cr_skip_test("no message rings here (LSHM_FEAT_RING)");
+    }
+    pid = spawn(ctx, NULL, &port, ring_at_as_limit, NULL);
+    wait_ready(port);
+    usleep(300 * 1000);     /* the child lowers its limit meanwhile */
+    cr_assert_eq(send_pat(port, 1, 100, 0), 0, "%s", lshm_last_error());
+    child_ok(pid, 10000);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
 }

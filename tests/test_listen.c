@@ -191,27 +191,38 @@ LTEST(listen, listen_replaces_stale_socket_refuses_live_one)
  * A HELLO with another protocol version is refused, saying so
  * ====================================================================== */
 
-LTEST(listen, hello_version_2_refused_on_adopted_port)
+static void hello_version_refused(uint16_t version, const char *reason)
 {
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *port;
     uint8_t buf[64];
     int peer = raw_peer(ctx, &port), ret;
 
-    raw_sendv(peer, buf, raw_hello_build(buf, getpid(), 2), NULL, 0);
+    raw_sendv(peer, buf, raw_hello_build(buf, getpid(), version), NULL, 0);
     ret = lshm_port_wait(port, LSHM_WAIT_READY, 5000);
     cr_assert_eq(ret, -EPROTONOSUPPORT, "%d %s", ret, lshm_last_error());
     cr_assert_not_null(lshm_port_error(port));
-    cr_assert(strstr(lshm_port_error(port), "version") != NULL, "reason: %s",
+    cr_assert(strstr(lshm_port_error(port), reason) != NULL, "reason: %s",
               lshm_port_error(port));
-    cr_assert(strstr(lshm_last_error(), "version") != NULL, "%s", lshm_last_error());
-    cr_log_info("version 2: %s", lshm_port_error(port));
+    cr_assert(strstr(lshm_last_error(), reason) != NULL, "%s", lshm_last_error());
+    cr_log_info("version %u: %s", version, lshm_port_error(port));
     lshm_port_close(port);
     close(peer);
     lshm_ctx_free(ctx);
 }
 
-LTEST(listen, hello_version_2_refused_by_lshm_connect)
+/* What a 1.0 library sends: a 24-byte HELLO of version 1.  Both versions named. */
+LTEST(listen, hello_version_1_refused_on_adopted_port)
+{
+    hello_version_refused(1, "peer speaks protocol version 1, this side version 2");
+}
+
+LTEST(listen, hello_version_3_refused_on_adopted_port)
+{
+    hello_version_refused(3, "protocol version 3, expected 2");
+}
+
+LTEST(listen, hello_version_1_refused_by_lshm_connect)
 {
     char *dir = tmp_dir(), path[128];
     struct lshm_ctx *ctx;
@@ -222,13 +233,13 @@ LTEST(listen, hello_version_2_refused_by_lshm_connect)
     pid = fork();
     cr_assert_geq(pid, 0);
     if (pid == 0) {
-        /* A raw server that speaks version 2. */
+        /* A raw server that speaks version 1. */
         uint8_t buf[LSHM_WIRE_MAX];
         int c = accept(lfd, NULL, NULL);
 
         if (c < 0 || setsockopt(c, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) < 0)
             _exit(1);
-        if (send(c, buf, raw_hello_build(buf, getpid(), 2), MSG_NOSIGNAL) < 0)
+        if (send(c, buf, raw_hello_build(buf, getpid(), 1), MSG_NOSIGNAL) < 0)
             _exit(2);
         /* Wait for the client to hang up. */
         while (recv(c, buf, sizeof(buf), 0) > 0)
@@ -239,8 +250,8 @@ LTEST(listen, hello_version_2_refused_by_lshm_connect)
     ctx = ctx_make(NULL);
     ret = lshm_connect(ctx, path, 5000, &port);
     cr_assert_eq(ret, -EPROTONOSUPPORT, "%d %s", ret, lshm_last_error());
-    cr_assert(strstr(lshm_last_error(), "version") != NULL, "%s", lshm_last_error());
-    cr_log_info("lshm_connect to a version 2 server: %s", lshm_last_error());
+    cr_assert(strstr(lshm_last_error(), "version 1") != NULL, "%s", lshm_last_error());
+    cr_log_info("lshm_connect to a version 1 server: %s", lshm_last_error());
     lshm_ctx_free(ctx);
     child_ok(pid, 5000);
     unlink(path);

@@ -89,7 +89,7 @@ static void raw_hello(int fd, pid_t pid)
 {
     uint8_t buf[64];
 
-    raw_sendv(fd, buf, raw_hello_build(buf, pid, 1), NULL, 0);
+    raw_sendv(fd, buf, raw_hello_build(buf, pid, LSHM_PROTOCOL_VERSION), NULL, 0);
 }
 
 /* A control or user message with no body beyond what is given. */
@@ -129,7 +129,7 @@ static int make_segment(uint32_t id, bool seal, struct lshm_segment_header **map
     hdr = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     cr_assert_neq(hdr, MAP_FAILED);
     hdr->magic = LSHM_MAGIC;
-    hdr->version = LSHM_PROTOCOL_VERSION;
+    hdr->version = LSHM_SEGMENT_VERSION;
     hdr->sent_over = RAW_PORT;
     hdr->id = id;
     hdr->src_pid = getpid();
@@ -157,7 +157,7 @@ static void hostile_setup(struct hostile *h, unsigned flags, bool hello)
     wait_ready(h->good);
     good_pingpong(h, 6);   /* segments both ways exist from here on */
     h->fds1 = count_fds();
-    h->maps1 = count_maps("memfd:");
+    h->maps1 = count_maps(SEG_MAPS);
 
     h->raw = raw_peer(h->ctx, &h->bad);
     if (hello) {
@@ -200,8 +200,8 @@ static void hostile_finish(struct hostile *h)
     h->raw = -1;
     cr_assert_eq(count_fds(), h->fds1, "fds: %d, %d before the hostile port", count_fds(),
                  h->fds1);
-    cr_assert_eq(count_maps("memfd:"), h->maps1, "memfd mappings: %d, %d before",
-                 count_maps("memfd:"), h->maps1);
+    cr_assert_eq(count_maps(SEG_MAPS), h->maps1, "memfd mappings: %d, %d before",
+                 count_maps(SEG_MAPS), h->maps1);
     good_pingpong(h, 3);
 }
 

@@ -42,7 +42,7 @@ LTEST(segment, create_initialises_header)
     cr_assert_eq(lshm__seg_create(7, getpid(), FAKE_PID, 33, &seg), 0);
     h = seg->hdr;
     cr_assert_eq(h->magic, LSHM_MAGIC);
-    cr_assert_eq(h->version, LSHM_PROTOCOL_VERSION);
+    cr_assert_eq(h->version, LSHM_SEGMENT_VERSION);
     cr_assert_eq(h->sent_over, 33);
     cr_assert_eq(h->id, 7);
     cr_assert_eq(h->src_pid, getpid());
@@ -138,7 +138,7 @@ static struct craft good(void)
         .seals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL,
         .size = LSHM_SEGMENT_SIZE,
         .magic = LSHM_MAGIC,
-        .version = LSHM_PROTOCOL_VERSION,
+        .version = LSHM_SEGMENT_VERSION,
         .id = 3,
         .src = PEER_PID,
         .dst = getpid(),

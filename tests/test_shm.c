@@ -90,7 +90,7 @@ LTEST(shm, out_of_chunks_eagain_then_shm_ack_wakes_sender)
     struct lshm_ctx *ctx = ctx_make(&prm);
     struct lshm_port *port;
     pid_t pid = spawn(ctx, NULL, &port, hold_then_release, NULL);
-    int maps0 = count_maps("memfd:"), ret, i;
+    int maps0 = count_maps(SEG_MAPS), ret, i;
     struct lshm_segment_header *hdr = NULL;
     struct lshm_buf *b;
     unsigned sent;
@@ -100,7 +100,7 @@ LTEST(shm, out_of_chunks_eagain_then_shm_ack_wakes_sender)
     sent = send_held_until_eagain(port, &hdr);
     cr_assert_eq(sent, 10, "%u MiB before -EAGAIN, expected 10", sent);
     cr_assert_str_neq(lshm_last_error(), "");
-    cr_assert_eq(count_maps("memfd:"), maps0 + 1, "one segment mapped for the peer");
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1, "one segment mapped for the peer");
     /* Let the receiver take (and hold) all ten. */
     cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 10000), 0);
     usleep(100 * 1000);
@@ -109,7 +109,7 @@ LTEST(shm, out_of_chunks_eagain_then_shm_ack_wakes_sender)
         if (i % 50 == 0)
             lshm_ctx_run(ctx, 1);
     }
-    cr_assert_eq(count_maps("memfd:"), maps0 + 1, "the limit of one segment was exceeded");
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1, "the limit of one segment was exceeded");
     cr_assert_eq(__atomic_load_n(&hdr->oosm, __ATOMIC_ACQUIRE), 1, "oosm not set");
     ret = lshm_port_wait(port, LSHM_WAIT_SHM, 50);
     cr_assert_eq(ret, -ETIMEDOUT, "chunks came back while all are held: %d", ret);
@@ -123,7 +123,7 @@ LTEST(shm, out_of_chunks_eagain_then_shm_ack_wakes_sender)
     /* The receiver took oosm (1 -> 0): that is what sends SHM_ACK. */
     cr_assert_eq(__atomic_load_n(&hdr->oosm, __ATOMIC_ACQUIRE), 0, "oosm still set");
     cr_assert_eq(send_shm(port, 1000, HOLD_SIZE, -1), 0, "%s", lshm_last_error());
-    cr_assert_eq(count_maps("memfd:"), maps0 + 1);
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1);
     cr_assert_eq(recv_ctrl(port, 10000), 10);
     spawn_end(ctx, port, pid);
 }
@@ -431,11 +431,11 @@ LTEST(shm, receiver_segment_limit_binds_the_sender)
     struct lshm_ctx *ctx = ctx_make(NULL);
     struct lshm_port *port;
     pid_t pid = spawn(ctx, &cprm, &port, hold_then_release, NULL);
-    int maps0 = count_maps("memfd:");
+    int maps0 = count_maps(SEG_MAPS);
 
     wait_ready(port);
     cr_assert_eq(send_held_until_eagain(port, NULL), 10);
-    cr_assert_eq(count_maps("memfd:"), maps0 + 1);
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1);
     cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
     cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_SHM, 10000), 0);
     cr_assert_eq(send_shm(port, 1000, HOLD_SIZE, -1), 0);

@@ -217,7 +217,7 @@ static void peer_handshake(struct peer *p)
     struct ucred cred;
     struct w_hdr h;
     struct w_hello hello, mine = { P_MAGIC, P_VERSION, p->port_id, P_HEADER_SIZE,
-                                   P_CHUNK_SIZE, P_CHUNK_COUNT, p->max_segments };
+                                   P_CHUNK_SIZE, P_CHUNK_COUNT, p->max_segments, 0, 0 };
     bool has_cred;
     size_t n;
     int one = 1, fd;
@@ -226,11 +226,11 @@ static void peer_handshake(struct peer *p)
      * without waiting for ours: read it first to prove that. */
     PCK(setsockopt(p->sock, SOL_SOCKET, SO_PASSCRED, &one, sizeof(one)) == 0);
     n = peer_recv_raw(p, &fd, &cred, &has_cred, TIMEOUT_MS);
-    PCK(n == 40);
+    PCK(n == 48);
     PCK(fd < 0);
     memcpy(&h, rbuf, sizeof(h));
     memcpy(&hello, rbuf + 16, sizeof(hello));
-    PCK(h.stream == 0 && h.type == P_HELLO && h.flags == 0 && h.size == 24);
+    PCK(h.stream == 0 && h.type == P_HELLO && h.flags == 0 && h.size == 32);
     PCK(has_cred);
     PCK(h.pid == cred.pid);
     PCK(cred.pid == getppid());
@@ -277,7 +277,7 @@ static void peer_map(struct peer *p, uint32_t id, int fd)
     close(fd);
     h = (struct seg_hdr *)base;
     PCK(h->magic == P_MAGIC);
-    PCK(h->version == P_VERSION);
+    PCK(h->version == P_SEG_VERSION);
     PCK(h->id == id);
     PCK(h->src_pid == p->lib_pid);
     PCK(h->dst_pid == p->me);
@@ -500,7 +500,7 @@ static struct seg_hdr *peer_make_segment(struct peer *p, const uint32_t *pre, un
     PCK(base != MAP_FAILED);
     h = (struct seg_hdr *)base;         /* a new memfd reads as zeros */
     h->magic = P_MAGIC;
-    h->version = P_VERSION;
+    h->version = P_SEG_VERSION;
     h->sent_over = p->port_id;
     h->id = id;
     h->src_pid = p->me;

@@ -20,7 +20,8 @@
 /* ---- The protocol, as the page states it (own names, own values) ---- */
 
 #define P_MAGIC         0x4d48534cu
-#define P_VERSION       1u
+#define P_VERSION       2u
+#define P_SEG_VERSION   1u
 #define P_HEADER_SIZE   4096u
 #define P_CHUNK_SIZE    16384u
 #define P_CHUNK_COUNT   640u
@@ -76,12 +77,16 @@ struct w_hello {
     uint32_t chunk_size;
     uint32_t chunk_count;
     uint32_t max_segments;
+    uint32_t features;
+    uint32_t ring_size;
 };
-_Static_assert(sizeof(struct w_hello) == 24, "hello");
+_Static_assert(sizeof(struct w_hello) == 32, "hello");
 _Static_assert(16 + offsetof(struct w_hello, version) == 20 &&
                16 + offsetof(struct w_hello, port_id) == 22 &&
                16 + offsetof(struct w_hello, header_size) == 24 &&
-               16 + offsetof(struct w_hello, max_segments) == 36, "hello offsets");
+               16 + offsetof(struct w_hello, max_segments) == 36 &&
+               16 + offsetof(struct w_hello, features) == 40 &&
+               16 + offsetof(struct w_hello, ring_size) == 44, "hello offsets");
 
 struct seg_hdr {
     uint32_t magic;
