@@ -1,5 +1,6 @@
-# liblinuxshm: see README.md.  `make` builds, `make test` installs what is
-# missing (Debian) and runs every test, `make run` runs shmping.
+# liblinuxshm: see README.md.  `make` builds, `make test` runs every test,
+# `make run` runs shmping; each first installs the Debian packages that are
+# missing (as root) or names them (tools/deps.sh).
 
 VERSION    := 1.0.0
 SOMAJOR    := 1
@@ -37,7 +38,18 @@ MAPFILE    := lib/linuxshm.map
 .PHONY: all test check asan tsan run deps install uninstall clean bench fuzz fuzz-deps fuzz-seeds soak
 all: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB) tools/shmping
 
-$(O)/lib/%.o: lib/%.c $(LIB_HDR)
+# What the build needs is checked once, before the first compiler run:
+# installed as root, or named, instead of an error inside a header.
+DEPS_BUILD := build/.deps-build
+DEPS_ALL   := build/.deps-all
+$(DEPS_BUILD): tools/deps.sh
+	@sh tools/deps.sh build
+	@mkdir -p $(dir $@) && touch $@
+$(DEPS_ALL): tools/deps.sh
+	@sh tools/deps.sh
+	@mkdir -p $(dir $@) && touch $@
+
+$(O)/lib/%.o: lib/%.c $(LIB_HDR) | $(DEPS_BUILD)
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
@@ -81,7 +93,7 @@ $(O)/tests/interop/%.o: tests/interop/%.c $(wildcard tests/interop/*.h) tools/pa
 	$(CC) $(PEER_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 $(O)/tests/run: $(TEST_SRC) $(TEST_HDR) $(TEST_SHARED) tools/pattern.h $(PEER_OBJ) $(TEST_RUNNER) \
-	    $(LIB_HDR) $(O)/liblinuxshm.a
+	    $(LIB_HDR) $(O)/liblinuxshm.a | $(DEPS_ALL)
 	@mkdir -p $(dir $@)
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(TEST_INC) -Itests -Itests/interop -Itools -o $@ \
 	    $(TEST_SRC) $(TEST_SHARED) $(PEER_OBJ) $(TEST_RUNNER) $(O)/liblinuxshm.a \
@@ -96,6 +108,7 @@ check: $(O)/tests/run $(O)/tools/shmping all
 
 deps:
 	@sh tools/deps.sh
+	@mkdir -p build && touch $(DEPS_BUILD) $(DEPS_ALL)
 
 test: deps
 	$(MAKE) check

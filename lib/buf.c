@@ -47,6 +47,7 @@ int lshm__buf_from_alloc(const struct lshm_alloc *a, struct lshm_peer *peer, siz
     buf->nchunks = 1 + claim_run(a->seg, a->chunk + 1, want - 1);
     buf->size = size < capacity_of(buf) ? size : capacity_of(buf);
     buf->sent = false;
+    buf->tid = lshm__thread_id();
     lshm__tsan_acquire(buf->seg);
     *out = buf;
     return 0;

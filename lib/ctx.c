@@ -4,6 +4,7 @@
  * the run does to ports and listeners goes through ctx->ops.
  */
 #include <fcntl.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -71,6 +72,21 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
     return 0;
 }
 
+/* ---- the owner thread ---- */
+
+int lshm__ctx_check(const struct lshm_ctx *ctx)
+{
+    pid_t tid = lshm__thread_id();
+
+    if (likely(ctx->tid == tid))
+        return 0;
+    if (ctx->pid != getpid())
+        return lshm__fail(-EPERM, "the context belongs to the parent process %d: a forked "
+                                  "child may only free it (lshm_ctx_free)", (int)ctx->pid);
+    return lshm__fail(-EPERM, "the context belongs to thread %d, not to this thread %d",
+                      (int)ctx->tid, (int)tid);
+}
+
 int lshm__ctx_new(struct lshm_ctx **out, const struct lshm_ctx_params *params,
                   const struct lshm_ctx_ops *ops)
 {
@@ -88,6 +104,7 @@ int lshm__ctx_new(struct lshm_ctx **out, const struct lshm_ctx_params *params,
         goto fail;
     ctx->ops = ops;
     ctx->pid = getpid();
+    ctx->tid = lshm__thread_id();
     *out = ctx;
     return 0;
 fail:
@@ -421,8 +438,13 @@ int lshm__ctx_pump(struct lshm_ctx *ctx)
 
 int lshm__ctx_flush(struct lshm_ctx *ctx)
 {
+    int ret;
+
     run_kicks(ctx);
-    return lshm__ring_submit(ctx->ring);
+    ret = lshm__ring_submit(ctx->ring);
+    if (ret < 0 && ret != -EAGAIN && ret != -EBUSY && ret != -EINTR)
+        return lshm__fail(ret, "io_uring_enter: %s", strerror(-ret));
+    return ret < 0 ? 0 : ret;
 }
 
 void lshm__ctx_kick(struct lshm_ctx *ctx, struct lshm_port *port)

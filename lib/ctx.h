@@ -73,6 +73,7 @@ struct lshm_ctx {
     struct lshm_ring          *ring;
     const struct lshm_ctx_ops *ops;
     pid_t                      pid;         /* creator: another pid is a forked child */
+    pid_t                      tid;         /* the thread that may use it (lshm__ctx_check) */
     struct lshm_ctx_params     p;           /* with defaults filled in */
     struct lshm_port          *ports;       /* every port not yet freed (port.c's) */
     struct lshm_listener      *listeners;   /* (listen.c's) */
@@ -90,6 +91,9 @@ struct lshm_ctx {
 
 int  lshm__ctx_new(struct lshm_ctx **ctx, const struct lshm_ctx_params *params,
                    const struct lshm_ctx_ops *ops);
+/* 0 if the calling thread owns ctx; else -EPERM, saying whose it is
+ * (another thread's, or the parent's in a forked child). */
+int  lshm__ctx_check(const struct lshm_ctx *ctx);
 /* Is this a forked child's copy of the context? */
 bool lshm__ctx_is_copy(const struct lshm_ctx *ctx);
 /* A forked child's copy: let go of our copies of the ring and the peers. */

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <sys/types.h>
 #include <time.h>
 
 #include "linuxshm.h"
@@ -75,6 +76,13 @@ const char *lshm__error_text(void);
 
 /* Fill in what the kernel and the process offer (probe.c). */
 int lshm__probe(struct lshm_probe *out);
+
+/* err (-errno) in words, naming the limit it comes from when it is one
+ * (RLIMIT_NOFILE, RLIMIT_FSIZE, RLIMIT_AS, vm.max_map_count, fs.file-max). */
+const char *lshm__limit_text(int err);
+
+/* The calling thread's id, cached (and forgotten in a forked child). */
+pid_t lshm__thread_id(void);
 
 /* Log one line to stderr when LSHM_DEBUG is set in the environment. */
 void lshm__log(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

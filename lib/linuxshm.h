@@ -13,6 +13,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -182,6 +183,17 @@ size_t lshm_buf_capacity(const struct lshm_buf *buf);
 int    lshm_buf_set_size(struct lshm_buf *buf, size_t size);
 /* Give back the chunks of a buffer that was not sent. */
 void   lshm_buf_free(struct lshm_buf *buf);
+
+/* Buffers for a whole payload of size bytes, waiting up to timeout_ms for chunks. */
+int    lshm_bufs_alloc(struct lshm_port *port, size_t size, int timeout_ms,
+                       struct lshm_buf **bufs, unsigned *nbufs);
+/* Where the payload's pieces are: iov[i] for bufs[i]; returns their total size. */
+size_t lshm_bufs_iov(struct lshm_buf *const *bufs, unsigned nbufs, struct iovec *iov);
+/* Copy len bytes from src into the payload at offset off, across its pieces. */
+int    lshm_bufs_copy_in(struct lshm_buf *const *bufs, unsigned nbufs, size_t off,
+                         const void *src, size_t len);
+/* Give back the buffers of a payload that was not sent. */
+void   lshm_bufs_free(struct lshm_buf **bufs, unsigned nbufs);
 
 /* ---- Sending ---- */
 #define LSHM_MORE  (1u << 0)   /* queue, submit with a later call */

@@ -43,7 +43,7 @@ int lshm__msgring_create(struct lshm_msgring *r, uint32_t size, uint16_t port_id
         return fd;
     mem = mmap(NULL, map_size(size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED) {
-        ret = lshm__fail(-errno, "ring: mmap: %s", strerror(errno));
+        ret = lshm__fail(-errno, "ring: mmap: %s", lshm__limit_text(-errno));
         close(fd);
         return ret;
     }

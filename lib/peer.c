@@ -399,8 +399,9 @@ int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limi
         if (find_free(t, port_id, tracking, out))
             goto done;
         pthread_mutex_unlock(&t->mutex);
-        return lshm__fail(-EAGAIN, "peer %d: all %u shared memory segments are full",
-                         (int)peer->pid, limit);
+        return lshm__fail(-EAGAIN, "peer %d: all %u shared memory segments are full "
+                         "(max_segments, the smaller of the two sides'); wait for chunks "
+                         "to come back", (int)peer->pid, limit);
     }
     if (other_port_pending(t, port_id)) {
         pthread_mutex_unlock(&t->mutex);

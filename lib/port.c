@@ -1163,7 +1163,7 @@ static int port_alloc(struct lshm_port *port, bool tracking, struct lshm_alloc *
         return ret;
     }
     if (ret < 0)
-        return lshm__fail(ret, "cannot allocate shared memory: %s", strerror(-ret));
+        return ret;     /* the peer layer said why (a limit) */
     if (a->created) {
         /* The segment's MMAP goes ahead of every message that uses it. */
         ret = lshm__port_queue_mmap(port, a->seg);

@@ -115,6 +115,10 @@ static int on_ring(struct lshm_port *port, const struct lshm_wire_view *v, int f
     }
     ret = lshm__msgring_import(&port->rx, fd, v->ring_size, port->peer_port_id,
                                port->peer_pid, port->ctx->pid, &why);
+    if (ret == -ENOMEM) {       /* this process's limit: the peer did nothing wrong */
+        lshm__port_fail(port, ret, "the peer's ring cannot be mapped: %s", lshm__limit_text(ret));
+        return ret;
+    }
     if (ret < 0) {
         lshm__port_fail(port, -EPROTO, "protocol violation: ring refused: %s", why);
         return -EPROTO;
@@ -140,6 +144,11 @@ static int on_mmap(struct lshm_port *port, const struct lshm_wire_view *v, int f
         return -EPROTO;
     }
     ret = lshm__seg_import(fd, v->mmap_id, port->peer_pid, port->ctx->pid, &seg);
+    if (ret == -ENOMEM) {       /* this process's limit: the peer did nothing wrong */
+        lshm__port_fail(port, ret, "segment %u cannot be mapped: %s", v->mmap_id,
+                        lshm__limit_text(ret));
+        return ret;
+    }
     if (ret < 0) {
         lshm__port_fail(port, -EPROTO, "protocol violation: segment %u refused: %s",
                        v->mmap_id, lshm__seg_strerror(ret));

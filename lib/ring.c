@@ -167,9 +167,10 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
     if (ret < 0) {
         free(r);
         if (ret == -ENOMEM)
-            return lshm__fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low?)");
+            return lshm__fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low "
+                              "for %u entries?)", entries);
         if (ret == -EMFILE || ret == -ENFILE)
-            return lshm__fail(ret, "io_uring_setup: too many open files");
+            return lshm__fail(ret, "io_uring_setup: %s", lshm__limit_text(ret));
         return disabled_why(ret);
     }
     r->features = setups[i].feats;

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -77,10 +78,18 @@ static int make_memfd(const char *name)
 int lshm__memfd_new(const char *what, size_t size)
 {
     /* Named so that /proc/PID/maps tells segments ("lshm") from rings. */
-    int fd = make_memfd(strcmp(what, "segment") == 0 ? "lshm" : "lshm-ring");
+    int fd;
+    struct rlimit rl;
+
+    /* Above RLIMIT_FSIZE, ftruncate would raise SIGXFSZ, which kills. */
+    if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        rl.rlim_cur < size)
+        return lshm__fail(-EFBIG, "%s of %zu bytes is above the file size limit "
+                          "(RLIMIT_FSIZE %llu)", what, size, (unsigned long long)rl.rlim_cur);
+    fd = make_memfd(strcmp(what, "segment") == 0 ? "lshm" : "lshm-ring");
 
     if (fd < 0)
-        return lshm__fail(fd, "memfd_create: %s%s", strerror(-fd),
+        return lshm__fail(fd, "memfd_create: %s%s", lshm__limit_text(fd),
                           fd == -ENOSYS ? " (the kernel has no memfd; there is no fallback)"
                                         : "");
     if (ftruncate(fd, (off_t)size) < 0) {
@@ -117,7 +126,7 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     }
     mem = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (mem == MAP_FAILED) {
-        ret = lshm__fail(-errno, "segment: mmap: %s", strerror(errno));
+        ret = lshm__fail(-errno, "segment: mmap: %s", lshm__limit_text(-errno));
         goto fail_close;
     }
     /* A forked child must not keep the peer's memory (or its pages) alive. */
@@ -280,7 +289,8 @@ const char *lshm__seg_strerror(int err)
     case -ENXIO:
         return "segment destination pid is not this process";
     case -ENOMEM:
-        return "out of memory mapping the segment";
+        return "out of memory or address space mapping the segment (RLIMIT_AS, "
+               "vm.max_map_count)";
     default:
         return "segment cannot be mapped";
     }

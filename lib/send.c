@@ -305,7 +305,9 @@ int lshm__send(struct lshm_port *port, const struct lshm_out *out, unsigned flag
     /* Only the socket needs the kernel. */
     if (port->sq_head != NULL || port->inflight > 0) {
         lshm__send_kick(port);
-        lshm__ctx_pump(port->ctx);
+        ret = lshm__ctx_pump(port->ctx);   /* queued, but a refused submit is no success */
+        if (ret < 0)
+            return ret;
     }
     return 0;
 }

@@ -301,6 +301,7 @@ struct lshm_buf {
     size_t           size;      /* bytes to send */
     bool             sent;      /* the descriptor went out */
     uint16_t         port_id;   /* the port it may be sent on */
+    pid_t            tid;       /* the thread that may use it (the port's context's) */
 };
 
 /*

@@ -48,7 +48,7 @@ int lshm__sock_new(void)
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 
     if (fd < 0)
-        return lshm__fail(-errno, "socket: %s", strerror(errno));
+        return lshm__fail(-errno, "socket: %s", lshm__limit_text(-errno));
     return fd;
 }
 
@@ -120,21 +120,39 @@ int lshm__sock_addr(const char *path, struct sockaddr_un *sun)
     return 0;
 }
 
-/* Is someone accepting on this path?  A dead server's socket refuses. */
-static bool socket_is_live(const struct sockaddr_un *sun)
+/* Is someone accepting on this path: 1 yes, 0 no (a dead server's socket
+ * refuses), or -errno when that cannot be told. */
+static int socket_is_live(const struct sockaddr_un *sun)
 {
     int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    bool live;
+    int ret;
 
     if (fd < 0)
-        return true;
+        return lshm__fail(-errno, "cannot tell whether a server listens on %s: socket: %s",
+                          sun->sun_path, lshm__limit_text(-errno));
     /* Only ECONNREFUSED (or the file gone) means nobody is there: a live
-     * server of another socket type answers EPROTOTYPE, and its socket is
-     * not ours to take. */
-    live = connect(fd, (const struct sockaddr *)sun, sizeof(*sun)) == 0 ||
-           (errno != ECONNREFUSED && errno != ENOENT);
+     * server of another socket type answers EPROTOTYPE, one that does not
+     * accept EAGAIN, and their sockets are not ours to take. */
+    ret = connect(fd, (const struct sockaddr *)sun, sizeof(*sun)) == 0 ? 0 : errno;
     close(fd);
-    return live;
+    switch (ret) {
+    case ECONNREFUSED:
+    case ENOENT:
+        return 0;
+    case 0:
+    case EAGAIN:
+    case EPROTOTYPE:
+    case EINPROGRESS:
+        return 1;
+    default:
+        return lshm__fail(-ret, "cannot tell whether a server listens on %s: connect: %s",
+                          sun->sun_path, strerror(ret));
+    }
+}
+
+static bool same_file(const struct stat *a, const struct stat *b)
+{
+    return a->st_dev == b->st_dev && a->st_ino == b->st_ino;
 }
 
 /*
@@ -143,23 +161,33 @@ static bool socket_is_live(const struct sockaddr_un *sun)
  * it, with its final mode, and an existing path (a server that won a race)
  * is never replaced.  umask(2) is left alone: it belongs to the process.
  */
-static int bind_listening(int fd, const struct sockaddr_un *sun, mode_t mode)
+static int bind_listening(int fd, const struct sockaddr_un *sun, mode_t mode,
+                          struct lshm_sock_file *own)
 {
     const char *path = sun->sun_path;
     struct sockaddr_un tmp = *sun;
+    struct stat st;
     int n, ret;
 
     n = snprintf(tmp.sun_path, sizeof(tmp.sun_path), "%s.%d.tmp", path, (int)getpid());
     if (n < 0 || (size_t)n >= sizeof(tmp.sun_path))
         tmp = *sun;     /* no room for a longer name: bind in place */
-    unlink(tmp.sun_path);
+    if (strcmp(tmp.sun_path, path) != 0 && lstat(tmp.sun_path, &st) == 0) {
+        /* Left by an earlier process of this pid: only a socket is ours. */
+        if (!S_ISSOCK(st.st_mode) || st.st_uid != geteuid())
+            return lshm__fail(-EEXIST, "%s exists and is not a socket of this user: "
+                              "not replaced", tmp.sun_path);
+        unlink(tmp.sun_path);
+    }
     if (bind(fd, (const struct sockaddr *)&tmp, sizeof(tmp)) < 0)
         return lshm__fail(-errno, "bind %s: %s", tmp.sun_path, strerror(errno));
-    if (chmod(tmp.sun_path, mode) < 0 || listen(fd, 128) < 0) {
+    if (chmod(tmp.sun_path, mode) < 0 || listen(fd, 128) < 0 || lstat(tmp.sun_path, &st) < 0) {
         ret = lshm__fail(-errno, "listen %s: %s", path, strerror(errno));
         unlink(tmp.sun_path);
         return ret;
     }
+    own->dev = st.st_dev;
+    own->ino = st.st_ino;
     if (strcmp(tmp.sun_path, path) == 0)
         return 0;
     ret = link(tmp.sun_path, path) < 0 ? -errno : 0;
@@ -173,23 +201,52 @@ static int bind_listening(int fd, const struct sockaddr_un *sun, mode_t mode)
     return 0;
 }
 
-int lshm__sock_listen(const struct sockaddr_un *sun, mode_t mode, int *out)
+/* A socket file at path: take it over only if it is this user's and its
+ * server is gone; refuse anything else, saying why. */
+static int remove_stale(const struct sockaddr_un *sun, const struct stat *st)
+{
+    const char *path = sun->sun_path;
+    struct stat now;
+    int live;
+
+    if (!S_ISSOCK(st->st_mode))
+        return lshm__fail(-EEXIST, "%s exists and is not a socket: not replaced", path);
+    live = socket_is_live(sun);
+    if (live < 0)
+        return live;
+    if (live)
+        return lshm__fail(-EADDRINUSE, "a server is already listening on %s", path);
+    if (st->st_uid != geteuid())
+        return lshm__fail(-EADDRINUSE, "%s is a stale socket of uid %u, not of this user "
+                          "(uid %u): not removed", path, (unsigned)st->st_uid,
+                          (unsigned)geteuid());
+    /* Still the file that was found dead, not one a new server put there? */
+    if (lstat(path, &now) < 0)
+        return errno == ENOENT ? 0 : lshm__fail(-errno, "%s: %s", path, strerror(errno));
+    if (!same_file(st, &now))
+        return lshm__fail(-EADDRINUSE, "%s changed hands while it was checked", path);
+    if (unlink(path) < 0 && errno != ENOENT)
+        return lshm__fail(-errno, "cannot remove the stale socket %s: %s", path,
+                          strerror(errno));
+    return 0;
+}
+
+int lshm__sock_listen(const struct sockaddr_un *sun, mode_t mode, int *out,
+                      struct lshm_sock_file *own)
 {
     const char *path = sun->sun_path;
     struct stat st;
     int fd, ret;
 
     if (lstat(path, &st) == 0) {
-        if (!S_ISSOCK(st.st_mode))
-            return lshm__fail(-EEXIST, "%s exists and is not a socket", path);
-        if (socket_is_live(sun))
-            return lshm__fail(-EADDRINUSE, "a server is already listening on %s", path);
-        unlink(path);   /* stale: its server is gone */
+        ret = remove_stale(sun, &st);
+        if (ret < 0)
+            return ret;
     }
     fd = lshm__sock_new();
     if (fd < 0)
         return fd;
-    ret = bind_listening(fd, sun, mode);
+    ret = bind_listening(fd, sun, mode, own);
     if (ret < 0) {
         close(fd);
         return ret;
@@ -207,4 +264,17 @@ bool lshm__sock_out_of_fds(int fd)
         return false;
     }
     return errno == EMFILE || errno == ENFILE;
+}
+
+void lshm__sock_unlink_own(const char *path, const struct lshm_sock_file *own)
+{
+    struct stat st;
+
+    if (lstat(path, &st) < 0)
+        return;
+    if (st.st_dev != own->dev || st.st_ino != own->ino) {
+        lshm__log("%s is no longer this listener's socket: left in place", path);
+        return;
+    }
+    unlink(path);
 }

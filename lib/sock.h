@@ -41,7 +41,17 @@ void lshm__sock_put_fd(struct msghdr *mh, void *buf, int fd);
 
 /* path as an AF_UNIX address: EINVAL if empty, ENAMETOOLONG if too long. */
 int  lshm__sock_addr(const char *path, struct sockaddr_un *sun);
-/* A listening socket on path with mode, taking over a stale socket file. */
-int  lshm__sock_listen(const struct sockaddr_un *sun, mode_t mode, int *fd);
+/* Which file a listener's path named when it was bound. */
+struct lshm_sock_file {
+    dev_t dev;
+    ino_t ino;
+};
+
+/* A listening socket on path with mode, taking over a stale socket file of
+ * this user; *own says which file it is. */
+int  lshm__sock_listen(const struct sockaddr_un *sun, mode_t mode, int *fd,
+                       struct lshm_sock_file *own);
+/* Remove path if it is still the file own: never another server's. */
+void lshm__sock_unlink_own(const char *path, const struct lshm_sock_file *own);
 
 #endif

@@ -6,7 +6,7 @@
 #   - every lshm_* symbol exported by the shared library has its man3 page,
 #     every man3 page names an exported symbol, and nothing else is exported;
 #   - the example program of linuxshm(7) compiles with -Wall -Wextra -Werror
-#     and runs to exit status 0;
+#     and runs to exit status 0; the example of README.md compiles;
 #   - make install DESTDIR=... gives a tree that a program builds against
 #     with pkg-config, and make uninstall leaves no file in it.
 # Usage: sh tests/doc-checks.sh [O]    (O: the build flavour, build/default)
@@ -157,6 +157,24 @@ else
     else
         fail "linuxshm(7) example not run: it did not build"
     fi
+fi
+
+# ---- the example of README.md ------------------------------------------
+# The first C block under "## A short example": a function that uses
+# use(iov, niov), given here, compiles warning-free as it is.
+awk '/^## A short example/ { on = 1; next } on && /^```c/ { p = 1; next }
+     p && /^```/ { exit } p' README.md > "$tmp/readme.c"
+if ! grep -q 'lshm_' "$tmp/readme.c"; then
+    fail "README.md: no C example under \"## A short example\""
+else
+    { echo '#include <linuxshm.h>'
+      echo 'static void use(const struct lshm_iov *iov, unsigned int n) { (void)iov; (void)n; }'
+      grep -v '^#include <linuxshm.h>' "$tmp/readme.c"
+      echo 'int main(void) { return request("/nonexistent/lshm", "x", 1) == -ENOENT ? 0 : 1; }'
+    } > "$tmp/readme-prog.c"
+    check "README.md example compiles" \
+        "$CC" -Wall -Wextra -Werror -Ilib \
+        -include errno.h -o "$tmp/readme" "$tmp/readme-prog.c" -Llib -llinuxshm
 fi
 
 # ---- make install / uninstall -------------------------------------------

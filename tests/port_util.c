@@ -230,42 +230,25 @@ int send_pat(struct lshm_port *port, uint32_t seq, size_t size, unsigned flags)
 int send_shm(struct lshm_port *port, uint32_t seq, size_t size, int fd)
 {
     struct lshm_buf *bufs[LSHM_MAX_DESCS];
+    struct iovec iov[LSHM_MAX_DESCS];
     struct lshm_out out = { .type = T_DATA, .stream = seq, .fd = fd };
     unsigned n = 0, i;
-    size_t have = 0;
+    size_t off = 0;
     int ret;
 
-    while (have < size) {
-        if (n == LSHM_MAX_DESCS) {
-            ret = -ENOSPC;
-            goto fail;
-        }
-        ret = lshm_buf_alloc(port, size - have, &bufs[n]);
-        if (ret == -EAGAIN) {
-            ret = lshm_port_wait(port, LSHM_WAIT_SHM, 10000);
-            if (ret < 0)
-                goto fail;
-            continue;
-        }
-        if (ret < 0)
-            goto fail;
-        {
-            size_t cap = lshm_buf_capacity(bufs[n]), len = cap < size - have ? cap : size - have;
-
-            pattern_write(lshm_buf_data(bufs[n]), have, len, seq);
-            lshm_buf_set_size(bufs[n], len);
-            have += len;
-            n++;
-        }
+    ret = lshm_bufs_alloc(port, size, 10000, bufs, &n);
+    if (ret < 0)
+        return ret;
+    lshm_bufs_iov(bufs, n, iov);
+    for (i = 0; i < n; i++) {
+        pattern_write(iov[i].iov_base, off, iov[i].iov_len, seq);
+        off += iov[i].iov_len;
     }
     out.bufs = bufs;
     out.nbufs = n;
     ret = send_out(port, &out, 0);
-    if (ret == 0)
-        return 0;
-fail:
-    for (i = 0; i < n; i++)
-        lshm_buf_free(bufs[i]);
+    if (ret < 0)
+        lshm_bufs_free(bufs, n);
     return ret;
 }
 

@@ -22,61 +22,33 @@ bool verify_piece(const void *src, size_t off, size_t len, uint32_t seq)
 }
 
 /*
- * Buffers for size bytes (size >= 1): one per contiguous free run the
- * allocator hands out, each within one segment.  -EAGAIN when the chunks are
- * not there now (segment limit reached, or too fragmented to fit in
- * LSHM_MAX_DESCS pieces): nothing is kept, try again once replies came back.
+ * Buffers for size bytes (size >= 1), in as many pieces as the library's
+ * free runs take (lshm_bufs_alloc(3)).  -EAGAIN when the chunks are not there
+ * now: nothing is kept, try again once replies came back.
  */
 int payload_alloc(struct lshm_port *port, size_t size, struct payload *p)
 {
-    size_t left = size;
-    int ret;
+    int ret = lshm_bufs_alloc(port, size, 0, p->bufs, &p->n);
 
-    p->n = 0;
-    while (left > 0) {
-        struct lshm_buf *b;
-        size_t use;
-
-        if (p->n == LSHM_MAX_DESCS) {
-            ret = -EAGAIN;
-            goto fail;
-        }
-        ret = lshm_buf_alloc(port, left < LSHM_DATA_SIZE ? left : LSHM_DATA_SIZE, &b);
-        if (ret < 0)
-            goto fail;
-        use = lshm_buf_capacity(b);
-        if (use > left)
-            use = left;
-        ret = lshm_buf_set_size(b, use);
-        if (ret < 0) {
-            lshm_buf_free(b);
-            goto fail;
-        }
-        p->bufs[p->n] = b;
-        p->sizes[p->n++] = use;
-        left -= use;
-    }
+    if (ret < 0)
+        return ret;
+    lshm_bufs_iov(p->bufs, p->n, p->iov);
     return 0;
-fail:
-    payload_free(p);
-    return ret;
 }
 
 void payload_free(struct payload *p)
 {
-    for (unsigned i = 0; i < p->n; i++)
-        lshm_buf_free(p->bufs[i]);
+    lshm_bufs_free(p->bufs, p->n);
     p->n = 0;
 }
 
 void payload_copy_in(struct payload *p, const void *src)
 {
-    const uint8_t *s = src;
+    size_t size = 0;
 
-    for (unsigned i = 0; i < p->n; i++) {
-        memcpy(lshm_buf_data(p->bufs[i]), s, p->sizes[i]);
-        s += p->sizes[i];
-    }
+    for (unsigned i = 0; i < p->n; i++)
+        size += p->iov[i].iov_len;
+    lshm_bufs_copy_in(p->bufs, p->n, 0, src, size);
 }
 
 void payload_fill(struct payload *p, uint32_t seq)
@@ -84,8 +56,8 @@ void payload_fill(struct payload *p, uint32_t seq)
     size_t off = 0;
 
     for (unsigned i = 0; i < p->n; i++) {
-        pattern_write(lshm_buf_data(p->bufs[i]), off, p->sizes[i], seq);
-        off += p->sizes[i];
+        pattern_write(p->iov[i].iov_base, off, p->iov[i].iov_len, seq);
+        off += p->iov[i].iov_len;
     }
 }
 
@@ -100,14 +72,14 @@ void payload_copy_msg(struct payload *p, const struct lshm_msg *m)
         size_t len = m->iov[i].len;
 
         while (len > 0 && bi < p->n) {
-            size_t k = p->sizes[bi] - boff;
+            size_t k = p->iov[bi].iov_len - boff;
             if (k > len)
                 k = len;
-            memcpy((uint8_t *)lshm_buf_data(p->bufs[bi]) + boff, s, k);
+            memcpy((uint8_t *)p->iov[bi].iov_base + boff, s, k);
             s += k;
             len -= k;
             boff += k;
-            if (boff == p->sizes[bi]) {
+            if (boff == p->iov[bi].iov_len) {
                 bi++;
                 boff = 0;
             }
@@ -241,8 +213,8 @@ void payload_fast_fill(struct payload *p, uint32_t seq)
     size_t off = 0;
 
     for (unsigned i = 0; i < p->n; i++) {
-        fast_fill(lshm_buf_data(p->bufs[i]), off, p->sizes[i], seq);
-        off += p->sizes[i];
+        fast_fill(p->iov[i].iov_base, off, p->iov[i].iov_len, seq);
+        off += p->iov[i].iov_len;
     }
 }
 

@@ -140,7 +140,7 @@ bool     verify_piece(const void *src, size_t off, size_t len, uint32_t seq);
 /* payload.c: a message's payload in shared-memory buffers. */
 struct payload {
     struct lshm_buf *bufs[LSHM_MAX_DESCS];
-    size_t           sizes[LSHM_MAX_DESCS];
+    struct iovec     iov[LSHM_MAX_DESCS];   /* where each piece's bytes go */
     unsigned         n;
 };
 
