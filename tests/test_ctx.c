@@ -197,7 +197,9 @@ LTEST(ctx, new_rejects_bad_params)
         { .handshake_ms = 3600001 },
         { .flags = 1u << 20 },
         { .reserved = { [0] = 1 } },
-        { .reserved = { [9] = 1 } },
+        { .reserved = { [8] = 1 } },
+        { .prealloc_segments = 17 },                    /* above the default 16 */
+        { .max_segments = 4, .prealloc_segments = 5 },
     };
     struct lshm_ctx *ctx = NULL;
     unsigned i;
@@ -217,7 +219,8 @@ LTEST(ctx, new_rejects_bad_params)
     /* The edges are accepted. */
     {
         struct lshm_ctx_params ok = { .ring_entries = 8, .max_segments = 1024,
-                                      .send_queue = 65536, .recv_queue = 65536 };
+                                      .send_queue = 65536, .recv_queue = 65536,
+                                      .prealloc_segments = 1024 };
 
         cr_assert_eq(lshm_ctx_new(&ctx, &ok), 0, "%s", lshm_last_error());
         lshm_ctx_free(ctx);
