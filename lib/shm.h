@@ -201,7 +201,7 @@ struct lshm_seg_table {
  * the memory that is already there (and in cache), and one that stalls
  * lets a burst grow up to the limit.
  */
-#define LSHM_SEGMENTS_AT_ONCE 2u
+#define LSHM_SEGMENTS_AT_ONCE 1u
 #define LSHM_GROW_WAIT_MS     10
 
 struct lshm_peer {
