@@ -128,6 +128,27 @@ LTEST(ctx, bad_params_rejected)
     cr_assert_eq(lshm_ctx_new(NULL, NULL), -EINVAL);
 }
 
+/* lshm_probe says what shmem_enabled selects, as the file does (or "" without it). */
+LTEST(ctx, probe_reports_shmem_huge_pages)
+{
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/shmem_enabled", "re");
+    char line[128] = "", want[16] = "";
+    struct lshm_probe p;
+    char *open, *close;
+
+    if (f != NULL) {
+        cr_assert_not_null(fgets(line, sizeof(line), f));
+        fclose(f);
+        open = strchr(line, '[');
+        close = open != NULL ? strchr(open, ']') : NULL;
+        cr_assert(open != NULL && close != NULL, "no selected word in \"%s\"", line);
+        snprintf(want, sizeof(want), "%.*s", (int)(close - open - 1), open + 1);
+    }
+    cr_assert_eq(lshm_probe(&p), 0);
+    cr_assert_str_eq(p.shmem_thp, want);
+    cr_log_info("shmem huge pages: \"%s\"", p.shmem_thp);
+}
+
 LTEST(ctx, version_matches_header)
 {
     char want[32];
