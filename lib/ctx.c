@@ -15,7 +15,7 @@
 #include "wire.h"
 
 #define DEFAULT_RING_ENTRIES 1024u
-#define DEFAULT_MAX_SEGMENTS 32u
+#define DEFAULT_MAX_SEGMENTS 16u
 #define DEFAULT_SEND_QUEUE   1024u
 #define DEFAULT_RECV_QUEUE   256u
 #define DEFAULT_HANDSHAKE_MS 10000u
@@ -58,6 +58,9 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
                          p->ring_entries);
     if (p->max_segments > 1024)
         return lshm__fail(-EINVAL, "max_segments %u: at most 1024", p->max_segments);
+    if (p->prealloc_segments > p->max_segments)
+        return lshm__fail(-EINVAL, "prealloc_segments %u: at most max_segments (%u)",
+                         p->prealloc_segments, p->max_segments);
     if (p->send_queue > 65536 || p->recv_queue > 65536)
         return lshm__fail(-EINVAL, "send_queue and recv_queue: at most 65536");
     if (p->handshake_ms > 3600000)

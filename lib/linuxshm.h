@@ -60,13 +60,14 @@ struct lshm_tracking;
 struct lshm_ctx_params {
     unsigned int flags;          /* LSHM_CTX_* */
     unsigned int ring_entries;   /* submission queue size; 0: 1024 */
-    unsigned int max_segments;   /* segments per peer and direction; 0: 32 */
+    unsigned int max_segments;   /* segments per peer and direction; 0: 16 */
     unsigned int send_queue;     /* messages queued per port; 0: 1024 */
     unsigned int recv_queue;     /* messages held for the caller per port; 0: 256 */
     unsigned int handshake_ms;   /* an accepted client's HELLO must come within; 0: 10000 */
     unsigned int ring_size;      /* message ring bytes, a power of two; 0: 262144 */
     unsigned int spin_us;        /* waits poll the rings this long before sleeping; 0: none */
-    unsigned int reserved[8];    /* must be zero */
+    unsigned int prealloc_segments; /* made per peer as a port opens; 0: on demand */
+    unsigned int reserved[7];    /* must be zero */
 };
 
 /* Features of a context's ring, from lshm_ctx_features(). */
@@ -277,10 +278,11 @@ struct lshm_probe {
     uint64_t      nofile_cur, nofile_max;
     long          max_map_count;     /* -1 if unknown */
     char          caps[256];         /* cap_to_text() of the process */
-    char          reserved[64];
+    char          shmem_thp[16];     /* transparent_hugepage/shmem_enabled, "" if unknown */
+    char          reserved[48];
 };
 
-/* Fill out: kernel, io_uring operations and flags, memfd sealing, limits, caps. */
+/* Fill out: kernel, io_uring operations and flags, memfd sealing, limits, caps, THP. */
 int lshm_probe(struct lshm_probe *out);
 
 #ifdef __cplusplus

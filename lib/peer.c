@@ -73,6 +73,9 @@ static void table_init(struct lshm_seg_table *t)
     t->elts = NULL;
     t->size = 0;
     t->cap = 0;
+    t->full_since = 0;
+    t->failed = false;
+    t->free_then = UINT32_MAX;
 }
 
 /* Room for n segments, growing as Unit's port_mmap_at does. */
@@ -356,27 +359,147 @@ static void set_oosm(struct lshm_seg_table *t, uint16_t port_id)
     }
 }
 
-bool lshm__peer_out_has_room(struct lshm_peer *peer, uint16_t port_id, unsigned limit)
+/* Has the receiver taken oosm from a usable segment since set_oosm? */
+static bool reader_gave_back(struct lshm_seg_table *t, uint16_t port_id)
 {
-    struct lshm_seg_table *t = &peer->out;
-    bool ready;
-    uint32_t i, w;
+    uint32_t i;
 
-    pthread_mutex_lock(&t->mutex);
-    /* As lshm__peer_out_alloc: no new segment while one announced on
-     * another port is not mapped yet (ids are ordered per process pair). */
-    ready = t->size < limit && !other_port_pending(t, port_id);
-    for (i = 0; i < t->size && !ready; i++) {
+    for (i = 0; i < t->size; i++) {
+        struct lshm_segment_header *hdr = t->elts[i]->hdr;
+        uint16_t over = __atomic_load_n(&hdr->sent_over, __ATOMIC_ACQUIRE);
+
+        if ((over == LSHM_SENT_OVER_ANY || over == port_id) &&
+            __atomic_load_n(&hdr->oosm, __ATOMIC_ACQUIRE) == 0)
+            return true;
+    }
+    return false;
+}
+
+/*
+ * May segment number t->size be made, all the others being full?  The
+ * first LSHM_SEGMENTS_AT_ONCE always; past them, only once they were found
+ * full LSHM_GROW_WAIT_MS ago and the receiver has given no chunk back since
+ * (it takes the oosm flag set then when it frees one).  The segments a
+ * sender keeps full are the bytes on their way: a reader that keeps up,
+ * however slowly, reads them from cache when there are few, from DRAM when
+ * there are many.  Table mutex held.
+ */
+static bool grow_is_due(struct lshm_seg_table *t, uint16_t port_id, long long now)
+{
+    if (t->size < LSHM_SEGMENTS_AT_ONCE)
+        return true;
+    return t->full_since != 0 && now - t->full_since >= LSHM_GROW_WAIT_MS &&
+           !reader_gave_back(t, port_id);
+}
+
+/* As grow_is_due, and start the wait when it is not. */
+static bool may_grow(struct lshm_seg_table *t, uint16_t port_id)
+{
+    long long now = lshm__now_ms();
+
+    if (grow_is_due(t, port_id, now))
+        return true;
+    if (t->full_since == 0 || reader_gave_back(t, port_id)) {
+        /* Full for the first time, or chunks came back since: wait again. */
+        t->full_since = now != 0 ? now : 1;
+        set_oosm(t, port_id);
+    }
+    return false;
+}
+
+/* Free chunks in the segments usable by port_id. */
+static uint32_t count_free(struct lshm_seg_table *t, uint16_t port_id)
+{
+    uint32_t i, w, n = 0;
+
+    for (i = 0; i < t->size; i++) {
         struct lshm_segment_header *h = t->elts[i]->hdr;
         uint16_t over = __atomic_load_n(&h->sent_over, __ATOMIC_RELAXED);
 
         if (over != LSHM_SENT_OVER_ANY && over != port_id)
             continue;
-        for (w = 0; w < LSHM_FREE_WORDS && !ready; w++)
-            ready = __atomic_load_n(&h->free_map[w], __ATOMIC_RELAXED) != 0;
+        for (w = 0; w < LSHM_FREE_WORDS; w++)
+            n += (uint32_t)__builtin_popcountll(__atomic_load_n(&h->free_map[w],
+                                                                __ATOMIC_RELAXED));
+    }
+    return n;
+}
+
+bool lshm__peer_out_has_room(struct lshm_peer *peer, uint16_t port_id, unsigned limit)
+{
+    struct lshm_seg_table *t = &peer->out;
+    uint32_t n;
+    bool ready;
+
+    pthread_mutex_lock(&t->mutex);
+    /* As lshm__peer_out_alloc: no new segment while one announced on
+     * another port is not mapped yet (ids are ordered per process pair). */
+    ready = t->size < limit && !other_port_pending(t, port_id) &&
+            grow_is_due(t, port_id, lshm__now_ms());
+    if (!ready) {
+        n = count_free(t, port_id);
+        if (!t->failed) {
+            ready = n > 0;
+        } else if (t->free_then == UINT32_MAX) {
+            /*
+             * The first look since an allocation failed: what is free now
+             * did not serve it (a sender giving back the part of a payload
+             * it got is a common case).  Wait for more than that, or a
+             * caller retrying at once would spin until the peer frees.
+             */
+            t->free_then = n;
+        } else {
+            ready = n > t->free_then;
+        }
     }
     pthread_mutex_unlock(&t->mutex);
     return ready;
+}
+
+/*
+ * Make segment number t->size and put it in the table, which holds its
+ * reference.  Table mutex held.
+ */
+static int grow_locked(struct lshm_peer *peer, uint16_t port_id, bool scrub,
+                       struct lshm_seg **out)
+{
+    struct lshm_seg_table *t = &peer->out;
+    struct lshm_seg *seg;
+    int ret;
+
+    ret = table_reserve(t, t->size + 1);
+    if (ret < 0)
+        return lshm__fail(ret, "peer %d: out of memory for the segment table",
+                         (int)peer->pid);
+    ret = lshm__seg_create(t->size, getpid(), peer->pid, port_id, &seg);
+    if (ret < 0)
+        return ret;
+    seg->scrub = scrub;
+    t->elts[t->size++] = seg;
+    *out = seg;
+    return 0;
+}
+
+int lshm__peer_out_make(struct lshm_peer *peer, uint16_t port_id, unsigned want, bool scrub,
+                        struct lshm_seg **out)
+{
+    struct lshm_seg_table *t = &peer->out;
+    struct lshm_seg *seg;
+    int ret;
+
+    pthread_mutex_lock(&t->mutex);
+    if (t->size >= want || other_port_pending(t, port_id)) {
+        pthread_mutex_unlock(&t->mutex);
+        return 0;
+    }
+    ret = grow_locked(peer, port_id, scrub, &seg);
+    if (ret == 0)
+        lshm__seg_ref(seg);
+    pthread_mutex_unlock(&t->mutex);
+    if (ret < 0)
+        return ret;
+    *out = seg;
+    return 1;
 }
 
 int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
@@ -390,7 +513,14 @@ int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limi
     pthread_mutex_lock(&t->mutex);
     if (find_free(t, port_id, tracking, out))
         goto done;
-    if (t->size >= limit) {
+    if (other_port_pending(t, port_id) && t->size < limit) {
+        pthread_mutex_unlock(&t->mutex);
+        return lshm__fail(-EAGAIN, "peer %d: a segment announced on another port is not "
+                         "mapped yet", (int)peer->pid);
+    }
+    if (t->size >= limit || !may_grow(t, port_id)) {
+        uint32_t size = t->size;
+
         set_oosm(t, port_id);
         /*
          * A chunk freed between the search and the flag came with no
@@ -398,41 +528,40 @@ int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limi
          */
         if (find_free(t, port_id, tracking, out))
             goto done;
+        t->failed = true;
+        t->free_then = UINT32_MAX;
         pthread_mutex_unlock(&t->mutex);
-        return lshm__fail(-EAGAIN, "peer %d: all %u shared memory segments are full "
-                         "(max_segments, the smaller of the two sides'); wait for chunks "
-                         "to come back", (int)peer->pid, limit);
+        if (size >= limit)
+            return lshm__fail(-EAGAIN, "peer %d: all %u shared memory segments are full "
+                             "(max_segments, the smaller of the two sides'); wait for chunks "
+                             "to come back", (int)peer->pid, limit);
+        return lshm__fail(-EAGAIN, "peer %d: all %u segments are full and the peer gives "
+                         "chunks back: waiting for them before making another",
+                         (int)peer->pid, size);
     }
-    if (other_port_pending(t, port_id)) {
-        pthread_mutex_unlock(&t->mutex);
-        return lshm__fail(-EAGAIN, "peer %d: a segment announced on another port is not "
-                         "mapped yet", (int)peer->pid);
-    }
-    ret = table_reserve(t, t->size + 1);
-    if (ret < 0) {
-        pthread_mutex_unlock(&t->mutex);
-        return lshm__fail(ret, "peer %d: out of memory for the segment table",
-                         (int)peer->pid);
-    }
-    ret = lshm__seg_create(t->size, getpid(), peer->pid, port_id, &seg);
+    ret = grow_locked(peer, port_id, scrub, &seg);
     if (ret < 0) {
         pthread_mutex_unlock(&t->mutex);
         return ret;
     }
-    seg->scrub = scrub;
     /* Nobody else has seen it yet: this claim cannot fail. */
     if (!lshm__chunk_get_free(tracking ? seg->hdr->free_tracking_map
                                       : seg->hdr->free_map, &c)) {
+        t->elts[--t->size] = NULL;
         pthread_mutex_unlock(&t->mutex);
         lshm__seg_unref(seg);
         return lshm__fail(-EIO, "new segment has no free chunk");
     }
-    t->elts[t->size++] = seg;
+    t->full_since = 0;
+    t->failed = false;
     lshm__seg_ref(seg);
     out->seg = seg;
     out->chunk = c;
     out->created = true;
+    pthread_mutex_unlock(&t->mutex);
+    return 0;
 done:
+    t->failed = false;
     pthread_mutex_unlock(&t->mutex);
     return 0;
 }

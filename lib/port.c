@@ -745,9 +745,38 @@ static void tell_owner(struct lshm_port *port)
 
 /* ---- the ways a port's life moves on ---- */
 
+/*
+ * lshm_ctx_params.prealloc_segments: make the pair's first segments now,
+ * their MMAPs queued ahead of any message, so that the message path finds
+ * them ready.  Failing that is the port's failure: it was asked for.
+ */
+static void make_segments_ahead(struct lshm_port *port)
+{
+    unsigned want = port->ctx->p.prealloc_segments;
+    bool scrub = (port->ctx->p.flags & LSHM_CTX_SCRUB) != 0;
+    struct lshm_seg *seg;
+    int ret;
+
+    if (want > port->peer_max_segments)
+        want = port->peer_max_segments;
+    while ((ret = lshm__peer_out_make(port->peer, port->id, want, scrub, &seg)) > 0) {
+        ret = lshm__port_queue_mmap(port, seg);
+        if (ret < 0)
+            lshm__peer_out_drop(port->peer, seg);
+        lshm__seg_unref(seg);
+        if (ret < 0)
+            break;
+    }
+    if (ret < 0)
+        lshm__port_fail(port, ret, "cannot make the %u segments asked for ahead: %s", want,
+                       strerror(-ret));
+}
+
 void lshm__port_open(struct lshm_port *port)
 {
     port_enter(port, PORT_OPEN);
+    if (port->ctx->p.prealloc_segments > 0)
+        make_segments_ahead(port);
     if (port->on_ready != NULL)
         tell_owner(port);
 }

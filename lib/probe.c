@@ -1,6 +1,6 @@
 /*
  * What the kernel and the process offer: kernel release, memfd and sealing,
- * resource limits, capabilities (libcap), and through the ring layer whether
+ * resource limits, capabilities (libcap), huge pages for shmem, and through the ring layer whether
  * io_uring can be used and with which set-up flags and opcodes.
  */
 #include <fcntl.h>
@@ -14,6 +14,7 @@
 
 #include "internal.h"
 #include "ring.h"
+#include "shm.h"
 
 /* Linux 6.3+; glibc headers of older systems lack it. */
 #ifndef MFD_NOEXEC_SEAL
@@ -100,6 +101,7 @@ int lshm__probe(struct lshm_probe *out)
     probe_memfd(out);
     probe_limits(out);
     probe_caps(out);
+    lshm__seg_shmem_thp(out->shmem_thp, sizeof(out->shmem_thp));
 
     ret = lshm__ring_probe(out);
     if (ret < 0 && out->io_uring == 0) {

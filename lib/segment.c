@@ -10,6 +10,7 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "shm.h"
@@ -19,6 +20,10 @@
 #endif
 #ifndef F_SEAL_FUTURE_WRITE
 #define F_SEAL_FUTURE_WRITE 0x0010
+#endif
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ  22
+#define MADV_POPULATE_WRITE 23
 #endif
 
 #define SCRUB_BYTE 0xA5
@@ -63,6 +68,100 @@ bool lshm__chunk_get_free(uint64_t *map, uint32_t *c)
         mask = ~0ull;
         bits = __atomic_load_n(&map[pos], __ATOMIC_RELAXED);
     }
+}
+
+void lshm__seg_shmem_thp(char *word, size_t len)
+{
+    char line[128], *open, *close;
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/shmem_enabled", "re");
+
+    word[0] = '\0';
+    if (f == NULL)
+        return;
+    if (fgets(line, sizeof(line), f) != NULL && (open = strchr(line, '[')) != NULL &&
+        (close = strchr(open, ']')) != NULL && (size_t)(close - open - 1) < len)
+        snprintf(word, len, "%.*s", (int)(close - open - 1), open + 1);
+    fclose(f);
+}
+
+/*
+ * Is shmem_enabled "advise"?  Then only a fault through a mapping marked
+ * MADV_HUGEPAGE gets a huge page, never write(2).  Read once.
+ */
+static bool thp_by_advice_only(void)
+{
+    static _Atomic int known = -1;
+    char word[16];
+
+    if (known < 0) {
+        lshm__seg_shmem_thp(word, sizeof(word));
+        known = strcmp(word, "advise") == 0;
+    }
+    return known;
+}
+
+/*
+ * Read a byte of each page: kernels before 5.14 have no MADV_POPULATE_*.
+ * A read fault maps a page of a shared memfd mapping writable, and maps the
+ * neighbours that are already in the file with it (fault-around).
+ */
+static int populate(void *mem, size_t len)
+{
+    volatile const uint8_t *p = mem;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), off;
+
+    if (madvise(mem, len, MADV_POPULATE_READ) == 0)
+        return 0;
+    if (errno != EINVAL)
+        return -errno;
+    for (off = 0; off < len; off += page)
+        (void)p[off];
+    return 0;
+}
+
+/* Zeros written to the file: its pages exist, each ready to map. */
+static int write_zeros(int fd, size_t len)
+{
+    static uint8_t zeros[64 * 1024];    /* never written: the shared zero page */
+    struct iovec iov[16];
+    size_t off = 0, i;
+
+    for (i = 0; i < ARRAY_SIZE(iov); i++)
+        iov[i] = (struct iovec){ .iov_base = zeros, .iov_len = sizeof(zeros) };
+    while (off < len) {
+        ssize_t n = pwritev(fd, iov, ARRAY_SIZE(iov), (off_t)off);
+
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return n < 0 ? -errno : -EIO;
+        off += (size_t)n;
+    }
+    return 0;
+}
+
+/*
+ * Give a new segment all its pages now, so that no message pays a page
+ * fault per 4 KiB the first time it lands there.  Writing zeros to the
+ * file makes its pages without a fault each; mapping them is then one
+ * fault per 16 pages (fault-around) instead of one per page.  Huge pages
+ * are asked for first: they come where the machine allows them for shmem
+ * (transparent_hugepage/shmem_enabled), and the request is ignored
+ * elsewhere; under "advise" only a fault through the mapping gets them,
+ * so the zeros are not written.  -ENOMEM (or another -errno) when the
+ * memory is not there: better now than SIGBUS on a write later.
+ */
+static int populate_new(int fd, void *mem, size_t len)
+{
+    int ret;
+
+    (void)madvise(mem, len, MADV_HUGEPAGE);
+    if (!thp_by_advice_only()) {
+        ret = write_zeros(fd, len);
+        if (ret < 0)
+            return ret;
+    }
+    return populate(mem, len);
 }
 
 static int make_memfd(const char *name)
@@ -132,6 +231,12 @@ int lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
     /* A forked child must not keep the peer's memory (or its pages) alive. */
     if (madvise(mem, LSHM_SEGMENT_SIZE, MADV_DONTFORK) < 0) {
         ret = lshm__fail(-errno, "segment: madvise: %s", strerror(errno));
+        goto fail_unmap;
+    }
+    ret = populate_new(fd, mem, LSHM_SEGMENT_SIZE);
+    if (ret < 0) {
+        lshm__fail(ret, "segment: populating its %u bytes: %s", LSHM_SEGMENT_SIZE,
+                  strerror(-ret));
         goto fail_unmap;
     }
 
@@ -241,7 +346,7 @@ int lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg 
     else if (madvise(mem, LSHM_SEGMENT_SIZE, MADV_DONTFORK) < 0)
         ret = -errno;
     else
-        ret = 0;
+        ret = populate(mem, LSHM_SEGMENT_SIZE);
     if (ret < 0)
         goto fail_unmap;
 

@@ -146,8 +146,10 @@ int  lshm__memfd_check(int fd, size_t size);
 
 /*
  * Create a sealed memfd segment (MFD_NOEXEC_SEAL where the kernel has it),
- * map it and initialise its header: every chunk and slot free but the
- * sentinel bits, sent_over = port_id.  -ENOSYS when memfd_create is missing.
+ * map it with all its pages in place (huge pages where shmem may have them)
+ * and initialise its header: every chunk and slot free but the sentinel
+ * bits, sent_over = port_id.  -ENOSYS when memfd_create is missing, -ENOMEM
+ * when its pages cannot be had.
  * The new segment holds one reference and its fd (seg->fd).  The mapping is
  * MADV_DONTFORK: a forked child does not inherit it.
  */
@@ -168,12 +170,19 @@ int  lshm__seg_create(uint32_t id, pid_t src, pid_t dst, uint16_t port_id,
  *   -ESRCH       src_pid is not the sender
  *   -ENXIO       dst_pid is not this process
  *   -EACCES      sealed against writing, or not open for writing
- * (and -ENOMEM etc. from mmap).  On success sets sent_over to
+ * (and -ENOMEM etc. from mmap and from populating its pages, which is done
+ * only once the header was found good).  On success sets sent_over to
  * LSHM_SENT_OVER_ANY; the segment holds one reference and seg->fd is -1.
  */
 int  lshm__seg_import(int fd, uint32_t id, pid_t src, pid_t dst, struct lshm_seg **out);
 
 const char *lshm__seg_strerror(int err);
+
+/*
+ * The bracketed word of /sys/kernel/mm/transparent_hugepage/shmem_enabled
+ * ("never", "advise", "always", ...), or "" when it cannot be read.
+ */
+void lshm__seg_shmem_thp(char *word, size_t len);
 
 void lshm__seg_ref(struct lshm_seg *seg);
 void lshm__seg_unref(struct lshm_seg *seg);   /* unmaps and frees at zero */
@@ -195,7 +204,20 @@ struct lshm_seg_table {
     struct lshm_seg **elts;
     uint32_t          size;
     uint32_t          cap;
+    long long         full_since; /* outgoing: ms all were found full, 0: not */
+    bool              failed;     /* outgoing: the last allocation failed */
+    uint32_t          free_then;  /* free chunks then, UINT32_MAX: not counted yet */
 };
+
+/*
+ * Outgoing segments beyond the first LSHM_SEGMENTS_AT_ONCE are made only
+ * for a reader that gives no chunk back for LSHM_GROW_WAIT_MS once they
+ * are all full: a reader that keeps up, however slowly, is waited for in
+ * the memory that is already there (and in cache), and one that stalls
+ * lets a burst grow up to the limit.
+ */
+#define LSHM_SEGMENTS_AT_ONCE 1u
+#define LSHM_GROW_WAIT_MS     10
 
 struct lshm_peer {
     pid_t                 pid;
@@ -239,16 +261,30 @@ struct lshm_alloc {
 
 /*
  * Claim one free chunk (tracking: one tracking slot) in a segment usable by
- * port_id (sent_over is port_id or any), searching from the start of each;
- * with none free, create segment number size if size < limit.  At the
- * limit, set oosm in every usable segment and return -EAGAIN.
+ * port_id (sent_over is port_id or any), searching from the start of each,
+ * segment 0 first: while the receiver keeps up, the lowest free chunks are
+ * the ones it gave back last, still in cache, and the higher segments only
+ * take bursts.  With none free, create segment number size if size < limit
+ * and the rule of LSHM_SEGMENTS_AT_ONCE allows it.  Otherwise set oosm in
+ * every usable segment (the receiver's next free sends SHM_ACK) and return
+ * -EAGAIN.
  */
 int  lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limit,
                          bool tracking, bool scrub, struct lshm_alloc *out);
 
 /*
- * Could an allocation for port_id succeed now (below limit segments)?  Only
- * a hint: the free maps are the peer's to change.
+ * Make one segment ahead of need, announced on port_id, if the table holds
+ * fewer than want and no segment announced on another port is unmapped.
+ * Returns 1 with *seg referenced (its MMAP must go out), 0 when there is
+ * nothing to make, or -errno.
+ */
+int  lshm__peer_out_make(struct lshm_peer *peer, uint16_t port_id, unsigned want, bool scrub,
+                        struct lshm_seg **seg);
+
+/*
+ * Could an allocation for port_id succeed now: may a segment be made, or
+ * are chunks free (after a failed allocation: more than at the first look
+ * since)?  Only a hint: the free maps are the peer's to change.
  */
 bool lshm__peer_out_has_room(struct lshm_peer *peer, uint16_t port_id, unsigned limit);
 

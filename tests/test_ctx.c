@@ -128,6 +128,27 @@ LTEST(ctx, bad_params_rejected)
     cr_assert_eq(lshm_ctx_new(NULL, NULL), -EINVAL);
 }
 
+/* lshm_probe says what shmem_enabled selects, as the file does (or "" without it). */
+LTEST(ctx, probe_reports_shmem_huge_pages)
+{
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/shmem_enabled", "re");
+    char line[128] = "", want[16] = "";
+    struct lshm_probe p;
+    char *open, *close;
+
+    if (f != NULL) {
+        cr_assert_not_null(fgets(line, sizeof(line), f));
+        fclose(f);
+        open = strchr(line, '[');
+        close = open != NULL ? strchr(open, ']') : NULL;
+        cr_assert(open != NULL && close != NULL, "no selected word in \"%s\"", line);
+        snprintf(want, sizeof(want), "%.*s", (int)(close - open - 1), open + 1);
+    }
+    cr_assert_eq(lshm_probe(&p), 0);
+    cr_assert_str_eq(p.shmem_thp, want);
+    cr_log_info("shmem huge pages: \"%s\"", p.shmem_thp);
+}
+
 LTEST(ctx, version_matches_header)
 {
     char want[32];
@@ -197,12 +218,14 @@ LTEST(ctx, new_rejects_bad_params)
         { .handshake_ms = 3600001 },
         { .flags = 1u << 20 },
         { .reserved = { [0] = 1 } },
-        { .reserved = { [7] = 1 } },
+        { .reserved = { [6] = 1 } },
         { .ring_size = 65535 },
         { .ring_size = 32768 },
         { .ring_size = 3u << 16 },
         { .ring_size = 1u << 25 },
         { .spin_us = 1000001 },
+        { .prealloc_segments = 17 },                    /* above the default 16 */
+        { .max_segments = 4, .prealloc_segments = 5 },
     };
     struct lshm_ctx *ctx = NULL;
     unsigned i;
@@ -222,7 +245,8 @@ LTEST(ctx, new_rejects_bad_params)
     /* The edges are accepted. */
     {
         struct lshm_ctx_params ok = { .ring_entries = 8, .max_segments = 1024,
-                                      .send_queue = 65536, .recv_queue = 65536 };
+                                      .send_queue = 65536, .recv_queue = 65536,
+                                      .prealloc_segments = 1024 };
 
         cr_assert_eq(lshm_ctx_new(&ctx, &ok), 0, "%s", lshm_last_error());
         lshm_ctx_free(ctx);

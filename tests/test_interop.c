@@ -562,7 +562,7 @@ LTEST(interop, peer_max_segments)
     long long end;
     int ret, maps;
 
-    /* The library may make 32 segments, but the peer accepts one. */
+    /* The library may make several segments, but the peer accepts one. */
     ip_start(&ip, 0, peer_one_segment_main);
     ip_ready(&ip);
     ret = lshm_buf_alloc(ip.port, LSHM_DATA_SIZE, &big);

@@ -1,6 +1,7 @@
 /*
  * Peers: the process-wide registry, outgoing allocation (segment creation,
- * sent_over, the segment limit and oosm), incoming order, table growth,
+ * sent_over, the segment limit and oosm, when a segment past the first
+ * is made, what wakes a waiting sender), incoming order, table growth,
  * teardown, and what a forked child keeps of it all (nothing).
  */
 #include <fcntl.h>
@@ -31,6 +32,24 @@ static struct lshm_alloc alloc_ok(struct lshm_peer *peer, uint16_t port, unsigne
     struct lshm_alloc a;
     int ret = lshm__peer_out_alloc(peer, port, limit, false, false, &a);
 
+    cr_assert_eq(ret, 0, "out_alloc: %d", ret);
+    return a;
+}
+
+/*
+ * Past LSHM_SEGMENTS_AT_ONCE a segment is made only once the others were
+ * full for LSHM_GROW_WAIT_MS with no chunk given back: retry as a waiting
+ * sender does.
+ */
+static struct lshm_alloc alloc_grow(struct lshm_peer *peer, uint16_t port, unsigned limit)
+{
+    long long end = now_ms() + 5000;
+    struct lshm_alloc a;
+    int ret;
+
+    while ((ret = lshm__peer_out_alloc(peer, port, limit, false, false, &a)) == -EAGAIN &&
+           now_ms() < end)
+        usleep(1000);
     cr_assert_eq(ret, 0, "out_alloc: %d", ret);
     return a;
 }
@@ -133,7 +152,7 @@ LTEST(peer, sent_over_limits_use)
     /* Mapped, then filled by port 1: port 2 gets a segment of its own. */
     receiver_maps(a.seg);
     fill_chunks(a.seg);
-    b = alloc_ok(peer, 2, 4);
+    b = alloc_grow(peer, 2, 4);
     cr_assert(b.created);
     cr_assert_neq(b.seg, a.seg);
     cr_assert_eq(b.seg->id, 1);
@@ -198,7 +217,7 @@ LTEST(peer, other_port_waits_for_mapping)
         cr_assert_eq(b.chunk, i);
         lshm__seg_unref(b.seg);
     }
-    b = alloc_ok(peer, 2, 8);
+    b = alloc_grow(peer, 2, 8);
     cr_assert(b.created, "segment 0 is full");
     cr_assert_eq(b.seg->id, 1);
     cr_assert_eq(b.seg->hdr->sent_over, 2);
@@ -214,7 +233,7 @@ LTEST(peer, other_port_waits_for_mapping)
     receiver_maps(b.seg);
     fill_chunks(b.seg);
     for (uint32_t id = 2; id < 5; id++) {
-        x = alloc_ok(peer, 1, 8);
+        x = alloc_grow(peer, 1, 8);
         cr_assert(x.created, "segment %u", id);
         cr_assert_eq(x.seg->id, id);
         cr_assert_eq(x.seg->hdr->sent_over, 1);
@@ -242,7 +261,7 @@ LTEST(peer, limit_returns_eagain_and_sets_oosm)
 
     cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
     for (uint32_t i = 0; i < 2 * LSHM_CHUNK_COUNT; i++) {
-        a = alloc_ok(peer, 1, 3);
+        a = i == LSHM_CHUNK_COUNT ? alloc_grow(peer, 1, 3) : alloc_ok(peer, 1, 3);
         cr_assert_eq(a.created, i % LSHM_CHUNK_COUNT == 0, "alloc %u", i);
         cr_assert_eq(a.chunk, i % LSHM_CHUNK_COUNT);
         cr_assert_eq(a.seg->id, i / LSHM_CHUNK_COUNT);
@@ -254,10 +273,14 @@ LTEST(peer, limit_returns_eagain_and_sets_oosm)
     receiver_maps(s0);
     receiver_maps(s1);
     /* A segment of another port must not be flagged. */
-    other = alloc_ok(peer, 9, 3);
+    other = alloc_grow(peer, 9, 3);
     cr_assert(other.created);
     cr_assert_eq(other.seg->id, 2);
     cr_assert_eq(other.seg->hdr->sent_over, 9);
+    /* Port 9 waited for the third segment with s0 and s1 flagged: as the
+     * receiver would, take the flags, to see the limit's own. */
+    lshm__seg_take_oosm(s0);
+    lshm__seg_take_oosm(s1);
     cr_assert_eq(s0->hdr->oosm, 0);
     cr_assert_eq(lshm__peer_out_alloc(peer, 1, 3, false, false, &a), -EAGAIN);
     cr_assert_eq(peer->out.size, 3, "no segment past the limit");
@@ -280,6 +303,101 @@ LTEST(peer, limit_returns_eagain_and_sets_oosm)
     cr_assert_eq(a.chunk, 100);
     lshm__seg_unref(a.seg);
     lshm__seg_unref(other.seg);
+    lshm__peer_put(peer);
+}
+
+/* Two full segments, mapped by the receiver, for port 1 (limit 8). */
+static void two_full_segments(struct lshm_peer *peer, struct lshm_seg **s0, struct lshm_seg **s1)
+{
+    struct lshm_alloc a;
+
+    for (uint32_t id = 0; id < 2; id++) {
+        a = id < LSHM_SEGMENTS_AT_ONCE ? alloc_ok(peer, 1, 8) : alloc_grow(peer, 1, 8);
+        cr_assert(a.created, "segment %u", id);
+        receiver_maps(a.seg);
+        fill_chunks(a.seg);
+        lshm__seg_unref(a.seg);
+    }
+    *s0 = peer->out.elts[0];
+    *s1 = peer->out.elts[1];
+}
+
+LTEST(peer, another_segment_only_for_a_reader_that_gives_nothing_back)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+    struct lshm_seg *s0, *s1;
+    long long t0;
+
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
+    two_full_segments(peer, &s0, &s1);
+    t0 = now_ms();
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 8, false, false, &a), -EAGAIN,
+                 "another segment at once");
+    cr_assert_str_neq(lshm_last_error(), "");
+    cr_assert_eq(peer->out.size, 2);
+    cr_assert_eq(s0->hdr->oosm, 1, "the reader is asked to say when it frees");
+    cr_assert_eq(s1->hdr->oosm, 1);
+    cr_assert_not(lshm__peer_out_has_room(peer, 1, 8));
+    usleep((LSHM_GROW_WAIT_MS + 5) * 1000);
+    /* Nothing came back all that time: the reader is stalled, grow. */
+    cr_assert(lshm__peer_out_has_room(peer, 1, 8));
+    a = alloc_ok(peer, 1, 8);
+    cr_assert(a.created);
+    cr_assert_eq(a.seg->id, 2);
+    cr_assert_geq(now_ms() - t0, LSHM_GROW_WAIT_MS);
+    lshm__seg_unref(a.seg);
+    lshm__peer_put(peer);
+}
+
+LTEST(peer, reader_giving_chunks_back_keeps_the_segment_count)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+    struct lshm_seg *s0, *s1;
+
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
+    two_full_segments(peer, &s0, &s1);
+    for (uint32_t round = 0; round < 3; round++) {
+        cr_assert_eq(lshm__peer_out_alloc(peer, 1, 8, false, false, &a), -EAGAIN,
+                     "round %u", round);
+        usleep((LSHM_GROW_WAIT_MS + 5) * 1000);
+        /* The reader freed a chunk meanwhile, and took the flag (SHM_ACK). */
+        lshm__seg_free_chunks(s1, 10 + round, 1);
+        cr_assert(lshm__seg_take_oosm(s1));
+        a = alloc_ok(peer, 1, 8);
+        cr_assert_not(a.created, "round %u: a segment made for a reader that keeps up",
+                      round);
+        cr_assert_eq(a.seg, s1);
+        cr_assert_eq(a.chunk, 10 + round);
+        lshm__seg_unref(a.seg);
+    }
+    cr_assert_eq(peer->out.size, 2);
+    cr_assert_eq(count_maps("memfd:lshm"), 2);
+    lshm__peer_put(peer);
+}
+
+LTEST(peer, has_room_after_a_failure_waits_for_more_than_was_free)
+{
+    struct lshm_peer *peer;
+    struct lshm_alloc a;
+    struct lshm_seg *s0, *s1;
+
+    cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
+    two_full_segments(peer, &s0, &s1);
+    cr_assert_eq(lshm__peer_out_alloc(peer, 1, 2, false, false, &a), -EAGAIN, "limit 2");
+    /* The sender gives back part of a payload it could not complete... */
+    lshm__seg_free_chunks(s0, 0, 3);
+    /* ...which does not make room for what failed: no wake-up for it. */
+    cr_assert_not(lshm__peer_out_has_room(peer, 1, 2));
+    cr_assert_not(lshm__peer_out_has_room(peer, 1, 2));
+    /* The reader frees a chunk without a word: that is news. */
+    lshm__seg_free_chunks(s1, 7, 1);
+    cr_assert(lshm__peer_out_has_room(peer, 1, 2));
+    /* A success ends the wait: any free chunk is room again. */
+    a = alloc_ok(peer, 1, 2);
+    lshm__seg_unref(a.seg);
+    cr_assert(lshm__peer_out_has_room(peer, 1, 2));
     lshm__peer_put(peer);
 }
 
@@ -313,7 +431,7 @@ LTEST(peer, out_drop_undoes_creation)
     cr_assert_eq(b.seg->id, 0, "the id is handed out again");
     /* Another thread on the port fills it and creates segment 1. */
     fill_chunks(b.seg);
-    c = alloc_ok(peer, 1, 4);
+    c = alloc_grow(peer, 1, 4);
     cr_assert(c.created);
     cr_assert_eq(c.seg->id, 1);
     lshm__peer_out_drop(peer, b.seg);
@@ -382,7 +500,7 @@ LTEST(peer, table_grows_like_unit)
 
     cr_assert_eq(lshm__peer_get(FAKE_PID, &peer), 0);
     for (uint32_t i = 0; i < ARRAY_SIZE(caps); i++) {
-        a = alloc_ok(peer, 100, ARRAY_SIZE(caps));
+        a = alloc_grow(peer, 100, ARRAY_SIZE(caps));
         cr_assert(a.created);
         cr_assert_eq(a.seg->id, i);
         cr_assert_eq(peer->out.size, i + 1);
@@ -408,7 +526,7 @@ LTEST(peer, put_releases_every_segment)
     cr_assert_eq(lshm__peer_get(PEER_PID, &again), 0);
     for (uint32_t id = 0; id < 3; id++) {
         /* One port: segments still waiting for their MMAP hold no other back. */
-        a = alloc_ok(peer, 1, 8);
+        a = alloc_grow(peer, 1, 8);
         cr_assert(a.created);
         cr_assert_eq(a.seg->id, id);
         fill_chunks(a.seg);
@@ -470,7 +588,7 @@ static struct lshm_peer *fork_setup(int *open_fd)
     receiver_maps(a.seg);
     fill_chunks(a.seg);
     lshm__seg_unref(a.seg);
-    a = alloc_ok(peer, 1, 4);
+    a = alloc_grow(peer, 1, 4);
     cr_assert(a.created);
     cr_assert_eq(a.seg->id, 1);
     *open_fd = a.seg->fd;

@@ -1,8 +1,9 @@
 /*
  * Shared memory, end to end: out of chunks and the SHM_ACK that wakes the
  * sender, tracking and cancelling, the receiver's segment limit, segments
- * shared by the ports and the threads of one peer, and announcements on a
- * port that died.
+ * shared by the ports and the threads of one peer, announcements on a
+ * port that died, and segments that come with their pages (made ahead with
+ * prealloc_segments; past the first only for a reader that stalls).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +14,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -506,4 +509,223 @@ LTEST(shm, segment_announced_on_a_dead_port_does_not_block_the_others)
     lshm_port_close(pb);
     lshm_ctx_free(ctx);
     child_ok(pid, 10000);
+}
+
+/* ======================================================================
+ * Pages in place: a segment has its pages when it is made and when the
+ * peer maps it, so that no message pays a page fault per 4 KiB; segments
+ * made ahead of need; the default limit
+ * ====================================================================== */
+
+/* Minor faults of the calling thread so far. */
+static long thread_minflt(void)
+{
+    struct rusage ru;
+
+    if (getrusage(RUSAGE_THREAD, &ru) != 0)
+        return -1;
+    return ru.ru_minflt;
+}
+
+/* 10 MiB first-touched lazily fault 2560 times (one per 4 KiB page) to
+ * write, 160 to read (fault-around maps 16 pages at a time).  AddressSanitizer
+ * first touches the shadow of what is written or read: one byte per eight. */
+#if defined(__SANITIZE_ADDRESS__)
+#define SHADOW_FAULTS (LSHM_DATA_SIZE / 8 / 4096)
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SHADOW_FAULTS (LSHM_DATA_SIZE / 8 / 4096)
+#endif
+#endif
+#ifndef SHADOW_FAULTS
+#define SHADOW_FAULTS 0
+#endif
+#define FRESH_FAULTS_MAX (32 + SHADOW_FAULTS)
+
+/* Receive one message, read every byte of it, report the faults the
+ * reading took (not the mapping, which came with the message). */
+static int read_counting_faults(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    long before, faults;
+    bool good;
+
+    CK(lshm_recv(port, &m, 20000) == 0);
+    CK(m.flags & LSHM_MSG_SHM);
+    before = thread_minflt();
+    good = msg_check(&m, 5, LSHM_DATA_SIZE);
+    faults = thread_minflt() - before;
+    lshm_msg_done(&m);
+    CK(good);
+    CK(before >= 0);
+    return report_then_bye(port, (uint32_t)faults);
+}
+
+LTEST(shm, fresh_segment_is_written_and_read_without_page_faults)
+{
+    const char *san = getenv("LSHM_SANITIZER");
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    struct lshm_buf *b;
+    long before, faults;
+    uint32_t peer_faults;
+    int maps0;
+    pid_t pid;
+
+    if (san != NULL && strcmp(san, "tsan") == 0)
+        cr_skip_test("ThreadSanitizer's shadow memory takes page faults of its own");
+    ctx = ctx_make(NULL);
+    maps0 = count_maps(SEG_MAPS);
+    pid = spawn(ctx, NULL, &port, read_counting_faults, NULL);
+    wait_ready(port);
+    /* The first buffer makes the segment: its pages come with it. */
+    cr_assert_eq(lshm_buf_alloc(port, LSHM_DATA_SIZE, &b), 0, "%s", lshm_last_error());
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1, "a fresh segment");
+    cr_assert_eq(lshm_buf_capacity(b), LSHM_DATA_SIZE);
+    before = thread_minflt();
+    cr_assert_geq(before, 0);
+    pattern_write(lshm_buf_data(b), 0, LSHM_DATA_SIZE, 5);
+    faults = thread_minflt() - before;
+    cr_log_info("writing 10 MiB of a fresh segment: %ld minor faults", faults);
+    cr_assert_leq(faults, FRESH_FAULTS_MAX, "writing a fresh segment took %ld page faults: "
+                  "its pages were not in place", faults);
+    cr_assert_eq(lshm_buf_set_size(b, LSHM_DATA_SIZE), 0);
+    cr_assert_eq(lshm_send(port, &(struct lshm_out){ .type = T_DATA, .stream = 5, .bufs = &b,
+                                                    .nbufs = 1, .fd = -1 }, 0), 0,
+                 "%s", lshm_last_error());
+    peer_faults = recv_ctrl(port, 20000);
+    cr_log_info("reading 10 MiB of a segment just mapped: %u minor faults", peer_faults);
+    cr_assert_leq(peer_faults, FRESH_FAULTS_MAX, "the receiver's first read of a segment "
+                  "it just mapped took %u page faults", peer_faults);
+    spawn_end(ctx, port, pid);
+}
+
+/* The control: the same first touch of a plain memfd faults page by page,
+ * so that the test above measures what it claims to. */
+LTEST(shm, fault_count_sees_first_touch_of_plain_memfd)
+{
+    int fd = memfd_create("plain", MFD_CLOEXEC);
+    long before, faults;
+    uint8_t *p;
+
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(ftruncate(fd, LSHM_DATA_SIZE), 0);
+    p = mmap(NULL, LSHM_DATA_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert_neq(p, MAP_FAILED);
+    before = thread_minflt();
+    pattern_write(p, 0, LSHM_DATA_SIZE, 5);
+    faults = thread_minflt() - before;
+    cr_assert_geq(faults, LSHM_DATA_SIZE / 4096 / 2, "only %ld faults writing 10 MiB of a "
+                  "fresh memfd: getrusage does not count them here", faults);
+    munmap(p, LSHM_DATA_SIZE);
+    close(fd);
+}
+
+/* Report how many of the peer's segments this process mapped once the
+ * first (inline) message came: the MMAPs went ahead of it. */
+static int count_segments_mapped(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    int n;
+
+    CK(lshm_recv(port, &m, 20000) == 0);
+    CK(m.type == T_CTRL);
+    lshm_msg_done(&m);
+    n = count_maps(SEG_MAPS);
+    CK(n >= 0);
+    return report_then_bye(port, (uint32_t)n);
+}
+
+LTEST(shm, prealloc_segments_are_made_at_the_handshake)
+{
+    struct lshm_ctx_params prm = { .max_segments = 4, .prealloc_segments = 3 };
+    struct lshm_ctx_params cprm = { .max_segments = 4 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_port *port;
+    int maps0 = count_maps(SEG_MAPS);
+    pid_t pid = spawn(ctx, &cprm, &port, count_segments_mapped, NULL);
+    struct lshm_buf *b[3];
+    unsigned i;
+
+    wait_ready(port);
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 3,
+                 "prealloc_segments 3: %d segments right after the handshake",
+                 count_maps(SEG_MAPS) - maps0);
+    /* 30 MiB of buffers come from them: nothing more is made. */
+    for (i = 0; i < 3; i++) {
+        cr_assert_eq(lshm_buf_alloc(port, LSHM_DATA_SIZE, &b[i]), 0, "%s", lshm_last_error());
+        cr_assert_eq(lshm_buf_capacity(b[i]), LSHM_DATA_SIZE);
+    }
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 3);
+    for (i = 0; i < 3; i++)
+        lshm_buf_free(b[i]);
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    cr_assert_eq(recv_ctrl(port, 20000), 3, "the peer mapped the 3 segments before the "
+                 "first message");
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(shm, prealloc_segments_stop_at_the_peers_limit)
+{
+    struct lshm_ctx_params prm = { .max_segments = 4, .prealloc_segments = 4 };
+    struct lshm_ctx_params cprm = { .max_segments = 1 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_port *port;
+    int maps0 = count_maps(SEG_MAPS);
+    pid_t pid = spawn(ctx, &cprm, &port, count_segments_mapped, NULL);
+
+    wait_ready(port);
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1, "the peer accepts one segment");
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    cr_assert_eq(recv_ctrl(port, 20000), 1);
+    spawn_end(ctx, port, pid);
+}
+
+/* Hold every message until the inline "release", then report how many. */
+static int hold_until_ctrl(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg held[8], m;
+    unsigned n = 0, i;
+
+    for (;;) {
+        CK(lshm_recv(port, &m, 20000) == 0);
+        if (m.type == T_CTRL) {
+            lshm_msg_done(&m);
+            break;
+        }
+        CK(n < 8);
+        held[n++] = m;
+    }
+    for (i = 0; i < n; i++)
+        lshm_msg_done(&held[i]);
+    return report_then_bye(port, n);
+}
+
+LTEST(shm, second_segment_only_once_the_reader_gave_nothing_back)
+{
+    struct lshm_ctx *ctx = ctx_make(NULL);
+    struct lshm_port *port;
+    int maps0 = count_maps(SEG_MAPS), ret;
+    pid_t pid = spawn(ctx, NULL, &port, hold_until_ctrl, NULL);
+    struct lshm_buf *b;
+    long long t0;
+
+    wait_ready(port);
+    cr_assert_eq(count_maps(SEG_MAPS), maps0, "no segment made ahead by default");
+    cr_assert_eq(lshm_buf_alloc(port, LSHM_DATA_SIZE, &b), 0, "%s", lshm_last_error());
+    cr_assert_eq(send_buf(port, b, 0, LSHM_DATA_SIZE), 0, "%s", lshm_last_error());
+    /* The reader holds it: another segment is not made at once... */
+    t0 = now_ms();
+    cr_assert_eq(lshm_buf_alloc(port, 1, &b), -EAGAIN, "a second segment at once");
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 1);
+    /* ...but once nothing came back for a while: a burst may grow. */
+    ret = lshm_port_wait(port, LSHM_WAIT_SHM, 5000);
+    cr_assert_gt(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(lshm_buf_alloc(port, LSHM_DATA_SIZE, &b), 0, "%s", lshm_last_error());
+    cr_assert_geq(now_ms() - t0, 10, "the second segment came after %lld ms", now_ms() - t0);
+    cr_assert_eq(count_maps(SEG_MAPS), maps0 + 2);
+    cr_assert_eq(send_buf(port, b, 1, LSHM_DATA_SIZE), 0, "%s", lshm_last_error());
+    cr_assert_eq(send_inline(port, T_CTRL, 0, NULL, 0, -1), 0);
+    cr_assert_eq(recv_ctrl(port, 20000), 2);
+    spawn_end(ctx, port, pid);
 }

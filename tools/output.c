@@ -348,6 +348,13 @@ static bool caps_held(const struct lshm_probe *p)
     return p->caps[0] != '\0' && strcmp(p->caps, "=") != 0;
 }
 
+/* May a segment's memory come in huge pages?  (Segments ask with MADV_HUGEPAGE.) */
+static bool shmem_huge(const struct lshm_probe *p)
+{
+    return strcmp(p->shmem_thp, "advise") == 0 || strcmp(p->shmem_thp, "always") == 0 ||
+           strcmp(p->shmem_thp, "within_size") == 0 || strcmp(p->shmem_thp, "force") == 0;
+}
+
 static void probe_json(const struct lshm_probe *p)
 {
     printf("{\"kernel\":");
@@ -370,6 +377,9 @@ static void probe_json(const struct lshm_probe *p)
            p->nofile_cur == UINT64_MAX ? -1.0 : (double)p->nofile_cur,
            p->nofile_max == UINT64_MAX ? -1.0 : (double)p->nofile_max, p->max_map_count);
     json_string(p->caps);
+    printf(",\"shmem_thp\":");
+    json_string(p->shmem_thp);
+    printf(",\"shmem_huge_pages\":%s", shmem_huge(p) ? "true" : "false");
     printf(",\"drops_caps\":%s}\n", caps_held(p) ? "true" : "false");
 }
 
@@ -413,6 +423,14 @@ int print_probe(bool json)
         printf("vm.max_map_count: unknown\n");
     printf("capabilities:     %s\n",
            p.caps[0] == '\0' ? "unknown" : caps_held(&p) ? p.caps : "none");
+    if (p.shmem_thp[0] == '\0')
+        printf("shmem huge pages: unknown (no transparent_hugepage/shmem_enabled)\n");
+    else if (shmem_huge(&p))
+        printf("shmem huge pages: %s: segments get 2 MiB pages where the kernel has them\n",
+               p.shmem_thp);
+    else
+        printf("shmem huge pages: %s: segments use 4 KiB pages (to allow huge ones: echo advise"
+               " > /sys/kernel/mm/transparent_hugepage/shmem_enabled)\n", p.shmem_thp);
 
     features_text(p.features, feat, sizeof(feat));
     if (p.io_uring == 0 && p.memfd && p.sealing)
