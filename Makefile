@@ -2,8 +2,8 @@
 # `make run` runs shmping; each first installs the Debian packages that are
 # missing (as root) or names them (tools/deps.sh).
 
-VERSION    := 1.0.0
-SOMAJOR    := 1
+VERSION    := 2.0.0
+SOMAJOR    := 2
 
 PREFIX     ?= /usr/local
 BINDIR     ?= $(PREFIX)/bin

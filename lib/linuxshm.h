@@ -19,7 +19,7 @@
 extern "C" {
 #endif
 
-#define LSHM_VERSION_MAJOR  1
+#define LSHM_VERSION_MAJOR  2
 #define LSHM_VERSION_MINOR  0
 #define LSHM_VERSION_PATCH  0
 

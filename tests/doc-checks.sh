@@ -17,9 +17,9 @@ cd "$(dirname "$0")/.." || exit 2
 O=${1:-build/default}
 CC=${CC:-cc}
 MAKE=${MAKE:-make}
-SHLIB=lib/liblinuxshm.so.1.0.0
-SONAME=liblinuxshm.so.1
-VERSION=1.0.0
+SHLIB=lib/liblinuxshm.so.2.0.0
+SONAME=liblinuxshm.so.2
+VERSION=2.0.0
 
 passed=0
 failed=0
@@ -120,11 +120,11 @@ else
             fail "man/man3/$page.3: $page is not a function of liblinuxshm"
         fi
     done
-    # The ABI: only lshm_* in version node LINUXSHM_1.0, soname of major 1.
-    others=$(grep -v -e '^lshm_' -e '^LINUXSHM_1\.0$' "$tmp/dynsyms" | tr '\n' ' ')
+    # The ABI: only lshm_* in version node LINUXSHM_2.0, soname of major 2.
+    others=$(grep -v -e '^lshm_' -e '^LINUXSHM_2\.0$' "$tmp/dynsyms" | tr '\n' ' ')
     if [ -z "$others" ]; then pass; else fail "$SHLIB exports more than lshm_*: $others"; fi
-    unversioned=$(nm -D --defined-only "$SHLIB" | awk '$NF ~ /^lshm_/ && $NF !~ /@@LINUXSHM_1\.0$/ { print $NF }' | tr '\n' ' ')
-    if [ -z "$unversioned" ]; then pass; else fail "symbols outside LINUXSHM_1.0: $unversioned"; fi
+    unversioned=$(nm -D --defined-only "$SHLIB" | awk '$NF ~ /^lshm_/ && $NF !~ /@@LINUXSHM_2\.0$/ { print $NF }' | tr '\n' ' ')
+    if [ -z "$unversioned" ]; then pass; else fail "symbols outside LINUXSHM_2.0: $unversioned"; fi
     if readelf -d "$SHLIB" | grep -q "SONAME.*\[$SONAME\]"; then
         pass
     else
