@@ -119,33 +119,30 @@ fail:
     return -ENOTSUP;
 }
 
-static bool futex_ops_work(struct lshm_ring *r)
+/* Does the kernel's probe list both opcodes? */
+static bool ops_supported(struct lshm_ring *r, int op1, int op2)
 {
     struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
     bool ok;
 
     if (p == NULL)
         return false;
-    ok = io_uring_opcode_supported(p, OP_FUTEX_WAIT) &&
-         io_uring_opcode_supported(p, OP_FUTEX_WAKE);
+    ok = io_uring_opcode_supported(p, op1) && io_uring_opcode_supported(p, op2);
     io_uring_free_probe(p);
     return ok;
 }
 
+static bool futex_ops_work(struct lshm_ring *r)
+{
+    return ops_supported(r, OP_FUTEX_WAIT, OP_FUTEX_WAKE);
+}
+
 static bool multishot_recvmsg_works(struct lshm_ring *r)
 {
-    struct io_uring_probe *p = io_uring_get_probe_ring(&r->ring);
-    bool ok;
-
-    if (p == NULL)
-        return false;
     /* IORING_OP_SOCKET arrived in 5.19, multishot recvmsg in 6.0: the
      * probe has no bit for the flag itself, so go by a sibling opcode
      * of 6.0 (IORING_OP_SEND_ZC). */
-    ok = io_uring_opcode_supported(p, IORING_OP_RECVMSG) &&
-         io_uring_opcode_supported(p, IORING_OP_SEND_ZC);
-    io_uring_free_probe(p);
-    return ok;
+    return ops_supported(r, IORING_OP_RECVMSG, IORING_OP_SEND_ZC);
 }
 
 int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)

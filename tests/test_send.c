@@ -415,28 +415,54 @@ LTEST(send, batch_of_1000_with_LSHM_MORE_is_one_submit)
  * everything arrives once, in order
  * ====================================================================== */
 
-/* Sleep without running the ring, then read to the LAST message. */
-static int slow_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+/*
+ * Sleep without running the ring, then read to the LAST message, every
+ * byte checked; report the count.  sizes: each message seq is 8 + seq %
+ * 1000 bytes (slow_msg); pause: now and then a short sleep, so that the
+ * sender meets its limits again and again.
+ */
+struct reader_opts {
+    unsigned sleep_ms;
+    bool     sizes;
+    bool     pause;
+};
+
+static int read_to_last(struct lshm_port *port, const struct reader_opts *o)
 {
-    unsigned sleep_ms = *(unsigned *)arg;
     struct lshm_msg m;
     uint32_t i = 0;
     bool last = false;
 
     CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
-    usleep(sleep_ms * 1000);
+    usleep(o->sleep_ms * 1000);
     while (!last) {
         CK(lshm_recv(port, &m, 10000) == 0);
         if (m.stream != i)
-            fprintf(stderr, "slow reader: got %u, expected %u\n", m.stream, i);
+            fprintf(stderr, "reader: got %u, expected %u\n", m.stream, i);
         CK(m.stream == i);
         CK(msg_check(&m, i, m.size));
-        CK(m.size == 8 + i % 1000);
+        CK(!o->sizes || m.size == 8 + i % 1000);
         last = (m.flags & LSHM_MSG_LAST) != 0;
         lshm_msg_done(&m);
         i++;
+        if (o->pause && i % 8 == 0)
+            usleep(1000);
     }
     return report_then_bye(port, i);
+}
+
+static int slow_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct reader_opts o = { .sleep_ms = *(unsigned *)arg, .sizes = true };
+
+    return read_to_last(port, &o);
+}
+
+static int ordered_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct reader_opts o = { .sleep_ms = *(unsigned *)arg, .pause = true };
+
+    return read_to_last(port, &o);
 }
 
 /* Message seq of the stream slow_reader checks (pattern seq, 8 + seq % 1000
@@ -603,30 +629,6 @@ LTEST(send, before_handshake_inline_queues_shm_is_ENOTCONN)
 /* ======================================================================
  * Callback style: writable events instead of retries on a timer
  * ====================================================================== */
-
-/* Read in order to the LAST message, every byte checked; report the count. */
-static int ordered_reader(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
-{
-    unsigned sleep_ms = *(unsigned *)arg;
-    struct lshm_msg m;
-    uint32_t i = 0;
-    bool last = false;
-
-    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
-    usleep(sleep_ms * 1000);
-    while (!last) {
-        CK(lshm_recv(port, &m, 10000) == 0);
-        CK(m.stream == i);
-        CK(msg_check(&m, i, m.size));
-        last = (m.flags & LSHM_MSG_LAST) != 0;
-        lshm_msg_done(&m);
-        i++;
-        /* Slow enough that the sender meets its limits again and again. */
-        if (i % 8 == 0)
-            usleep(1000);
-    }
-    return report_then_bye(port, i);
-}
 
 /* A shared-memory message of size bytes, or -EAGAIN at once (nothing kept). */
 static int send_shm_once(struct lshm_port *port, uint32_t seq, size_t size)
