@@ -28,7 +28,8 @@ static bool is_power_of_two(unsigned v)
 static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params *p)
 {
     const unsigned known = LSHM_CTX_SCRUB | LSHM_CTX_DROP_CANCELLED |
-                           LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN;
+                           LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN |
+                           LSHM_CTX_NO_IO_URING | LSHM_CTX_IO_URING_ONLY;
     unsigned i;
 
     memset(p, 0, sizeof(*p));
@@ -38,6 +39,9 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
                 return lshm__fail(-EINVAL, "lshm_ctx_params.reserved[%u] is not zero", i);
         if (in->flags & ~known)
             return lshm__fail(-EINVAL, "unknown lshm_ctx_params.flags 0x%x", in->flags & ~known);
+        if ((in->flags & LSHM_CTX_NO_IO_URING) && (in->flags & LSHM_CTX_IO_URING_ONLY))
+            return lshm__fail(-EINVAL, "LSHM_CTX_NO_IO_URING and LSHM_CTX_IO_URING_ONLY "
+                                       "together");
         *p = *in;
     }
     if (p->ring_entries == 0)

@@ -46,6 +46,8 @@ struct lshm_tracking;
 #define LSHM_CTX_DROP_CANCELLED   (1u << 1) /* drop cancelled messages */
 #define LSHM_CTX_NO_MULTISHOT     (1u << 2) /* single-shot receives only */
 #define LSHM_CTX_NO_DEFER_TASKRUN (1u << 3) /* plain ring set-up flags */
+#define LSHM_CTX_NO_IO_URING      (1u << 4) /* run on the epoll carrier */
+#define LSHM_CTX_IO_URING_ONLY    (1u << 5) /* fail rather than fall back to epoll */
 
 struct lshm_ctx_params {
     unsigned int flags;          /* LSHM_CTX_* */
@@ -65,6 +67,7 @@ struct lshm_ctx_params {
 #define LSHM_FEAT_BUF_RING       (1u << 4)
 #define LSHM_FEAT_MULTISHOT_ACCEPT (1u << 5)
 #define LSHM_FEAT_NOEXEC_SEAL    (1u << 6)
+#define LSHM_FEAT_EPOLL          (1u << 7) /* epoll carrier, not io_uring */
 
 struct lshm_ctx_stats {
     uint64_t enters;        /* io_uring_enter(2) calls made */
@@ -80,6 +83,8 @@ void        lshm_ctx_free(struct lshm_ctx *ctx);
 int         lshm_ctx_fd(const struct lshm_ctx *ctx);
 int         lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms);
 unsigned    lshm_ctx_features(const struct lshm_ctx *ctx);
+/* "io_uring", or "epoll: " and why io_uring is not used. */
+const char *lshm_ctx_carrier(const struct lshm_ctx *ctx);
 int         lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *stats);
 
 /* Text of the last failure in the calling thread, or "" if none. */

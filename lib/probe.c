@@ -1,7 +1,8 @@
 /*
  * What the kernel and the process offer: kernel release, memfd and sealing,
  * resource limits, capabilities (libcap), and through the ring layer whether
- * io_uring can be used and with which set-up flags and opcodes.
+ * io_uring can be used and with which set-up flags and opcodes, and which
+ * carrier a context runs on.
  */
 #include <fcntl.h>
 #include <stdio.h>
@@ -12,8 +13,7 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
-#include "internal.h"
-#include "ring.h"
+#include "port.h"
 
 /* Linux 6.3+; glibc headers of older systems lack it. */
 #ifndef MFD_NOEXEC_SEAL
@@ -113,4 +113,11 @@ LSHM_EXPORT int lshm_probe(struct lshm_probe *out)
     if (out->noexec_seal)
         out->features |= LSHM_FEAT_NOEXEC_SEAL;
     return 0;
+}
+
+LSHM_EXPORT const char *lshm_ctx_carrier(const struct lshm_ctx *ctx)
+{
+    if (ctx == NULL)
+        return "";
+    return lshm__ring_carrier(ctx->ring);
 }

@@ -1669,6 +1669,7 @@ LTEST(port, ctx_fd_polls_readable_without_multishot_or_defer_taskrun)
     struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_MULTISHOT |
                                             LSHM_CTX_NO_DEFER_TASKRUN };
 
+    require_io_uring(prm.flags);
     ctx_fd_polls(&prm);
 }
 
@@ -1676,10 +1677,15 @@ LTEST(port, ctx_fd_polls_readable_without_multishot_or_defer_taskrun)
 static void fallback_pingpong(unsigned flags)
 {
     struct lshm_ctx_params prm = { .flags = flags };
-    struct lshm_ctx *ctx = ctx_make(&prm);
-    unsigned f = lshm_ctx_features(ctx), i;
+    struct lshm_ctx *ctx;
+    unsigned f, i;
     struct lshm_port *port;
-    pid_t pid = spawn(ctx, &prm, &port, echo_pull, NULL);
+    pid_t pid;
+
+    require_io_uring(flags);
+    ctx = ctx_make(&prm);
+    f = lshm_ctx_features(ctx);
+    pid = spawn(ctx, &prm, &port, echo_pull, NULL);
 
     if (flags & LSHM_CTX_NO_MULTISHOT)
         cr_assert_eq(f & (LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING), 0, "features %#x", f);
@@ -1697,8 +1703,12 @@ static void fallback_pingpong(unsigned flags)
 
 LTEST(port, features_default_context_uses_multishot_and_defer_taskrun)
 {
-    struct lshm_ctx *ctx = ctx_make(NULL);
-    unsigned f = lshm_ctx_features(ctx);
+    struct lshm_ctx *ctx;
+    unsigned f;
+
+    require_io_uring(0);
+    ctx = ctx_make(NULL);
+    f = lshm_ctx_features(ctx);
 
     /* This kernel (6.x) has both; an older one would fall back. */
     cr_log_info("default features %#x", f);

@@ -4,7 +4,7 @@
 
 #include "shmping.h"
 
-void print_header(const struct config *cfg, const char *peer, unsigned features)
+void print_header(const struct config *cfg, const char *peer, const struct lshm_ctx *ctx)
 {
     char feat[160], batch[64] = "";
     int n = 0;
@@ -19,8 +19,8 @@ void print_header(const struct config *cfg, const char *peer, unsigned features)
                peer, cfg->size, mode_name(cfg->mode), cfg->throughput ? ", throughput" : "",
                cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
-        features_text(features, feat, sizeof(feat));
-        printf("SHMPING %s: %zu bytes, mode %s%s%s, io_uring %s\n", peer, cfg->size,
+        carrier_text(ctx, feat, sizeof(feat));
+        printf("SHMPING %s: %zu bytes, mode %s%s%s, %s\n", peer, cfg->size,
                mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, feat);
     }
     fflush(stdout);
@@ -227,7 +227,8 @@ int print_probe(bool json)
     else if (!p.memfd || !p.sealing)
         printf("library will use: nothing: memfd_create with sealing is required\n");
     else
-        printf("library will use: nothing: io_uring is required\n");
+        printf("library will use: epoll, io_uring being unavailable (allow io_uring_setup, "
+               "io_uring_enter, io_uring_register for it), sealed memfd segments\n");
     if (caps_held(&p))
         printf("shmping drops:    every capability after set-up (keep them with --keep-caps)\n");
     else

@@ -363,12 +363,12 @@ int serve(const struct config *cfg)
         return EXIT_ERROR;
     }
     if (!cfg->quiet) {
-        features_text(lshm_ctx_features(s.ctx), feat, sizeof(feat));
+        carrier_text(s.ctx, feat, sizeof(feat));
         if (cfg->idle > 0)
-            printf("SHMPING server on %s, %u idle ports, io_uring %s\n", cfg->listen,
+            printf("SHMPING server on %s, %u idle ports, %s\n", cfg->listen,
                    cfg->idle, feat);
         else
-            printf("SHMPING server on %s, io_uring %s\n", cfg->listen, feat);
+            printf("SHMPING server on %s, %s\n", cfg->listen, feat);
         fflush(stdout);
     }
     ret = run_loop(&s);

@@ -99,6 +99,7 @@ struct flag_name {
 void     flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf,
                     size_t len);
 void     features_text(unsigned feat, char *buf, size_t len);
+void     carrier_text(const struct lshm_ctx *ctx, char *buf, size_t len);
 /* A socketpair of type, and a child running peer(cfg, its end) then exiting
  * with what it returns; *sock is the parent's end.  -1 (reported) on failure. */
 pid_t    fork_peer(const struct config *cfg, int type,
@@ -149,7 +150,7 @@ int  peer_serve(const struct config *cfg, int sock);
 int  copy_run_forked(const struct config *cfg, struct results *res);
 
 /* output.c */
-void print_header(const struct config *cfg, const char *peer, unsigned features);
+void print_header(const struct config *cfg, const char *peer, const struct lshm_ctx *ctx);
 void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
                  double us);
 void print_summary(const struct config *cfg, const struct results *res, const char *peer);

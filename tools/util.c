@@ -301,6 +301,18 @@ void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *b
         snprintf(buf, len, "none");
 }
 
+/* "io_uring FEATURES", or "epoll (why io_uring is not used)". */
+void carrier_text(const struct lshm_ctx *ctx, char *buf, size_t len)
+{
+    char feat[160];
+
+    features_text(lshm_ctx_features(ctx), feat, sizeof(feat));
+    if (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL)
+        snprintf(buf, len, "epoll (%s)", lshm_ctx_carrier(ctx) + strlen("epoll: "));
+    else
+        snprintf(buf, len, "io_uring %s", feat);
+}
+
 void features_text(unsigned feat, char *buf, size_t len)
 {
     static const struct flag_name names[] = {
@@ -311,6 +323,7 @@ void features_text(unsigned feat, char *buf, size_t len)
         { LSHM_FEAT_BUF_RING,         "buf_ring" },
         { LSHM_FEAT_MULTISHOT_ACCEPT, "multishot_accept" },
         { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
+        { LSHM_FEAT_EPOLL,            "epoll" },
     };
 
     flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
