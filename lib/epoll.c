@@ -25,6 +25,7 @@
 #include "ring.h"
 
 #define MAX_EVENTS       64
+#define SEND_BATCH       64         /* linked sends given to one sendmmsg */
 #define CONNECT_RETRY_NS 1000000LL  /* a full backlog: try connect again after 1 ms */
 
 /* Where an operation is (lshm_op.where). */
@@ -38,6 +39,7 @@ struct fdent {
     uint32_t        events;             /* registered with epoll; 0: not registered */
     bool            dirty;              /* on the dirty list: events may change */
     bool            nonblock;           /* O_NONBLOCK set (accept, connect) */
+    bool            readable;           /* the last receive got a datagram */
 };
 
 struct lshm_epoll {
@@ -380,11 +382,13 @@ static void start(struct lshm_epoll *ep, struct lshm_op *op)
             return;
         }
         /* A socket not in the epoll set yet may hold data already (a
-         * HELLO sent before we adopted it): try, as io_uring does.  One
-         * in the set waits for EPOLLIN, level-triggered, so what came
+         * HELLO sent before we adopted it), and one that just gave a
+         * datagram likely holds more (a stream): try, as io_uring does.
+         * Otherwise wait for EPOLLIN, level-triggered, so what came
          * shows in the next wait; trying would mostly say EAGAIN. */
-        if (fe->events == 0) {
+        if (fe->events == 0 || fe->readable) {
             res = try_op(ep, op);
+            fe->readable = res >= 0 && op->kind == LSHM_OP_RECV;
             if (res != -EAGAIN) {
                 post(ep, op, res);
                 return;
@@ -477,12 +481,51 @@ int lshm__ep_cancel(struct lshm_epoll *ep, struct lshm_op *op)
     return 0;
 }
 
+/*
+ * A linked chain of sends on a socket with nothing waiting: as many as go
+ * in one sendmmsg(2), each completed with its length.  Returns how many
+ * left the queue; 0 leaves the first to start() (EAGAIN, an error).
+ */
+static int send_chain(struct lshm_epoll *ep, struct lshm_op *first)
+{
+    struct mmsghdr vec[SEND_BATCH];
+    struct lshm_op *op = first;
+    int n = 0, sent, i;
+
+    for (; op != NULL && n < SEND_BATCH; op = op->next) {
+        if (op->kind != LSHM_OP_SEND || op->fd != first->fd)
+            break;
+        vec[n].msg_hdr = *(const struct msghdr *)op->arg;
+        vec[n].msg_len = 0;
+        n++;
+        if (!op->link)
+            break;
+    }
+    sent = sendmmsg(first->fd, vec, (unsigned)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+    for (i = 0; i < sent; i++) {
+        op = ep->q_head;
+        ep->q_head = op->next;
+        if (ep->q_head == NULL)
+            ep->q_tail = NULL;
+        ep->nqueued--;
+        ep->stats.submitted++;
+        post(ep, op, vec[i].msg_len > INT32_MAX ? INT32_MAX : (int)vec[i].msg_len);
+    }
+    return sent > 0 ? sent : 0;
+}
+
 int lshm__ep_submit(struct lshm_epoll *ep)
 {
     struct lshm_op *op;
-    int n = 0;
+    int n = 0, k;
 
     while ((op = ep->q_head) != NULL) {
+        /* A chain goes out in one call where the socket has room. */
+        if (op->kind == LSHM_OP_SEND && op->link && ep->fds[op->fd]->wq_head == NULL &&
+            (k = send_chain(ep, op)) > 0) {
+            n += k;
+            continue;
+        }
         ep->q_head = op->next;
         if (ep->q_head == NULL)
             ep->q_tail = NULL;
@@ -508,6 +551,8 @@ static void on_ready(struct lshm_epoll *ep, int fd, uint32_t events)
     if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && fe->reader != NULL) {
         op = fe->reader;
         res = try_op(ep, op);
+        fe->readable = res >= 0 && op->kind == LSHM_OP_RECV && (events & EPOLLIN) &&
+                       !(events & EPOLLHUP);
         if (res != -EAGAIN) {
             fe->reader = NULL;
             post(ep, op, res);
