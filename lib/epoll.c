@@ -121,6 +121,8 @@ void lshm__ep_forget(struct lshm_epoll *ep)
     free(ep);
 }
 
+/* Operations still queued or waiting are dropped: their owners are being
+ * reaped with the context. */
 void lshm__ep_free(struct lshm_epoll *ep)
 {
     lshm__ep_forget(ep);
@@ -684,11 +686,10 @@ static int dispatch(struct lshm_epoll *ep)
         op->next = NULL;
         n++;
         op->complete(op, op->res, false, NULL, 0);
-        if (fd >= 0 && (fe = ep->fds[fd]) != NULL && fe->nops == 0 && fe->events != 0) {
-            epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
+        if (fd >= 0 && (fe = ep->fds[fd]) != NULL && fe->nops == 0) {
+            if (fe->events != 0)
+                epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
             fe->events = 0;
-            fe->nonblock = false;
-        } else if (fd >= 0 && fe != NULL && fe->nops == 0) {
             fe->nonblock = false;
         }
     }
