@@ -134,6 +134,19 @@ int lshm__ep_fd(struct lshm_epoll *ep)
     return ep->epfd;
 }
 
+void lshm__ep_unwatch(struct lshm_epoll *ep, int fd)
+{
+    struct fdent *fe = fd >= 0 && fd < ep->nfds ? ep->fds[fd] : NULL;
+
+    if (fe == NULL)
+        return;
+    if (fe->events != 0)
+        epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
+    fe->events = 0;
+    fe->nonblock = false;
+    fe->readable = false;
+}
+
 void lshm__ep_wake(struct lshm_epoll *ep)
 {
     uint64_t one = 1;

@@ -45,7 +45,7 @@ static void listener_free(struct lshm_listener *l)
     listener_unlink(l);
     free(l->ready);
     if (l->fd >= 0)
-        close(l->fd);
+        lshm__ring_close(l->ctx->ring, l->fd);
     free(l->path);
     free(l);
 }
@@ -296,6 +296,10 @@ void lshm__listener_reap(struct lshm_listener *l)
     if (!l->closing && l->path != NULL)
         unlink(l->path);
     l->armed = false;
+    /* Nothing watches it any more. */
+    if (l->fd >= 0)
+        close(l->fd);
+    l->fd = -1;
     listener_free(l);
 }
 

@@ -132,7 +132,7 @@ static void port_free(struct lshm_port *port)
     if (port->peer != NULL)
         lshm__peer_put_sock(port->peer, port->fd);
     if (port->fd >= 0)
-        close(port->fd);
+        lshm__ring_close(port->ctx != NULL ? port->ctx->ring : NULL, port->fd);
     free(port->recv_buf);
     free(port);
 }
@@ -366,7 +366,7 @@ static void port_finish(struct lshm_port *port)
         port->peer = NULL;
     }
     if (port->state == PORT_CLOSED && port->shutdown && port_idle(port) && port->fd >= 0) {
-        close(port->fd);
+        lshm__ring_close(port->ctx != NULL ? port->ctx->ring : NULL, port->fd);
         port->fd = -1;
     }
     port_maybe_free(port);

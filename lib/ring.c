@@ -277,6 +277,13 @@ int lshm__ring_fd(const struct lshm_ring *cr)
     return fd;
 }
 
+void lshm__ring_close(struct lshm_ring *r, int fd)
+{
+    if (r != NULL && r->ep != NULL)
+        lshm__ep_unwatch(r->ep, fd);
+    close(fd);
+}
+
 void lshm__ring_wake(struct lshm_ring *r)
 {
     uint64_t one = 1;

@@ -41,6 +41,10 @@ void     lshm__ring_free(struct lshm_ring *r);
  * could reach the parent's ring. */
 void     lshm__ring_forget(struct lshm_ring *r);
 int      lshm__ring_fd(const struct lshm_ring *r);
+/* Close a socket whose operations have all completed.  The epoll carrier
+ * takes it out of its set first: a copy in a forked child would keep it
+ * there, reporting under a number that may be given to another socket. */
+void     lshm__ring_close(struct lshm_ring *r, int fd);
 /* Make a poll on lshm__ring_fd wake: work is waiting without a completion. */
 void     lshm__ring_wake(struct lshm_ring *r);
 unsigned lshm__ring_features(const struct lshm_ring *r);
@@ -91,6 +95,7 @@ int      lshm__ep_new(struct lshm_epoll **ep, unsigned entries);
 void     lshm__ep_free(struct lshm_epoll *ep);
 void     lshm__ep_forget(struct lshm_epoll *ep);
 int      lshm__ep_fd(struct lshm_epoll *ep);
+void     lshm__ep_unwatch(struct lshm_epoll *ep, int fd);
 void     lshm__ep_wake(struct lshm_epoll *ep);
 void     lshm__ep_stats(const struct lshm_epoll *ep, struct lshm_ctx_stats *st);
 unsigned lshm__ep_space(const struct lshm_epoll *ep);

@@ -5,6 +5,7 @@
  * lshm_connect.  Each side checks what it runs on.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -256,4 +257,61 @@ LTEST(carrier, epoll_client_connects_to_io_uring_server)
 LTEST(carrier, io_uring_client_connects_to_epoll_server)
 {
     listen_across(true);
+}
+
+/*
+ * A forked child that keeps copies of the parent's sockets (a pre-forking
+ * server) must not leave a closed port's socket in the parent's epoll set:
+ * there it would report, under a number given to the next socket, events
+ * nobody consumes, and every wait would return at once.
+ */
+LTEST(carrier, closed_port_leaves_the_epoll_set_while_a_child_holds_its_socket)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_IO_URING };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_ctx_stats s0, s1;
+    struct lshm_port *a, *b;
+    uint8_t junk[64];
+    int raw, peer_b, hold[2], ret;
+    long long t0;
+    char c;
+    pid_t pid;
+
+    raw = raw_peer(ctx, &a);
+    cr_assert_eq(lshm_ctx_run(ctx, 0) >= 0, true);
+    cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
+    fflush(NULL);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        /* Holds every fd of the parent until the pipe closes. */
+        close(hold[1]);
+        while (read(hold[0], &c, 1) < 0 && errno == EINTR)
+            ;
+        _exit(0);
+    }
+    close(hold[0]);
+    /* Not a protocol message: A closes, and with it its socket. */
+    memset(junk, 0xee, sizeof(junk));
+    raw_sendv(raw, junk, sizeof(junk), NULL, 0);
+    for (t0 = now_ms(); lshm_port_error(a) == NULL && now_ms() < t0 + 5000;)
+        lshm_ctx_run(ctx, 50);
+    cr_assert_not_null(lshm_port_error(a), "A did not close on junk");
+    lshm_port_close(a);
+    lshm_ctx_run(ctx, 0);
+    /* B likely gets A's number. */
+    ret = lshm_socketpair(ctx, &b, &peer_b);
+    cr_assert_eq(ret, 0, "%s", lshm_last_error());
+    cr_assert_eq(lshm_ctx_stats(ctx, &s0), 0);
+    for (t0 = now_ms(); now_ms() < t0 + 300;)
+        lshm_ctx_run(ctx, 50);
+    cr_assert_eq(lshm_ctx_stats(ctx, &s1), 0);
+    cr_assert_leq(s1.enters - s0.enters, 30, "%llu waits in 300 ms: one returns at once",
+                  (unsigned long long)(s1.enters - s0.enters));
+    close(hold[1]);
+    child_ok(pid, 10000);
+    close(peer_b);
+    close(raw);
+    lshm_port_close(b);
+    lshm_ctx_free(ctx);
 }
