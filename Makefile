@@ -95,19 +95,21 @@ test: deps
 
 asan: deps
 	$(MAKE) O=build/asan SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" \
-	    build/asan/tests/run build/asan/tools/shmping
-	ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	    build/asan/tests/run build/asan/tools/shmping build/asan/tests/noiouring
+	for pass in "" build/asan/tests/noiouring; do \
+	    ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	    LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp \
 	    LSHM_SHMPING=$(CURDIR)/build/asan/tools/shmping LSHM_TOP=$(CURDIR) LSHM_SANITIZER=asan \
-	    build/asan/tests/run $(TEST_ARGS)
+	    $$pass build/asan/tests/run $(TEST_ARGS) || exit 1; done
 
 tsan: deps
 	$(MAKE) O=build/tsan SAN="-fsanitize=thread -fno-omit-frame-pointer" \
 	    TEST_INC=-Itests/tsan TEST_RUNNER=tests/tsan/runner.c TEST_LIBS= \
-	    build/tsan/tests/run build/tsan/tools/shmping
-	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+	    build/tsan/tests/run build/tsan/tools/shmping build/tsan/tests/noiouring
+	for pass in "" build/tsan/tests/noiouring; do \
+	    TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
 	    LSHM_SHMPING=$(CURDIR)/build/tsan/tools/shmping LSHM_TOP=$(CURDIR) LSHM_SANITIZER=tsan \
-	    build/tsan/tests/run $(TEST_ARGS)
+	    $$pass build/tsan/tests/run $(TEST_ARGS) || exit 1; done
 
 run: deps
 	$(MAKE) all
