@@ -164,5 +164,5 @@ uninstall:
 	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
 
 # The checks of tests/doc-checks.sh alone (make check runs them too).
-check-docs: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB)
+check-docs: $(SHLIB) lib/$(SONAME) lib/liblinuxshm.so $(STLIB) $(O)/tests/noiouring
 	sh tests/doc-checks.sh $(O)
