@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "port_util.h"
+#include "wire.h"
 
 #define ROUNDS 300
 
@@ -313,5 +314,77 @@ LTEST(carrier, closed_port_leaves_the_epoll_set_while_a_child_holds_its_socket)
     close(peer_b);
     close(raw);
     lshm_port_close(b);
+    lshm_ctx_free(ctx);
+}
+
+/*
+ * On the epoll carrier, sends to a socket with no room wait for EPOLLOUT
+ * instead of blocking the caller, and go out in order as the peer reads;
+ * when the peer goes away, what still waits ends with the port (a failed
+ * send cancels the rest of its chain), leaving nothing behind.
+ */
+LTEST(carrier, epoll_sends_wait_for_room_in_order_and_end_when_the_peer_leaves)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_IO_URING, .send_queue = 4096 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    uint8_t hello[64], payload[1000];
+    struct lshm_out out = { .type = T_DATA, .data = payload, .size = sizeof(payload), .fd = -1 };
+    struct lshm_port *port;
+    struct lshm_msg m;
+    long long t0;
+    unsigned i, queued = 0;
+    int raw, ret;
+
+    raw = raw_peer(ctx, &port);
+    raw_sendv(raw, hello, raw_hello_build(hello, getpid(), 1), NULL, 0);
+    wait_ready(port);
+    memset(payload, 0x42, sizeof(payload));
+    /* Far more than the socket holds: every call returns at once. */
+    t0 = now_ms();
+    for (i = 0; i < 2000; i++) {
+        out.stream = i;
+        ret = lshm_send(port, &out, 0);
+        if (ret == -EAGAIN)
+            break;
+        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
+        queued++;
+    }
+    lshm_ctx_run(ctx, 0);
+    cr_assert_lt(now_ms() - t0, 2000, "sending blocked for %lld ms", now_ms() - t0);
+    ret = lshm_port_wait(port, LSHM_WAIT_IDLE, 0);
+    cr_assert_eq(ret, -ETIMEDOUT, "%u messages fit in the socket: nothing waits (%d)",
+                 queued, ret);
+    cr_assert_eq(queued, 2000);
+    /* Read half: the rest goes out as room comes (EPOLLOUT), in order. */
+    {
+        uint8_t buf[LSHM_WIRE_MAX];
+        struct lshm_wire_msg h;
+        unsigned want = 0;
+        ssize_t n;
+
+        t0 = now_ms();
+        while (want < queued / 2 && now_ms() < t0 + 10000) {
+            n = recv(raw, buf, sizeof(buf), MSG_DONTWAIT);
+            if (n < 0) {
+                cr_assert_eq(errno, EAGAIN, "recv: %s", strerror(errno));
+                lshm_ctx_run(ctx, 10);
+                continue;
+            }
+            memcpy(&h, buf, sizeof(h));
+            if (h.type != T_DATA)
+                continue;
+            cr_assert_eq(h.stream, want, "datagram %u has stream %u", want, h.stream);
+            want++;
+        }
+        cr_assert_eq(want, queued / 2, "%u of %u arrived", want, queued / 2);
+    }
+    ret = lshm_port_wait(port, LSHM_WAIT_IDLE, 0);
+    cr_assert_eq(ret, -ETIMEDOUT, "the other half fit in the socket (%d)", ret);
+    close(raw);
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert(ret == -EPIPE || ret == -ECONNRESET, "after the peer left: %d", ret);
+    cr_assert_not_null(lshm_port_error(port));
+    cr_log_info("epoll carrier: %u queued, port ended: %s", queued, lshm_port_error(port));
+    lshm_port_close(port);
     lshm_ctx_free(ctx);
 }
