@@ -536,6 +536,25 @@ Test(shmping, version_and_help, .timeout = 120)
     run_free(&r);
 }
 
+/* The header names the carrier: io_uring, or epoll with the reason. */
+Test(shmping, header_names_the_carrier_and_why, .timeout = 120)
+{
+    struct lshm_ctx *ctx;
+    struct run r;
+    bool epoll;
+
+    cr_assert_eq(lshm_ctx_new(&ctx, NULL), 0, "%s", lshm_last_error());
+    epoll = (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) != 0;
+    lshm_ctx_free(ctx);
+    expect_ok(&r, "-c 2 -i 0.01 -q");
+    cr_expect(strstr(r.out, epoll ? ", epoll (" : ", io_uring ") != NULL, "%s", r.out);
+    run_free(&r);
+    expect_ok(&r, "--no-io-uring -c 2 -i 0.01 -q");
+    cr_expect(strstr(r.out, ", epoll (asked for with LSHM_NO_IO_URING") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "2 sent, 2 received") != NULL, "%s", r.out);
+    run_free(&r);
+}
+
 Test(shmping, probe_prints_kernel_release, .timeout = 120)
 {
     struct utsname u;

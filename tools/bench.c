@@ -230,19 +230,18 @@ static void bench_print(struct bench *b, size_t size, enum mode mode, unsigned i
 int run_bench(const struct config *cfg)
 {
     struct bench b = { .cfg = cfg, .complete = true, .first = true };
-    struct lshm_probe p;
-    char feat[160];
+    struct lshm_ctx *ctx;
+    char feat[256];
 
-    if (lshm_probe(&p) == 0 && p.io_uring != 0) {
-        err("io_uring unavailable: %s", p.io_uring_why);
+    if (ctx_new_reported(&ctx, "") < 0)
         return EXIT_ERROR;
-    }
+    carrier_text(ctx, feat, sizeof(feat));
+    lshm_ctx_free(ctx);
     if (cfg->json) {
         printf("{\"cell_s\":%.2f,\"batch\":%u,\"bench\":[", CELL_S, cfg->batch);
     } else {
-        features_text(p.features, feat, sizeof(feat));
         printf("shmping --bench: forked peer, %.1f s per figure, throughput batch %u, "
-               "io_uring %s\n", CELL_S, cfg->batch, feat);
+               "%s\n", CELL_S, cfg->batch, feat);
         printf("every message's bytes written by the sender and read (summed) by the "
                "receiver;\n%s: the same writing and reading in one process\n", MEMORY_LABEL);
         printf("ratio: the figure over copy mode's for the same size "

@@ -471,7 +471,7 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
     }
     memset(s.staging, 0x5a, cfg->size);
     if (!cfg->json && !cfg->bench)
-        print_header(cfg, peer, lshm_ctx_features(ctx));
+        print_header(cfg, peer, ctx);
     if (cfg->throughput && forked)
         ret = sink_session(&s);
     else

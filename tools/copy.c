@@ -385,7 +385,7 @@ int copy_run_forked(const struct config *cfg, struct results *res)
         goto out;
     }
     if (!cfg->json && !cfg->bench)
-        print_header(cfg, "peer", 0);
+        print_header(cfg, "peer", NULL);
     if (cfg->throughput)
         copy_throughput(cfg, sock, res, sendbuf, &recvbuf, &recvcap);
     else

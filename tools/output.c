@@ -45,14 +45,27 @@ void features_text(unsigned feat, char *buf, size_t len)
         { LSHM_FEAT_BUF_RING,         "buf_ring" },
         { LSHM_FEAT_MULTISHOT_ACCEPT, "multishot_accept" },
         { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
+        { LSHM_FEAT_EPOLL,            "epoll" },
     };
 
     flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
 }
 
-void print_header(const struct config *cfg, const char *peer, unsigned features)
+/* "io_uring FEATURES", or "epoll (why io_uring is not used)". */
+void carrier_text(const struct lshm_ctx *ctx, char *buf, size_t len)
 {
-    char feat[160], batch[192] = "";
+    char feat[160];
+
+    features_text(lshm_ctx_features(ctx), feat, sizeof(feat));
+    if (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL)
+        snprintf(buf, len, "epoll (%s)", lshm_ctx_carrier(ctx) + strlen("epoll: "));
+    else
+        snprintf(buf, len, "io_uring %s", feat);
+}
+
+void print_header(const struct config *cfg, const char *peer, const struct lshm_ctx *ctx)
+{
+    char feat[256], batch[192] = "";
     int n = 0;
 
     if (cfg->throughput && cfg->batch > 1)
@@ -72,8 +85,8 @@ void print_header(const struct config *cfg, const char *peer, unsigned features)
                cfg->frames > 0 || cfg->slow_n > 0 ? batch : "",
                cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
-        features_text(features, feat, sizeof(feat));
-        printf("SHMPING %s: %zu bytes, mode %s%s%s, io_uring %s\n", peer, cfg->size,
+        carrier_text(ctx, feat, sizeof(feat));
+        printf("SHMPING %s: %zu bytes, mode %s%s%s, %s\n", peer, cfg->size,
                mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, feat);
     }
     fflush(stdout);
@@ -324,7 +337,8 @@ int print_probe(bool json)
     else if (!p.memfd || !p.sealing)
         printf("library will use: nothing: memfd_create with sealing is required\n");
     else
-        printf("library will use: nothing: io_uring is required\n");
+        printf("library will use: epoll, io_uring being unavailable (allow io_uring_setup, "
+               "io_uring_enter, io_uring_register for it), sealed memfd segments\n");
     if (caps_held(&p))
         printf("shmping drops:    every capability after set-up (keep them with --keep-caps)\n");
     else

@@ -358,7 +358,7 @@ static void server_close(struct server *s)
 int serve(const struct config *cfg)
 {
     struct server s = { .cfg = cfg };
-    char feat[160];
+    char feat[256];
     int ret;
 
     if (ctx_new_reported(&s.ctx, "") < 0)
@@ -383,12 +383,12 @@ int serve(const struct config *cfg)
         return EXIT_ERROR;
     }
     if (!cfg->quiet) {
-        features_text(lshm_ctx_features(s.ctx), feat, sizeof(feat));
+        carrier_text(s.ctx, feat, sizeof(feat));
         if (cfg->idle > 0)
-            printf("SHMPING server on %s, %u idle ports, io_uring %s\n", cfg->listen,
+            printf("SHMPING server on %s, %u idle ports, %s\n", cfg->listen,
                    cfg->idle, feat);
         else
-            printf("SHMPING server on %s, io_uring %s\n", cfg->listen, feat);
+            printf("SHMPING server on %s, %s\n", cfg->listen, feat);
         fflush(stdout);
     }
     ret = run_loop(&s);

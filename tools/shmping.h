@@ -183,7 +183,9 @@ struct flag_name {
 void flags_text(unsigned flags, const struct flag_name *names, size_t n, char *buf,
                 size_t len);
 void features_text(unsigned feat, char *buf, size_t len);
-void print_header(const struct config *cfg, const char *peer, unsigned features);
+/* "io_uring FEATURES", or "epoll (why io_uring is not used)". */
+void carrier_text(const struct lshm_ctx *ctx, char *buf, size_t len);
+void print_header(const struct config *cfg, const char *peer, const struct lshm_ctx *ctx);
 void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
                  double us);
 void print_summary(const struct config *cfg, const struct results *res, const char *peer);
