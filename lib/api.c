@@ -99,6 +99,11 @@ LSHM_EXPORT unsigned lshm_ctx_features(const struct lshm_ctx *ctx)
     return ctx == NULL ? 0 : lshm__ctx_features(ctx);
 }
 
+LSHM_EXPORT const char *lshm_ctx_carrier(const struct lshm_ctx *ctx)
+{
+    return ctx == NULL ? "" : lshm__ctx_carrier(ctx);
+}
+
 LSHM_EXPORT int lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *stats)
 {
     if (ctx == NULL || stats == NULL)

@@ -31,7 +31,8 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
 {
     const unsigned known = LSHM_CTX_SCRUB | LSHM_CTX_DROP_CANCELLED |
                            LSHM_CTX_NO_MULTISHOT | LSHM_CTX_NO_DEFER_TASKRUN |
-                           LSHM_CTX_NO_RING | LSHM_CTX_NO_FUTEX;
+                           LSHM_CTX_NO_RING | LSHM_CTX_NO_FUTEX |
+                           LSHM_CTX_NO_IO_URING | LSHM_CTX_IO_URING_ONLY;
     unsigned i;
 
     memset(p, 0, sizeof(*p));
@@ -41,6 +42,9 @@ static int check_params(const struct lshm_ctx_params *in, struct lshm_ctx_params
                 return lshm__fail(-EINVAL, "lshm_ctx_params.reserved[%u] is not zero", i);
         if (in->flags & ~known)
             return lshm__fail(-EINVAL, "unknown lshm_ctx_params.flags 0x%x", in->flags & ~known);
+        if ((in->flags & LSHM_CTX_NO_IO_URING) && (in->flags & LSHM_CTX_IO_URING_ONLY))
+            return lshm__fail(-EINVAL, "LSHM_CTX_NO_IO_URING and LSHM_CTX_IO_URING_ONLY "
+                                       "together");
         *p = *in;
     }
     if (p->ring_entries == 0)
@@ -182,6 +186,11 @@ unsigned lshm__ctx_features(const struct lshm_ctx *ctx)
     else
         f |= LSHM_FEAT_RING;
     return f;
+}
+
+const char *lshm__ctx_carrier(const struct lshm_ctx *ctx)
+{
+    return lshm__ring_carrier(ctx->ring);
 }
 
 void lshm__ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *st)

@@ -106,6 +106,8 @@ void lshm__ctx_free(struct lshm_ctx *ctx);
 
 int      lshm__ctx_fd(const struct lshm_ctx *ctx);
 unsigned lshm__ctx_features(const struct lshm_ctx *ctx);
+/* "io_uring", or "epoll: " and why io_uring is not used. */
+const char *lshm__ctx_carrier(const struct lshm_ctx *ctx);
 void     lshm__ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *st);
 
 /* The run loop, phase by phase (see ctx.c). */

@@ -56,6 +56,8 @@ struct lshm_tracking;
 #define LSHM_CTX_NO_DEFER_TASKRUN (1u << 3) /* plain ring set-up flags */
 #define LSHM_CTX_NO_RING          (1u << 4) /* every message over the socket */
 #define LSHM_CTX_NO_FUTEX         (1u << 5) /* wake-ups as WAKE datagrams only */
+#define LSHM_CTX_NO_IO_URING      (1u << 6) /* run on the epoll carrier */
+#define LSHM_CTX_IO_URING_ONLY    (1u << 7) /* fail rather than fall back to epoll */
 
 struct lshm_ctx_params {
     unsigned int flags;          /* LSHM_CTX_* */
@@ -80,6 +82,7 @@ struct lshm_ctx_params {
 #define LSHM_FEAT_NOEXEC_SEAL    (1u << 6)
 #define LSHM_FEAT_RING           (1u << 7)  /* message rings (protocol version 2) */
 #define LSHM_FEAT_FUTEX          (1u << 8)  /* futex waits and wakes through io_uring */
+#define LSHM_FEAT_EPOLL          (1u << 9)  /* epoll carrier, not io_uring */
 
 struct lshm_ctx_stats {
     uint64_t enters;        /* io_uring_enter(2) calls made */
@@ -102,6 +105,8 @@ int         lshm_ctx_fd(const struct lshm_ctx *ctx);
 int         lshm_ctx_run(struct lshm_ctx *ctx, int timeout_ms);
 /* The LSHM_FEAT_* bits the context's ring and kernel gave it. */
 unsigned    lshm_ctx_features(const struct lshm_ctx *ctx);
+/* "io_uring", or "epoll: " and why io_uring is not used. */
+const char *lshm_ctx_carrier(const struct lshm_ctx *ctx);
 /* Counters of system calls, submissions, completions and messages. */
 int         lshm_ctx_stats(const struct lshm_ctx *ctx, struct lshm_ctx_stats *stats);
 

@@ -51,7 +51,7 @@ static void listener_free(struct lshm_listener *l)
     listener_unlink(l);
     free(l->ready);
     if (l->fd >= 0)
-        close(l->fd);
+        lshm__ring_close(l->ctx->ring, l->fd);
     free(l->path);
     free(l);
 }

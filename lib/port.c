@@ -101,7 +101,7 @@ static void port_free(struct lshm_port *port)
     if (port->peer != NULL)
         lshm__peer_put_sock(port->peer, port->fd);
     if (port->fd >= 0)
-        close(port->fd);
+        lshm__ring_close(port->ctx != NULL ? port->ctx->ring : NULL, port->fd);
     lshm__msgring_free(&port->tx);
     lshm__msgring_free(&port->rx);
     free(port->recv_buf);
@@ -141,7 +141,7 @@ void lshm__port_settle(struct lshm_port *port)
         port->peer = NULL;
     }
     if (port->state == PORT_CLOSED && port_idle(port) && port->fd >= 0) {
-        close(port->fd);
+        lshm__ring_close(port->ctx != NULL ? port->ctx->ring : NULL, port->fd);
         port->fd = -1;
     }
     port_maybe_free(port);

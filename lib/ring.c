@@ -1,6 +1,8 @@
 /*
  * The io_uring behind a context: set-up with fallbacks, provided buffers for
- * multishot receives, submission and completion dispatch.
+ * multishot receives, submission and completion dispatch.  A ring whose ep
+ * is set runs on the epoll carrier instead (epoll.c): chosen when io_uring
+ * is refused or on request, and each function hands over to it first.
  */
 #include <liburing.h>
 #include <stdio.h>
@@ -26,6 +28,7 @@
 #define BUF_COUNT    128u    /* provided buffers shared by the context's ports */
 
 struct lshm_ring {
+    struct lshm_epoll        *ep;            /* NULL: io_uring */
     struct io_uring          ring;
     unsigned                 features;       /* LSHM_FEAT_* */
     bool                     has_evfd;       /* evfd registered for lshm__ring_fd */
@@ -37,6 +40,7 @@ struct lshm_ring {
     unsigned                 sends;          /* sends submitted, not completed */
     bool                     taskrun_flag;   /* the kernel flags pending task work */
     struct __kernel_timespec timeout_ts;     /* of the one timeout SQE */
+    char                     carrier[200];   /* lshm__ring_carrier() */
 };
 
 /* Set-up flags in the order we try them: best first. */
@@ -145,6 +149,32 @@ static bool multishot_recvmsg_works(struct lshm_ring *r)
     return ops_supported(r, IORING_OP_RECVMSG, IORING_OP_SEND_ZC);
 }
 
+/* io_uring refused by policy or missing: the cases the epoll carrier is for. */
+static bool io_uring_refused(int err)
+{
+    return err == -EPERM || err == -EACCES || err == -ENOSYS;
+}
+
+static int use_epoll(struct lshm_ring *r, unsigned entries, const char *why)
+{
+    int ret = lshm__ep_new(&r->ep, entries);
+
+    if (ret < 0)
+        return ret;
+    r->features = LSHM_FEAT_EPOLL;
+    snprintf(r->carrier, sizeof(r->carrier), "epoll: %s", why);
+    lshm__log("context on the epoll carrier: %s", why);
+    return 0;
+}
+
+/* LSHM_NO_IO_URING=1 in the environment: as LSHM_CTX_NO_IO_URING. */
+static bool env_forbids_io_uring(void)
+{
+    const char *v = getenv("LSHM_NO_IO_URING");
+
+    return v != NULL && v[0] != '\0' && strcmp(v, "0") != 0;
+}
+
 int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
 {
     struct lshm_ring *r;
@@ -154,6 +184,16 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
     r = calloc(1, sizeof(*r));
     if (r == NULL)
         return lshm__fail(-ENOMEM, "out of memory");
+    if (!(ctx_flags & LSHM_CTX_IO_URING_ONLY) &&
+        ((ctx_flags & LSHM_CTX_NO_IO_URING) || env_forbids_io_uring())) {
+        ret = use_epoll(r, entries, (ctx_flags & LSHM_CTX_NO_IO_URING) ?
+                        "asked for with LSHM_CTX_NO_IO_URING" :
+                        "asked for with LSHM_NO_IO_URING in the environment");
+        if (ret < 0)
+            goto fail;
+        *out = r;
+        return 0;
+    }
     if (ctx_flags & LSHM_CTX_NO_DEFER_TASKRUN)
         i = ARRAY_SIZE(setups) - 1;
     for (; i < ARRAY_SIZE(setups); i++) {
@@ -162,16 +202,25 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
             break;
     }
     if (ret < 0) {
-        free(r);
         if (ret == -ENOMEM)
-            return lshm__fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low "
-                              "for %u entries?)", entries);
-        if (ret == -EMFILE || ret == -ENFILE)
-            return lshm__fail(ret, "io_uring_setup: %s", lshm__limit_text(ret));
-        return disabled_why(ret);
+            ret = lshm__fail(ret, "io_uring_setup: out of memory (RLIMIT_MEMLOCK too low "
+                             "for %u entries?)", entries);
+        else if (ret == -EMFILE || ret == -ENFILE)
+            ret = lshm__fail(ret, "io_uring_setup: %s", lshm__limit_text(ret));
+        else
+            ret = disabled_why(ret);
+        if ((ctx_flags & LSHM_CTX_IO_URING_ONLY) || !io_uring_refused(ret))
+            goto fail;
+        /* The reason stays in lshm_last_error() for whoever looks. */
+        ret = use_epoll(r, entries, lshm_last_error());
+        if (ret < 0)
+            goto fail;
+        *out = r;
+        return 0;
     }
     r->features = setups[i].feats;
     r->taskrun_flag = (setups[i].flags & IORING_SETUP_TASKRUN_FLAG) != 0;
+    snprintf(r->carrier, sizeof(r->carrier), "io_uring");
     if (!(ctx_flags & LSHM_CTX_NO_MULTISHOT) && multishot_recvmsg_works(r) &&
         setup_buffers(r) == 0)
         r->features |= LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING |
@@ -180,6 +229,14 @@ int lshm__ring_new(struct lshm_ring **out, unsigned entries, unsigned ctx_flags)
         r->features |= LSHM_FEAT_FUTEX;
     *out = r;
     return 0;
+fail:
+    free(r);
+    return ret;
+}
+
+const char *lshm__ring_carrier(const struct lshm_ring *r)
+{
+    return r->carrier;
 }
 
 static void release(struct lshm_ring *r)
@@ -196,6 +253,11 @@ void lshm__ring_free(struct lshm_ring *r)
 {
     if (r == NULL)
         return;
+    if (r->ep != NULL) {
+        lshm__ep_free(r->ep);
+        free(r);
+        return;
+    }
     if (r->br != NULL)
         io_uring_unregister_buf_ring(&r->ring, BUF_GROUP);
     io_uring_queue_exit(&r->ring);
@@ -206,6 +268,11 @@ void lshm__ring_forget(struct lshm_ring *r)
 {
     if (r == NULL)
         return;
+    if (r->ep != NULL) {
+        lshm__ep_forget(r->ep);
+        free(r);
+        return;
+    }
     /* io_uring_queue_exit() only unmaps and closes: nothing the parent's
      * ring can feel.  Unregistering anything would reach it. */
     io_uring_queue_exit(&r->ring);
@@ -222,6 +289,8 @@ int lshm__ring_fd(const struct lshm_ring *cr)
     struct lshm_ring *r = (struct lshm_ring *)cr;
     int fd;
 
+    if (r->ep != NULL)
+        return lshm__ep_fd(r->ep);
     if (r->has_evfd)
         return r->evfd;
     fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -236,10 +305,21 @@ int lshm__ring_fd(const struct lshm_ring *cr)
     return fd;
 }
 
+void lshm__ring_close(struct lshm_ring *r, int fd)
+{
+    if (r != NULL && r->ep != NULL)
+        lshm__ep_unwatch(r->ep, fd);
+    close(fd);
+}
+
 void lshm__ring_wake(struct lshm_ring *r)
 {
     uint64_t one = 1;
 
+    if (unlikely(r->ep != NULL)) {
+        lshm__ep_wake(r->ep);
+        return;
+    }
     if (r->has_evfd && write(r->evfd, &one, sizeof(one)) < 0 && errno != EAGAIN)
         lshm__log("eventfd write: %s", strerror(errno));
 }
@@ -251,11 +331,17 @@ unsigned lshm__ring_features(const struct lshm_ring *r)
 
 void lshm__ring_stats(const struct lshm_ring *r, struct lshm_ctx_stats *st)
 {
+    if (r->ep != NULL) {
+        lshm__ep_stats(r->ep, st);
+        return;
+    }
     *st = r->stats;
 }
 
 unsigned lshm__ring_space(struct lshm_ring *r)
 {
+    if (unlikely(r->ep != NULL))
+        return lshm__ep_space(r->ep);
     return io_uring_sq_space_left(&r->ring);
 }
 
@@ -274,8 +360,11 @@ static struct io_uring_sqe *get_sqe(struct lshm_ring *r)
 int lshm__ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
                       struct lshm_op *op, bool link)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe;
 
+    if (unlikely(r->ep != NULL))
+        return lshm__ep_queue(r->ep, op, LSHM_OP_SEND, fd, (void *)m, 0, link);
+    sqe = get_sqe(r);
     if (sqe == NULL)
         return -EBUSY;
     io_uring_prep_sendmsg(sqe, fd, m, MSG_NOSIGNAL);
@@ -287,8 +376,11 @@ int lshm__ring_sendmsg(struct lshm_ring *r, int fd, const struct msghdr *m,
 
 int lshm__ring_recvmsg(struct lshm_ring *r, int fd, struct msghdr *m, struct lshm_op *op)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe;
 
+    if (unlikely(r->ep != NULL))
+        return lshm__ep_queue(r->ep, op, LSHM_OP_RECV, fd, m, 0, false);
+    sqe = get_sqe(r);
     if (sqe == NULL)
         return -EBUSY;
     io_uring_prep_recvmsg(sqe, fd, m, MSG_CMSG_CLOEXEC);
@@ -347,8 +439,11 @@ bool lshm__ring_recvmsg_parse(void *buf, unsigned len, const struct msghdr *m,
 
 int lshm__ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool multishot)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe;
 
+    if (r->ep != NULL)
+        return lshm__ep_queue(r->ep, op, LSHM_OP_ACCEPT, fd, NULL, 0, false);
+    sqe = get_sqe(r);
     if (sqe == NULL)
         return -EBUSY;
     if (multishot && (r->features & LSHM_FEAT_MULTISHOT_ACCEPT))
@@ -362,8 +457,11 @@ int lshm__ring_accept(struct lshm_ring *r, int fd, struct lshm_op *op, bool mult
 int lshm__ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
                       socklen_t len, struct lshm_op *op)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe;
 
+    if (r->ep != NULL)
+        return lshm__ep_queue(r->ep, op, LSHM_OP_CONNECT, fd, (void *)addr, len, false);
+    sqe = get_sqe(r);
     if (sqe == NULL)
         return -EBUSY;
     io_uring_prep_connect(sqe, fd, addr, len);
@@ -373,8 +471,11 @@ int lshm__ring_connect(struct lshm_ring *r, int fd, const struct sockaddr *addr,
 
 int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe;
 
+    if (r->ep != NULL)
+        return lshm__ep_queue(r->ep, op, LSHM_OP_TIMEOUT, -1, NULL, ms, false);
+    sqe = get_sqe(r);
     if (sqe == NULL)
         return -EBUSY;
     /* The kernel reads the timespec when the SQE is submitted, which may
@@ -399,7 +500,9 @@ int lshm__ring_futex_wait(struct lshm_ring *r, uint32_t *word, uint32_t val,
 {
     struct io_uring_sqe *sqe;
 
-    if (!(r->features & LSHM_FEAT_FUTEX))
+    /* The epoll carrier has no futex wait to run beside its sockets: its
+     * peers wake it with WAKE datagrams. */
+    if (unlikely(r->ep != NULL) || !(r->features & LSHM_FEAT_FUTEX))
         return -EOPNOTSUPP;
     sqe = get_sqe(r);
     if (sqe == NULL)
@@ -413,7 +516,7 @@ int lshm__ring_futex_wake(struct lshm_ring *r, uint32_t *word)
 {
     struct io_uring_sqe *sqe;
 
-    if (!(r->features & LSHM_FEAT_FUTEX))
+    if (unlikely(r->ep != NULL) || !(r->features & LSHM_FEAT_FUTEX))
         return -EOPNOTSUPP;
     sqe = get_sqe(r);
     if (sqe == NULL)
@@ -427,8 +530,11 @@ int lshm__ring_futex_wake(struct lshm_ring *r, uint32_t *word)
 
 int lshm__ring_cancel(struct lshm_ring *r, struct lshm_op *op)
 {
-    struct io_uring_sqe *sqe = get_sqe(r);
+    struct io_uring_sqe *sqe;
 
+    if (r->ep != NULL)
+        return lshm__ep_cancel(r->ep, op);
+    sqe = get_sqe(r);
     if (sqe == NULL)
         return -EBUSY;
     io_uring_prep_cancel(sqe, op, 0);
@@ -440,6 +546,8 @@ int lshm__ring_submit(struct lshm_ring *r)
 {
     int ret;
 
+    if (unlikely(r->ep != NULL))
+        return lshm__ep_submit(r->ep);
     if (io_uring_sq_ready(&r->ring) == 0)
         return 0;
     ret = io_uring_submit(&r->ring);
@@ -479,6 +587,9 @@ static int dispatch(struct lshm_ring *r)
 
 bool lshm__ring_is_idle(struct lshm_ring *r)
 {
+    /* Only an epoll_wait can tell whether a socket is ready. */
+    if (unlikely(r->ep != NULL))
+        return false;
     /* Without the flag, completions may wait as task work unseen; with
      * the eventfd of lshm_ctx_fd, only a run drains it. */
     if (!r->taskrun_flag || r->has_evfd)
@@ -527,7 +638,11 @@ static int enter_nowait(struct lshm_ring *r)
 
 int lshm__ring_pump(struct lshm_ring *r)
 {
-    int ret = enter_nowait(r);
+    int ret;
+
+    if (unlikely(r->ep != NULL))
+        return lshm__ep_pump(r->ep);
+    ret = enter_nowait(r);
 
     if (ret < 0)
         return ret;
@@ -539,6 +654,8 @@ int lshm__ring_run(struct lshm_ring *r, int timeout_ms)
     struct io_uring_cqe *cqe;
     int ret, n;
 
+    if (unlikely(r->ep != NULL))
+        return lshm__ep_run(r->ep, timeout_ms);
     if (r->has_evfd) {
         uint64_t v;
 
@@ -597,10 +714,13 @@ int lshm__ring_probe(struct lshm_probe *p)
     unsigned i;
     int ret;
 
-    ret = lshm__ring_new(&r, 8, 0);
+    ret = lshm__ring_new(&r, 8, LSHM_CTX_IO_URING_ONLY);
     if (ret < 0) {
         p->io_uring = ret;
         snprintf(p->io_uring_why, sizeof(p->io_uring_why), "%s", lshm_last_error());
+        /* What a context will run on instead. */
+        if (io_uring_refused(ret))
+            p->features = LSHM_FEAT_EPOLL;
         return 0;
     }
     p->io_uring = 0;

@@ -1,7 +1,9 @@
 /*
  * The ring layer: the only code that knows io_uring.  Everything above it
- * submits operations with a completion callback and runs the ring; another
- * transport could take its place behind these few functions.
+ * submits operations with a completion callback and runs the ring.  Where
+ * io_uring is refused (a container's seccomp profile, the sysctl
+ * kernel.io_uring_disabled) or not wanted, the epoll carrier (epoll.c)
+ * runs the same operations behind the same functions.
  */
 #ifndef LSHM_RING_H
 #define LSHM_RING_H
@@ -20,6 +22,14 @@ struct lshm_ring;
  */
 struct lshm_op {
     void (*complete)(struct lshm_op *op, int res, bool more, void *buf, unsigned len);
+    /* The epoll carrier's record while the operation is its; io_uring
+     * keeps the same in the kernel and never reads these. */
+    struct lshm_op *next;
+    void           *arg;        /* msghdr, or sockaddr of a connect */
+    long long       due_ns;     /* CLOCK_MONOTONIC: timeout, connect retry */
+    int             fd, res;
+    unsigned        arglen;
+    unsigned char   kind, link, where;
 };
 
 /* Room in a provided receive buffer: recvmsg header, control, datagram. */
@@ -32,6 +42,10 @@ void     lshm__ring_free(struct lshm_ring *r);
  * could reach the parent's ring. */
 void     lshm__ring_forget(struct lshm_ring *r);
 int      lshm__ring_fd(const struct lshm_ring *r);
+/* Close a socket whose operations have all completed.  The epoll carrier
+ * takes it out of its set first: a copy in a forked child would keep it
+ * there, reporting under a number that may be given to another socket. */
+void     lshm__ring_close(struct lshm_ring *r, int fd);
 /* Make a poll on lshm__ring_fd wake: work is waiting without a completion. */
 void     lshm__ring_wake(struct lshm_ring *r);
 unsigned lshm__ring_features(const struct lshm_ring *r);
@@ -82,5 +96,28 @@ int lshm__ring_pump(struct lshm_ring *r);
 int lshm__ring_run(struct lshm_ring *r, int timeout_ms);
 
 int lshm__ring_probe(struct lshm_probe *p);
+/* "io_uring", or "epoll: " and why io_uring is not used. */
+const char *lshm__ring_carrier(const struct lshm_ring *r);
+
+/* The epoll carrier (epoll.c): the functions above, for a ring whose ep
+ * is set.  Same arguments, same results. */
+struct lshm_epoll;
+int      lshm__ep_new(struct lshm_epoll **ep, unsigned entries);
+void     lshm__ep_free(struct lshm_epoll *ep);
+void     lshm__ep_forget(struct lshm_epoll *ep);
+int      lshm__ep_fd(struct lshm_epoll *ep);
+void     lshm__ep_unwatch(struct lshm_epoll *ep, int fd);
+void     lshm__ep_wake(struct lshm_epoll *ep);
+void     lshm__ep_stats(const struct lshm_epoll *ep, struct lshm_ctx_stats *st);
+unsigned lshm__ep_space(const struct lshm_epoll *ep);
+int      lshm__ep_queue(struct lshm_epoll *ep, struct lshm_op *op, unsigned kind, int fd,
+                        void *arg, unsigned arglen, bool link);
+int      lshm__ep_cancel(struct lshm_epoll *ep, struct lshm_op *op);
+int      lshm__ep_submit(struct lshm_epoll *ep);
+int      lshm__ep_pump(struct lshm_epoll *ep);
+int      lshm__ep_run(struct lshm_epoll *ep, int timeout_ms);
+
+/* lshm__ep_queue kinds; a timeout passes its milliseconds as arglen. */
+enum { LSHM_OP_SEND = 1, LSHM_OP_RECV, LSHM_OP_ACCEPT, LSHM_OP_CONNECT, LSHM_OP_TIMEOUT };
 
 #endif

@@ -1,4 +1,5 @@
 #include "common.h"
+#include "linuxshm.h"
 
 #include <dirent.h>
 #include <signal.h>
@@ -82,4 +83,19 @@ long long now_ms(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1000LL + ts.tv_nsec / 1000000;
+}
+
+void require_io_uring(unsigned ctx_flags)
+{
+    struct lshm_ctx_params prm = { .flags = ctx_flags };
+    struct lshm_ctx *ctx;
+    char why[256];
+    int ret = lshm_ctx_new(&ctx, &prm);
+
+    cr_assert_eq(ret, 0, "lshm_ctx_new: %d %s", ret, lshm_last_error());
+    snprintf(why, sizeof(why), "%s", lshm_ctx_carrier(ctx));
+    ret = (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) != 0;
+    lshm_ctx_free(ctx);
+    if (ret)
+        cr_skip_test("needs io_uring; contexts here run on %s", why);
 }

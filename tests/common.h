@@ -42,4 +42,10 @@ int wait_child(pid_t pid, int timeout_ms);
 /* Milliseconds on CLOCK_MONOTONIC. */
 long long now_ms(void);
 
+/* Skip the calling test, saying why, when contexts made with these params
+ * (NULL: defaults) run on the epoll carrier: io_uring refused here (the
+ * suite's second pass runs under tests/noiouring) or LSHM_NO_IO_URING set.
+ * For tests about io_uring itself or what only it does. */
+void require_io_uring(unsigned ctx_flags);
+
 #endif

@@ -1,9 +1,10 @@
 /*
  * The context: its parameters, the io_uring features it uses and falls back
- * from, lshm_ctx_fd in a poll loop, and a context without io_uring, whose
- * error must say why and what to do (a seccomp filter in a forked child
- * plays the container runtime that hides io_uring_setup (EPERM) or the
- * kernel built without it (ENOSYS)).
+ * from, lshm_ctx_fd in a poll loop, and a context without io_uring: it runs
+ * on the epoll carrier and says why; with LSHM_CTX_IO_URING_ONLY the error
+ * says why and what to do (a seccomp filter in a forked child plays the
+ * container runtime that hides io_uring_setup (EPERM) or the kernel built
+ * without it (ENOSYS)).
  */
 #include <errno.h>
 #include <linux/audit.h>
@@ -14,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -31,6 +33,8 @@ enum {
     WRONG_CTX_ERROR,
     WRONG_CTX_TEXT,
     WRONG_PROBE,
+    NO_FALLBACK,
+    WRONG_CARRIER,
 };
 
 /* Make io_uring_setup(2) fail with err in this process. */
@@ -54,13 +58,14 @@ static int deny_io_uring(int err)
 
 static int child(int err, const char *must_say)
 {
+    struct lshm_ctx_params only = { .flags = LSHM_CTX_IO_URING_ONLY };
     struct lshm_probe p;
     struct lshm_ctx *ctx;
     int ret;
 
     if (deny_io_uring(err) < 0)
         return NO_FILTER;
-    ret = lshm_ctx_new(&ctx, NULL);
+    ret = lshm_ctx_new(&ctx, &only);
     if (ret != -err) {
         if (ret == 0)
             lshm_ctx_free(ctx);
@@ -73,11 +78,26 @@ static int child(int err, const char *must_say)
         return WRONG_CTX_TEXT;
     }
     memset(&p, 0, sizeof(p));
-    if (lshm_probe(&p) != 0 || p.io_uring != -err || strstr(p.io_uring_why, must_say) == NULL) {
-        fprintf(stderr, "lshm_probe: io_uring %d, why \"%s\"\n", p.io_uring, p.io_uring_why);
+    if (lshm_probe(&p) != 0 || p.io_uring != -err || strstr(p.io_uring_why, must_say) == NULL ||
+        !(p.features & LSHM_FEAT_EPOLL)) {
+        fprintf(stderr, "lshm_probe: io_uring %d, why \"%s\", features %#x\n", p.io_uring,
+                p.io_uring_why, p.features);
         return WRONG_PROBE;
     }
-    return OK;
+    /* Without the flag the same refusal gives a context on epoll. */
+    ret = lshm_ctx_new(&ctx, NULL);
+    if (ret != 0) {
+        fprintf(stderr, "lshm_ctx_new without io_uring: %d %s\n", ret, lshm_last_error());
+        return NO_FALLBACK;
+    }
+    ret = (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) &&
+          strncmp(lshm_ctx_carrier(ctx), "epoll: ", 7) == 0 &&
+          strstr(lshm_ctx_carrier(ctx), must_say) != NULL;
+    if (!ret)
+        fprintf(stderr, "features %#x, carrier \"%s\"\n", lshm_ctx_features(ctx),
+                lshm_ctx_carrier(ctx));
+    lshm_ctx_free(ctx);
+    return ret ? OK : WRONG_CARRIER;
 }
 
 static void expect_refusal(int err, const char *must_say)
@@ -97,12 +117,12 @@ static void expect_refusal(int err, const char *must_say)
                  WEXITSTATUS(status));
 }
 
-LTEST(ctx, io_uring_refused_by_seccomp_says_so)
+LTEST(ctx, io_uring_refused_by_seccomp_falls_back_to_epoll_and_says_why)
 {
     expect_refusal(EPERM, "seccomp");
 }
 
-LTEST(ctx, io_uring_missing_from_kernel_says_so)
+LTEST(ctx, io_uring_missing_from_kernel_falls_back_to_epoll_and_says_why)
 {
     expect_refusal(ENOSYS, "CONFIG_IO_URING");
 }
@@ -126,6 +146,80 @@ LTEST(ctx, bad_params_rejected)
     p.max_segments = 1025;
     cr_assert_eq(lshm_ctx_new(&ctx, &p), -EINVAL);
     cr_assert_eq(lshm_ctx_new(NULL, NULL), -EINVAL);
+    memset(&p, 0, sizeof(p));
+    p.flags = LSHM_CTX_NO_IO_URING | LSHM_CTX_IO_URING_ONLY;
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), -EINVAL);
+    cr_assert_neq(strstr(lshm_last_error(), "together"), NULL);
+}
+
+LTEST(ctx, no_io_uring_flag_gives_the_epoll_carrier)
+{
+    struct lshm_ctx_params p = { .flags = LSHM_CTX_NO_IO_URING };
+    struct lshm_ctx *ctx;
+    struct lshm_ctx_stats st;
+    struct pollfd pfd;
+    unsigned f;
+
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), 0, "%s", lshm_last_error());
+    f = lshm_ctx_features(ctx);
+    cr_assert(f & LSHM_FEAT_EPOLL, "features %#x", f);
+    cr_assert_eq(f & (LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING | LSHM_FEAT_MULTISHOT_ACCEPT |
+                      LSHM_FEAT_DEFER_TASKRUN | LSHM_FEAT_SINGLE_ISSUER | LSHM_FEAT_COOP_TASKRUN),
+                 0, "features %#x", f);
+    cr_assert_str_eq(lshm_ctx_carrier(ctx), "epoll: asked for with LSHM_CTX_NO_IO_URING");
+    /* Pollable, and quiet while nothing happens. */
+    pfd.fd = lshm_ctx_fd(ctx);
+    pfd.events = POLLIN;
+    cr_assert_geq(pfd.fd, 0);
+    cr_assert_eq(poll(&pfd, 1, 0), 0);
+    cr_assert_eq(lshm_ctx_run(ctx, 10), 0);
+    cr_assert_eq(lshm_ctx_stats(ctx, &st), 0);
+    cr_assert_geq(st.enters, 1, "a run that waits is an epoll_wait");
+    lshm_ctx_free(ctx);
+}
+
+LTEST(ctx, io_uring_only_flag_gives_io_uring_where_it_runs)
+{
+    struct lshm_ctx_params p = { .flags = LSHM_CTX_IO_URING_ONLY };
+    struct lshm_ctx *ctx;
+
+    require_io_uring(0);
+    cr_assert_eq(lshm_ctx_new(&ctx, &p), 0, "%s", lshm_last_error());
+    cr_assert_eq(lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL, 0);
+    cr_assert_str_eq(lshm_ctx_carrier(ctx), "io_uring");
+    lshm_ctx_free(ctx);
+}
+
+/* LSHM_NO_IO_URING in the environment moves a program unchanged to epoll;
+ * LSHM_CTX_IO_URING_ONLY wins over it. */
+LTEST(ctx, environment_variable_forces_the_epoll_carrier)
+{
+    struct lshm_ctx_params p = { .flags = LSHM_CTX_IO_URING_ONLY };
+    const char *old = getenv("LSHM_NO_IO_URING");
+    char *saved = old != NULL ? strdup(old) : NULL;
+    struct lshm_ctx *ctx;
+    int ret;
+
+    setenv("LSHM_NO_IO_URING", "1", 1);
+    ret = lshm_ctx_new(&ctx, NULL);
+    cr_assert_eq(ret, 0, "%s", lshm_last_error());
+    cr_expect(lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL);
+    cr_expect_str_eq(lshm_ctx_carrier(ctx),
+                     "epoll: asked for with LSHM_NO_IO_URING in the environment");
+    lshm_ctx_free(ctx);
+    ret = lshm_ctx_new(&ctx, &p);
+    if (ret == 0) {
+        cr_expect_eq(lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL, 0);
+        lshm_ctx_free(ctx);
+    } else {
+        /* io_uring refused here: the flag keeps the refusal. */
+        cr_expect(ret == -EPERM || ret == -ENOSYS, "%d %s", ret, lshm_last_error());
+    }
+    if (saved != NULL)
+        setenv("LSHM_NO_IO_URING", saved, 1);
+    else
+        unsetenv("LSHM_NO_IO_URING");
+    free(saved);
 }
 
 /* lshm_probe says what shmem_enabled selects, as the file does (or "" without it). */
@@ -311,6 +405,7 @@ LTEST(ctx, fd_polls_readable_without_multishot_or_defer_taskrun)
     struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_MULTISHOT |
                                             LSHM_CTX_NO_DEFER_TASKRUN };
 
+    require_io_uring(prm.flags);
     ctx_fd_polls(&prm);
 }
 
@@ -318,10 +413,15 @@ LTEST(ctx, fd_polls_readable_without_multishot_or_defer_taskrun)
 static void fallback_pingpong(unsigned flags)
 {
     struct lshm_ctx_params prm = { .flags = flags };
-    struct lshm_ctx *ctx = ctx_make(&prm);
-    unsigned f = lshm_ctx_features(ctx), i;
+    struct lshm_ctx *ctx;
+    unsigned f, i;
     struct lshm_port *port;
-    pid_t pid = spawn(ctx, &prm, &port, echo_pull, NULL);
+    pid_t pid;
+
+    require_io_uring(flags);
+    ctx = ctx_make(&prm);
+    f = lshm_ctx_features(ctx);
+    pid = spawn(ctx, &prm, &port, echo_pull, NULL);
 
     if (flags & LSHM_CTX_NO_MULTISHOT)
         cr_assert_eq(f & (LSHM_FEAT_MULTISHOT_RECV | LSHM_FEAT_BUF_RING), 0, "features %#x", f);
@@ -339,8 +439,12 @@ static void fallback_pingpong(unsigned flags)
 
 LTEST(ctx, features_default_context_uses_multishot_and_defer_taskrun)
 {
-    struct lshm_ctx *ctx = ctx_make(NULL);
-    unsigned f = lshm_ctx_features(ctx);
+    struct lshm_ctx *ctx;
+    unsigned f;
+
+    require_io_uring(0);
+    ctx = ctx_make(NULL);
+    f = lshm_ctx_features(ctx);
 
     /* This kernel (6.x) has both; an older one would fall back. */
     cr_log_info("default features %#x", f);

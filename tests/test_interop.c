@@ -734,6 +734,10 @@ LTEST(interop, pair_restarts_after_peer_closed_unread_port)
     int maps0, ret;
     pid_t pid;
 
+    /* Stopped at recv_queue 1 with its first message held, A is read to
+     * its end only by a multishot receive, which runs past the bound;
+     * single-shot receives (the epoll carrier's) wait for that message. */
+    require_io_uring(0);
     maps0 = count_maps("memfd:");
     pid = restart_start(&ctx, &pa, &pc, peer_restart_main);
     restart_hold_first(ctx, pa);

@@ -585,6 +585,7 @@ LTEST(msgring, io_uring_futex_wait_is_woken_by_io_uring_futex_wake)
     struct pair p;
     long long start;
 
+    require_io_uring(0);
     cr_assert_eq(lshm__ring_new(&waiter, 8, 0), 0, "%s", lshm_last_error());
     if (!(lshm__ring_features(waiter) & LSHM_FEAT_FUTEX)) {
         lshm__ring_free(waiter);

@@ -322,6 +322,19 @@ Test(shmping, json_throughput_and_copy, .timeout = 120)
 
 /* ---- carriers: message rings or the socket, --spin ---- */
 
+/* The I/O a context made here runs on, as the header names it after the
+ * carrier: "io_uring FEATURES", or "epoll (why)" where io_uring is refused. */
+static const char *io_word(void)
+{
+    struct lshm_ctx *ctx;
+    bool epoll;
+
+    cr_assert_eq(lshm_ctx_new(&ctx, NULL), 0, "%s", lshm_last_error());
+    epoll = (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) != 0;
+    lshm_ctx_free(ctx);
+    return epoll ? "epoll (" : "io_uring ";
+}
+
 /* The summary's line "carrier ...: ring S sent/R received, socket S/R, ...". */
 static void carrier_counts(const char *out, unsigned long long v[4])
 {
@@ -334,7 +347,9 @@ static void carrier_counts(const char *out, unsigned long long v[4])
 
 Test(shmping, header_and_summary_name_the_carrier, .timeout = 120)
 {
+    const char *io = io_word();
     unsigned long long v[4];
+    char want[256];
     struct run r;
 
     expect_ok(&r, "-c 3 -i 0.001");
@@ -344,20 +359,22 @@ Test(shmping, header_and_summary_name_the_carrier, .timeout = 120)
     run_free(&r);
 
     expect_ok(&r, "-c 3 -i 0.001 --no-ring -s 100K");
-    cr_expect(strstr(r.out, "mode shm, carrier socket (LSHM_CTX_NO_RING, --no-ring), io_uring")
-              != NULL, "%s", r.out);
+    snprintf(want, sizeof(want), "mode shm, carrier socket (LSHM_CTX_NO_RING, --no-ring), %s", io);
+    cr_expect(strstr(r.out, want) != NULL, "%s", r.out);
     carrier_counts(r.out, v);
     cr_expect(v[0] == 0 && v[1] == 0 && v[2] == 3 && v[3] == 3, "%s", r.out);
     run_free(&r);
 
     expect_ok(&r, "-c 3 -i 0.001 --no-futex");
-    cr_expect(strstr(r.out, "carrier message rings, WAKE datagram wake-ups "
-                     "(LSHM_CTX_NO_FUTEX, --no-futex), io_uring") != NULL, "%s", r.out);
+    snprintf(want, sizeof(want), "carrier message rings, WAKE datagram wake-ups "
+             "(LSHM_CTX_NO_FUTEX, --no-futex), %s", io);
+    cr_expect(strstr(r.out, want) != NULL, "%s", r.out);
     run_free(&r);
 
     expect_ok(&r, "-c 3 -i 0.001 --spin 100");
-    cr_expect(strstr(r.out, "carrier message rings, ") != NULL &&
-              strstr(r.out, " wake-ups, busy-poll 100 us, io_uring") != NULL, "%s", r.out);
+    snprintf(want, sizeof(want), ", busy-poll 100 us, %s", io);
+    cr_expect(strstr(r.out, "carrier message rings, ") != NULL && strstr(r.out, want) != NULL,
+              "%s", r.out);
     run_free(&r);
 
     /* The library polls rings only: said so, not hidden. */
@@ -368,7 +385,7 @@ Test(shmping, header_and_summary_name_the_carrier, .timeout = 120)
 }
 
 #define CARRIER_FIELDS "spin_us carrier carrier_why wakeups ring_msgs ring_msgs_in " \
-                       "sock_msgs sock_msgs_in wakes_sent wakes_received ring_full"
+                       "sock_msgs sock_msgs_in wakes_sent wakes_received ring_full io io_why"
 
 /* The JSON counts where the messages went: --no-ring really takes the socket. */
 Test(shmping, json_counts_ring_and_socket_messages, .timeout = 120)
@@ -378,7 +395,10 @@ Test(shmping, json_counts_ring_and_socket_messages, .timeout = 120)
     expect_ok(&r, "--json -c 5 -i 0.001");
     check_json(r.out, PING_FIELDS " " CARRIER_FIELDS,
                "d['carrier'] == 'ring' and d['carrier_why'] in (None, "
-               "'io_uring without FUTEX_WAIT and FUTEX_WAKE') and d['wakeups'] in ('futex', "
+               "'io_uring without FUTEX_WAIT and FUTEX_WAKE', 'epoll has no futex wait') "
+               "and (d['carrier_why'] == 'epoll has no futex wait') == (d['io'] == 'epoll') "
+               "and d['io'] in ('io_uring', 'epoll') "
+               "and (d['io_why'] is None) == (d['io'] == 'io_uring') and d['wakeups'] in ('futex', "
                "'wake') and d['ring_msgs'] == 5 and d['ring_msgs_in'] == 5 "
                "and d['sock_msgs'] == 0 and d['sock_msgs_in'] == 0 and d['spin_us'] == 0 "
                "and d['ring_full'] == 0");
@@ -411,7 +431,8 @@ Test(shmping, json_counts_ring_and_socket_messages, .timeout = 120)
     run_free(&r);
 
     expect_ok(&r, "--json -c 3 -i 0.001 --mode seqpacket");
-    check_json(r.out, CARRIER_FIELDS, "d['carrier'] is None and d['spin_us'] == 0");
+    check_json(r.out, CARRIER_FIELDS, "d['carrier'] is None and d['spin_us'] == 0 "
+               "and d['io'] is None and d['io_why'] is None");
     run_free(&r);
 }
 
@@ -655,6 +676,37 @@ Test(shmping, version_and_help, .timeout = 120)
     run_free(&r);
 }
 
+/* The header names the carrier: io_uring, or epoll with the reason. */
+Test(shmping, header_names_the_carrier_and_why, .timeout = 120)
+{
+    struct lshm_ctx *ctx;
+    struct run r;
+    bool epoll;
+
+    cr_assert_eq(lshm_ctx_new(&ctx, NULL), 0, "%s", lshm_last_error());
+    epoll = (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) != 0;
+    lshm_ctx_free(ctx);
+    expect_ok(&r, "-c 2 -i 0.01 -q");
+    cr_expect(strstr(r.out, epoll ? ", epoll (" : ", io_uring ") != NULL, "%s", r.out);
+    run_free(&r);
+    expect_ok(&r, "--no-io-uring -c 2 -i 0.01 -q");
+    cr_expect(strstr(r.out, ", epoll (asked for with LSHM_NO_IO_URING") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "carrier message rings, WAKE datagram wake-ups "
+                     "(epoll has no futex wait), epoll (") != NULL, "%s", r.out);
+    cr_expect(strstr(r.out, "2 sent, 2 received") != NULL, "%s", r.out);
+    run_free(&r);
+    expect_ok(&r, "--no-io-uring -c 2 -i 0.01 --json");
+    check_json(r.out, "io io_why carrier wakeups", "d['io'] == 'epoll' and "
+               "d['io_why'].startswith('asked for with LSHM_NO_IO_URING') and "
+               "d['carrier'] == 'ring' and d['wakeups'] == 'wake' and d['received'] == 2");
+    run_free(&r);
+    expect_ok(&r, "--no-io-uring --probe");
+    cr_expect(strstr(r.out, "library will use: epoll (asked for with LSHM_NO_IO_URING") != NULL
+              && strstr(r.out, "message rings with WAKE datagram wake-ups") != NULL,
+              "%s", r.out);
+    run_free(&r);
+}
+
 Test(shmping, probe_prints_kernel_release, .timeout = 120)
 {
     struct utsname u;
@@ -843,16 +895,17 @@ Test(shmping, server_stops_on_sigterm_and_sigint, .timeout = 120)
 /* A server with --no-ring: the client offers rings, sees the socket, says why. */
 Test(shmping, server_without_rings_makes_the_socket_the_carrier, .timeout = 120)
 {
+    const char *io = io_word();
     unsigned long long v[4];
     struct server s;
     struct run r;
-    char args[256];
+    char args[256], want[256];
 
     server_start(&s, "--no-ring");
     snprintf(args, sizeof(args), "%s -c 3 -i 0.001", s.path);
     expect_ok(&r, args);
-    cr_expect(strstr(r.out, "carrier socket (the peer's HELLO offers no RING), io_uring") != NULL,
-              "%s", r.out);
+    snprintf(want, sizeof(want), "carrier socket (the peer's HELLO offers no RING), %s", io);
+    cr_expect(strstr(r.out, want) != NULL, "%s", r.out);
     carrier_counts(r.out, v);
     cr_expect(v[0] == 0 && v[1] == 0 && v[2] == 3 && v[3] == 3, "%s", r.out);
     run_free(&r);
@@ -863,7 +916,9 @@ Test(shmping, server_without_rings_makes_the_socket_the_carrier, .timeout = 120)
                "\"the peer's HELLO offers no RING\" and d['sock_msgs'] == 3");
     run_free(&r);
     server_stop(&s, SIGTERM, &r);
-    cr_expect(strstr(r.out, "carrier socket (LSHM_CTX_NO_RING, --no-ring)") != NULL, "%s", r.out);
+    snprintf(want, sizeof(want), "SHMPING server on %s, carrier socket (LSHM_CTX_NO_RING, "
+             "--no-ring), %s", s.path, io);
+    cr_expect(strstr(r.out, want) != NULL, "%s", r.out);
     run_free(&r);
 
     /* Both offer rings: the header comes once the first ping took them. */
@@ -1259,7 +1314,7 @@ Test(shmping, bench_json_has_rows_carriers_floors_and_targets, .timeout = 120)
     struct run r;
 
     expect_ok(&r, "--bench --json --spin 30");
-    check_json(r.out, "cell_s batch spin_us floors bench targets interrupted",
+    check_json(r.out, "cell_s batch spin_us io io_why floors bench targets interrupted",
                "[x['mode'] for x in d['bench'] if x['size'] == 2**20] == "
                "['memory', 'copy', 'shm'] "
                "and [x['label'] for x in d['bench'] if x['size'] == 64] == ['memory', 'copy', "
@@ -1286,7 +1341,7 @@ Test(shmping, bench_json_has_rows_carriers_floors_and_targets, .timeout = 120)
                "if x['msgs_per_s_batch1'] is not None) "
                "and all(x['rtt_p50_seqpacket_ratio'] > 0 for x in d['bench'] "
                "if x['size'] < 2**20 and x['mode'] != 'memory') "
-               "and d['spin_us'] == 30 "
+               "and d['spin_us'] == 30 and d['io'] in ('io_uring', 'epoll') "
                "and all(d['floors'][k]['rtt_p50_us'] > 0 and d['floors'][k]['trips'] > 0 "
                "for k in ('futex', 'cacheline')) "
                "and d['floors']['futex']['valid'] and d['floors']['cacheline']['valid'] == "

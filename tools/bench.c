@@ -259,6 +259,9 @@ struct bench {
     struct cell          mem[NSIZES], cells[NSIZES][NROWS], idle;
     struct floor_result  futex, cacheline;
     bool                 futex_ok, cacheline_ok;
+    unsigned             features;      /* of a context as the rows' */
+    char                 io[256];       /* io_text() */
+    char                 io_carrier[200]; /* lshm_ctx_carrier() */
 };
 
 /*
@@ -457,8 +460,10 @@ static void json_floor(const char *name, bool ok, bool valid, const struct floor
 
 static void json_bench(struct bench *b)
 {
-    printf("{\"cell_s\":%.2f,\"batch\":%u,\"spin_us\":%u,\"floor_s\":%.2f,\"floors\":{", CELL_S,
+    printf("{\"cell_s\":%.2f,\"batch\":%u,\"spin_us\":%u,\"floor_s\":%.2f", CELL_S,
            b->cfg->batch, b->spin_us, FLOOR_S);
+    json_io(b->features, b->io_carrier);
+    printf(",\"floors\":{");
     json_floor("futex", b->futex_ok, b->futex_ok, &b->futex);
     printf(",");
     json_floor("cacheline", b->cacheline_ok, cacheline_valid(b), &b->cacheline);
@@ -475,13 +480,10 @@ static void json_bench(struct bench *b)
     printf(",\"interrupted\":%s}\n", stop_requested ? "true" : "false");
 }
 
-static void print_intro(const struct bench *b, const struct lshm_probe *p)
+static void print_intro(const struct bench *b)
 {
-    char feat[160];
-
-    features_text(p->features, feat, sizeof(feat));
     printf("shmping --bench: forked peer, %.1f s per figure, throughput batch %u, busy-poll "
-           "%u us, io_uring %s\n", CELL_S, b->cfg->batch, b->spin_us, feat);
+           "%u us, %s\n", CELL_S, b->cfg->batch, b->spin_us, b->io);
     printf("every message's bytes written by the sender and read (summed) by the "
            "receiver;\n%s: the same writing and reading in one process\n", MEMORY_LABEL);
     printf("shm, inline: the library on message rings, sleeping waits; +spin: busy-poll "
@@ -500,7 +502,7 @@ static void print_intro(const struct bench *b, const struct lshm_probe *p)
 int run_bench(const struct config *cfg)
 {
     static struct bench b;
-    struct lshm_probe p;
+    struct lshm_ctx *ctx;
     bool text = !cfg->json;
 
     memset(&b, 0, sizeof(b));
@@ -508,12 +510,15 @@ int run_bench(const struct config *cfg)
     b.spin_us = cfg->spin_set ? cfg->spin_us : BENCH_SPIN_US;
     b.complete = true;
     b.first = true;
-    if (lshm_probe(&p) == 0 && p.io_uring != 0) {
-        err("io_uring unavailable: %s", p.io_uring_why);
+    /* The rows' contexts are made as this one: io_uring, or epoll and why. */
+    if (ctx_new_reported(&ctx, cfg, "") < 0)
         return EXIT_ERROR;
-    }
+    io_text(ctx, b.io, sizeof(b.io));
+    b.features = lshm_ctx_features(ctx);
+    snprintf(b.io_carrier, sizeof(b.io_carrier), "%s", lshm_ctx_carrier(ctx));
+    lshm_ctx_free(ctx);
     if (text)
-        print_intro(&b, &p);
+        print_intro(&b);
     b.futex_ok = floor_run(FLOOR_FUTEX, FLOOR_S, &b.futex) == 0;
     if (!stop_requested)
         b.cacheline_ok = floor_run(FLOOR_CACHELINE, FLOOR_S, &b.cacheline) == 0;

@@ -182,7 +182,7 @@ static void session_header(struct session *s)
     bool went = lshm_port_stats(s->port, &st) == 0 && st.ring_msgs + st.sock_msgs > 0;
 
     carrier_of(s->cfg, lshm_ctx_features(s->ctx), went ? &st : NULL, &c);
-    print_header(s->cfg, s->peer, lshm_ctx_features(s->ctx), &c);
+    print_header(s->cfg, s->peer, s->ctx, &c);
     s->header_pending = false;
 }
 
@@ -505,6 +505,7 @@ static int run_session(const struct config *cfg, struct lshm_ctx *ctx, struct ls
     }
     memset(s.staging, 0x5a, cfg->size);
     res->features = lshm_ctx_features(ctx);
+    snprintf(res->io, sizeof(res->io), "%s", lshm_ctx_carrier(ctx));
     if (!cfg->json && !cfg->bench) {
         s.header_pending = true;
         if (forked || cfg->no_ring)

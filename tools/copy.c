@@ -392,7 +392,7 @@ int copy_run_forked(const struct config *cfg, struct results *res)
         goto out;
     }
     if (!cfg->json && !cfg->bench)
-        print_header(cfg, "peer", 0, NULL);
+        print_header(cfg, "peer", NULL, NULL);
     if (cfg->throughput)
         copy_throughput(cfg, sock, res, sendbuf, &recvbuf, &recvcap);
     else

@@ -47,6 +47,7 @@ void features_text(unsigned feat, char *buf, size_t len)
         { LSHM_FEAT_NOEXEC_SEAL,      "noexec_seal" },
         { LSHM_FEAT_RING,             "ring" },
         { LSHM_FEAT_FUTEX,            "futex" },
+        { LSHM_FEAT_EPOLL,            "epoll" },
     };
 
     flags_text(feat, names, sizeof(names) / sizeof(names[0]), buf, len);
@@ -70,8 +71,9 @@ void carrier_of(const struct config *cfg, unsigned features, const struct lshm_p
         c->ring = true;
     }
     if (c->ring && !c->futex)
-        c->why = cfg->no_futex ? "LSHM_CTX_NO_FUTEX, --no-futex"
-                               : "io_uring without FUTEX_WAIT and FUTEX_WAKE";
+        c->why = cfg->no_futex               ? "LSHM_CTX_NO_FUTEX, --no-futex"
+                 : features & LSHM_FEAT_EPOLL ? "epoll has no futex wait"
+                                              : "io_uring without FUTEX_WAIT and FUTEX_WAKE";
 }
 
 void carrier_text(const struct config *cfg, const struct carrier *c, bool forked, char *buf,
@@ -94,10 +96,24 @@ void carrier_text(const struct config *cfg, const struct carrier *c, bool forked
              c->ring ? "" : " (no effect: rings only)");
 }
 
-void print_header(const struct config *cfg, const char *peer, unsigned features,
+/* "io_uring FEATURES", or "epoll (why io_uring is not used)". */
+void io_text(const struct lshm_ctx *ctx, char *buf, size_t len)
+{
+    const char *why = lshm_ctx_carrier(ctx);
+    char feat[160];
+
+    features_text(lshm_ctx_features(ctx), feat, sizeof(feat));
+    if (lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL)
+        snprintf(buf, len, "epoll (%s)",
+                 strncmp(why, "epoll: ", 7) == 0 ? why + strlen("epoll: ") : why);
+    else
+        snprintf(buf, len, "io_uring %s", feat);
+}
+
+void print_header(const struct config *cfg, const char *peer, const struct lshm_ctx *ctx,
                   const struct carrier *c)
 {
-    char feat[160], batch[192] = "", carrier[192];
+    char io[256], batch[192] = "", carrier[192];
     int n = 0;
 
     if (cfg->throughput && cfg->batch > 1)
@@ -117,10 +133,10 @@ void print_header(const struct config *cfg, const char *peer, unsigned features,
                cfg->frames > 0 || cfg->slow_n > 0 ? batch : "",
                cfg->mode == MODE_COPY ? "stream" : "seqpacket");
     } else {
-        features_text(features, feat, sizeof(feat));
+        io_text(ctx, io, sizeof(io));
         carrier_text(cfg, c, cfg->path == NULL, carrier, sizeof(carrier));
-        printf("SHMPING %s: %zu bytes, mode %s%s%s, carrier %s, io_uring %s\n", peer, cfg->size,
-               mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, carrier, feat);
+        printf("SHMPING %s: %zu bytes, mode %s%s%s, carrier %s, %s\n", peer, cfg->size,
+               mode_name(cfg->mode), cfg->throughput ? ", throughput" : "", batch, carrier, io);
     }
     fflush(stdout);
 }
@@ -141,7 +157,7 @@ static double lost_pct(const struct results *res)
     return (double)(res->sent - res->received) * 100.0 / (double)res->sent;
 }
 
-static void json_string(const char *s)
+void json_string(const char *s)
 {
     putchar('"');
     for (; *s; s++) {
@@ -172,6 +188,23 @@ static void json_faults(const struct results *res)
     json_num("minflt_peer", (double)res->minflt_peer, 0);
     json_num("minflt_self_per_mib", faults_per_mib(res->minflt_self, res->bytes_moved), 4);
     json_num("minflt_peer_per_mib", faults_per_mib(res->minflt_peer, res->bytes_moved), 4);
+}
+
+/* ,"io":"io_uring" or "epoll","io_why":why; carrier: lshm_ctx_carrier(), "" for none. */
+void json_io(unsigned features, const char *carrier)
+{
+    if (carrier[0] == '\0') {
+        printf(",\"io\":null,\"io_why\":null");
+        return;
+    }
+    if (!(features & LSHM_FEAT_EPOLL)) {
+        printf(",\"io\":\"io_uring\",\"io_why\":null");
+        return;
+    }
+    if (strncmp(carrier, "epoll: ", 7) == 0)
+        carrier += strlen("epoll: ");
+    printf(",\"io\":\"epoll\",\"io_why\":");
+    json_string(carrier);
 }
 
 /* The carrier the run's messages took, by the port's counters. */
@@ -234,6 +267,7 @@ static void json_summary(const struct config *cfg, const struct results *res, co
         printf(",\"frames\":%llu,\"slow_frames\":%llu,\"slow_ms\":%u",
                (unsigned long long)cfg->frames, (unsigned long long)cfg->slow_n, cfg->slow_ms);
     json_faults(res);
+    json_io(res->features, res->io);
     json_carrier(cfg, res);
     printf("}\n");
 }
@@ -355,7 +389,7 @@ static bool shmem_huge(const struct lshm_probe *p)
            strcmp(p->shmem_thp, "within_size") == 0 || strcmp(p->shmem_thp, "force") == 0;
 }
 
-static void probe_json(const struct lshm_probe *p)
+static void probe_json(const struct lshm_probe *p, unsigned ctx_features, const char *io)
 {
     printf("{\"kernel\":");
     json_string(p->kernel);
@@ -380,21 +414,33 @@ static void probe_json(const struct lshm_probe *p)
     printf(",\"shmem_thp\":");
     json_string(p->shmem_thp);
     printf(",\"shmem_huge_pages\":%s", shmem_huge(p) ? "true" : "false");
-    printf(",\"drops_caps\":%s}\n", caps_held(p) ? "true" : "false");
+    printf(",\"drops_caps\":%s", caps_held(p) ? "true" : "false");
+    json_io(ctx_features, io);
+    printf(",\"wakeups\":%s}\n", io[0] == '\0' ? "null"
+                                  : ctx_features & LSHM_FEAT_FUTEX ? "\"futex\"" : "\"wake\"");
 }
 
 int print_probe(bool json)
 {
     struct lshm_probe p;
-    char a[64], b[64], flags[256], feat[160];
+    char a[64], b[64], flags[256], feat[160], io[256] = "", carrier[200] = "";
+    struct lshm_ctx *ctx;
+    unsigned ctx_features = 0;
     int ret = lshm_probe(&p);
 
     if (ret < 0) {
         err("probe failed: %s", lib_why(ret));
         return EXIT_ERROR;
     }
+    /* What a context made here runs on: io_uring, or epoll and why. */
+    if (lshm_ctx_new(&ctx, NULL) == 0) {
+        ctx_features = lshm_ctx_features(ctx);
+        io_text(ctx, io, sizeof(io));
+        snprintf(carrier, sizeof(carrier), "%s", lshm_ctx_carrier(ctx));
+        lshm_ctx_free(ctx);
+    }
     if (json) {
-        probe_json(&p);
+        probe_json(&p, ctx_features, carrier);
         return 0;
     }
     printf("kernel:           %s\n", p.kernel[0] ? p.kernel : "unknown");
@@ -433,12 +479,15 @@ int print_probe(bool json)
                " > /sys/kernel/mm/transparent_hugepage/shmem_enabled)\n", p.shmem_thp);
 
     features_text(p.features, feat, sizeof(feat));
-    if (p.io_uring == 0 && p.memfd && p.sealing)
+    if (io[0] != '\0')
+        printf("library will use: %s, message rings with %s wake-ups, sealed memfd segments\n",
+               io, ctx_features & LSHM_FEAT_FUTEX ? "futex" : "WAKE datagram");
+    else if (p.io_uring == 0 && p.memfd && p.sealing)
         printf("library will use: io_uring (%s), sealed memfd segments\n", feat);
     else if (!p.memfd || !p.sealing)
         printf("library will use: nothing: memfd_create with sealing is required\n");
     else
-        printf("library will use: nothing: io_uring is required\n");
+        printf("library will use: epoll, io_uring being unavailable, sealed memfd segments\n");
     if (caps_held(&p))
         printf("shmping drops:    every capability after set-up (keep them with --keep-caps)\n");
     else

@@ -359,7 +359,7 @@ static void server_close(struct server *s)
 int serve(const struct config *cfg)
 {
     struct server s = { .cfg = cfg };
-    char feat[160];
+    char feat[256];
     int ret;
 
     if (ctx_new_reported(&s.ctx, cfg, "") < 0)
@@ -387,14 +387,13 @@ int serve(const struct config *cfg)
         struct carrier c;
         char carrier[192], idle[48] = "";
 
-        features_text(lshm_ctx_features(s.ctx), feat, sizeof(feat));
+        io_text(s.ctx, feat, sizeof(feat));
         /* Rings with each client whose HELLO offers them too. */
         carrier_of(cfg, lshm_ctx_features(s.ctx), NULL, &c);
         carrier_text(cfg, &c, false, carrier, sizeof(carrier));
         if (cfg->idle > 0)
             snprintf(idle, sizeof(idle), ", %u idle ports", cfg->idle);
-        printf("SHMPING server on %s%s, carrier %s, io_uring %s\n", cfg->listen, idle, carrier,
-               feat);
+        printf("SHMPING server on %s%s, carrier %s, %s\n", cfg->listen, idle, carrier, feat);
         fflush(stdout);
     }
     ret = run_loop(&s);

@@ -16,7 +16,7 @@
 enum {
     OPT_MODE = 256, OPT_THROUGHPUT, OPT_BATCH, OPT_VERIFY, OPT_JSON, OPT_PROBE,
     OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE, OPT_FRAMES, OPT_SLOW, OPT_SPIN,
-    OPT_NO_RING, OPT_NO_FUTEX,
+    OPT_NO_RING, OPT_NO_FUTEX, OPT_NO_IO_URING,
 };
 
 static const struct option long_options[] = {
@@ -28,6 +28,7 @@ static const struct option long_options[] = {
     { "probe",      no_argument,       NULL, OPT_PROBE },
     { "bench",      no_argument,       NULL, OPT_BENCH },
     { "keep-caps",  no_argument,       NULL, OPT_KEEP_CAPS },
+    { "no-io-uring", no_argument,      NULL, OPT_NO_IO_URING },
     { "idle",       required_argument, NULL, OPT_IDLE },
     { "frames",     required_argument, NULL, OPT_FRAMES },
     { "slow",       required_argument, NULL, OPT_SLOW },
@@ -103,6 +104,8 @@ static void usage(FILE *f)
 "                  the message rings\n"
 "  --no-futex      wake-ups as WAKE datagrams, not futex (LSHM_CTX_NO_FUTEX)\n"
 "  --keep-caps     do not drop capabilities after set-up\n"
+"  --no-io-uring   run on the library's epoll carrier, as where io_uring\n"
+"                  is refused (sets LSHM_NO_IO_URING=1)\n"
 "  -h, --help      this text\n"
 "      --version   shmping and library versions\n"
 "\n"
@@ -283,6 +286,10 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
             break;
         case OPT_KEEP_CAPS:
             cfg->keep_caps = true;
+            break;
+        case OPT_NO_IO_URING:
+            /* The library reads it; forked peers inherit it. */
+            setenv("LSHM_NO_IO_URING", "1", 1);
             break;
         case OPT_IDLE:
             if (!parse_u64(optarg, &v) || v > MAX_IDLE)

@@ -88,6 +88,7 @@ struct results {
     bool     has_port_stats;
     struct lshm_port_stats port_stats;
     unsigned features;
+    char     io[200];       /* lshm_ctx_carrier(): "io_uring" or "epoll: why"; "": none */
 };
 
 /* Which way a run's user messages went, and why (output.c: carrier_of). */
@@ -217,12 +218,19 @@ void carrier_of(const struct config *cfg, unsigned features, const struct lshm_p
 /* "message rings, futex wake-ups, busy-poll 200 us" or "socket (why)". */
 void carrier_text(const struct config *cfg, const struct carrier *c, bool forked, char *buf,
                   size_t len);
-void print_header(const struct config *cfg, const char *peer, unsigned features,
+/* The context's I/O: "io_uring FEATURES", or "epoll (why io_uring is not used)". */
+void io_text(const struct lshm_ctx *ctx, char *buf, size_t len);
+/* ctx: NULL in the socket modes, which print neither carrier nor I/O. */
+void print_header(const struct config *cfg, const char *peer, const struct lshm_ctx *ctx,
                   const struct carrier *c);
 void print_reply(const struct config *cfg, const char *peer, uint32_t seq, size_t size,
                  double us);
 void print_summary(const struct config *cfg, const struct results *res, const char *peer);
 int  print_probe(bool json);
+/* s as a JSON string, quoted and escaped. */
+void json_string(const char *s);
+/* ,"io":"io_uring" or "epoll","io_why":why; carrier: lshm_ctx_carrier(), "" for none. */
+void json_io(unsigned features, const char *carrier);
 
 /* context.c: lshm_ctx_new() with cfg's --spin, --no-ring and --no-futex, the
  * failure reported on stderr, prefixed by who. */

@@ -1,0 +1,408 @@
+/*
+ * The two carriers speak one protocol: a process on io_uring and one on
+ * the epoll carrier (LSHM_CTX_NO_IO_URING) exchange inline, shared-memory
+ * and fd messages both ways, over a socketpair and over lshm_listen /
+ * lshm_connect.  Each side checks what it runs on.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "port_util.h"
+#include "wire.h"
+
+#define ROUNDS 300
+
+enum { KIND_INLINE, KIND_SHM, KIND_FD, NKINDS };
+
+static size_t round_size(unsigned seq)
+{
+    switch (seq % NKINDS) {
+    case KIND_INLINE:
+        return seq % 5000;
+    case KIND_SHM:
+        return 1000 + (size_t)seq * 331 % 100000;
+    default:
+        return 8;
+    }
+}
+
+static uint8_t pat(unsigned seq, size_t i)
+{
+    return (uint8_t)(seq * 31u + i * 7u + 1u);
+}
+
+/* A memfd holding "fd <seq>", for an fd message. */
+static int fd_for(unsigned seq)
+{
+    char text[32];
+    int fd = memfd_create("carrier", MFD_CLOEXEC);
+    int n = snprintf(text, sizeof(text), "fd %u", seq);
+
+    if (fd < 0)
+        return -1;
+    if (write(fd, text, (size_t)n) != n) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+static bool fd_holds(int fd, unsigned seq)
+{
+    char want[32], got[32] = "";
+    int n = snprintf(want, sizeof(want), "fd %u", seq);
+
+    return fd >= 0 && pread(fd, got, sizeof(got) - 1, 0) == n && memcmp(got, want, n) == 0;
+}
+
+/* Send round seq: inline bytes, shared-memory buffers, or an fd. */
+static int send_round(struct lshm_port *port, unsigned seq)
+{
+    struct lshm_buf *bufs[LSHM_MAX_DESCS];
+    size_t size = round_size(seq), have = 0;
+    uint8_t data[LSHM_INLINE_MAX];
+    struct lshm_out out = { .type = T_DATA, .stream = seq, .last = 1, .fd = -1 };
+    unsigned n = 0, i;
+    int ret;
+
+    if (seq % NKINDS != KIND_SHM) {
+        for (i = 0; i < size; i++)
+            data[i] = pat(seq, i);
+        out.data = size ? data : NULL;
+        out.size = size;
+        if (seq % NKINDS == KIND_FD && (out.fd = fd_for(seq)) < 0)
+            return -errno;
+        ret = send_out(port, &out, 0);
+        if (ret < 0 && out.fd >= 0)
+            close(out.fd);
+        return ret;
+    }
+    while (have < size && n < LSHM_MAX_DESCS) {
+        uint8_t *p;
+        size_t len;
+
+        ret = lshm_buf_alloc(port, size - have, &bufs[n]);
+        if (ret == -EAGAIN) {
+            ret = lshm_port_wait(port, LSHM_WAIT_SHM, 10000);
+            if (ret < 0)
+                goto fail;
+            continue;
+        }
+        if (ret < 0)
+            goto fail;
+        len = lshm_buf_capacity(bufs[n]) < size - have ? lshm_buf_capacity(bufs[n]) : size - have;
+        p = lshm_buf_data(bufs[n]);
+        for (i = 0; i < len; i++)
+            p[i] = pat(seq, have + i);
+        lshm_buf_set_size(bufs[n], len);
+        have += len;
+        n++;
+    }
+    out.bufs = bufs;
+    out.nbufs = n;
+    ret = send_out(port, &out, 0);
+    if (ret == 0)
+        return 0;
+fail:
+    while (n > 0)
+        lshm_buf_free(bufs[--n]);
+    return ret;
+}
+
+/* Is m round seq, as send_round made it?  Takes and closes its fd. */
+static bool round_ok(struct lshm_msg *m, unsigned seq)
+{
+    bool ok = m->stream == seq && m->type == T_DATA && m->size == round_size(seq) &&
+              ((m->flags & LSHM_MSG_SHM) != 0) == (seq % NKINDS == KIND_SHM) &&
+              (m->fd >= 0) == (seq % NKINDS == KIND_FD);
+    size_t off = 0;
+    unsigned i;
+
+    for (i = 0; ok && i < m->niov; i++) {
+        const uint8_t *p = m->iov[i].base;
+        size_t j;
+
+        for (j = 0; ok && j < m->iov[i].len; j++)
+            ok = p[j] == pat(seq, off + j);
+        off += m->iov[i].len;
+    }
+    if (m->fd >= 0) {
+        ok = ok && fd_holds(m->fd, seq);
+        close(m->fd);
+        m->fd = -1;
+    }
+    return ok && off == m->size;
+}
+
+/* Says on which carrier it runs, then answers every round in kind. */
+static int mirror(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    bool want_epoll = *(const bool *)arg;
+    struct lshm_msg m;
+    unsigned seq;
+    int ret;
+
+    CK(((lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) != 0) == want_epoll);
+    for (seq = 0; seq < ROUNDS; seq++) {
+        CK(lshm_recv(port, &m, 10000) == 0);
+        CK(round_ok(&m, seq));
+        lshm_msg_done(&m);
+        CK(send_round(port, seq) == 0);
+    }
+    /* The parent says BYE as soon as it has the last answer, and one run
+     * may bring that BYE with the completion of our last send: the port
+     * then ends without having been seen idle. */
+    ret = lshm_port_wait(port, LSHM_WAIT_IDLE, 10000);
+    CK(ret > 0 || ret == -EPIPE);
+    /* Until the parent's BYE: nothing it sent may be lost. */
+    CK(lshm_recv(port, &m, 10000) == -EPIPE);
+    return 0;
+}
+
+static void exchange(struct lshm_port *port)
+{
+    struct lshm_msg m;
+    unsigned seq;
+    int ret;
+
+    for (seq = 0; seq < ROUNDS; seq++) {
+        ret = send_round(port, seq);
+        cr_assert_eq(ret, 0, "round %u: send: %d %s", seq, ret, lshm_last_error());
+        ret = lshm_recv(port, &m, 10000);
+        cr_assert_eq(ret, 0, "round %u: recv: %d %s", seq, ret, lshm_last_error());
+        cr_assert(round_ok(&m, seq), "round %u: the answer differs", seq);
+        lshm_msg_done(&m);
+    }
+}
+
+static void across(bool parent_epoll)
+{
+    struct lshm_ctx_params mine = { .flags = parent_epoll ? LSHM_CTX_NO_IO_URING : 0 };
+    struct lshm_ctx_params theirs = { .flags = parent_epoll ? 0 : LSHM_CTX_NO_IO_URING };
+    bool child_epoll = !parent_epoll;
+    struct lshm_port_stats st;
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    pid_t pid;
+
+    require_io_uring(0);
+    ctx = ctx_make(&mine);
+    cr_assert_eq((lshm_ctx_features(ctx) & LSHM_FEAT_EPOLL) != 0, parent_epoll,
+                 "this side runs on %s", lshm_ctx_carrier(ctx));
+    pid = spawn(ctx, &theirs, &port, mirror, &child_epoll);
+    wait_ready(port);
+    exchange(port);
+    /* Message rings run across carriers: the epoll side waits on no futex
+     * (its peer wakes it with WAKE datagrams), the io_uring side may. */
+    cr_assert_eq(lshm_port_stats(port, &st), 0);
+    cr_log_info("%s side: %llu ring messages out, %llu in, %llu wakes sent, %llu received",
+                parent_epoll ? "epoll" : "io_uring", (unsigned long long)st.ring_msgs,
+                (unsigned long long)st.ring_msgs_in, (unsigned long long)st.wakes_sent,
+                (unsigned long long)st.wakes_received);
+    cr_assert_gt(st.ring_msgs, 0, "nothing went out through our ring");
+    cr_assert_gt(st.ring_msgs_in, 0, "nothing came in through the peer's ring");
+    if (parent_epoll)
+        cr_assert_eq(lshm_ctx_features(ctx) & LSHM_FEAT_FUTEX, 0);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(carrier, io_uring_to_epoll_inline_shm_and_fds_both_ways)
+{
+    across(false);
+}
+
+LTEST(carrier, epoll_to_io_uring_inline_shm_and_fds_both_ways)
+{
+    across(true);
+}
+
+/* The server on one carrier, the client on the other, through a path. */
+static void listen_across(bool server_epoll)
+{
+    struct lshm_ctx_params sp = { .flags = server_epoll ? LSHM_CTX_NO_IO_URING : 0 };
+    struct lshm_ctx_params cp = { .flags = server_epoll ? 0 : LSHM_CTX_NO_IO_URING };
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+    bool child_epoll = !server_epoll;
+    struct lshm_listener *l;
+    struct lshm_port *port;
+    struct lshm_ctx *ctx;
+    pid_t pid;
+    int ret;
+
+    require_io_uring(0);
+    snprintf(path, sizeof(path), "/tmp/lshm-carrier-%d.sock", (int)getpid());
+    ctx = ctx_make(&sp);
+    ret = lshm_listen(ctx, path, 0600, &l);
+    cr_assert_eq(ret, 0, "lshm_listen: %d %s", ret, lshm_last_error());
+    fflush(NULL);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        struct lshm_ctx *cctx;
+        struct lshm_port *cport;
+        int rc = 1;
+
+        lshm_ctx_free(ctx);
+        if (lshm_ctx_new(&cctx, &cp) == 0) {
+            if (lshm_connect(cctx, path, 10000, &cport) == 0) {
+                rc = mirror(cctx, cport, &child_epoll);
+                lshm_port_close(cport);
+            } else {
+                fprintf(stderr, "child: lshm_connect: %s\n", lshm_last_error());
+            }
+            lshm_ctx_free(cctx);
+        }
+        _exit(rc);
+    }
+    ret = lshm_accept(l, &port, 10000);
+    cr_assert_eq(ret, 0, "lshm_accept: %d %s", ret, lshm_last_error());
+    exchange(port);
+    lshm_listener_close(l);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(carrier, epoll_client_connects_to_io_uring_server)
+{
+    listen_across(false);
+}
+
+LTEST(carrier, io_uring_client_connects_to_epoll_server)
+{
+    listen_across(true);
+}
+
+/*
+ * A forked child that keeps copies of the parent's sockets (a pre-forking
+ * server) must not leave a closed port's socket in the parent's epoll set:
+ * there it would report, under a number given to the next socket, events
+ * nobody consumes, and every wait would return at once.
+ */
+LTEST(carrier, closed_port_leaves_the_epoll_set_while_a_child_holds_its_socket)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_IO_URING };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_ctx_stats s0, s1;
+    struct lshm_port *a, *b;
+    uint8_t junk[64];
+    int raw, peer_b, hold[2], ret;
+    long long t0;
+    char c;
+    pid_t pid;
+
+    raw = raw_peer(ctx, &a);
+    cr_assert_eq(lshm_ctx_run(ctx, 0) >= 0, true);
+    cr_assert_eq(pipe2(hold, O_CLOEXEC), 0);
+    fflush(NULL);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        /* Holds every fd of the parent until the pipe closes. */
+        close(hold[1]);
+        while (read(hold[0], &c, 1) < 0 && errno == EINTR)
+            ;
+        _exit(0);
+    }
+    close(hold[0]);
+    /* Not a protocol message: A closes, and with it its socket. */
+    memset(junk, 0xee, sizeof(junk));
+    raw_sendv(raw, junk, sizeof(junk), NULL, 0);
+    for (t0 = now_ms(); lshm_port_error(a) == NULL && now_ms() < t0 + 5000;)
+        lshm_ctx_run(ctx, 50);
+    cr_assert_not_null(lshm_port_error(a), "A did not close on junk");
+    lshm_port_close(a);
+    lshm_ctx_run(ctx, 0);
+    /* B likely gets A's number. */
+    ret = lshm_socketpair(ctx, &b, &peer_b);
+    cr_assert_eq(ret, 0, "%s", lshm_last_error());
+    cr_assert_eq(lshm_ctx_stats(ctx, &s0), 0);
+    for (t0 = now_ms(); now_ms() < t0 + 300;)
+        lshm_ctx_run(ctx, 50);
+    cr_assert_eq(lshm_ctx_stats(ctx, &s1), 0);
+    cr_assert_leq(s1.enters - s0.enters, 30, "%llu waits in 300 ms: one returns at once",
+                  (unsigned long long)(s1.enters - s0.enters));
+    close(hold[1]);
+    child_ok(pid, 10000);
+    close(peer_b);
+    close(raw);
+    lshm_port_close(b);
+    lshm_ctx_free(ctx);
+}
+
+/*
+ * On the epoll carrier, sends to a socket with no room wait for EPOLLOUT
+ * instead of blocking the caller, and go out in order as the peer reads;
+ * when the peer goes away, what still waits ends with the port (a failed
+ * send cancels the rest of its chain), leaving nothing behind.
+ */
+LTEST(carrier, epoll_sends_wait_for_room_in_order_and_end_when_the_peer_leaves)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_IO_URING, .send_queue = 4096 };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    uint8_t hello[64], payload[1000];
+    struct lshm_out out = { .type = T_DATA, .data = payload, .size = sizeof(payload), .fd = -1 };
+    struct lshm_port *port;
+    struct lshm_msg m;
+    long long t0;
+    unsigned i, queued = 0;
+    int raw, ret;
+
+    raw = raw_peer(ctx, &port);
+    /* A HELLO that offers no message ring: every message is a datagram. */
+    raw_sendv(raw, hello, raw_hello_build(hello, getpid(), LSHM_PROTOCOL_VERSION), NULL, 0);
+    wait_ready(port);
+    memset(payload, 0x42, sizeof(payload));
+    /* Far more than the socket holds: every call returns at once. */
+    t0 = now_ms();
+    for (i = 0; i < 2000; i++) {
+        out.stream = i;
+        ret = lshm_send(port, &out, 0);
+        if (ret == -EAGAIN)
+            break;
+        cr_assert_eq(ret, 0, "send %u: %d %s", i, ret, lshm_last_error());
+        queued++;
+    }
+    lshm_ctx_run(ctx, 0);
+    cr_assert_lt(now_ms() - t0, 2000, "sending blocked for %lld ms", now_ms() - t0);
+    ret = lshm_port_wait(port, LSHM_WAIT_IDLE, 0);
+    cr_assert_eq(ret, -ETIMEDOUT, "%u messages fit in the socket: nothing waits (%d)",
+                 queued, ret);
+    cr_assert_eq(queued, 2000);
+    /* Read half: the rest goes out as room comes (EPOLLOUT), in order. */
+    {
+        uint8_t buf[LSHM_WIRE_MAX];
+        struct lshm_wire_msg h;
+        unsigned want = 0;
+        ssize_t n;
+
+        t0 = now_ms();
+        while (want < queued / 2 && now_ms() < t0 + 10000) {
+            n = recv(raw, buf, sizeof(buf), MSG_DONTWAIT);
+            if (n < 0) {
+                cr_assert_eq(errno, EAGAIN, "recv: %s", strerror(errno));
+                lshm_ctx_run(ctx, 10);
+                continue;
+            }
+            memcpy(&h, buf, sizeof(h));
+            if (h.type != T_DATA)
+                continue;
+            cr_assert_eq(h.stream, want, "datagram %u has stream %u", want, h.stream);
+            want++;
+        }
+        cr_assert_eq(want, queued / 2, "%u of %u arrived", want, queued / 2);
+    }
+    ret = lshm_port_wait(port, LSHM_WAIT_IDLE, 0);
+    cr_assert_eq(ret, -ETIMEDOUT, "the other half fit in the socket (%d)", ret);
+    close(raw);
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert(ret == -EPIPE || ret == -ECONNRESET, "after the peer left: %d", ret);
+    cr_assert_not_null(lshm_port_error(port));
+    cr_log_info("epoll carrier: %u queued, port ended: %s", queued, lshm_port_error(port));
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+}
