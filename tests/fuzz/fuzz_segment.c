@@ -80,21 +80,6 @@ static void cancel_all(struct state *s)
 
 static void end_pair(struct state *s);
 
-/* Known: a send that fails after the peer closed its port frees its chunks
- * by segment id, which may name a new segment by then.  Avoided, the peer
- * lets the port's sends complete before it closes. */
-static bool avoid_late_free;
-
-static void settle(struct state *s)
-{
-    unsigned i;
-
-    if (!avoid_late_free || s->ports[s->cur] == NULL)
-        return;
-    for (i = 0; i < 20 && lshm_port_wait(s->ports[s->cur], LSHM_WAIT_IDLE, 0) <= 0; i++)
-        fuzz_pump(s->ctx, 1);
-}
-
 /* A port of the peer is open until it closes its socket or says BYE (and
  * shuts it down for writing, as the protocol has it). */
 static bool peer_port_open(const struct state *s, unsigned n)
@@ -111,7 +96,6 @@ static void raw_ctrl(struct state *s, uint8_t type)
         return;
     fuzz_raw_send(s->raws[s->cur], buf, n, NULL, 0, NULL);
     if (type == LSHM_WIRE_BYE) {
-        settle(s);
         shutdown(s->raws[s->cur], SHUT_WR);
         s->bye[s->cur] = true;
         if (!peer_port_open(s, s->cur ^ 1))
@@ -363,8 +347,8 @@ static void open_port(struct state *s, unsigned n, unsigned max_segments)
     s->made[n] = true;
     s->raws[n] = fuzz_raw_port(s->ctx, &s->ports[n]);
     CHECK(s->raws[n] >= 0);
-    fuzz_raw_send(s->raws[n], hello, fuzz_hello(hello, RAW_PORT + n, max_segments), NULL, 0,
-                  NULL);
+    fuzz_raw_send(s->raws[n], hello, fuzz_hello(hello, RAW_PORT + n, max_segments, 0, 0),
+                  NULL, 0, NULL);
     for (i = 0; i < 20 && lshm_port_wait(s->ports[n], LSHM_WAIT_READY, 0) <= 0; i++)
         fuzz_pump(s->ctx, 1);
     CHECK(lshm_port_wait(s->ports[n], LSHM_WAIT_READY, 0) > 0);
@@ -418,7 +402,6 @@ static void step(struct state *s, struct fin *in)
         } else if ((op & 0x40) && s->raws[s->cur] >= 0) {
             /* The peer goes away on this port: what it announced there and
              * never mapped is the library's again. */
-            settle(s);
             close(s->raws[s->cur]);
             s->raws[s->cur] = -1;
             if (!peer_port_open(s, s->cur ^ 1))
@@ -439,7 +422,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct state s;
     unsigned i, ops = 0;
 
-    avoid_late_free = fuzz_avoid("late-free");
     fuzz_leaks_begin(&leaks);
     memset(&s, 0, sizeof(s));
     s.fair = true;
