@@ -518,7 +518,7 @@ static void op_ring(struct state *s, struct fin *in, uint8_t op)
     if (bad & 4)
         seals = fin_u8(in) & (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE |
                               F_SEAL_FUTURE_WRITE);
-    if (r->map == NULL && file == LSHM_RING_HEADER_SIZE + size &&
+    if (r->map == NULL && size >= 8 && file == LSHM_RING_HEADER_SIZE + size &&
         !(seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))) {
         void *m = mmap(NULL, file, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
 
@@ -625,7 +625,7 @@ static void op_record(struct state *s, struct fin *in, uint8_t op)
     if (!(op & 0x20) && (head > r->tail || r->tail + span - head > r->size))
         return;
     ring_put(r, r->tail, &rec, sizeof(rec));
-    if (rec.kind == LSHM_REC_MSG && span <= r->size)
+    if ((sel & 3) == 0 && span <= r->size)
         ring_put(r, r->tail + LSHM_REC_HDR, body, rec.len);
     if (rec.kind == LSHM_REC_SKIP)
         r->tail += r->size - r->tail % r->size;

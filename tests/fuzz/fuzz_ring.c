@@ -188,7 +188,7 @@ static void c_record(struct cons *c, struct fin *in, uint8_t op)
         c->tail += c->size - c->tail % c->size;
     }
     c_put(c, c->tail, &rec, sizeof(rec));
-    if (rec.kind == LSHM_REC_MSG && rec.len <= sizeof(body))
+    if ((sel & 3) == 0)
         c_put(c, c->tail + LSHM_REC_HDR, body, rec.len);
     c->tail += rec.kind == LSHM_REC_SKIP ? c->size - c->tail % c->size : span;
     if (op & 0x20)

@@ -88,8 +88,7 @@ static void check_ctrl(const uint8_t *buf, size_t len, const struct lshm_wire_vi
         return;
     }
     CHECK(v->hdr.type < LSHM_TYPE_USER_MIN);
-    if (v->hdr.type == LSHM_WIRE_RING)
-        CHECK(lshm__ring_size_is_valid(v->ring_size));
+    /* A RING's ring_size is the port's to check (lshm__msgring_import). */
     n = lshm__wire_encode_ctrl(out, v->hdr.type, v->hdr.pid, v->hdr.port_id,
                                v->hdr.type == LSHM_WIRE_RING ? v->ring_size : v->mmap_id);
     CHECK(n == len);
@@ -109,6 +108,10 @@ static void record_check(const uint8_t *data, size_t size)
     memcpy(&rec, data, 8);
     memcpy(&avail, data + 8, size >= 16 ? 8 : 0);
     memcpy(&room, data + 16, size >= 24 ? 8 : 0);
+    /* What the consumer passes: multiples of 8, room at least a header
+     * (a record starts at a multiple of 8 inside the ring). */
+    avail = avail % (LSHM_RING_SIZE_MAX / 8 + 1) * 8;
+    room = (1 + room % (LSHM_RING_SIZE_MAX / 8)) * 8;
     span = lshm__wire_record_check(rec, avail, room, &why);
     if (span < 0) {
         CHECK(span == -EPROTO);

@@ -588,6 +588,18 @@ static void port_ring_seeds(void)
         save("port", rings[i].name, &o);
     }
 
+    /* Found by fuzz_port: after the library's BYE its port drains; a
+     * datagram with an fd and no FENCE ends the drain, and was kept
+     * (memory and fd) past the port's end. */
+    ring_start(&o, 0);
+    p_rec_inline(&o, REC_PUBLISH, 1, 10);
+    u8(&o, P_RUN);
+    u8(&o, 14 | 0x10);                  /* lshm_port_close */
+    u8(&o, P_RUN);
+    p_inline(&o, 10, FD_PIPE(1));
+    u8(&o, P_RUN);
+    save("port", "regress-drain-keeps-parked-datagram", &o);
+
     /* The peer as consumer of the library's ring: head ahead of tail, far
      * behind, wake and space forced. */
     static const struct { unsigned sel; const char *name; } lr[] = {
@@ -814,8 +826,11 @@ static void wire_seeds(void)
             u8(&o, 8);
             u32(&o, rc[i].len);
             u32(&o, rc[i].kind);
-            bytes(&o, &rc[i].avail, 8);
-            bytes(&o, &rc[i].room, 8);
+            /* As fuzz_wire maps them: avail / 8, room / 8 - 1. */
+            u32(&o, (uint32_t)(rc[i].avail / 8));
+            u32(&o, 0);
+            u32(&o, (uint32_t)(rc[i].room / 8 - 1));
+            u32(&o, 0);
             save("wire", rc[i].name, &o);
         }
     }
