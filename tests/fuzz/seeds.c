@@ -911,6 +911,39 @@ static void segment_seeds(void)
     u8(&o, S_RUN);
     save("segment", "out-of-chunks", &o);
 
+    /* With rings: messages as records, MMAPs behind FENCEs, head published;
+     * then the peer rewrites head, wake and space. */
+    o.n = 0;
+    u8(&o, 0x80);
+    u8(&o, 1);
+    for (i = 0; i < 10; i++) {
+        s_send(&o, 1 + i % 3, (i & 1) | (i % 4 == 2 ? 16 : 0), 100 + i * 900);
+        u8(&o, S_RUN);
+        u8(&o, S_RECV | 0x30);
+        u8(&o, S_FREE); u8(&o, 7);
+    }
+    save("segment", "ring-rounds", &o);
+    for (i = 0; i < 7; i++) {
+        char name[64];
+        unsigned k;
+
+        o.n = 0;
+        u8(&o, 0x80);
+        u8(&o, 1);
+        s_send(&o, 1, 0, 300);
+        u8(&o, S_RUN);
+        u8(&o, S_RECV | 0x30);
+        u8(&o, S_SCRIBBLE | 0x80 | i << 4);
+        u32(&o, 0x100); u32(&o, 0x10000); u32(&o, 0);
+        for (k = 0; k < 4; k++) {
+            s_send(&o, 1, 0, 300);
+            u8(&o, S_RUN);
+            u8(&o, S_RECV | 0x30);
+        }
+        snprintf(name, sizeof(name), "ring-scribble-%u", i);
+        save("segment", name, &o);
+    }
+
     /* The receiver rewrites the header between sends. */
     for (i = 0; i < 7; i++) {
         char name[64];
