@@ -149,7 +149,7 @@ run: deps
 # for N seconds from its seed corpus tests/fuzz/corpus/<name> (see
 # tests/fuzz/run.sh: FUZZ_DIR, FUZZ_JOBS).  A new target: its file, its name
 # here, its corpus directory.
-FUZZ_TARGETS := wire port segment
+FUZZ_TARGETS := wire port segment ring
 FUZZ_S       ?= 0
 FUZZ_SAN     := -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer \
                 -fno-sanitize-recover=all

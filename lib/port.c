@@ -83,6 +83,8 @@ static bool port_idle(const struct lshm_port *port)
 
 /* ---- references and freeing ---- */
 
+static void drop_parked(struct lshm_port *port);
+
 static void port_free(struct lshm_port *port)
 {
     unsigned i;
@@ -102,6 +104,8 @@ static void port_free(struct lshm_port *port)
         lshm__peer_put_sock(port->peer, port->fd);
     if (port->fd >= 0)
         lshm__ring_close(port->ctx != NULL ? port->ctx->ring : NULL, port->fd);
+    /* Datagrams still held for a FENCE (a drain that ended at a violation). */
+    drop_parked(port);
     lshm__msgring_free(&port->tx);
     lshm__msgring_free(&port->rx);
     free(port->recv_buf);
@@ -813,6 +817,8 @@ void lshm__port_fail(struct lshm_port *port, int err, const char *fmt, ...)
         lshm__log("port %u to pid %d: drain after BYE ended", port->id,
                  (int)port->peer_pid);
         port_enter(port, PORT_CLOSED);
+        /* Nothing more is read: datagrams held for a FENCE go, fds closed. */
+        drop_parked(port);
         return;
     }
     if (port->state == PORT_CLOSED)

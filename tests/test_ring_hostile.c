@@ -685,6 +685,43 @@ LTEST(ringhostile, mmap_without_a_fence)
     rh_check(&h, WHY("FENCE"));
 }
 
+/* After our BYE the port drains; a datagram with an fd and no FENCE ends
+ * the drain, and its fd is closed with the port (not kept with it). */
+LTEST(ringhostile, fd_datagram_without_a_fence_while_draining_is_closed)
+{
+    uint8_t body[4] = { 1, 2, 3, 4 };
+    struct rh h;
+    int p[2], i;
+    char c;
+
+    rh_start(&h);
+    put_msg(&h, 1, 10);
+    publish(&h);
+    expect_pat(&h, 1, 10);
+    lshm_port_close(h.bad);
+    h.bad = NULL;
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(h.ctx, 5);
+    cr_assert_eq(pipe2(p, O_CLOEXEC | O_NONBLOCK), 0);
+    raw_send_hdr(&h, 2, T_DATA, 0, 4, body, 4, &p[1], 1);
+    close(p[1]);
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(h.ctx, 5);
+    cr_assert_eq(read(p[0], &c, 1), 0, "the fd of the datagram is still open");
+    close(p[0]);
+    rh_unmap(&h);
+    close(h.raw);
+    h.raw = -1;
+    for (i = 0; i < 5; i++)
+        lshm_ctx_run(h.ctx, 5);
+    cr_assert_eq(count_fds(), h.fds1, "fds: %d, %d before the hostile port", count_fds(),
+                 h.fds1);
+    cr_assert_eq(count_maps("memfd:"), h.maps1, "memfd mappings: %d, %d before",
+                 count_maps("memfd:"), h.maps1);
+    good_pingpong(&h, 3);
+    spawn_end(h.ctx, h.good, h.child);
+}
+
 LTEST(ringhostile, bye_without_a_fence)
 {
     struct rh h;

@@ -7,9 +7,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "msgring.h"
 #include "wire.h"
 
 uint8_t fin_u8(struct fin *in)
@@ -203,19 +205,35 @@ ssize_t fuzz_raw_recv(int raw, void *buf, size_t cap, int *fds, unsigned max, un
     return n;
 }
 
-size_t fuzz_hello(uint8_t *buf, uint16_t port_id, uint32_t max_segments)
+size_t fuzz_hello(uint8_t *buf, uint16_t port_id, uint32_t max_segments, uint32_t features,
+                  uint32_t ring_size)
 {
-    struct lshm_wire_msg h = { .pid = getpid(), .port_id = port_id, .type = LSHM_WIRE_HELLO,
-                               .size = sizeof(struct lshm_wire_hello) };
-    struct lshm_wire_hello b = { .magic = LSHM_MAGIC, .version = LSHM_PROTOCOL_VERSION,
-                                 .port_id = port_id, .header_size = LSHM_HEADER_SIZE,
-                                 .chunk_size = LSHM_CHUNK_SIZE,
-                                 .chunk_count = LSHM_CHUNK_COUNT,
-                                 .max_segments = max_segments };
+    return lshm__wire_encode_hello(buf, getpid(), port_id, max_segments, features, ring_size);
+}
 
-    memcpy(buf, &h, sizeof(h));
-    memcpy(buf + sizeof(h), &b, sizeof(b));
-    return sizeof(h) + sizeof(b);
+int fuzz_ring_memfd(size_t size, uint16_t port_id, int32_t src, int32_t dst)
+{
+    struct lshm_msgring_header h;
+    int fd = memfd_create("fuzz-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+
+    if (fd < 0)
+        return -1;
+    if (ftruncate(fd, (off_t)(LSHM_RING_HEADER_SIZE + size)) < 0) {
+        close(fd);
+        return -1;
+    }
+    memset(&h, 0, sizeof(h));
+    h.magic = LSHM_RING_MAGIC;
+    h.version = LSHM_RING_VERSION;
+    h.port_id = port_id;
+    h.size = (uint32_t)size;
+    h.src_pid = src;
+    h.dst_pid = dst;
+    if (pwrite(fd, &h, sizeof(h), 0) != (ssize_t)sizeof(h)) {
+        close(fd);
+        return -1;
+    }
+    return fd;
 }
 
 void fuzz_pump(struct lshm_ctx *ctx, unsigned times)

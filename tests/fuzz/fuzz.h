@@ -62,8 +62,16 @@ ssize_t fuzz_raw_send(int raw, const void *buf, size_t len, const int *fds, unsi
  * the length or -1.  *nfds receives how many were stored. */
 ssize_t fuzz_raw_recv(int raw, void *buf, size_t cap, int *fds, unsigned max, unsigned *nfds);
 
-/* A valid HELLO from this process, port port_id, into buf; its length. */
-size_t fuzz_hello(uint8_t *buf, uint16_t port_id, uint32_t max_segments);
+/* A HELLO (version 2) from this process, port port_id, into buf; its
+ * length (0 when the arguments make no valid HELLO). */
+size_t fuzz_hello(uint8_t *buf, uint16_t port_id, uint32_t max_segments, uint32_t features,
+                  uint32_t ring_size);
+
+/*
+ * A ring memfd of 4096 + size bytes with its header written (magic,
+ * version, size, port_id, src_pid, dst_pid), not sealed; -1 on failure.
+ */
+int fuzz_ring_memfd(size_t size, uint16_t port_id, int32_t src, int32_t dst);
 
 /*
  * True when the environment's LSHM_FUZZ_AVOID (words separated by commas)

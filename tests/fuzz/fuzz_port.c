@@ -7,6 +7,13 @@
  * Whatever arrives, the library must not crash, must only hand out memory
  * inside a segment it mapped, and must leave no fd or mapping behind.
  *
+ * With RING in the peer's HELLO (protocol version 2) the peer also sends
+ * RING with a ring memfd made from the input (size, seals, header fields),
+ * writes records into it (MSG, FENCE, SKIP, any header; tail published as
+ * it is or as the input says, records rewritten after publishing), sends
+ * WAKE or wakes the futex, and sends datagrams that need a FENCE; and it
+ * maps the ring the library sends and rewrites its head, wake and space.
+ *
  * Input: a context byte (fuzz_ctx, and bit 7: a message handler instead
  * of lshm_recv), a HELLO byte, then operations, one byte each followed by
  * its arguments (see the op_* functions).
@@ -20,6 +27,7 @@
 #include <unistd.h>
 
 #include "fuzz.h"
+#include "msgring.h"
 #include "shm.h"
 #include "wire.h"
 
@@ -28,7 +36,6 @@
 #define MAX_HELD  8
 #define MAX_OPS   96
 
-static bool avoid_tracking_fd;
 /* The pid headers and segments carry: this process, or the one claimed. */
 static int32_t header_pid;
 
@@ -36,6 +43,15 @@ struct seg {
     int   fd;
     void *map;      /* the fuzzer's own mapping, or NULL */
     size_t size;
+};
+
+/* A ring: the peer's own (it writes records), or the library's (mapped
+ * from its RING). */
+struct pring {
+    uint8_t *map;       /* LSHM_RING_HEADER_SIZE + size bytes, or NULL */
+    size_t   size;      /* data bytes */
+    size_t   len;       /* the mapping's length */
+    uint64_t tail;      /* the peer's: bytes written */
 };
 
 struct state {
@@ -48,6 +64,8 @@ struct state {
     struct seg        segs[MAX_SEGS];
     unsigned          nsegs;
     uint32_t          next_id;  /* next MMAP id the library expects */
+    struct pring      rings[2];    /* the peer's ring on each port */
+    struct pring      lrings[2];   /* the library's ring on each port */
     struct lshm_msg   held[MAX_HELD];
     unsigned          nheld;
     volatile uint8_t  sink;
@@ -150,7 +168,9 @@ static void switch_port(struct state *s)
         abort();
     if (s->handler)
         lshm_port_set_handler(s->ports[s->cur], on_msg, on_close, s);
-    fuzz_raw_send(s->raws[s->cur], buf, fuzz_hello(buf, RAW_PORT, 4), NULL, 0, NULL);
+    fuzz_raw_send(s->raws[s->cur], buf,
+                  fuzz_hello(buf, RAW_PORT, 4, LSHM_WIRE_FEAT_RING, LSHM_RING_SIZE_MIN), NULL,
+                  0, NULL);
 }
 
 /* An fd to send along, by kind; the fuzzer's copy is closed after the send. */
@@ -223,8 +243,6 @@ static void op_raw(struct state *s, struct fin *in, uint8_t op)
         memcpy(buf + 4, &pid, 4);
         memcpy(buf + 8, &port, 2);
     }
-    if (avoid_tracking_fd && len >= 12 && (buf[11] & LSHM_WIRE_TRACKING))
-        fdsel = 0;
     send_with(s, buf, len, fdsel);
 }
 
@@ -347,9 +365,6 @@ static void op_shm(struct state *s, struct fin *in, uint8_t op)
     }
     put_hdr(buf, stream, type, flags, (op & 0x20) ? fin_u32(in) : (uint32_t)sum);
     fdsel = (op & 0x40) ? fin_u8(in) : 0;
-    /* Known: a tracked message refused for its tracking leaks its fd. */
-    if ((flags & LSHM_WIRE_TRACKING) && avoid_tracking_fd)
-        fdsel = 0;
     send_with(s, buf, off, fdsel);
 }
 
@@ -364,8 +379,6 @@ static void op_inline(struct state *s, struct fin *in, uint8_t op)
     uint32_t size = (fin_u8(in) & 1) ? fin_u32(in) : (uint32_t)len;
     unsigned fdsel = fin_u8(in);
 
-    if (avoid_tracking_fd && (flags & LSHM_WIRE_TRACKING))
-        fdsel = 0;
     memset(buf, (int)stream, sizeof(struct lshm_wire_msg) + len);
     put_hdr(buf, stream, type, flags, size);
     send_with(s, buf, sizeof(struct lshm_wire_msg) + len, fdsel);
@@ -380,7 +393,7 @@ static void op_ctrl(struct state *s, struct fin *in, uint8_t op)
     unsigned fdsel = fin_u8(in);
 
     if (type == 0xff)
-        blen = fuzz_hello(buf, RAW_PORT, 1 + (op >> 3)) - sizeof(struct lshm_wire_msg);
+        blen = fuzz_hello(buf, RAW_PORT, 1 + (op >> 3), 0, 0) - sizeof(struct lshm_wire_msg);
     else
         put_hdr(buf, 0, type & 15, 0, (uint32_t)blen);
     fin_bytes(in, buf + sizeof(struct lshm_wire_msg), type == 0xff ? 0 : blen);
@@ -433,11 +446,276 @@ static void op_drain_raw(struct state *s)
     unsigned n, i, k;
 
     for (k = 0; k < 64; k++) {
-        if (fuzz_raw_recv(s->raws[s->cur], buf, sizeof(buf), fds, 4, &n) < 0)
+        ssize_t len = fuzz_raw_recv(s->raws[s->cur], buf, sizeof(buf), fds, 4, &n);
+        struct pring *r = &s->lrings[s->cur];
+        uint32_t size;
+
+        if (len < 0)
             break;
+        /* The library's RING: mapped, so that its header can be rewritten. */
+        if (len == 20 && buf[10] == LSHM_WIRE_RING && n == 1 && r->map == NULL) {
+            memcpy(&size, buf + 16, 4);
+            if (lshm__ring_size_is_valid(size)) {
+                void *m = mmap(NULL, LSHM_RING_HEADER_SIZE + (size_t)size,
+                               PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+
+                if (m == MAP_FAILED) {
+                    fprintf(stderr, "fuzz_port: the library's ring cannot be mapped\n");
+                    abort();
+                }
+                r->map = m;
+                r->size = size;
+                r->len = LSHM_RING_HEADER_SIZE + (size_t)size;
+            }
+        }
         for (i = 0; i < n; i++)
             close(fds[i]);
     }
+}
+
+/* ---- rings ---- */
+
+static struct lshm_msgring_header *ring_hdr(struct pring *r)
+{
+    return (struct lshm_msgring_header *)r->map;
+}
+
+/* The peer's RING: a ring memfd from the input's choices, announced. */
+static void op_ring(struct state *s, struct fin *in, uint8_t op)
+{
+    uint8_t sel = fin_u8(in), bad = fin_u8(in);
+    unsigned seals = F_SEAL_SHRINK | F_SEAL_GROW;
+    struct pring *r = &s->rings[s->cur];
+    uint32_t ring_size;
+    size_t size, file;
+    uint8_t buf[32];
+    size_t n;
+    int fd;
+
+    switch (sel & 3) {
+    case 0:  size = LSHM_RING_SIZE_MIN; break;
+    case 1:  size = LSHM_RING_SIZE_MIN * 2; break;
+    case 2:  size = LSHM_RING_SIZE_MIN * 8; break;   /* above the library's HELLO */
+    default: size = fin_u32(in) % (1u << 20); break;
+    }
+    file = LSHM_RING_HEADER_SIZE + size;
+    if (bad & 1)
+        file = (file + (int16_t)fin_u16(in)) & 0x1fffff;
+    fd = fuzz_ring_memfd(0, RAW_PORT, header_pid, getpid());
+    if (fd < 0 || ftruncate(fd, (off_t)file) < 0)
+        abort();
+    if (file >= sizeof(struct lshm_msgring_header)) {
+        uint32_t v = (uint32_t)size;
+
+        if (pwrite(fd, &v, 4, 8) != 4)
+            abort();
+        if (bad & 2) {
+            v = fin_u32(in);
+            if (pwrite(fd, &v, 4, (fin_u8(in) % 5) * 4) != 4)
+                abort();
+        }
+    }
+    if (bad & 4)
+        seals = fin_u8(in) & (F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE |
+                              F_SEAL_FUTURE_WRITE);
+    if (r->map == NULL && size >= 8 && file == LSHM_RING_HEADER_SIZE + size &&
+        !(seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))) {
+        void *m = mmap(NULL, file, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+
+        if (m != MAP_FAILED) {
+            r->map = m;
+            r->size = size;
+            r->len = file;
+            r->tail = 0;
+        }
+    }
+    fcntl(fd, F_ADD_SEALS, seals);
+    ring_size = (bad & 8) ? fin_u32(in) : (uint32_t)size;
+    n = put_hdr(buf, 0, LSHM_WIRE_RING, 0, 4);
+    memcpy(buf + n, &ring_size, 4);
+    if (bad & 16)
+        send_with(s, buf, n + 4, fin_u8(in));   /* no ring fd, or other fds */
+    else
+        raw_send(s, buf, n + 4, &fd, 1);
+    close(fd);
+}
+
+/* Write n bytes at stream position pos, wrapping at the end. */
+static void ring_put(struct pring *r, uint64_t pos, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    size_t i;
+
+    for (i = 0; i < n; i++)
+        r->map[LSHM_RING_HEADER_SIZE + ((pos + i) % r->size)] = b[i];
+}
+
+static void publish(struct pring *r, uint64_t tail)
+{
+    __atomic_store_n(&ring_hdr(r)->tail, tail, __ATOMIC_RELEASE);
+}
+
+/* The producer's wake-up: exchange wake, then the futex or a WAKE. */
+static void ring_wake(struct state *s, struct pring *r, uint8_t how)
+{
+    uint8_t buf[32];
+
+    if (r->map != NULL && !(how & 1) &&
+        __atomic_exchange_n(&ring_hdr(r)->wake, 0, __ATOMIC_SEQ_CST) == 0)
+        return;
+    if ((how & 2) && r->map != NULL)
+        lshm__futex_wake(&ring_hdr(r)->wake);
+    else
+        send_with(s, buf, put_hdr(buf, 0, LSHM_WIRE_WAKE, 0, 0), (how & 4) ? how >> 3 : 0);
+}
+
+/* A record at the peer's tail: MSG (an inline user message, or any bytes),
+ * FENCE, SKIP, or any header; a SKIP first where it would cross the end
+ * unless the op says to cross it; published, and a wake-up, if asked. */
+static void op_record(struct state *s, struct fin *in, uint8_t op)
+{
+    static uint8_t body[LSHM_WIRE_MAX + 64];
+    struct pring *r = &s->rings[s->cur];
+    uint8_t sel = fin_u8(in);
+    struct lshm_wire_record rec = { 0, LSHM_REC_FENCE };
+    uint64_t span, head;
+
+    if (r->map == NULL)
+        return;
+    switch (sel & 3) {
+    case 0:
+        rec.kind = LSHM_REC_MSG;
+        if (sel & 4) {
+            rec.len = fin_u16(in) % sizeof(body);
+            rec.len = (uint32_t)fin_bytes(in, body, rec.len);
+            if (!(sel & 8) && rec.len >= 10) {
+                memcpy(body + 4, &header_pid, 4);
+                memcpy(body + 8, &(uint16_t){ RAW_PORT }, 2);
+            }
+        } else {
+            uint32_t stream = fin_u32(in);
+            size_t len = fin_u16(in) % (LSHM_INLINE_MAX + 1);
+
+            memset(body, (int)stream, sizeof(struct lshm_wire_msg) + len);
+            put_hdr(body, stream, LSHM_TYPE_USER_MIN + (sel >> 4), LSHM_WIRE_LAST,
+                    (uint32_t)len);
+            rec.len = (uint32_t)(sizeof(struct lshm_wire_msg) + len);
+        }
+        break;
+    case 1:
+        break;
+    case 2:
+        rec.kind = LSHM_REC_SKIP;
+        break;
+    default:
+        rec.len = fin_u32(in);
+        rec.kind = fin_u32(in);
+        break;
+    }
+    span = rec.kind == LSHM_REC_MSG ? LSHM_REC_SPAN(rec.len) : LSHM_REC_HDR;
+    if (!(op & 0x10) && rec.kind != LSHM_REC_SKIP &&
+        r->tail % r->size + span > r->size) {
+        struct lshm_wire_record skip = { 0, LSHM_REC_SKIP };
+
+        ring_put(r, r->tail, &skip, sizeof(skip));
+        r->tail += r->size - r->tail % r->size;
+    }
+    /* Room, unless the op says to write over what is unread. */
+    head = __atomic_load_n(&ring_hdr(r)->head, __ATOMIC_ACQUIRE);
+    if (!(op & 0x20) && (head > r->tail || r->tail + span - head > r->size))
+        return;
+    ring_put(r, r->tail, &rec, sizeof(rec));
+    if ((sel & 3) == 0 && span <= r->size)
+        ring_put(r, r->tail + LSHM_REC_HDR, body, rec.len);
+    if (rec.kind == LSHM_REC_SKIP)
+        r->tail += r->size - r->tail % r->size;
+    else
+        r->tail += span;
+    r->tail &= ~(uint64_t)7;
+    if (op & 0x40) {
+        publish(r, r->tail);
+        ring_wake(s, r, sel >> 4);
+    }
+}
+
+/* Tail published: the peer's, or moved by the input; or a rewrite of
+ * bytes already published (the record header the consumer just read, any
+ * 4 bytes behind tail, or the header page). */
+static void op_tail(struct state *s, struct fin *in, uint8_t op)
+{
+    struct pring *r = &s->rings[s->cur];
+    uint8_t sel = fin_u8(in);
+
+    if (r->map == NULL)
+        return;
+    switch (sel & 3) {
+    case 0:
+        publish(r, r->tail);
+        break;
+    case 1:
+        publish(r, r->tail + (int8_t)fin_u8(in));
+        break;
+    case 2:
+        publish(r, (uint64_t)fin_u32(in) << (sel & 0x20 ? 32 : 0) | fin_u32(in));
+        break;
+    default: {
+        uint32_t v = fin_u32(in);
+        uint32_t back = fin_u16(in);
+
+        if (sel & 4)
+            memcpy(r->map + (back % LSHM_RING_HEADER_SIZE & ~3u), &v, 4);
+        else
+            ring_put(r, (r->tail - back) & ~(uint64_t)3, &v, 4);
+        break;
+    }
+    }
+    if (sel & 8)
+        ring_wake(s, r, sel >> 4);
+}
+
+/* The peer, as the consumer of the library's ring, rewrites its header:
+ * head (everything read, the input's value, back), wake, space. */
+static void op_lring(struct state *s, struct fin *in, uint8_t op)
+{
+    struct pring *r = &s->lrings[s->cur];
+    struct lshm_msgring_header *h;
+    uint8_t sel = fin_u8(in), buf[32];
+    uint64_t tail;
+
+    if (r->map == NULL)
+        return;
+    h = ring_hdr(r);
+    tail = __atomic_load_n(&h->tail, __ATOMIC_ACQUIRE);
+    switch (sel & 7) {
+    case 0: case 1:
+        __atomic_store_n(&h->head, tail, __ATOMIC_RELEASE);
+        break;
+    case 2:
+        __atomic_store_n(&h->head, tail + (int8_t)fin_u8(in), __ATOMIC_RELEASE);
+        break;
+    case 3:
+        __atomic_store_n(&h->head, (uint64_t)fin_u32(in) << 32 | fin_u32(in), __ATOMIC_RELEASE);
+        break;
+    case 4:
+        __atomic_store_n(&h->head, tail - r->size - 8 * (uint64_t)fin_u8(in),
+                         __ATOMIC_RELEASE);
+        break;
+    case 5:
+        h->wake = fin_u32(in);
+        break;
+    case 6:
+        h->space = fin_u32(in);
+        break;
+    default: {
+        uint32_t v = fin_u32(in);
+
+        memcpy(r->map + (fin_u16(in) % 256 & ~3u), &v, 4);
+        break;
+    }
+    }
+    /* As a consumer does after publishing head: SHM_ACK if space was 1. */
+    if ((sel & 8) && __atomic_exchange_n(&h->space, 0, __ATOMIC_SEQ_CST) != 0)
+        send_with(s, buf, put_hdr(buf, 0, LSHM_WIRE_SHM_ACK, 0, 0), 0);
 }
 
 static void step(struct state *s, struct fin *in)
@@ -451,13 +729,23 @@ static void step(struct state *s, struct fin *in)
     case 5: op_inline(s, in, op); break;
     case 6: op_ctrl(s, in, op); break;
     case 7: case 8: run(s, 1 + (op >> 6), op & 0x10); break;
-    case 9: release_held(s); break;
+    case 9:
+        if (op & 0x80)
+            op_record(s, in, op);
+        else
+            release_held(s);
+        break;
     case 10: op_scribble(s, in, op); break;
     case 11: op_lib_send(s, in, op); break;
     case 12: op_drain_raw(s); break;
     case 13:
-        if (op & 0x10)
-            shutdown(s->raws[s->cur], SHUT_WR);
+        switch ((op >> 4) & 7) {
+        case 0: break;
+        case 1: shutdown(s->raws[s->cur], SHUT_WR); break;
+        case 2: op_ring(s, in, op); break;
+        case 3: case 4: op_tail(s, in, op); break;
+        default: op_lring(s, in, op); break;
+        }
         break;
     case 14:
         if (op & 0x10 && s->ports[s->cur] != NULL) {
@@ -486,7 +774,12 @@ static void hello(struct state *s, struct fin *in)
     size_t len;
 
     if ((sel & 15) != 0) {
-        len = fuzz_hello(buf, RAW_PORT, 1 + (sel >> 4));
+        /* Bit 6: RING (rings of at most 64 KiB from the library), bit 7: FUTEX. */
+        uint32_t feat = ((sel & 0x40) ? LSHM_WIRE_FEAT_RING : 0) |
+                        ((sel & 0x80) ? LSHM_WIRE_FEAT_FUTEX : 0);
+
+        len = fuzz_hello(buf, RAW_PORT, 1 + ((sel >> 4) & 3), feat,
+                         (feat & LSHM_WIRE_FEAT_RING) ? LSHM_RING_SIZE_MIN : 0);
     } else {
         int32_t pid = getpid();
 
@@ -507,7 +800,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     unsigned i, ops = 0;
     uint8_t sel;
 
-    avoid_tracking_fd = fuzz_avoid("tracking-fd");
     header_pid = getpid();
     fuzz_leaks_begin(&leaks);
     memset(&s, 0, sizeof(s));
@@ -534,6 +826,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             lshm_port_close(s.ports[i]);
     }
     lshm_ctx_free(s.ctx);
+    for (i = 0; i < 2; i++) {
+        if (s.rings[i].map != NULL)
+            munmap(s.rings[i].map, s.rings[i].len);
+        if (s.lrings[i].map != NULL)
+            munmap(s.lrings[i].map, s.lrings[i].len);
+    }
     for (i = 0; i < s.nsegs; i++) {
         if (s.segs[i].map != NULL)
             munmap(s.segs[i].map, s.segs[i].size);

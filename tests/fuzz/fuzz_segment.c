@@ -12,6 +12,12 @@
  * what it received and scribbles nothing), every payload must arrive
  * intact.
  *
+ * With RING in the peer's HELLO (context byte bit 7) the library sends
+ * its messages without fds as records of its ring: the peer imports the
+ * ring, reads records and datagrams in the order FENCEs give, publishes
+ * head (SHM_ACK when the library waits for room), or rewrites head, wake
+ * and space.
+ *
  * Input: a context byte (fuzz_ctx), the max_segments of the peer's HELLO,
  * then operations, one byte each followed by its arguments.
  */
@@ -25,6 +31,7 @@
 #include <unistd.h>
 
 #include "fuzz.h"
+#include "msgring.h"
 #include "shm.h"
 #include "wire.h"
 
@@ -64,7 +71,16 @@ struct state {
     unsigned              ndescs;
     uint32_t              stream;
     bool                  fair;                     /* no scribble, no stray free */
+    bool                  ring;                     /* the peer's HELLO has RING */
+    struct lshm_msgring   rx[2];                    /* the library's rings, imported */
+    bool                  fence[2];                 /* at a FENCE: the next datagram */
 };
+
+static void ring_drop(struct state *s, unsigned n)
+{
+    lshm__msgring_free(&s->rx[n]);
+    s->fence[n] = false;
+}
 
 static void free_bufs(struct state *s)
 {
@@ -79,21 +95,6 @@ static void cancel_all(struct state *s)
 }
 
 static void end_pair(struct state *s);
-
-/* Known: a send that fails after the peer closed its port frees its chunks
- * by segment id, which may name a new segment by then.  Avoided, the peer
- * lets the port's sends complete before it closes. */
-static bool avoid_late_free;
-
-static void settle(struct state *s)
-{
-    unsigned i;
-
-    if (!avoid_late_free || s->ports[s->cur] == NULL)
-        return;
-    for (i = 0; i < 20 && lshm_port_wait(s->ports[s->cur], LSHM_WAIT_IDLE, 0) <= 0; i++)
-        fuzz_pump(s->ctx, 1);
-}
 
 /* A port of the peer is open until it closes its socket or says BYE (and
  * shuts it down for writing, as the protocol has it). */
@@ -111,7 +112,6 @@ static void raw_ctrl(struct state *s, uint8_t type)
         return;
     fuzz_raw_send(s->raws[s->cur], buf, n, NULL, 0, NULL);
     if (type == LSHM_WIRE_BYE) {
-        settle(s);
         shutdown(s->raws[s->cur], SHUT_WR);
         s->bye[s->cur] = true;
         if (!peer_port_open(s, s->cur ^ 1))
@@ -160,7 +160,87 @@ static void on_desc(struct state *s, const struct lshm_wire_desc *d, uint8_t pat
         }
 }
 
-/* Read what the library sent: map its segments, note its descriptors. */
+/* One message of the library's, from a datagram (fds) or a ring record. */
+static void on_msg(struct state *s, const struct lshm_wire_view *v, const int *fds,
+                   unsigned nfds)
+{
+    unsigned i;
+
+    if (s->bye[s->cur]) {
+        /* After its BYE a receiver maps nothing more: the sender has
+         * taken back what it announced there and the peer did not map
+         * (its id can come again on the other port). */
+    } else if (v->hdr.type == LSHM_WIRE_MMAP_MSG) {
+        /* Below the limit, and once mapped (sent_over any) an id is
+         * never announced again; the two ports may interleave ids. */
+        uint32_t id = v->mmap_id;
+        void *m;
+
+        CHECK(id < MAX_SEGS);
+        CHECK(s->segs[id] == NULL || !s->fair);
+        m = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
+        CHECK(m != MAP_FAILED);
+        if (s->segs[id] != NULL)
+            munmap(s->segs[id], LSHM_SEGMENT_SIZE);
+        s->segs[id] = m;
+        CHECK(s->segs[id]->id == id || !s->fair);
+        /* As a receiver does once it mapped it. */
+        s->segs[id]->sent_over = LSHM_SENT_OVER_ANY;
+        if (id >= s->nsegs)
+            s->nsegs = id + 1;
+    } else if (v->hdr.type == LSHM_WIRE_RING) {
+        const char *why = NULL;
+
+        CHECK(s->ring && s->rx[s->cur].hdr == NULL);
+        CHECK(lshm__msgring_import(&s->rx[s->cur], fds[0], v->ring_size, v->hdr.port_id,
+                                   getpid(), getpid(), &why) == 0);
+    } else if (v->hdr.type >= LSHM_TYPE_USER_MIN) {
+        if (v->has_tracking)
+            CHECK(v->tracking.mmap_id < MAX_SEGS &&
+                  (s->segs[v->tracking.mmap_id] != NULL || !s->fair));
+        for (i = 0; i < v->ndesc; i++) {
+            struct lshm_wire_desc d = lshm__wire_desc_at(v, i);
+
+            on_desc(s, &d, (uint8_t)v->hdr.stream);
+        }
+    }
+}
+
+/* The next record of the library's ring on the current port: 1 a MSG
+ * (handled), 2 a FENCE, 0 none, -1 the ring was refused (only after the
+ * peer rewrote something). */
+static int ring_next(struct state *s)
+{
+    static uint8_t buf[LSHM_WIRE_MAX];
+    struct lshm_msgring *r = &s->rx[s->cur];
+    struct lshm_wire_record rec;
+    struct lshm_wire_view v;
+    const char *why = NULL;
+    int ret;
+
+    if (r->hdr == NULL)
+        return 0;
+    ret = lshm__msgring_next(r, buf, &rec, &why);
+    if (ret < 0) {
+        CHECK(!s->fair);
+        ring_drop(s, s->cur);
+        return -1;
+    }
+    if (ret == 0)
+        return 0;
+    if (rec.kind == LSHM_REC_FENCE)
+        return 2;
+    if (lshm__wire_decode_record(buf, rec.len, &v, &why) < 0) {
+        /* What the library writes must be valid protocol. */
+        CHECK(!s->fair);
+        return 1;
+    }
+    on_msg(s, &v, NULL, 0);
+    return 1;
+}
+
+/* Read what the library sent, in its order: ring records up to a FENCE,
+ * then the datagram there; map its segments, note its descriptors. */
 static void op_recv(struct state *s, unsigned max)
 {
     static uint8_t buf[LSHM_WIRE_MAX + 64];
@@ -173,6 +253,16 @@ static void op_recv(struct state *s, unsigned max)
     for (k = 0; k < max; k++) {
         if (s->raws[s->cur] < 0)
             break;
+        if (!s->fence[s->cur]) {
+            int r = ring_next(s);
+
+            if (r == 1)
+                continue;
+            if (r == 2) {
+                s->fence[s->cur] = true;
+                continue;
+            }
+        }
         n = fuzz_raw_recv(s->raws[s->cur], buf, sizeof(buf), fds, 4, &nfds);
         if (n < 0)
             break;
@@ -183,40 +273,51 @@ static void op_recv(struct state *s, unsigned max)
             fprintf(stderr, "fuzz_segment: the library sent an invalid datagram: %s\n", why);
             abort();
         }
-        if (s->bye[s->cur]) {
-            /* After its BYE a receiver maps nothing more: the sender has
-             * taken back what it announced there and the peer did not map
-             * (its id can come again on the other port). */
-        } else if (v.hdr.type == LSHM_WIRE_MMAP_MSG) {
-            /* Below the limit, and once mapped (sent_over any) an id is
-             * never announced again; the two ports may interleave ids. */
-            uint32_t id = v.mmap_id;
-            void *m;
+        if (s->rx[s->cur].hdr != NULL && v.hdr.type != LSHM_WIRE_WAKE &&
+            v.hdr.type != LSHM_WIRE_SHM_ACK && !s->fence[s->cur]) {
+            /* Its FENCE was published before it was sent: read up to it. */
+            int r;
 
-            CHECK(id < MAX_SEGS);
-            CHECK(s->segs[id] == NULL || !s->fair);
-            m = mmap(NULL, LSHM_SEGMENT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fds[0], 0);
-            CHECK(m != MAP_FAILED);
-            if (s->segs[id] != NULL)
-                munmap(s->segs[id], LSHM_SEGMENT_SIZE);
-            s->segs[id] = m;
-            CHECK(s->segs[id]->id == id || !s->fair);
-            /* As a receiver does once it mapped it. */
-            s->segs[id]->sent_over = LSHM_SENT_OVER_ANY;
-            if (id >= s->nsegs)
-                s->nsegs = id + 1;
-        } else if (v.hdr.type >= LSHM_TYPE_USER_MIN) {
-            if (v.has_tracking)
-                CHECK(v.tracking.mmap_id < MAX_SEGS &&
-                      (s->segs[v.tracking.mmap_id] != NULL || !s->fair));
-            for (i = 0; i < v.ndesc; i++) {
-                struct lshm_wire_desc d = lshm__wire_desc_at(&v, i);
-
-                on_desc(s, &d, (uint8_t)v.hdr.stream);
-            }
+            while ((r = ring_next(s)) == 1)
+                ;
+            CHECK(r == 2 || !s->fair);
         }
+        if (v.hdr.type != LSHM_WIRE_WAKE && v.hdr.type != LSHM_WIRE_SHM_ACK)
+            s->fence[s->cur] = false;
+        on_msg(s, &v, fds, nfds);
         for (i = 0; i < nfds; i++)
             close(fds[i]);
+    }
+    if (s->rx[s->cur].hdr != NULL && lshm__msgring_publish_head(&s->rx[s->cur]))
+        raw_ctrl(s, LSHM_WIRE_SHM_ACK);
+}
+
+/* The peer rewrites the header of the library's ring: head, wake, space. */
+static void op_ring_scribble(struct state *s, struct fin *in, uint8_t op)
+{
+    struct lshm_msgring *r = &s->rx[s->cur];
+    uint64_t tail;
+
+    if (r->hdr == NULL)
+        return;
+    s->fair = false;
+    tail = __atomic_load_n(&r->hdr->tail, __ATOMIC_ACQUIRE);
+    switch ((op >> 4) & 7) {
+    case 0: __atomic_store_n(&r->hdr->head, tail, __ATOMIC_RELEASE); break;
+    case 1: __atomic_store_n(&r->hdr->head, tail + 8 * (int8_t)fin_u8(in), __ATOMIC_RELEASE); break;
+    case 2:
+        __atomic_store_n(&r->hdr->head, (uint64_t)fin_u32(in) << 32 | fin_u32(in),
+                         __ATOMIC_RELEASE);
+        break;
+    case 3: __atomic_store_n(&r->hdr->head, tail - r->size - fin_u8(in), __ATOMIC_RELEASE); break;
+    case 4: r->hdr->wake = fin_u32(in); break;
+    case 5: r->hdr->space = fin_u32(in); break;
+    default: {
+        uint32_t v = fin_u32(in);
+
+        memcpy((uint8_t *)r->hdr + (fin_u16(in) % 256 & ~3u), &v, 4);
+        break;
+    }
     }
 }
 
@@ -363,8 +464,9 @@ static void open_port(struct state *s, unsigned n, unsigned max_segments)
     s->made[n] = true;
     s->raws[n] = fuzz_raw_port(s->ctx, &s->ports[n]);
     CHECK(s->raws[n] >= 0);
-    fuzz_raw_send(s->raws[n], hello, fuzz_hello(hello, RAW_PORT + n, max_segments), NULL, 0,
-                  NULL);
+    fuzz_raw_send(s->raws[n], hello, fuzz_hello(hello, RAW_PORT + n, max_segments,
+                  s->ring ? LSHM_WIRE_FEAT_RING : 0, s->ring ? LSHM_RING_SIZE_MIN : 0),
+                  NULL, 0, NULL);
     for (i = 0; i < 20 && lshm_port_wait(s->ports[n], LSHM_WAIT_READY, 0) <= 0; i++)
         fuzz_pump(s->ctx, 1);
     CHECK(lshm_port_wait(s->ports[n], LSHM_WAIT_READY, 0) > 0);
@@ -386,7 +488,12 @@ static void step(struct state *s, struct fin *in)
     case 0: case 1: case 2: op_send(s, in, op); break;
     case 3: case 4: op_recv(s, 1 + (op >> 4)); break;
     case 5: case 6: op_free(s, in); break;
-    case 7: op_scribble(s, in, op); break;
+    case 7:
+        if (op & 0x80)
+            op_ring_scribble(s, in, op);
+        else
+            op_scribble(s, in, op);
+        break;
     case 8: case 9: fuzz_pump(s->ctx, 1 + (op >> 6)); break;
     case 10:
         if (s->ports[s->cur] != NULL)
@@ -418,8 +525,8 @@ static void step(struct state *s, struct fin *in)
         } else if ((op & 0x40) && s->raws[s->cur] >= 0) {
             /* The peer goes away on this port: what it announced there and
              * never mapped is the library's again. */
-            settle(s);
             close(s->raws[s->cur]);
+            ring_drop(s, s->cur);
             s->raws[s->cur] = -1;
             if (!peer_port_open(s, s->cur ^ 1))
                 end_pair(s);
@@ -438,12 +545,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct fuzz_leaks leaks;
     struct state s;
     unsigned i, ops = 0;
+    uint8_t sel;
 
-    avoid_late_free = fuzz_avoid("late-free");
     fuzz_leaks_begin(&leaks);
     memset(&s, 0, sizeof(s));
     s.fair = true;
-    s.ctx = fuzz_ctx(fin_u8(&in) & 0x7f);
+    sel = fin_u8(&in);
+    s.ring = sel & 0x80;
+    s.ctx = fuzz_ctx(sel & 0x7f);
     s.raws[0] = s.raws[1] = -1;
     open_port(&s, 0, 1 + fin_u8(&in) % 4);
     while (fin_more(&in) && ops++ < MAX_OPS)
@@ -460,6 +569,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             lshm_port_close(s.ports[i]);
     }
     lshm_ctx_free(s.ctx);
+    ring_drop(&s, 0);
+    ring_drop(&s, 1);
     end_pair(&s);
     fuzz_leaks_end(&leaks, "fuzz_segment");
     return 0;
