@@ -26,9 +26,13 @@ static void send_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
     if (res < 0)
         lshm__port_free_unsent(port, m);
     lshm__smsg_free(m);
-    if (res < 0) {
-        lshm__port_fail(port, res == -ECANCELED ? -EPIPE : res,
-                       "send failed: %s", strerror(res == -ECANCELED ? EPIPE : -res));
+    if (res == -EPIPE || res == -ECONNRESET || res == -ECANCELED) {
+        /* The peer's end is gone, and no BYE of its closed the port
+         * first: a crash, as the end of file without BYE says it. */
+        lshm__port_fail(port, -ECONNRESET, "peer closed the connection without BYE "
+                        "(a send failed: %s)", strerror(res == -ECANCELED ? EPIPE : -res));
+    } else if (res < 0) {
+        lshm__port_fail(port, res, "send failed: %s", strerror(-res));
     } else if (port->ctx != NULL) {
         port->ctx->msgs_sent++;
     }
