@@ -124,6 +124,7 @@ struct lshm_port {
     uint32_t             peer_ring_size;    /* the peer's HELLO: our ring at most this */
     struct lshm_msgring  tx;            /* ours (hdr NULL: none yet) */
     bool                 tx_dirty;      /* records reserved, tail not published */
+    unsigned             unreaped;      /* ring sends since completions were reaped */
     struct smsg         *sq_fence;      /* first queued datagram whose FENCE is held */
     struct smsg         *bl_head, *bl_tail; /* waiting for the handshake or ring room */
     unsigned             bl_len;

@@ -599,6 +599,14 @@ bool lshm__ring_is_idle(struct lshm_ring *r)
            !(IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN);
 }
 
+bool lshm__ring_has_completions(struct lshm_ring *r)
+{
+    if (unlikely(r->ep != NULL) || !r->taskrun_flag)
+        return false;
+    return io_uring_cq_ready(&r->ring) != 0 ||
+           (IO_URING_READ_ONCE(*r->ring.sq.kflags) & IORING_SQ_TASKRUN);
+}
+
 void lshm__ring_sends(struct lshm_ring *r, int delta)
 {
     r->sends += delta;

@@ -86,6 +86,9 @@ int lshm__ring_submit(struct lshm_ring *r);
  * waiting (as a CQE or as task work): a run with no wait can skip the
  * kernel.  False where the kernel cannot tell us. */
 bool lshm__ring_is_idle(struct lshm_ring *r);
+/* Does the kernel say completions wait (as CQEs or task work)?  False where
+ * it cannot tell (epoll, kernels without the flag): poll now and then. */
+bool lshm__ring_has_completions(struct lshm_ring *r);
 /* Sends in flight, counted by the caller: a chain needs them asked for. */
 void lshm__ring_sends(struct lshm_ring *r, int delta);
 /* Submit and collect completions without waiting, then dispatch them:

@@ -10,6 +10,7 @@
 #include "port.h"
 
 #define CHAIN_MAX   1024u   /* sends linked into one submit */
+#define REAP_EVERY  64u     /* ring messages between two looks at completions */
 
 static void send_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
 {
@@ -306,12 +307,21 @@ int lshm__send(struct lshm_port *port, const struct lshm_out *out, unsigned flag
         return 0;
     }
     lshm__port_publish(port);
-    /* Only the socket needs the kernel. */
+    /* Only the socket needs the kernel.  A sender that writes only its
+     * ring still reaps completions when the kernel says some wait, or
+     * every REAP_EVERY messages where it cannot say: the peer's BYE or end
+     * of file stops it then, instead of a stream into a ring nobody reads. */
     if (port->sq_head != NULL || port->inflight > 0) {
+        port->unreaped = 0;
         lshm__send_kick(port);
         ret = lshm__ctx_pump(port->ctx);   /* queued, but a refused submit is no success */
         if (ret < 0)
             return ret;
+    } else if (lshm__ring_has_completions(port->ctx->ring) || ++port->unreaped >= REAP_EVERY) {
+        /* A look at the sockets too (epoll's pump only hands over what
+         * completed): no wait, no handler. */
+        port->unreaped = 0;
+        lshm__ctx_step(port->ctx, 0);
     }
     return 0;
 }
