@@ -148,13 +148,12 @@ bool lshm__msgring_publish(struct lshm_msgring *r, uint64_t limit)
 
     if (tail <= r->published)
         return false;
-    __atomic_store_n(&r->hdr->tail, tail, __ATOMIC_RELEASE);
+    /* Sequentially consistent, as the consumer's store of wake before it
+     * reads tail again (a full fence between the two): either it sees this
+     * tail, or we see its wake. */
+    __atomic_store_n(&r->hdr->tail, tail, __ATOMIC_SEQ_CST);
     r->published = tail;
-
-    /* Pairs with the consumer's store of wake before it reads tail again:
-     * either it sees this tail, or we see its wake. */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&r->hdr->wake, __ATOMIC_RELAXED) == 0)
+    if (__atomic_load_n(&r->hdr->wake, __ATOMIC_SEQ_CST) == 0)
         return false;
     /* One wake-up per movement of head: a consumer that sets wake and
      * never reads costs nothing more. */
@@ -302,11 +301,11 @@ bool lshm__msgring_publish_head(struct lshm_msgring *r)
 {
     if (r->pos == r->published)
         return false;
-    __atomic_store_n(&r->hdr->head, r->pos, __ATOMIC_RELEASE);
+    /* Sequentially consistent, as the producer's store of space before it
+     * reads head: either it sees this head, or we see its space. */
+    __atomic_store_n(&r->hdr->head, r->pos, __ATOMIC_SEQ_CST);
     r->published = r->pos;
-    /* Pairs with the producer's store of space before it reads head. */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&r->hdr->space, __ATOMIC_RELAXED) == 0)
+    if (__atomic_load_n(&r->hdr->space, __ATOMIC_SEQ_CST) == 0)
         return false;
     return __atomic_exchange_n(&r->hdr->space, 0, __ATOMIC_SEQ_CST) != 0;
 }
