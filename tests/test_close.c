@@ -143,6 +143,10 @@ static int close_midstream_child(int s0, int s1, unsigned nread)
     CK(lshm_ctx_new(&ctx, NULL) == 0);
     CK(lshm_port_adopt(ctx, s0, &a) == 0);
     CK(lshm_port_adopt(ctx, s1, &b) == 0);
+    /* Let the sender fill what it may (every chunk) before the first read:
+     * the close below then comes with messages in flight, whatever the
+     * machine's speed. */
+    usleep(300 * 1000);
     for (i = 0; i < nread; i++) {
         CK(lshm_recv(a, &m, 10000) == 0);
         CK(m.type == T_DATA && m.stream == i + 1);
