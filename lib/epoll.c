@@ -12,6 +12,11 @@
  * order and a failed one cancels the rest of its chain (-ECANCELED).
  * Timeouts wait on a timerfd, wake-ups on an eventfd, both in the epoll
  * set, whose fd is the context's pollable fd.
+ *
+ * When all there is to wait for is one socket's receive (a client, a
+ * forked pair), the wait is that receive itself: a blocking recvmsg(2)
+ * bounded by SO_RCVTIMEO, one system call where epoll_wait(2) and then
+ * recvmsg(2) take two, and a socket wake-up where epoll adds its own.
  */
 #include <fcntl.h>
 #include <stdint.h>
@@ -40,6 +45,8 @@ struct fdent {
     bool            dirty;              /* on the dirty list: events may change */
     bool            nonblock;           /* O_NONBLOCK set (accept, connect) */
     bool            readable;           /* the last receive got a datagram */
+    signed char     blocking;           /* O_NONBLOCK clear: 1, set: 0, not known: -1 */
+    int             rcvtimeo_ms;        /* SO_RCVTIMEO set (0: forever), -1: not known */
 };
 
 struct lshm_epoll {
@@ -54,6 +61,9 @@ struct lshm_epoll {
     long long             timer_armed_ns;       /* tfd's deadline, 0: disarmed */
     struct fdent          **fds;
     int                   nfds;
+    int                   n_in, n_out;  /* sockets registered for EPOLLIN, EPOLLOUT */
+    long long             in_fd_sum;    /* sum of those for EPOLLIN: the fd when n_in is 1 */
+    bool                  skipped_poll; /* the last run dispatched without looking */
     int                   *dirty;
     int                   ndirty, capdirty;
     struct lshm_ctx_stats stats;
@@ -134,17 +144,37 @@ int lshm__ep_fd(struct lshm_epoll *ep)
     return ep->epfd;
 }
 
+/* Record fd's epoll interest, keeping the counts poll_once() decides by. */
+static void set_events(struct lshm_epoll *ep, int fd, struct fdent *fe, uint32_t events)
+{
+    if ((fe->events & EPOLLIN) != (events & EPOLLIN)) {
+        ep->n_in += events & EPOLLIN ? 1 : -1;
+        ep->in_fd_sum += events & EPOLLIN ? fd : -fd;
+    }
+    if ((fe->events & EPOLLOUT) != (events & EPOLLOUT))
+        ep->n_out += events & EPOLLOUT ? 1 : -1;
+    fe->events = events;
+}
+
+/* Out of the epoll set, and nothing known of the socket kept: the number
+ * may next name another one. */
+static void forget_fd(struct lshm_epoll *ep, int fd, struct fdent *fe)
+{
+    if (fe->events != 0)
+        epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
+    set_events(ep, fd, fe, 0);
+    fe->nonblock = false;
+    fe->readable = false;
+    fe->blocking = -1;
+    fe->rcvtimeo_ms = -1;
+}
+
 void lshm__ep_unwatch(struct lshm_epoll *ep, int fd)
 {
     struct fdent *fe = fd >= 0 && fd < ep->nfds ? ep->fds[fd] : NULL;
 
-    if (fe == NULL)
-        return;
-    if (fe->events != 0)
-        epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
-    fe->events = 0;
-    fe->nonblock = false;
-    fe->readable = false;
+    if (fe != NULL)
+        forget_fd(ep, fd, fe);
 }
 
 void lshm__ep_wake(struct lshm_epoll *ep)
@@ -183,8 +213,10 @@ static struct fdent *fdent_get(struct lshm_epoll *ep, int fd)
         ep->fds = fds;
         ep->nfds = n;
     }
-    if (ep->fds[fd] == NULL)
-        ep->fds[fd] = calloc(1, sizeof(struct fdent));
+    if (ep->fds[fd] == NULL && (ep->fds[fd] = calloc(1, sizeof(struct fdent))) != NULL) {
+        ep->fds[fd]->blocking = -1;
+        ep->fds[fd]->rcvtimeo_ms = -1;
+    }
     return ep->fds[fd];
 }
 
@@ -315,7 +347,21 @@ static int set_nonblock(struct fdent *fe, int fd)
     if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
         return -errno;
     fe->nonblock = true;
+    fe->blocking = 0;
     return 0;
+}
+
+/* A connected socket is blocking again: every call on it says
+ * MSG_DONTWAIT, and its receive may be the wait (poll_once). */
+static void clear_nonblock(struct lshm_epoll *ep, int fd)
+{
+    struct fdent *fe = ep->fds[fd];
+    int fl = fcntl(fd, F_GETFL);
+
+    if (fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0) {
+        fe->nonblock = false;
+        fe->blocking = 1;
+    }
 }
 
 /* One try of a socket call: its result, or -EAGAIN to wait for epoll. */
@@ -341,11 +387,16 @@ static int try_op(struct lshm_epoll *ep, struct lshm_op *op)
 
             if (getsockopt(op->fd, SOL_SOCKET, SO_ERROR, &ret, &len) < 0)
                 return -errno;
-            return ret == 0 ? 0 : -ret;
+            if (ret != 0)
+                return -ret;
+            clear_nonblock(ep, op->fd);
+            return 0;
         }
         n = connect(op->fd, op->arg, op->arglen);
         if (n < 0 && errno == EISCONN)
             n = 0;
+        if (n == 0)
+            clear_nonblock(ep, op->fd);
         break;
     default:
         return -EINVAL;
@@ -640,9 +691,63 @@ static void sync_fds(struct lshm_epoll *ep)
             else if (errno == EEXIST && op == EPOLL_CTL_ADD)
                 epoll_ctl(ep->epfd, EPOLL_CTL_MOD, fd, &ev);
         }
-        fe->events = ev.events;
+        set_events(ep, fd, fe, ev.events);
     }
     ep->ndirty = 0;
+}
+
+/*
+ * The wait as one blocking receive, when that is all there is to wait
+ * for: one socket's receive (blocking, no O_NONBLOCK), no sends waiting
+ * for room, no timer due within the wait, no wake-up pending.  SO_RCVTIMEO
+ * bounds it (set again only when the wait's length changes).  False when
+ * the wait must go to epoll.
+ */
+static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
+{
+    struct fdent *fe;
+    struct lshm_op *op;
+    int fd, res;
+
+    if (timeout_ms == 0 || ep->n_in != 1 || ep->n_out != 0 || ep->woken || ep->q_head != NULL)
+        return false;
+    fd = (int)ep->in_fd_sum;
+    if (fd < 0 || fd >= ep->nfds || (fe = ep->fds[fd]) == NULL || (op = fe->reader) == NULL ||
+        op->kind != LSHM_OP_RECV)
+        return false;
+    if (ep->timers != NULL) {
+        long long left = ep->timer_armed_ns - now_ns();
+
+        if (timeout_ms < 0 || left <= (long long)timeout_ms * 1000000)
+            return false;
+    }
+    if (fe->blocking < 0) {
+        int fl = fcntl(fd, F_GETFL);
+
+        fe->blocking = fl >= 0 && !(fl & O_NONBLOCK);
+    }
+    if (!fe->blocking)
+        return false;
+    if (fe->rcvtimeo_ms != (timeout_ms < 0 ? 0 : timeout_ms)) {
+        struct timeval tv = { timeout_ms < 0 ? 0 : timeout_ms / 1000,
+                              timeout_ms < 0 ? 0 : timeout_ms % 1000 * 1000 };
+
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0)
+            return false;
+        fe->rcvtimeo_ms = timeout_ms < 0 ? 0 : timeout_ms;
+    }
+    ep->stats.enters++;
+    res = (int)recvmsg(fd, op->arg, MSG_CMSG_CLOEXEC);
+    if (res < 0)
+        res = errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    /* Timed out, or a signal: as an epoll_wait that saw nothing. */
+    if (res == -EAGAIN || res == -EINTR)
+        return true;
+    /* Not readable: the next receive waits here again, not in a try. */
+    fe->readable = false;
+    fe->reader = NULL;
+    post(ep, op, res);
+    return true;
 }
 
 /* Wait up to timeout_ms (-1: forever) for readiness and act on it. */
@@ -655,6 +760,8 @@ static void poll_once(struct lshm_epoll *ep, int timeout_ms)
     if (ep->d_head != NULL)
         timeout_ms = 0;
     sync_fds(ep);
+    if (wait_in_recv(ep, timeout_ms))
+        return;
     n = epoll_wait(ep->epfd, evs, MAX_EVENTS, timeout_ms);
     ep->stats.enters++;
     for (i = 0; i < n; i++) {
@@ -699,12 +806,8 @@ static int dispatch(struct lshm_epoll *ep)
         op->next = NULL;
         n++;
         op->complete(op, op->res, false, NULL, 0);
-        if (fd >= 0 && (fe = ep->fds[fd]) != NULL && fe->nops == 0) {
-            if (fe->events != 0)
-                epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
-            fe->events = 0;
-            fe->nonblock = false;
-        }
+        if (fd >= 0 && (fe = ep->fds[fd]) != NULL && fe->nops == 0)
+            forget_fd(ep, fd, fe);
     }
     ep->stats.completions += (uint64_t)n;
     return n;
@@ -728,10 +831,17 @@ int lshm__ep_run(struct lshm_epoll *ep, int timeout_ms)
     ep->running++;
     lshm__ep_submit(ep);
     n = dispatch(ep);
-    /* Look at the sockets even when something completed: a caller whose
-     * every run completes a send must still come to its receives. */
-    poll_once(ep, n > 0 ? 0 : timeout_ms);
-    n += dispatch(ep);
+    /* Look at the sockets even when something completed, every other
+     * run at least: a caller whose every run completes a send must still
+     * come to its receives, and one that runs again to sleep (after its
+     * reply's send completed) saves a look. */
+    if (n == 0 || ep->skipped_poll) {
+        poll_once(ep, n > 0 ? 0 : timeout_ms);
+        n += dispatch(ep);
+        ep->skipped_poll = false;
+    } else {
+        ep->skipped_poll = true;
+    }
     ep->running--;
     return n;
 }

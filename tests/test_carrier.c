@@ -6,8 +6,11 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/perf_event.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -405,4 +408,150 @@ LTEST(carrier, epoll_sends_wait_for_room_in_order_and_end_when_the_peer_leaves)
     cr_log_info("epoll carrier: %u queued, port ended: %s", queued, lshm_port_error(port));
     lshm_port_close(port);
     lshm_ctx_free(ctx);
+}
+
+/*
+ * The system calls this thread makes, counted by the kernel (perf's
+ * raw_syscalls:sys_enter tracepoint), disabled until enabled; -1 and the
+ * reason in why when the kernel does not offer it here.
+ */
+static int syscall_counter(char *why, size_t len)
+{
+    struct perf_event_attr a = { .size = sizeof(a), .type = PERF_TYPE_TRACEPOINT,
+                                 .disabled = 1 };
+    unsigned long long id;
+    FILE *f = fopen("/sys/kernel/tracing/events/raw_syscalls/sys_enter/id", "r");
+    int fd;
+
+    if (f == NULL) {
+        snprintf(why, len, "tracefs: %s", strerror(errno));
+        return -1;
+    }
+    if (fscanf(f, "%llu", &id) != 1)
+        id = 0;
+    fclose(f);
+    a.config = id;
+    fd = (int)syscall(SYS_perf_event_open, &a, 0, -1, -1, PERF_FLAG_FD_CLOEXEC);
+    if (fd < 0)
+        snprintf(why, len, "perf_event_open(raw_syscalls:sys_enter): %s", strerror(errno));
+    return fd;
+}
+
+#define TRIPS 2000
+
+/* A child_fn: echo each 64 B message after 50 us, so that the other side
+ * is asleep when the answer comes (and this one when the next comes). */
+static int echo_late(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    uint8_t buf[64];
+    int ret;
+
+    for (;;) {
+        ret = lshm_recv(port, &m, 20000);
+        if (ret == -EPIPE)
+            return 0;
+        CK(ret == 0);
+        CK(m.size == sizeof(buf) && m.niov == 1);
+        memcpy(buf, m.iov[0].base, sizeof(buf));
+        usleep(50);
+        CK(send_inline(port, m.type, m.stream, buf, sizeof(buf), -1) == 0);
+        lshm_msg_done(&m);
+    }
+}
+
+/* System calls a round trip of 64 B costs this side once rings run. */
+static double calls_per_round_trip(struct lshm_port *port, int counter)
+{
+    unsigned long long n = 0;
+    struct lshm_msg m;
+    unsigned seq;
+    int ret;
+
+    for (seq = 0; seq < 100 + TRIPS; seq++) {
+        if (seq == 100)
+            cr_assert_eq(ioctl(counter, PERF_EVENT_IOC_ENABLE, 0), 0);
+        ret = send_pat(port, seq, 64, 0);
+        cr_assert_eq(ret, 0, "round trip %u: send: %d %s", seq, ret, lshm_last_error());
+        ret = lshm_recv(port, &m, 10000);
+        cr_assert_eq(ret, 0, "round trip %u: recv: %d %s", seq, ret, lshm_last_error());
+        cr_assert(msg_check(&m, seq, 64), "round trip %u: the echo differs", seq);
+        lshm_msg_done(&m);
+    }
+    cr_assert_eq(ioctl(counter, PERF_EVENT_IOC_DISABLE, 0), 0);
+    cr_assert_eq(read(counter, &n, sizeof(n)), (ssize_t)sizeof(n));
+    return (double)n / TRIPS;
+}
+
+/*
+ * On the epoll carrier a sleeping round trip costs each side what a plain
+ * socket's does: the send of a WAKE and one receive that is the wait (not
+ * an epoll_wait, a receive and a receive that finds nothing, and a look
+ * with no wait after the send completed: five).  For a socketpair and for
+ * a client whose socket was non-blocking while it connected.
+ */
+static void round_trip_calls(bool connected)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_IO_URING };
+    char path[sizeof(((struct sockaddr_un *)0)->sun_path)], why[160];
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    int counter = syscall_counter(why, sizeof(why)), ready[2], ret;
+    double calls;
+    pid_t pid;
+    char c;
+
+    if (counter < 0)
+        cr_skip_test("cannot count system calls: %s", why);
+    ctx = ctx_make(&prm);
+    if (!connected) {
+        pid = spawn(ctx, NULL, &port, echo_late, NULL);
+        wait_ready(port);
+    } else {
+        snprintf(path, sizeof(path), "/tmp/lshm-calls-%d.sock", (int)getpid());
+        cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+        fflush(NULL);
+        pid = fork();
+        cr_assert_geq(pid, 0);
+        if (pid == 0) {
+            struct lshm_ctx *sctx;
+            struct lshm_listener *l;
+            struct lshm_port *sport;
+            int rc = 1;
+
+            close(counter);
+            lshm_ctx_free(ctx);
+            close(ready[0]);
+            if (lshm_ctx_new(&sctx, NULL) == 0 && lshm_listen(sctx, path, 0600, &l) == 0) {
+                if (write(ready[1], "r", 1) == 1 && lshm_accept(l, &sport, 10000) == 0) {
+                    rc = echo_late(sctx, sport, NULL);
+                    lshm_port_close(sport);
+                }
+                lshm_listener_close(l);
+                lshm_ctx_free(sctx);
+            }
+            _exit(rc);
+        }
+        close(ready[1]);
+        cr_assert_eq(read(ready[0], &c, 1), 1, "the server did not start");
+        close(ready[0]);
+        ret = lshm_connect(ctx, path, 10000, &port);
+        cr_assert_eq(ret, 0, "lshm_connect: %d %s", ret, lshm_last_error());
+    }
+    calls = calls_per_round_trip(port, counter);
+    cr_log_info("epoll carrier, %s: %.2f system calls a round trip on this side",
+                connected ? "connected client" : "socketpair", calls);
+    cr_assert_leq(calls, 3.0, "%.2f system calls a round trip", calls);
+    close(counter);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(carrier, epoll_round_trip_costs_a_send_and_a_receive)
+{
+    round_trip_calls(false);
+}
+
+LTEST(carrier, epoll_round_trip_of_a_connected_client_costs_a_send_and_a_receive)
+{
+    round_trip_calls(true);
 }
