@@ -635,6 +635,8 @@ Test(shmping, bad_options_exit_64, .timeout = 120)
         { "--no-futex --mode copy", "--no-futex" },
         { "--bench --no-ring", "--no-ring" },
         { "--bench --spin 0", "--spin 0" },
+        { "--with-epoll", "--with-epoll" },
+        { "--with-epoll --throughput", "--with-epoll" },
     };
 
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
@@ -1307,20 +1309,27 @@ Test(shmping, bench_fits_in_25_seconds, .timeout = 120)
     run_free(&r);
 }
 
-/* The JSON of --bench: a memory row per size, faults of the one-way runs,
- * each library row's carrier, the floors and the targets. */
+/* The JSON of --bench --with-epoll: a memory row per size, faults of the
+ * one-way runs, each library row's carrier and I/O (the epoll rows where
+ * the bench runs on io_uring), the floors and the targets (two more for the
+ * epoll carrier). */
 Test(shmping, bench_json_has_rows_carriers_floors_and_targets, .timeout = 120)
 {
     struct run r;
 
-    expect_ok(&r, "--bench --json --spin 30");
+    expect_ok(&r, "--bench --json --spin 30 --with-epoll");
     check_json(r.out, "cell_s batch spin_us io io_why floors bench targets interrupted",
                "[x['mode'] for x in d['bench'] if x['size'] == 2**20] == "
-               "['memory', 'copy', 'shm'] "
+               "['memory', 'copy', 'shm'] + (d['io'] == 'io_uring') * ['shm'] "
                "and [x['label'] for x in d['bench'] if x['size'] == 64] == ['memory', 'copy', "
-               "'seqpacket', 'shm', 'inline', 'inline+spin', 'socket', 'socket+spin', 'inline*'] "
+               "'seqpacket', 'shm', 'inline', 'inline+spin', 'socket', 'socket+spin'] + "
+               "(d['io'] == 'io_uring') * ['shm/epoll', 'inline/epoll'] + ['inline*'] "
                "and [x['label'] for x in d['bench'] if x['size'] == 4096] == ['memory', 'copy', "
-               "'seqpacket', 'shm', 'inline', 'inline+spin', 'socket', 'socket+spin'] "
+               "'seqpacket', 'shm', 'inline', 'inline+spin', 'socket', 'socket+spin'] + "
+               "(d['io'] == 'io_uring') * ['shm/epoll', 'inline/epoll'] "
+               "and all(x['io'] == ('epoll' if x['label'].endswith('/epoll') or d['io'] != 'io_uring' else "
+               "'io_uring') for x in d['bench'] if x['carrier'] is not None) "
+               "and all(x['io'] is None for x in d['bench'] if x['carrier'] is None) "
                "and all(x['mode'] != 'memory' or (x['rtt_avg_us'] is None "
                "and x['minflt_peer_per_mib'] is None and x['gb_per_s_memory_ratio'] == 1 "
                "and x['gb_per_s'] > 0) for x in d['bench']) "
@@ -1346,7 +1355,9 @@ Test(shmping, bench_json_has_rows_carriers_floors_and_targets, .timeout = 120)
                "for k in ('futex', 'cacheline')) "
                "and d['floors']['futex']['valid'] and d['floors']['cacheline']['valid'] == "
                "(d['floors']['cacheline']['rtt_p50_us'] < d['floors']['futex']['rtt_p50_us']) "
-               "and len(d['targets']) == 5 and all(t['op'] in ('<=', '>=') and (t['met'] == "
+               "and len(d['targets']) == 5 + 2 * (d['io'] == 'io_uring') "
+               "and all(t['ratio'] is not None for t in d['targets'][5:]) "
+               "and all(t['op'] in ('<=', '>=') and (t['met'] == "
                "(t['ratio'] <= t['target'] if t['op'] == '<=' else t['ratio'] >= t['target']) "
                "if t['ratio'] is not None else not t['met']) for t in d['targets']) "
                "and sum(t['ratio'] is None for t in d['targets']) == "

@@ -9,7 +9,8 @@
  * (spin_us); a second table sets their median round trips against
  * seqpacket mode's and against the floors of the same two processes (a
  * futex ping-pong for sleeping waits, a cache-line ping-pong for busy-poll),
- * and a last block checks the targets.
+ * and a last block checks the targets.  With --with-epoll the shm and inline
+ * rows run once more on the epoll carrier, set against io_uring's.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,19 +35,25 @@ struct row {
     bool        no_ring;    /* the socket carrier (LSHM_CTX_NO_RING) */
     bool        spin;       /* busy-poll: spin_us of the bench */
     bool        batch1;     /* a one-way run with batch 1 too */
+    bool        epoll;      /* on the epoll carrier (--with-epoll), else as the bench runs */
 };
 
 /* copy first: the other rows are measured against it. */
 static const struct row rows[] = {
-    { "copy",        MODE_COPY,      false, false, false },
-    { "seqpacket",   MODE_SEQPACKET, false, false, false },
-    { "shm",         MODE_SHM,       false, false, false },
-    { "inline",      MODE_INLINE,    false, false, true },
-    { "inline+spin", MODE_INLINE,    false, true,  true },
-    { "socket",      MODE_INLINE,    true,  false, false },
-    { "socket+spin", MODE_INLINE,    true,  true,  false },
+    { "copy",         MODE_COPY,      false, false, false, false },
+    { "seqpacket",    MODE_SEQPACKET, false, false, false, false },
+    { "shm",          MODE_SHM,       false, false, false, false },
+    { "inline",       MODE_INLINE,    false, false, true,  false },
+    { "inline+spin",  MODE_INLINE,    false, true,  true,  false },
+    { "socket",       MODE_INLINE,    true,  false, false, false },
+    { "socket+spin",  MODE_INLINE,    true,  true,  false, false },
+    { "shm/epoll",    MODE_SHM,       false, false, false, true },
+    { "inline/epoll", MODE_INLINE,    false, false, false, true },
 };
-enum { R_COPY, R_SEQPACKET, R_SHM, R_INLINE, R_SPIN, R_SOCKET, R_SOCKET_SPIN, NROWS };
+enum { R_COPY, R_SEQPACKET, R_SHM, R_INLINE, R_SPIN, R_SOCKET, R_SOCKET_SPIN, R_SHM_EPOLL,
+       R_INLINE_EPOLL, NROWS };
+/* The epoll rows' io_uring counterparts. */
+#define IO_URING_ROW(k) ((k) == R_SHM_EPOLL ? R_SHM : R_INLINE)
 
 static const size_t sizes[] = { 64, 4096, 1u << 20 };
 #define NSIZES (sizeof(sizes) / sizeof(sizes[0]))
@@ -78,6 +85,10 @@ static bool carrier_right(const struct row *row, size_t size, const struct resul
 
     if (row->mode == MODE_COPY || row->mode == MODE_SEQPACKET || !res->has_port_stats)
         return true;
+    if (row->epoll && strncmp(res->io, "epoll", 5) != 0) {
+        err("%zu-byte %s row ran on %s, not on epoll", size, row->label, res->io);
+        return false;
+    }
     if (row->no_ring ? sock : ring)
         return true;
     err("%zu-byte %s row: %llu messages by ring and %llu by socket, not the %s alone", size,
@@ -98,6 +109,7 @@ static bool run_cell(const struct config *base, const struct row *row, size_t si
     cfg.mode = row->mode;
     cfg.no_ring = row->no_ring;
     cfg.no_futex = false;
+    cfg.no_io_uring = row->epoll;
     cfg.spin_us = row->spin ? spin_us : 0;
     cfg.size = size;
     cfg.idle = idle;
@@ -218,16 +230,16 @@ static void print_row(size_t size, const char *label, const struct cell *c,
 
     size_text(size, sz, sizeof(sz));
     if (c->failed) {
-        printf("%-8s %-11s %s\n", sz, label, "failed (see above)");
+        printf("%-8s %-12s %s\n", sz, label, "failed (see above)");
         fflush(stdout);
         return;
     }
     fmt_faults(c->flt_self, fs, sizeof(fs));
     fmt_faults(c->flt_peer, fp, sizeof(fp));
     if (c->no_rtt)
-        printf("%-8s %-11s %11s %7s %11s %7s", sz, label, "-", "", "-", "");
+        printf("%-8s %-12s %11s %7s %11s %7s", sz, label, "-", "", "-", "");
     else
-        printf("%-8s %-11s %11.1f %6.2fx %11.1f %6.2fx", sz, label,
+        printf("%-8s %-12s %11.1f %6.2fx %11.1f %6.2fx", sz, label,
                c->rtt_avg, ratio(c->rtt_avg, copy->rtt_avg),
                c->rtt_p99, ratio(c->rtt_p99, copy->rtt_p99));
     printf(" %11.0f %6.2fx %9.3f %6.2fx %5.2fx %7s %7s\n",
@@ -256,6 +268,7 @@ struct bench {
     const struct config *cfg;
     unsigned             spin_us;
     bool                 complete, failed, first;
+    bool                 with_epoll;    /* the epoll rows run (--with-epoll on io_uring) */
     struct cell          mem[NSIZES], cells[NSIZES][NROWS], idle;
     struct floor_result  futex, cacheline;
     bool                 futex_ok, cacheline_ok;
@@ -297,10 +310,11 @@ static void json_row(struct bench *b, size_t i, const struct row *row, unsigned 
            c->failed ? "true" : "false");
     b->first = false;
     if (lib)
-        printf(",\"carrier\":\"%s\",\"spin_us\":%u", row->no_ring ? "socket" : "ring",
-               row->spin ? b->spin_us : 0);
+        printf(",\"carrier\":\"%s\",\"spin_us\":%u,\"io\":\"%s\"",
+               row->no_ring ? "socket" : "ring", row->spin ? b->spin_us : 0,
+               row->epoll || (b->features & LSHM_FEAT_EPOLL) ? "epoll" : "io_uring");
     else
-        printf(",\"carrier\":null,\"spin_us\":null");
+        printf(",\"carrier\":null,\"spin_us\":null,\"io\":null");
     if (c->no_rtt) {
         printf(",\"rtt_avg_us\":null,\"rtt_p50_us\":null,\"rtt_p99_us\":null"
                ",\"rtt_avg_ratio\":null,\"rtt_p99_ratio\":null,\"rtt_p50_seqpacket_ratio\":null"
@@ -343,7 +357,7 @@ static void print_versus(const struct bench *b)
                "did not each have a CPU,\nso it is no floor (/floor: -) and the +spin rows "
                "measure the scheduler more than the transport\n");
     printf("\n");
-    printf("%-8s %-11s %11s %8s %8s %11s %8s %11s %8s\n", "size", "mode", "rtt p50 us",
+    printf("%-8s %-12s %11s %8s %8s %11s %8s %11s %8s\n", "size", "mode", "rtt p50 us",
            "/seqpkt", "/floor", "msgs/s b1", "/seqpkt", "msgs/s b32", "/seqpkt");
     for (size_t i = 0; i < 2 && i < NSIZES; i++) {
         const struct cell *seq = &b->cells[i][R_SEQPACKET];
@@ -353,7 +367,7 @@ static void print_versus(const struct bench *b)
         for (size_t k = R_SEQPACKET; k < NROWS; k++) {
             const struct cell *c = &b->cells[i][k];
 
-            if (!c->ran || c->failed || k == R_SHM)
+            if (!c->ran || c->failed || k == R_SHM || rows[k].epoll)
                 continue;
             if (k == R_SEQPACKET) {
                 snprintf(b1, sizeof(b1), "%.0f", c->msgs_per_s);
@@ -376,10 +390,33 @@ static void print_versus(const struct bench *b)
 
             if (fr > 0)
                 snprintf(frs, sizeof(frs), "%.2fx", fr);
-            printf("%-8s %-11s %11.2f %7.2fx %8s %11s %8s %11s %8s\n", sz, rows[k].label,
+            printf("%-8s %-12s %11.2f %7.2fx %8s %11s %8s %11s %8s\n", sz, rows[k].label,
                    c->rtt_p50, ratio(c->rtt_p50, seq->rtt_p50), frs, b1, b1r, b32, b32r);
         }
     }
+}
+
+/* The epoll rows against io_uring's: round trip p50 and one-way time (the
+ * inverse of the rate) over io_uring's, per size. */
+static void print_epoll(const struct bench *b)
+{
+    printf("\nthe epoll carrier against io_uring, same run: round trip p50 and one-way time "
+           "(1 / msgs/s), epoll's over io_uring's\n\n");
+    printf("%-8s %-12s %13s %10s %8s %13s %10s %8s\n", "size", "mode", "io_uring us",
+           "epoll us", "ratio", "io_uring m/s", "epoll m/s", "ratio");
+    for (size_t i = 0; i < NSIZES; i++)
+        for (size_t k = R_SHM_EPOLL; k <= R_INLINE_EPOLL; k++) {
+            const struct cell *e = &b->cells[i][k], *u = &b->cells[i][IO_URING_ROW(k)];
+            char sz[24];
+
+            if (!e->ran || e->failed || !u->ran || u->failed)
+                continue;
+            size_text(sizes[i], sz, sizeof(sz));
+            printf("%-8s %-12s %13.2f %10.2f %7.2fx %13.0f %10.0f %7.2fx\n", sz,
+                   rows[IO_URING_ROW(k)].label, u->rtt_p50, e->rtt_p50,
+                   ratio(e->rtt_p50, u->rtt_p50), u->msgs_per_s, e->msgs_per_s,
+                   ratio(u->msgs_per_s, e->msgs_per_s));
+        }
 }
 
 /* ---- targets ---- */
@@ -391,10 +428,17 @@ struct target {
     bool        at_most;    /* ratio <= limit; else ratio >= limit */
 };
 
+static bool cell_ok(const struct cell *c)
+{
+    return c->ran && !c->failed;
+}
+
 static size_t targets(const struct bench *b, struct target *t)
 {
     const struct cell *seq = &b->cells[0][R_SEQPACKET], *in = &b->cells[0][R_INLINE];
-    const struct cell *spin = &b->cells[0][R_SPIN];
+    const struct cell *spin = &b->cells[0][R_SPIN], *ein = &b->cells[0][R_INLINE_EPOLL];
+    const struct cell *shm = &b->cells[NSIZES - 1][R_SHM];
+    const struct cell *eshm = &b->cells[NSIZES - 1][R_SHM_EPOLL];
     bool ok = !seq->failed && !in->failed, sok = !seq->failed && !spin->failed;
 
     t[0] = (struct target){ "64 B rtt p50, sleeping: inline over seqpacket",
@@ -409,7 +453,15 @@ static size_t targets(const struct bench *b, struct target *t)
     t[4] = (struct target){ "64 B msgs/s, batch 32: inline over seqpacket",
                             ok && b->cfg->batch == 32 ? ratio(in->msgs_per_s, seq->msgs_per_s)
                                                       : 0, 20, false };
-    return 5;
+    if (!b->with_epoll)
+        return 5;
+    t[5] = (struct target){ "64 B rtt p50, sleeping: inline on epoll over io_uring",
+                            cell_ok(in) && cell_ok(ein) ? ratio(ein->rtt_p50, in->rtt_p50) : 0,
+                            1.3, true };
+    t[6] = (struct target){ "1 MiB one-way time: shm on epoll over io_uring",
+                            cell_ok(shm) && cell_ok(eshm)
+                            ? ratio(shm->msgs_per_s, eshm->msgs_per_s) : 0, 1.3, true };
+    return 7;
 }
 
 static bool target_met(const struct target *t)
@@ -489,11 +541,16 @@ static void print_intro(const struct bench *b)
     printf("shm, inline: the library on message rings, sleeping waits; +spin: busy-poll "
            "(--spin %u);\nsocket: inline with every message a datagram (--no-ring)\n",
            b->spin_us);
+    if (b->with_epoll)
+        printf("/epoll: the same on the epoll carrier (LSHM_CTX_NO_IO_URING), as where "
+               "io_uring is refused\n");
+    else if (b->cfg->with_epoll)
+        printf("--with-epoll: every row runs on epoll already (%s)\n", b->io);
     printf("ratio: the figure over copy mode's for the same size "
            "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster);\n"
            "mem: GB/s over the memory row's; faults: minor page faults per MiB of the "
            "one-way run, sender and receiver\n\n");
-    printf("%-8s %-11s %11s %7s %11s %7s %11s %7s %9s %7s %6s %7s %7s\n", "size", "mode",
+    printf("%-8s %-12s %11s %7s %11s %7s %11s %7s %9s %7s %6s %7s %7s\n", "size", "mode",
            "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio",
            "mem", "flt snd", "flt rcv");
     fflush(stdout);
@@ -517,6 +574,7 @@ int run_bench(const struct config *cfg)
     b.features = lshm_ctx_features(ctx);
     snprintf(b.io_carrier, sizeof(b.io_carrier), "%s", lshm_ctx_carrier(ctx));
     lshm_ctx_free(ctx);
+    b.with_epoll = cfg->with_epoll && !(b.features & LSHM_FEAT_EPOLL);
     if (text)
         print_intro(&b);
     b.futex_ok = floor_run(FLOOR_FUTEX, FLOOR_S, &b.futex) == 0;
@@ -535,7 +593,7 @@ int run_bench(const struct config *cfg)
             print_row(sizes[i], rows[R_COPY].label, &cells[R_COPY], &cells[R_COPY], mem);
         }
         for (size_t k = 1; k < NROWS && !stop_requested; k++) {
-            if (!row_fits(&rows[k], sizes[i]))
+            if (!row_fits(&rows[k], sizes[i]) || (rows[k].epoll && !b.with_epoll))
                 continue;
             b.complete &= run_cell(cfg, &rows[k], sizes[i], 0, b.spin_us, &cells[k]);
             if (text)
@@ -555,6 +613,8 @@ int run_bench(const struct config *cfg)
     } else {
         printf("\n" IDLE_LABEL ": inline with %u idle ports in each process\n", BENCH_IDLE);
         print_versus(&b);
+        if (b.with_epoll)
+            print_epoll(&b);
         print_targets(&b);
     }
     fflush(stdout);

@@ -13,7 +13,8 @@
 int ctx_new_reported(struct lshm_ctx **ctx, const struct config *cfg, const char *who)
 {
     struct lshm_ctx_params p = {
-        .flags = (cfg->no_ring ? LSHM_CTX_NO_RING : 0u) | (cfg->no_futex ? LSHM_CTX_NO_FUTEX : 0u),
+        .flags = (cfg->no_ring ? LSHM_CTX_NO_RING : 0u) | (cfg->no_futex ? LSHM_CTX_NO_FUTEX : 0u) |
+                 (cfg->no_io_uring ? LSHM_CTX_NO_IO_URING : 0u),
         .spin_us = cfg->spin_us,
     };
     int ret = lshm_ctx_new(ctx, &p);

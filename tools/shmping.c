@@ -16,7 +16,7 @@
 enum {
     OPT_MODE = 256, OPT_THROUGHPUT, OPT_BATCH, OPT_VERIFY, OPT_JSON, OPT_PROBE,
     OPT_BENCH, OPT_KEEP_CAPS, OPT_VERSION, OPT_IDLE, OPT_FRAMES, OPT_SLOW, OPT_SPIN,
-    OPT_NO_RING, OPT_NO_FUTEX, OPT_NO_IO_URING,
+    OPT_NO_RING, OPT_NO_FUTEX, OPT_NO_IO_URING, OPT_WITH_EPOLL,
 };
 
 static const struct option long_options[] = {
@@ -29,6 +29,7 @@ static const struct option long_options[] = {
     { "bench",      no_argument,       NULL, OPT_BENCH },
     { "keep-caps",  no_argument,       NULL, OPT_KEEP_CAPS },
     { "no-io-uring", no_argument,      NULL, OPT_NO_IO_URING },
+    { "with-epoll", no_argument,       NULL, OPT_WITH_EPOLL },
     { "idle",       required_argument, NULL, OPT_IDLE },
     { "frames",     required_argument, NULL, OPT_FRAMES },
     { "slow",       required_argument, NULL, OPT_SLOW },
@@ -106,6 +107,8 @@ static void usage(FILE *f)
 "  --keep-caps     do not drop capabilities after set-up\n"
 "  --no-io-uring   run on the library's epoll carrier, as where io_uring\n"
 "                  is refused (sets LSHM_NO_IO_URING=1)\n"
+"  --with-epoll    with --bench: the shm and inline rows once more on the\n"
+"                  epoll carrier, set against io_uring's in the same run\n"
 "  -h, --help      this text\n"
 "      --version   shmping and library versions\n"
 "\n"
@@ -315,6 +318,9 @@ static int parse_options(int argc, char **argv, struct config *cfg, bool *probe,
             cfg->spin_us = (unsigned)v;
             cfg->spin_set = true;
             break;
+        case OPT_WITH_EPOLL:
+            cfg->with_epoll = true;
+            break;
         case OPT_NO_RING:
             cfg->no_ring = true;
             break;
@@ -363,6 +369,8 @@ static int check_options(struct config *cfg, bool probe)
         return usage_error("--idle: --bench measures with and without idle ports itself");
     if (cfg->bench && cfg->spin_set && cfg->spin_us == 0)
         return usage_error("--spin 0: --bench's busy-poll rows need a spin above 0");
+    if (cfg->with_epoll && !cfg->bench)
+        return usage_error("--with-epoll adds rows to --bench; without it, use --no-io-uring");
     if (cfg->bench && (cfg->no_ring || cfg->no_futex))
         return usage_error("--no-ring, --no-futex: --bench measures both carriers itself");
     if ((cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) &&

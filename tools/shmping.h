@@ -68,6 +68,8 @@ struct config {
     bool        spin_set;
     bool        no_ring;    /* --no-ring: LSHM_CTX_NO_RING in both contexts */
     bool        no_futex;   /* --no-futex: LSHM_CTX_NO_FUTEX in both contexts */
+    bool        no_io_uring; /* LSHM_CTX_NO_IO_URING in both contexts (--bench's epoll rows) */
+    bool        with_epoll; /* --with-epoll: --bench adds the library's rows on epoll */
 };
 
 struct results {
