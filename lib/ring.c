@@ -39,7 +39,6 @@ struct lshm_ring {
     struct lshm_ctx_stats    stats;
     unsigned                 sends;          /* sends submitted, not completed */
     bool                     taskrun_flag;   /* the kernel flags pending task work */
-    struct __kernel_timespec timeout_ts;     /* of the one timeout SQE */
     char                     carrier[200];   /* lshm__ring_carrier() */
 };
 
@@ -479,10 +478,10 @@ int lshm__ring_timeout(struct lshm_ring *r, unsigned ms, struct lshm_op *op)
     if (sqe == NULL)
         return -EBUSY;
     /* The kernel reads the timespec when the SQE is submitted, which may
-     * be later than this call: it lives in the ring. */
-    r->timeout_ts.tv_sec = ms / 1000;
-    r->timeout_ts.tv_nsec = (long long)(ms % 1000) * 1000000;
-    io_uring_prep_timeout(sqe, &r->timeout_ts, 0, 0);
+     * be later than this call: it lives in the operation, one each. */
+    op->ts.tv_sec = ms / 1000;
+    op->ts.tv_nsec = (long long)(ms % 1000) * 1000000;
+    io_uring_prep_timeout(sqe, &op->ts, 0, 0);
     io_uring_sqe_set_data(sqe, op);
     return 0;
 }

@@ -10,6 +10,7 @@
 
 #include <stdbool.h>
 #include <stdint.h>
+#include <linux/time_types.h>
 #include <sys/socket.h>
 
 #include "internal.h"
@@ -26,7 +27,10 @@ struct lshm_op {
      * keeps the same in the kernel and never reads these. */
     struct lshm_op *next;
     void           *arg;        /* msghdr, or sockaddr of a connect */
-    long long       due_ns;     /* CLOCK_MONOTONIC: timeout, connect retry */
+    union {
+        long long                due_ns; /* epoll: CLOCK_MONOTONIC, timeout, connect retry */
+        struct __kernel_timespec ts;     /* io_uring: a timeout's delay, read at submit */
+    };
     int             fd, res;
     unsigned        arglen;
     unsigned char   kind, link, where;

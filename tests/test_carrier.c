@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "port_util.h"
+#include "ring.h"
 #include "wire.h"
 
 #define ROUNDS 300
@@ -554,4 +555,54 @@ LTEST(carrier, epoll_round_trip_costs_a_send_and_a_receive)
 LTEST(carrier, epoll_round_trip_of_a_connected_client_costs_a_send_and_a_receive)
 {
     round_trip_calls(true);
+}
+
+/* ---- the ring layer's timeouts, on each carrier ---- */
+
+struct tmo {
+    struct lshm_op op;
+    long long      at;     /* now_ms() at completion, 0: not yet */
+    int            res;
+};
+
+static void tmo_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct tmo *t = (struct tmo *)op;
+
+    (void)more, (void)buf, (void)len;
+    t->at = now_ms();
+    t->res = res;
+}
+
+/* Two timeouts queued before one submit each keep their own delay. */
+static void two_timeouts(unsigned ctx_flags)
+{
+    struct tmo a = { .op.complete = tmo_done }, b = { .op.complete = tmo_done };
+    struct lshm_ring *r;
+    long long start;
+
+    cr_assert_eq(lshm__ring_new(&r, 8, ctx_flags), 0, "%s", lshm_last_error());
+    cr_assert_eq(lshm__ring_timeout(r, 50, &a.op), 0);
+    cr_assert_eq(lshm__ring_timeout(r, 400, &b.op), 0);
+    start = now_ms();
+    while ((a.at == 0 || b.at == 0) && now_ms() - start < 3000)
+        cr_assert_geq(lshm__ring_run(r, 100), 0);
+    cr_assert(a.at != 0 && b.at != 0, "a timeout never completed");
+    cr_assert_eq(a.res, -ETIME);
+    cr_assert_eq(b.res, -ETIME);
+    cr_assert_geq(a.at - start, 40, "50 ms took %lld ms", a.at - start);
+    cr_assert_lt(a.at - start, 300, "50 ms took %lld ms: the other's delay?", a.at - start);
+    cr_assert_geq(b.at - start, 390, "400 ms took %lld ms", b.at - start);
+    lshm__ring_free(r);
+}
+
+LTEST(carrier, io_uring_timeouts_submitted_together_keep_their_own_delays)
+{
+    require_io_uring(0);
+    two_timeouts(0);
+}
+
+LTEST(carrier, epoll_timeouts_submitted_together_keep_their_own_delays)
+{
+    two_timeouts(LSHM_CTX_NO_IO_URING);
 }
