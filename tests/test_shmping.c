@@ -534,10 +534,19 @@ Test(shmping, frames_run_against_copy_mode, .timeout = 120)
                "and x['gb_per_s'] > 0 and x['bytes_moved'] == 20 * 2**20 "
                "and x['minflt_self'] >= 0 and x['minflt_peer'] >= 0 for x in d['runs']) "
                "and abs(d['gb_per_s_ratio'] - d['runs'][0]['gb_per_s'] "
-               "/ d['runs'][1]['gb_per_s']) < 1e-3 * d['gb_per_s_ratio'] + 1e-4");
+               "/ d['runs'][1]['gb_per_s']) < 1e-3 * d['gb_per_s_ratio'] + 1e-4 "
+               "and abs(d['gb_per_s_ratio_ceiling'] - 20 * 2**20 / d['runs'][1]['gb_per_s'] "
+               "/ 1e6 / 10) < 1e-3 * d['gb_per_s_ratio_ceiling'] + 1e-4");
+    run_free(&r);
+
+    /* The consumer's sleep bounds every mode: the ceiling says how much. */
+    expect_ok(&r, "--frames 10 -s 100K --slow 4:5 -q");
+    cr_expect(strstr(r.out, "ceiling: the consumer sleeps 20 ms of copy's ") != NULL, "%s",
+              r.out);
     run_free(&r);
 
     expect_ok(&r, "--frames 10 -s 100K -q");
+    cr_expect(strstr(r.out, "ceiling") == NULL, "%s", r.out);
     cr_expect(strstr(r.out, "mode shm, throughput, 10 frames") != NULL, "%s", r.out);
     cr_expect(strstr(r.out, "mode copy, throughput, 10 frames") != NULL, "%s", r.out);
     cr_expect_eq(count_lines(r.out, "10 sent, 10 received, 0% lost"), 2, "%s", r.out);

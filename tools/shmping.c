@@ -432,12 +432,34 @@ static int run_once(const struct config *cfg, double *gb_per_s)
     return ret;
 }
 
+/* The consumer's imposed sleep over a run (--slow), in ms. */
+static double slow_total_ms(const struct config *cfg)
+{
+    uint64_t n = cfg->slow_n < cfg->frames ? cfg->slow_n : cfg->frames;
+
+    return (double)n * cfg->slow_ms;
+}
+
+/*
+ * The best ratio any transport could reach against a copy run at base GB/s:
+ * its whole time over the consumer's imposed sleep, which every mode pays
+ * in full.  0 without --slow or a copy figure.
+ */
+static double slow_ceiling(const struct config *cfg, double base)
+{
+    double sleep_ms = slow_total_ms(cfg);
+
+    if (sleep_ms <= 0 || base <= 0)
+        return 0;
+    return (double)cfg->frames * (double)cfg->size / base / 1e6 / sleep_ms;
+}
+
 /* --frames without --mode: the same frames in the library's mode and in copy
  * mode, one after the other, and the ratio of their whole-run rates. */
 static int run_compare(const struct config *cfg)
 {
     struct config copy = *cfg;
-    double lib = 0, base = 0;
+    double lib = 0, base = 0, ceiling;
     int ret, ret2 = 0;
 
     if (cfg->json)
@@ -451,11 +473,21 @@ static int run_compare(const struct config *cfg)
         copy.mode = MODE_COPY;
         ret2 = run_once(&copy, &base);
     }
-    if (cfg->json)
-        printf("],\"gb_per_s_ratio\":%.4f}\n", base > 0 ? lib / base : 0);
-    else if (lib > 0 && base > 0)
+    ceiling = slow_ceiling(cfg, base);
+    if (cfg->json) {
+        printf("],\"gb_per_s_ratio\":%.4f", base > 0 ? lib / base : 0);
+        if (ceiling > 0)
+            printf(",\"gb_per_s_ratio_ceiling\":%.4f}\n", ceiling);
+        else
+            printf(",\"gb_per_s_ratio_ceiling\":null}\n");
+    } else if (lib > 0 && base > 0) {
         printf("\n%s %.3f GB/s, copy %.3f GB/s: %.2fx copy over the whole run\n",
                mode_name(cfg->mode), lib, base, lib / base);
+        if (ceiling > 0)
+            printf("ceiling: the consumer sleeps %.0f ms of copy's %.0f ms, which no transport "
+                   "shortens: at most %.2fx\n", slow_total_ms(cfg),
+                   (double)cfg->frames * (double)cfg->size / base / 1e6, ceiling);
+    }
     fflush(stdout);
     return ret != 0 ? ret : ret2;
 }
