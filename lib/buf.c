@@ -18,14 +18,20 @@ static size_t capacity_of(const struct lshm_buf *buf)
     return (size_t)buf->nchunks * LSHM_CHUNK_SIZE;
 }
 
-/* Claim chunks from c on while they are free, up to want; returns how many. */
+/*
+ * Claim chunks from c on while they are free, up to want; returns how many.
+ * A word at a time: a run that stops inside a word stops the claim there.
+ */
 static uint32_t claim_run(struct lshm_seg *seg, uint32_t c, uint32_t want)
 {
-    uint32_t n = 0;
+    uint32_t n = 0, got;
 
     /* try_busy refuses c >= LSHM_CHUNK_COUNT, whatever the padding says. */
-    while (n < want && lshm__chunk_try_busy(seg->hdr->free_map, c + n))
-        n++;
+    while (n < want && (got = lshm__chunks_try_busy(seg->hdr->free_map, c + n, want - n)) > 0) {
+        n += got;
+        if ((c + n) % 64 != 0)
+            break;
+    }
     return n;
 }
 

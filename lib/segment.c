@@ -430,8 +430,6 @@ void lshm__seg_close_fd(struct lshm_seg *seg)
 
 void lshm__seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunks)
 {
-    uint32_t c;
-
     if (chunk >= LSHM_CHUNK_COUNT)
         return;
     if (nchunks > LSHM_CHUNK_COUNT - chunk)
@@ -440,8 +438,7 @@ void lshm__seg_free_chunks(struct lshm_seg *seg, uint32_t chunk, uint32_t nchunk
     if (seg->scrub)
         memset(seg->data + (size_t)chunk * LSHM_CHUNK_SIZE, SCRUB_BYTE,
                (size_t)nchunks * LSHM_CHUNK_SIZE);
-    for (c = chunk; c < chunk + nchunks; c++)
-        lshm__chunk_set_free(seg->hdr->free_map, c);
+    lshm__chunks_set_free(seg->hdr->free_map, chunk, nchunks);
 }
 
 bool lshm__seg_take_oosm(struct lshm_seg *seg)

@@ -77,6 +77,66 @@ static inline void lshm__chunk_set_busy(uint64_t *map, uint32_t c)
         __atomic_fetch_and(&map[c / 64], ~(1ull << (c % 64)), __ATOMIC_ACQ_REL);
 }
 
+_Static_assert(LSHM_CHUNK_COUNT % 64 == 0, "a map's last word ends with its last chunk");
+
+/* Bits [bit, bit + n) of a word, for 0 < n <= 64 - bit. */
+static inline uint64_t lshm__chunk_mask(unsigned bit, unsigned n)
+{
+    return (n >= 64 ? ~0ull : (1ull << n) - 1) << bit;
+}
+
+/*
+ * Mark chunks [c, c + n) free, clipped to the map: one atomic OR per word,
+ * not per chunk (a 1 MiB payload is 64 chunks, one word).
+ */
+static inline void lshm__chunks_set_free(uint64_t *map, uint32_t c, uint32_t n)
+{
+    if (c >= LSHM_CHUNK_COUNT)
+        return;
+    if (n > LSHM_CHUNK_COUNT - c)
+        n = LSHM_CHUNK_COUNT - c;
+    while (n > 0) {
+        unsigned bit = c % 64, k = 64 - bit < n ? 64 - bit : n;
+
+        __atomic_fetch_or(&map[c / 64], lshm__chunk_mask(bit, k), __ATOMIC_RELEASE);
+        c += k;
+        n -= k;
+    }
+}
+
+/*
+ * Claim the run of free chunks that starts at c, at most want of them and
+ * none past the end of c's word, with one compare-and-swap: the chunks
+ * claiming them one by one would take while each is free.  Returns how
+ * many (0: c is busy or out of range).  A peer that keeps the word
+ * changing makes it give up after a bounded number of tries.
+ */
+static inline uint32_t lshm__chunks_try_busy(uint64_t *map, uint32_t c, uint32_t want)
+{
+    unsigned bit = c % 64, tries = 0;
+    uint64_t old;
+
+    if (c >= LSHM_CHUNK_COUNT || want == 0)
+        return 0;
+    if (want > 64 - bit)
+        want = 64 - bit;
+    old = __atomic_load_n(&map[c / 64], __ATOMIC_RELAXED);
+    do {
+        uint64_t busy = ~(old >> bit);
+        unsigned run = busy == 0 ? 64 - bit : (unsigned)__builtin_ctzll(busy);
+
+        if (run > want)
+            run = want;
+        if (run == 0)
+            return 0;
+        if (__atomic_compare_exchange_n(&map[c / 64], &old, old & ~lshm__chunk_mask(bit, run),
+                                        false, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+            return run;
+        /* Lost: old holds the word's new value; look at it again. */
+    } while (++tries < 4096);
+    return 0;
+}
+
 /*
  * Unit's search: from the hint *c, find the first free bit, claim it with
  * compare-and-swap, and store its index in *c.  False when none is free at

@@ -181,6 +181,73 @@ Test(chunk, primitives_bound_the_index)
     cr_assert_not(lshm__chunk_try_busy(map, 639), "a busy chunk cannot be claimed twice");
 }
 
+/* The word-wise primitives: one atomic operation per word of the map. */
+Test(chunk, runs_are_claimed_and_freed_a_word_at_a_time)
+{
+    map_fill(true);
+    map_set(70, false);
+    cr_assert_eq(lshm__chunks_try_busy(map, 60, 100), 4, "the run ends with its word");
+    cr_assert_eq(map[0], ~0ull >> 4, "chunks 60..63 claimed, no other");
+    cr_assert_eq(lshm__chunks_try_busy(map, 64, 100), 6, "and stops at a busy chunk");
+    cr_assert_eq(map[1], ~0ull << 7);
+    cr_assert_eq(lshm__chunks_try_busy(map, 70, 1), 0, "a busy chunk is no run");
+    cr_assert_eq(lshm__chunks_try_busy(map, 128, 3), 3, "want bounds the run");
+    cr_assert_eq(map[2], ~7ull);
+    cr_assert_eq(lshm__chunks_try_busy(map, 200, 0), 0);
+    cr_assert_eq(lshm__chunks_try_busy(map, 0, 64), 60, "up to the chunks claimed before");
+    cr_assert_eq(map[0], 0);
+    cr_assert_eq(lshm__chunks_try_busy(map, 192, 64), 64, "a whole word in one go");
+    cr_assert_eq(map[3], 0);
+
+    lshm__chunks_set_free(map, 62, 9);
+    cr_assert_eq(map[0], 3ull << 62, "62 and 63 free again");
+    cr_assert_eq(map[1], ~0ull, "64..70 too, 70 with them");
+    lshm__chunks_set_free(map, 0, 2 * 64);
+    cr_assert_eq(map[0], ~0ull);
+    cr_assert_eq(map[2], ~7ull, "nothing past the range");
+}
+
+Test(chunk, word_primitives_bound_the_index)
+{
+    map_fill(false);
+    map[LSHM_FREE_WORDS] = ~0ull;
+    cr_assert_eq(lshm__chunks_try_busy(map, LSHM_CHUNK_COUNT, 5), 0);
+    cr_assert_eq(lshm__chunks_try_busy(map, 0xffffffffu, 5), 0);
+    cr_assert_eq(map[LSHM_FREE_WORDS], ~0ull, "the padding is never claimed");
+    map[LSHM_FREE_WORDS] = 0;
+    lshm__chunks_set_free(map, LSHM_CHUNK_COUNT - 2, 0xffffffffu);
+    cr_assert_eq(map[LSHM_FREE_WORDS], 0, "freeing stops at the last chunk");
+    cr_assert_eq(map[LSHM_FREE_WORDS - 1], 3ull << 62);
+    lshm__chunks_set_free(map, 0xffffffffu, 3);
+    cr_assert_eq(map[LSHM_FREE_WORDS], 0);
+    cr_assert_eq(lshm__chunks_try_busy(map, LSHM_CHUNK_COUNT - 2, 64), 2,
+                 "a run ends at the last chunk");
+    cr_assert_eq(map_free_count(map), 0);
+}
+
+/* A run across words: the buffer keeps claiming while whole words are free. */
+LTEST(chunk, buf_run_crosses_words_and_stops_at_a_busy_chunk)
+{
+    struct lshm_seg *seg;
+    struct lshm_buf *buf;
+    struct lshm_alloc a;
+
+    cr_assert_eq(lshm__seg_create(0, getpid(), FAKE_PID, 1, &seg), 0);
+    lshm__chunk_set_busy(seg->hdr->free_map, 140);
+    cr_assert(lshm__chunk_try_busy(seg->hdr->free_map, 50));
+    lshm__seg_ref(seg);
+    a = (struct lshm_alloc){ .seg = seg, .chunk = 50, .created = false };
+    cr_assert_eq(lshm__buf_from_alloc(&a, NULL, 200 * CH, &buf), 0);
+    cr_assert_eq(buf->nchunks, 90, "chunks 50..139: through word 1, stopped in word 2");
+    for (uint32_t c = 45; c < 150; c++)
+        cr_expect_eq(lshm__chunk_is_free(seg->hdr->free_map, c), c < 50 || c > 140,
+                     "chunk %u", c);
+    lshm_buf_free(buf);
+    for (uint32_t c = 0; c < LSHM_CHUNK_COUNT; c++)
+        cr_expect_eq(lshm__chunk_is_free(seg->hdr->free_map, c), c != 140, "chunk %u", c);
+    lshm__seg_unref(seg);
+}
+
 /* ---- buffers over a real segment ---- */
 
 static struct lshm_seg *new_seg(void)
