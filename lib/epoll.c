@@ -32,6 +32,7 @@
 #define MAX_EVENTS       64
 #define SEND_BATCH       64         /* linked sends given to one sendmmsg */
 #define CONNECT_RETRY_NS 1000000LL  /* a full backlog: try connect again after 1 ms */
+#define LONG_WAIT_MS     3600000    /* SO_RCVTIMEO of a wait without a limit */
 
 /* Where an operation is (lshm_op.where). */
 enum { AT_NONE, AT_QUEUED, AT_WAITING, AT_TIMER, AT_DONE };
@@ -46,7 +47,7 @@ struct fdent {
     bool            nonblock;           /* O_NONBLOCK set (accept, connect) */
     bool            readable;           /* the last receive got a datagram */
     signed char     blocking;           /* O_NONBLOCK clear: 1, set: 0, not known: -1 */
-    int             rcvtimeo_ms;        /* SO_RCVTIMEO set (0: forever), -1: not known */
+    int             rcvtimeo_ms;        /* SO_RCVTIMEO set, -1: not known */
 };
 
 struct lshm_epoll {
@@ -707,7 +708,7 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
 {
     struct fdent *fe;
     struct lshm_op *op;
-    int fd, res;
+    int fd, res, ms;
 
     if (timeout_ms == 0 || ep->n_in != 1 || ep->n_out != 0 || ep->woken || ep->q_head != NULL)
         return false;
@@ -728,18 +729,23 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
     }
     if (!fe->blocking)
         return false;
-    if (fe->rcvtimeo_ms != (timeout_ms < 0 ? 0 : timeout_ms)) {
-        struct timeval tv = { timeout_ms < 0 ? 0 : timeout_ms / 1000,
-                              timeout_ms < 0 ? 0 : timeout_ms % 1000 * 1000 };
+    /* Never without a timeout: a receive with none is restarted after a
+     * signal handler with SA_RESTART, where a wait must return (as
+     * epoll_wait does).  A wait without a limit takes turns of an hour. */
+    ms = timeout_ms < 0 ? LONG_WAIT_MS : timeout_ms;
+    if (fe->rcvtimeo_ms != ms) {
+        struct timeval tv = { ms / 1000, ms % 1000 * 1000 };
 
         if (setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv)) < 0)
             return false;
-        fe->rcvtimeo_ms = timeout_ms < 0 ? 0 : timeout_ms;
+        fe->rcvtimeo_ms = ms;
     }
-    ep->stats.enters++;
-    res = (int)recvmsg(fd, op->arg, MSG_CMSG_CLOEXEC);
-    if (res < 0)
-        res = errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    do {
+        ep->stats.enters++;
+        res = (int)recvmsg(fd, op->arg, MSG_CMSG_CLOEXEC);
+        if (res < 0)
+            res = errno == EWOULDBLOCK ? -EAGAIN : -errno;
+    } while (res == -EAGAIN && timeout_ms < 0);
     /* Timed out, or a signal: as an epoll_wait that saw nothing. */
     if (res == -EAGAIN || res == -EINTR)
         return true;

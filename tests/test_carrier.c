@@ -7,10 +7,12 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/perf_event.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -605,4 +607,79 @@ LTEST(carrier, io_uring_timeouts_submitted_together_keep_their_own_delays)
 LTEST(carrier, epoll_timeouts_submitted_together_keep_their_own_delays)
 {
     two_timeouts(LSHM_CTX_NO_IO_URING);
+}
+
+/* ---- a signal ends a wait without a limit ---- */
+
+static volatile sig_atomic_t alarms;
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    alarms++;
+}
+
+/* A child_fn: a message after 3 s (the parent's wait ends then at the
+ * latest), then wait for the end. */
+static int send_late(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+    int ret;
+
+    (void)ctx, (void)arg;
+    usleep(3000000);
+    CK(send_pat(port, 1, 64, 0) == 0);
+    ret = lshm_recv(port, &m, 20000);
+    CK(ret == -EPIPE || ret == -ECONNRESET);
+    return 0;
+}
+
+/*
+ * lshm_ctx_run(ctx, -1) returns when a signal interrupts its wait, even
+ * one whose handler asks for restarts (SA_RESTART, as signal(3) installs
+ * them): the program's loop gets to look at what the handler did.  On the
+ * epoll carrier the wait of a one-socket context is a receive, which the
+ * kernel restarts unless it has a timeout.
+ */
+static void signal_ends_the_wait(unsigned ctx_flags)
+{
+    struct lshm_ctx_params prm = { .flags = ctx_flags };
+    struct sigaction sa = { .sa_handler = on_alarm, .sa_flags = SA_RESTART }, old;
+    struct itimerval it = { .it_value = { 0, 200000 } };
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    long long t0, took;
+    pid_t pid;
+    int ret;
+
+    ctx = ctx_make(&prm);
+    pid = spawn(ctx, NULL, &port, send_late, NULL);
+    wait_ready(port);
+    sigemptyset(&sa.sa_mask);
+    cr_assert_eq(sigaction(SIGALRM, &sa, &old), 0);
+    alarms = 0;
+    t0 = now_ms();
+    cr_assert_eq(setitimer(ITIMER_REAL, &it, NULL), 0);
+    do
+        ret = lshm_ctx_run(ctx, -1);
+    while (ret == 0 && alarms == 0);
+    took = now_ms() - t0;
+    sigaction(SIGALRM, &old, NULL);
+    cr_assert_geq(ret, 0, "%d %s", ret, lshm_last_error());
+    cr_assert_eq(alarms, 1);
+    cr_assert_lt(took, 2000, "the wait went on %lld ms after the signal at 200 ms", took);
+    cr_log_info("%s: lshm_ctx_run(-1) returned %lld ms in, the signal came at 200 ms",
+                lshm_ctx_carrier(ctx), took);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(carrier, io_uring_wait_without_a_limit_returns_on_a_restarting_signal)
+{
+    require_io_uring(0);
+    signal_ends_the_wait(0);
+}
+
+LTEST(carrier, epoll_wait_without_a_limit_returns_on_a_restarting_signal)
+{
+    signal_ends_the_wait(LSHM_CTX_NO_IO_URING);
 }
