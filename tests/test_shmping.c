@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -480,6 +481,43 @@ Test(shmping, json_reports_page_faults_of_both_processes, .timeout = 120)
     check_json(r.out, PING_FIELDS " " FAULT_FIELDS,
                FAULTS_SANE " and d['bytes_moved'] == 2 * 2**26 and d['minflt_peer'] > 0 "
                "and d['minflt_peer_per_mib'] > 0");
+    run_free(&r);
+}
+
+/* Where the two processes ran: pinned to one CPU, both say that CPU, in the
+ * summary and in the JSON; unpinned, each a CPU of this machine. */
+Test(shmping, summary_says_on_which_cpus_the_processes_ended, .timeout = 120)
+{
+    cpu_set_t one, all;
+    long ncpu = sysconf(_SC_NPROCESSORS_CONF);
+    char cond[256];
+    struct run r;
+    int cpu;
+
+    cr_assert_eq(sched_getaffinity(0, sizeof(all), &all), 0);
+    /* The highest CPU this test may use: not 0 where there are two. */
+    for (cpu = CPU_SETSIZE - 1; cpu > 0 && !CPU_ISSET(cpu, &all); cpu--)
+        ;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    cr_assert_eq(sched_setaffinity(0, sizeof(one), &one), 0);
+    expect_ok(&r, "-q -c 3 -i 0.001 --mode shm -s 100K");
+    sched_setaffinity(0, sizeof(all), &all);
+    snprintf(cond, sizeof(cond), "cpus: both processes on CPU %d at the end\n", cpu);
+    cr_expect(strstr(r.out, cond) != NULL, "pinned to CPU %d:\n%s", cpu, r.out);
+    run_free(&r);
+
+    cr_assert_eq(sched_setaffinity(0, sizeof(one), &one), 0);
+    expect_ok(&r, "--json --throughput -c 50 --mode copy -s 64K");
+    sched_setaffinity(0, sizeof(all), &all);
+    snprintf(cond, sizeof(cond), "d['cpu_self'] == %d and d['cpu_peer'] == %d", cpu, cpu);
+    check_json(r.out, "cpu_self cpu_peer", cond);
+    run_free(&r);
+
+    expect_ok(&r, "--json -c 3 -i 0.001");
+    snprintf(cond, sizeof(cond), "0 <= d['cpu_self'] < %ld and 0 <= d['cpu_peer'] < %ld",
+             ncpu, ncpu);
+    check_json(r.out, "cpu_self cpu_peer", cond);
     run_free(&r);
 }
 
@@ -1346,6 +1384,9 @@ Test(shmping, bench_json_has_rows_carriers_floors_and_targets, .timeout = 120)
                "and x['minflt_self_per_mib'] >= 0 and x['minflt_peer_per_mib'] >= 0 "
                "and x['gb_per_s_memory_ratio'] > 0 and (x['rtt_p50_floor_ratio'] is None) == "
                "(x['label'].endswith('+spin') and not d['floors']['cacheline']['valid'])) "
+               "for x in d['bench']) "
+               "and all(x['cpus_rtt'] in ((1, 2) if x['rtt_avg_us'] is not None else (None,)) "
+               "and x['cpus_oneway'] in ((None,) if x['mode'] == 'memory' else (1, 2)) "
                "for x in d['bench']) "
                "and all((x['carrier'] is None) == (x['mode'] in ('memory', 'copy', "
                "'seqpacket')) for x in d['bench']) "

@@ -26,6 +26,7 @@ struct cell {
     double rtt_avg, rtt_p50, rtt_p99, msgs_per_s, gb_per_s;
     double msgs_b1;             /* msgs/s with batch 1; -1: not measured */
     double flt_self, flt_peer;  /* minor faults per MiB of the one-way run; -1 unknown */
+    int    cpus_rtt, cpus_ow;   /* CPUs the two processes ended on (results_cpus) */
 };
 
 /* A row of a size: a mode, on which carrier, waiting how. */
@@ -129,6 +130,7 @@ static bool run_cell(const struct config *base, const struct row *row, size_t si
     c->rtt_avg = r.avg;
     c->rtt_p50 = r.p50;
     c->rtt_p99 = r.p99;
+    c->cpus_rtt = results_cpus(&res);
     complete &= res.received == res.sent && res.corrupt == 0;
     results_free(&res);
 
@@ -140,6 +142,7 @@ static bool run_cell(const struct config *base, const struct row *row, size_t si
     c->gb_per_s = res.gb_per_s;
     c->flt_self = faults_per_mib(res.minflt_self, res.bytes_moved);
     c->flt_peer = faults_per_mib(res.minflt_peer, res.bytes_moved);
+    c->cpus_ow = results_cpus(&res);
     complete &= res.received == res.sent && res.corrupt == 0;
     results_free(&res);
 
@@ -223,6 +226,12 @@ static void size_text(size_t size, char *buf, size_t len)
         snprintf(buf, len, "%zu B", size);
 }
 
+/* '1' or '2' CPUs, '-' when not known (the memory row, a failed run). */
+static char cpus_char(int cpus)
+{
+    return cpus == 1 ? '1' : cpus == 2 ? '2' : '-';
+}
+
 static void print_row(size_t size, const char *label, const struct cell *c,
                       const struct cell *copy, const struct cell *mem)
 {
@@ -242,10 +251,10 @@ static void print_row(size_t size, const char *label, const struct cell *c,
         printf("%-8s %-12s %11.1f %6.2fx %11.1f %6.2fx", sz, label,
                c->rtt_avg, ratio(c->rtt_avg, copy->rtt_avg),
                c->rtt_p99, ratio(c->rtt_p99, copy->rtt_p99));
-    printf(" %11.0f %6.2fx %9.3f %6.2fx %5.2fx %7s %7s\n",
+    printf(" %11.0f %6.2fx %9.3f %6.2fx %5.2fx %7s %7s  %c %c\n",
            c->msgs_per_s, ratio(c->msgs_per_s, copy->msgs_per_s),
            c->gb_per_s, ratio(c->gb_per_s, copy->gb_per_s), ratio(c->gb_per_s, mem->gb_per_s),
-           fs, fp);
+           fs, fp, cpus_char(c->cpus_rtt), cpus_char(c->cpus_ow));
     fflush(stdout);
 }
 
@@ -256,6 +265,15 @@ static void json_opt(const char *name, double v)
         printf(",\"%s\":null", name);
     else
         printf(",\"%s\":%.4f", name, v);
+}
+
+/* 1 or 2 CPUs, or null when not known (0). */
+static void json_cpus(const char *name, int cpus)
+{
+    if (cpus > 0)
+        printf(",\"%s\":%d", name, cpus);
+    else
+        printf(",\"%s\":null", name);
 }
 
 /* A ratio, or null when it is not known (0). */
@@ -336,6 +354,8 @@ static void json_row(struct bench *b, size_t i, const struct row *row, unsigned 
     json_ratio("msgs_per_s_batch1_seqpacket_ratio", ratio(c->msgs_b1, seq->msgs_per_s));
     json_opt("minflt_self_per_mib", c->flt_self);
     json_opt("minflt_peer_per_mib", c->flt_peer);
+    json_cpus("cpus_rtt", c->cpus_rtt);
+    json_cpus("cpus_oneway", c->cpus_ow);
     printf("}");
 }
 
@@ -549,10 +569,11 @@ static void print_intro(const struct bench *b)
     printf("ratio: the figure over copy mode's for the same size "
            "(rtt: below 1 is faster; msgs/s, GB/s: above 1 is faster);\n"
            "mem: GB/s over the memory row's; faults: minor page faults per MiB of the "
-           "one-way run, sender and receiver\n\n");
-    printf("%-8s %-12s %11s %7s %11s %7s %11s %7s %9s %7s %6s %7s %7s\n", "size", "mode",
+           "one-way run, sender and receiver;\ncpus: on how many CPUs the two processes "
+           "ended the round trips and the one-way run (1 or 2)\n\n");
+    printf("%-8s %-12s %11s %7s %11s %7s %11s %7s %9s %7s %6s %7s %7s %s\n", "size", "mode",
            "rtt avg us", "ratio", "rtt p99 us", "ratio", "msgs/s", "ratio", "GB/s", "ratio",
-           "mem", "flt snd", "flt rcv");
+           "mem", "flt snd", "flt rcv", "cpus");
     fflush(stdout);
 }
 

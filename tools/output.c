@@ -188,6 +188,8 @@ static void json_faults(const struct results *res)
     json_num("minflt_peer", (double)res->minflt_peer, 0);
     json_num("minflt_self_per_mib", faults_per_mib(res->minflt_self, res->bytes_moved), 4);
     json_num("minflt_peer_per_mib", faults_per_mib(res->minflt_peer, res->bytes_moved), 4);
+    json_num("cpu_self", res->cpu_self - 1, 0);
+    json_num("cpu_peer", res->cpu_peer - 1, 0);
 }
 
 /* ,"io":"io_uring" or "epoll","io_why":why; carrier: lshm_ctx_carrier(), "" for none. */
@@ -337,6 +339,11 @@ void print_summary(const struct config *cfg, const struct results *res, const ch
         printf("throughput: %.0f msgs/s, %.3f GB/s\n", res->msgs_per_s, res->gb_per_s);
     print_carrier(cfg, res);
     print_faults(res);
+    if (results_cpus(res) == 1)
+        printf("cpus: both processes on CPU %d at the end\n", res->cpu_self - 1);
+    else if (results_cpus(res) == 2)
+        printf("cpus: CPU %d here, CPU %d peer at the end\n", res->cpu_self - 1,
+               res->cpu_peer - 1);
     fflush(stdout);
 }
 

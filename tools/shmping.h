@@ -85,6 +85,9 @@ struct results {
     pid_t    peer_pid;      /* 0: no forked peer */
     long     minflt_self, minflt_peer;
     uint64_t bytes_moved;
+    /* The CPU each process last ran on at the end of the run, plus 1 (0:
+     * not known): one CPU or two changes what a run measures. */
+    int      cpu_self, cpu_peer;
     /* io_uring modes: the port's counters at the end of the run, and the
      * features of this side's context. */
     bool     has_port_stats;
@@ -182,6 +185,8 @@ double   faults_per_mib(long faults, uint64_t bytes);
 /* Minor faults of this process so far, and of process pid (-1: unknown). */
 long     minflt_self(void);
 long     minflt_of(pid_t pid);
+/* How many CPUs the two processes were on at the end: 1, 2, or 0 unknown. */
+int      results_cpus(const struct results *r);
 
 /* proc.c.  Set by SIGINT/SIGTERM; every loop of the tool checks it. */
 extern volatile sig_atomic_t stop_requested;

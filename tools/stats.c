@@ -1,6 +1,7 @@
 /* shmping: what a run measured: RTT samples and their summary, rates. */
 #include <errno.h>
 #include <math.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,13 +50,15 @@ long minflt_self(void)
     return getrusage(RUSAGE_SELF, &ru) == 0 ? ru.ru_minflt : -1;
 }
 
-/* Field 10 of /proc/PID/stat, counted after the ')' that ends the name. */
-long minflt_of(pid_t pid)
+/* Field field (3 or more: 3 is the state) of /proc/PID/stat, counted after
+ * the ')' that ends the name; -1 when it cannot be read. */
+static long stat_field(pid_t pid, int field)
 {
-    char path[64], buf[1024], *p;
-    unsigned long v;
+    char path[64], buf[1024], *p, *end;
+    long v;
     ssize_t n;
     FILE *f;
+    int i;
 
     snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
     f = fopen(path, "re");
@@ -67,13 +70,34 @@ long minflt_of(pid_t pid)
         return -1;
     buf[n] = '\0';
     p = strrchr(buf, ')');
-    if (p == NULL || sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %lu", &v) != 1)
+    if (p == NULL)
         return -1;
-    return (long)v;
+    p++;
+    for (i = 3; i < field; i++) {
+        p = strchr(p + 1, ' ');
+        if (p == NULL)
+            return -1;
+    }
+    errno = 0;
+    v = strtol(p + 1, &end, 10);
+    return errno != 0 || end == p + 1 ? -1 : v;
+}
+
+long minflt_of(pid_t pid)
+{
+    return stat_field(pid, 10);
+}
+
+int results_cpus(const struct results *r)
+{
+    if (r->cpu_self <= 0 || r->cpu_peer <= 0)
+        return 0;
+    return r->cpu_self == r->cpu_peer ? 1 : 2;
 }
 
 void faults_start(struct results *r)
 {
+    r->cpu_self = r->cpu_peer = 0;
     r->minflt_self = minflt_self();
     r->minflt_peer = r->peer_pid > 0 ? minflt_of(r->peer_pid) : -1;
 }
@@ -84,6 +108,9 @@ void faults_stop(struct results *r)
 
     r->minflt_self = self >= 0 && r->minflt_self >= 0 ? self - r->minflt_self : -1;
     r->minflt_peer = peer >= 0 && r->minflt_peer >= 0 ? peer - r->minflt_peer : -1;
+    /* Field 39: the CPU the process last ran on. */
+    r->cpu_self = sched_getcpu() + 1;
+    r->cpu_peer = r->peer_pid > 0 ? (int)stat_field(r->peer_pid, 39) + 1 : 0;
 }
 
 double faults_per_mib(long faults, uint64_t bytes)
