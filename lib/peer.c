@@ -535,9 +535,9 @@ int lshm__peer_out_alloc(struct lshm_peer *peer, uint16_t port_id, unsigned limi
             return lshm__fail(-EAGAIN, "peer %d: all %u shared memory segments are full "
                              "(max_segments, the smaller of the two sides'); wait for chunks "
                              "to come back", (int)peer->pid, limit);
-        return lshm__fail(-EAGAIN, "peer %d: all %u segments are full and the peer gives "
-                         "chunks back: waiting for them before making another",
-                         (int)peer->pid, size);
+        return lshm__fail(-EAGAIN, "peer %d: all %u segments are full; another is made "
+                         "only once the peer has given no chunk back for %d ms (wait with "
+                         "LSHM_WAIT_SHM)", (int)peer->pid, size, LSHM_GROW_WAIT_MS);
     }
     ret = grow_locked(peer, port_id, scrub, &seg);
     if (ret < 0) {

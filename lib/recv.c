@@ -644,6 +644,10 @@ static void recv_done(struct lshm_op *op, int res, bool more, void *buf, unsigne
         /* Multishot can end with ECONNRESET while datagrams are still
          * queued: drain them with single-shot receives. */
         port->recv_multishot = false;
+    } else if (res == -ECONNRESET) {
+        /* The peer closed with our datagrams unread: after all it sent, as
+         * an end of file without BYE. */
+        recv_eof(port);
     } else if (res != -ENOBUFS && res != -ECANCELED) {
         lshm__port_fail(port, res, "receive failed: %s", strerror(-res));
     }

@@ -94,6 +94,13 @@ for page in man/man3/*.3; do
         grep -q '^\.B #include <linuxshm.h>$' "$page" || missing="$missing [#include]"
         grep -q '^\.IR \\-llinuxshm \.$' "$page" || missing="$missing [Link with -llinuxshm]"
         if [ -z "$missing" ]; then pass; else fail "$page: missing$missing"; fi
+        # A copy of another page goes stale: that page is linked instead.
+        th=$(sed -n 's/^\.TH \([^ ]*\) .*/\1/p' "$page" | head -n 1)
+        if [ "$th" = "$name" ]; then
+            pass
+        else
+            fail "$page: is the page of $th (.TH), not a symbolic link to $th.3"
+        fi
     fi
     if [ -f "$full" ] && sed -n '/^\.SH NAME/,/^\.SH/p' "$full" | grep -q "\\b$name\\b"; then
         pass

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "linuxshm.h"
@@ -560,4 +561,66 @@ LTEST(close, peer_sigkilled_handler_style_on_close_once)
         cr_assert_eq(count_maps(SEG_MAPS), maps0);
     }
     lshm_ctx_free(ctx);
+}
+
+/* ======================================================================
+ * A peer killed with our datagrams unread: the kernel says ECONNRESET
+ * where it would say end of file; the port tells it the same way
+ * ====================================================================== */
+
+/* Take one message, then read no more until killed. */
+static int stop_reading(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    struct lshm_msg m;
+
+    (void)ctx, (void)arg;
+    CK(lshm_recv(port, &m, 10000) == 0);
+    lshm_msg_done(&m);
+    for (;;)
+        pause();
+}
+
+static void killed_with_datagrams_unread(unsigned ctx_flags)
+{
+    struct lshm_ctx_params prm = { .flags = ctx_flags };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, stop_reading, NULL);
+    struct lshm_msg m;
+    int i, ret, st, fd;
+
+    wait_ready(port);
+    cr_assert_eq(send_pat(port, 0, 64, 0), 0);
+    /* Messages with an fd always take the socket: they stay unread there. */
+    for (i = 1; i <= 4; i++) {
+        fd = memfd_create("unread", MFD_CLOEXEC);
+        cr_assert_geq(fd, 0);
+        cr_assert_eq(send_inline(port, T_DATA, (uint32_t)i, "x", 1, fd), 0, "%s",
+                     lshm_last_error());
+    }
+    cr_assert_gt(lshm_port_wait(port, LSHM_WAIT_IDLE, 10000), 0, "%s", lshm_last_error());
+    cr_assert_eq(kill(pid, SIGKILL), 0);
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    ret = lshm_recv(port, &m, 10000);
+    cr_assert_eq(ret, -ECONNRESET, "%d %s", ret, lshm_last_error());
+    cr_assert_not_null(lshm_port_error(port));
+    cr_assert(strstr(lshm_port_error(port), "without BYE (it exited, crashed or was killed)"),
+              "%s: %s", lshm_ctx_carrier(ctx), lshm_port_error(port));
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+}
+
+LTEST(close, peer_killed_with_our_datagrams_unread_went_without_bye)
+{
+    killed_with_datagrams_unread(0);
+}
+
+LTEST(close, peer_killed_with_our_datagrams_unread_went_without_bye_on_epoll)
+{
+    killed_with_datagrams_unread(LSHM_CTX_NO_IO_URING);
+}
+
+LTEST(close, peer_killed_with_our_datagrams_unread_went_without_bye_single_shot)
+{
+    killed_with_datagrams_unread(LSHM_CTX_NO_MULTISHOT);
 }

@@ -422,8 +422,8 @@ static void print_epoll(const struct bench *b)
 {
     printf("\nthe epoll carrier against io_uring, same run: round trip p50 and one-way time "
            "(1 / msgs/s), epoll's over io_uring's\n\n");
-    printf("%-8s %-12s %13s %10s %8s %13s %10s %8s\n", "size", "mode", "io_uring us",
-           "epoll us", "ratio", "io_uring m/s", "epoll m/s", "ratio");
+    printf("%-8s %-12s %13s %10s %8s %15s %13s %10s\n", "size", "mode", "io_uring us",
+           "epoll us", "ratio", "io_uring msgs/s", "epoll msgs/s", "time ratio");
     for (size_t i = 0; i < NSIZES; i++)
         for (size_t k = R_SHM_EPOLL; k <= R_INLINE_EPOLL; k++) {
             const struct cell *e = &b->cells[i][k], *u = &b->cells[i][IO_URING_ROW(k)];
@@ -432,7 +432,7 @@ static void print_epoll(const struct bench *b)
             if (!e->ran || e->failed || !u->ran || u->failed)
                 continue;
             size_text(sizes[i], sz, sizeof(sz));
-            printf("%-8s %-12s %13.2f %10.2f %7.2fx %13.0f %10.0f %7.2fx\n", sz,
+            printf("%-8s %-12s %13.2f %10.2f %7.2fx %15.0f %13.0f %9.2fx\n", sz,
                    rows[IO_URING_ROW(k)].label, u->rtt_p50, e->rtt_p50,
                    ratio(e->rtt_p50, u->rtt_p50), u->msgs_per_s, e->msgs_per_s,
                    ratio(u->msgs_per_s, e->msgs_per_s));

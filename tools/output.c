@@ -124,7 +124,8 @@ void print_header(const struct config *cfg, const char *peer, const struct lshm_
         n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", %llu frames",
                       (unsigned long long)cfg->frames);
     if (cfg->slow_n > 0)
-        n += snprintf(batch + n, sizeof(batch) - (size_t)n, ", consumer slow for %llu (%u ms each)",
+        n += snprintf(batch + n, sizeof(batch) - (size_t)n,
+                      ", consumer slow for its first %llu (%u ms each)",
                       (unsigned long long)cfg->slow_n, cfg->slow_ms);
     if (cfg->mode == MODE_COPY || cfg->mode == MODE_SEQPACKET) {
         printf("SHMPING %s: %zu bytes, mode %s%s%s (AF_UNIX %s socket, "
