@@ -740,12 +740,26 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
             return false;
         fe->rcvtimeo_ms = ms;
     }
-    do {
+    for (;;) {
+        long long t0 = now_ns();
+
         ep->stats.enters++;
         res = (int)recvmsg(fd, op->arg, MSG_CMSG_CLOEXEC);
         if (res < 0)
             res = errno == EWOULDBLOCK ? -EAGAIN : -errno;
-    } while (res == -EAGAIN && timeout_ms < 0);
+        if (res != -EAGAIN)
+            break;
+        /* Over well before its time: the socket is not as we set it (a
+         * process that passed it to us and kept a copy made it
+         * non-blocking, or changed its timeout).  Look again next wait. */
+        if (now_ns() - t0 < (long long)ms * 500000) {
+            fe->blocking = -1;
+            fe->rcvtimeo_ms = -1;
+            break;
+        }
+        if (timeout_ms >= 0)
+            break;
+    }
     /* Timed out, or a signal: as an epoll_wait that saw nothing. */
     if (res == -EAGAIN || res == -EINTR)
         return true;

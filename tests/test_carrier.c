@@ -683,3 +683,112 @@ LTEST(carrier, epoll_wait_without_a_limit_returns_on_a_restarting_signal)
 {
     signal_ends_the_wait(LSHM_CTX_NO_IO_URING);
 }
+
+/* ---- a socket another process holds too ---- */
+
+/* A child holding a copy of sock: on each byte from cmd it changes the
+ * socket as told ('n': O_NONBLOCK on, 't': SO_RCVTIMEO of 1 ms), answers
+ * on done, and leaves at cmd's end of file. */
+static pid_t holder(int sock, const int cmd[2], const int done[2])
+{
+    pid_t pid;
+
+    fflush(NULL);
+    pid = fork();
+    cr_assert_geq(pid, 0);
+    if (pid == 0) {
+        struct timeval tv = { 0, 1000 };
+        char c;
+
+        close(cmd[1]);
+        close(done[0]);
+        while (read(cmd[0], &c, 1) == 1) {
+            if (c == 'n')
+                fcntl(sock, F_SETFL, fcntl(sock, F_GETFL) | O_NONBLOCK);
+            else if (c == 't')
+                setsockopt(sock, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+            if (write(done[1], &c, 1) != 1)
+                _exit(1);
+        }
+        _exit(0);
+    }
+    return pid;
+}
+
+/*
+ * Runs of 100 ms on an idle port for 600 ms: how many waits they took and
+ * the CPU time they used (ms).
+ */
+static void idle_runs(struct lshm_ctx *ctx, uint64_t *enters, long long *cpu_ms)
+{
+    struct lshm_ctx_stats a, b;
+    struct timespec c0, c1;
+    long long t0 = now_ms();
+
+    cr_assert_eq(lshm_ctx_stats(ctx, &a), 0);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c0);
+    while (now_ms() - t0 < 600)
+        cr_assert_geq(lshm_ctx_run(ctx, 100), 0, "%s", lshm_last_error());
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &c1);
+    cr_assert_eq(lshm_ctx_stats(ctx, &b), 0);
+    *enters = b.enters - a.enters;
+    *cpu_ms = (c1.tv_sec - c0.tv_sec) * 1000LL + (c1.tv_nsec - c0.tv_nsec) / 1000000;
+}
+
+/*
+ * An adopted socket is not the port's alone when the process that passed
+ * it keeps a copy: that one may make it non-blocking or give it another
+ * receive timeout.  The epoll carrier's wait, a blocking receive while it
+ * knows the socket blocking, must not turn into a loop of receives that
+ * return at once (in lshm_ctx_run(ctx, -1), one that never returns).
+ */
+static void other_holder_changes_the_socket(char what)
+{
+    struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_IO_URING };
+    struct lshm_ctx *ctx;
+    struct lshm_port *port;
+    int sv[2], cmd[2], done[2];
+    uint64_t enters;
+    long long cpu;
+    pid_t pid;
+    char c;
+
+    ctx = ctx_make(&prm);
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+    cr_assert_eq(pipe2(cmd, O_CLOEXEC), 0);
+    cr_assert_eq(pipe2(done, O_CLOEXEC), 0);
+    pid = holder(sv[0], cmd, done);
+    close(cmd[0]);
+    close(done[1]);
+    cr_assert_eq(lshm_port_adopt(ctx, sv[0], &port), 0, "%s", lshm_last_error());
+    /* No HELLO comes: the handshake's deadline, 10 s away, is the only timer. */
+    idle_runs(ctx, &enters, &cpu);
+    cr_log_info("before: %llu waits, %lld ms of CPU", (unsigned long long)enters, cpu);
+    cr_assert_leq(enters, 12, "%llu waits in 600 ms of idle runs of 100 ms",
+                  (unsigned long long)enters);
+    cr_assert_eq(write(cmd[1], &what, 1), 1);
+    cr_assert_eq(read(done[0], &c, 1), 1);
+    idle_runs(ctx, &enters, &cpu);
+    cr_log_info("after '%c': %llu waits, %lld ms of CPU", what, (unsigned long long)enters,
+                cpu);
+    cr_assert_leq(enters, 14, "%llu waits in 600 ms of idle runs of 100 ms, after the "
+                  "other holder's %s", (unsigned long long)enters,
+                  what == 'n' ? "O_NONBLOCK" : "SO_RCVTIMEO");
+    cr_assert_lt(cpu, 200, "%lld ms of CPU in 600 ms of idle runs", cpu);
+    close(cmd[1]);
+    close(done[0]);
+    child_ok(pid, 5000);
+    lshm_port_close(port);
+    lshm_ctx_free(ctx);
+    close(sv[1]);
+}
+
+LTEST(carrier, epoll_wait_does_not_spin_when_another_holder_makes_the_socket_non_blocking)
+{
+    other_holder_changes_the_socket('n');
+}
+
+LTEST(carrier, epoll_wait_does_not_spin_when_another_holder_shortens_its_receive_timeout)
+{
+    other_holder_changes_the_socket('t');
+}
