@@ -156,6 +156,7 @@ void lshm__ctx_free(struct lshm_ctx *ctx)
 
 int lshm__ctx_fd(const struct lshm_ctx *ctx)
 {
+    ((struct lshm_ctx *)ctx)->fd_asked = true;
     return lshm__ring_fd(ctx->ring);
 }
 
@@ -391,6 +392,9 @@ static bool run_may_sleep(struct lshm_ctx *ctx)
 
 int lshm__ctx_run(struct lshm_ctx *ctx, int timeout_ms)
 {
+    /* A run without a wait from a caller that polls the context's fd: it
+     * sleeps there, not here. */
+    bool polled = timeout_ms == 0 && ctx->fd_asked;
     int ret = 0;
 
     ctx->walking++;
@@ -415,6 +419,12 @@ int lshm__ctx_run(struct lshm_ctx *ctx, int timeout_ms)
     }
     run_deadlines(ctx);
     run_handlers(ctx);
+    /* Rings are read without the kernel: a producer wakes their consumer
+     * (its futex wait completes, a WAKE datagram comes, either of which
+     * makes the fd readable) only once told that it sleeps.  Tell it, or,
+     * if records came meanwhile, make the fd readable now. */
+    if (polled && ctx->lists[PL_READY].head == NULL && !run_may_sleep(ctx))
+        lshm__ring_wake(ctx->ring);
     /* Completions may have queued more (a next chain, an ACK): push it
      * now, or a caller that sleeps in epoll would never see it go.  Nor
      * would it see handlers left to call: wake its poll. */

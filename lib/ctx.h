@@ -80,6 +80,7 @@ struct lshm_ctx {
     uint64_t                   msgs_sent;
     uint64_t                   msgs_received;
     unsigned                   walking;     /* completions or handlers running */
+    bool                       fd_asked;    /* lshm_ctx_fd: the caller may sleep in poll */
     struct lshm_list           lists[PL_COUNT];
     struct lshm_timer          timers[PL_COUNT];  /* of the deadline lists */
     void                      *rm_cache;    /* small received messages to reuse (port.c's);

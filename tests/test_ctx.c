@@ -400,6 +400,66 @@ LTEST(ctx, fd_polls_readable_when_a_message_arrived)
     ctx_fd_polls(NULL);
 }
 
+#define POLL_TRIPS 2000
+
+struct poll_loop {
+    unsigned got;
+};
+
+/* Answer each echo with the next message, until POLL_TRIPS came back. */
+static void on_echo(struct lshm_port *port, struct lshm_msg *m, void *arg)
+{
+    struct poll_loop *pl = arg;
+
+    cr_assert(msg_check(m, pl->got, 48), "echo %u differs", pl->got);
+    lshm_msg_done(m);
+    if (++pl->got < POLL_TRIPS)
+        cr_assert_eq(send_pat(port, pl->got, 48, 0), 0, "%s", lshm_last_error());
+}
+
+/*
+ * The loop lshm_ctx_fd(3) shows: lshm_ctx_run(ctx, 0), then poll(2) on the
+ * fd.  The messages travel in the message rings, which the kernel does not
+ * see: every answer must still make the fd readable, on either carrier.
+ */
+static void poll_loop(unsigned flags)
+{
+    struct lshm_ctx_params prm = { .flags = flags };
+    struct lshm_ctx *ctx = ctx_make(&prm);
+    struct poll_loop pl = { 0 };
+    struct lshm_port_stats st;
+    struct lshm_port *port;
+    pid_t pid = spawn(ctx, NULL, &port, echo_pull, NULL);
+    struct pollfd pfd = { .fd = lshm_ctx_fd(ctx), .events = POLLIN };
+    unsigned stalls = 0;
+
+    cr_assert_geq(pfd.fd, 0);
+    wait_ready(port);
+    lshm_port_set_handler(port, on_echo, NULL, &pl);
+    cr_assert_eq(send_pat(port, 0, 48, 0), 0);
+    while (pl.got < POLL_TRIPS && stalls == 0) {
+        cr_assert_geq(lshm_ctx_run(ctx, 0), 0, "%s", lshm_last_error());
+        if (pl.got < POLL_TRIPS && poll(&pfd, 1, 2000) == 0)
+            stalls++;
+    }
+    cr_assert_eq(stalls, 0, "%s: the fd stayed quiet for 2 s after %u of %u echoes",
+                 lshm_ctx_carrier(ctx), pl.got, POLL_TRIPS);
+    cr_assert_eq(lshm_port_stats(port, &st), 0);
+    cr_assert_gt(st.ring_msgs_in, POLL_TRIPS / 2, "the echoes did not take the ring");
+    lshm_port_set_handler(port, NULL, NULL, NULL);
+    spawn_end(ctx, port, pid);
+}
+
+LTEST(ctx, fd_polls_readable_for_ring_messages_in_a_run_0_loop)
+{
+    poll_loop(0);
+}
+
+LTEST(ctx, fd_polls_readable_for_ring_messages_in_a_run_0_loop_on_epoll)
+{
+    poll_loop(LSHM_CTX_NO_IO_URING);
+}
+
 LTEST(ctx, fd_polls_readable_without_multishot_or_defer_taskrun)
 {
     struct lshm_ctx_params prm = { .flags = LSHM_CTX_NO_MULTISHOT |
