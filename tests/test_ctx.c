@@ -439,10 +439,11 @@ static void poll_loop(unsigned flags)
     cr_assert_eq(send_pat(port, 0, 48, 0), 0);
     while (pl.got < POLL_TRIPS && stalls == 0) {
         cr_assert_geq(lshm_ctx_run(ctx, 0), 0, "%s", lshm_last_error());
-        if (pl.got < POLL_TRIPS && poll(&pfd, 1, 2000) == 0)
+        /* 10 s: a wake-up lost stays lost; a busy machine's delay does not. */
+        if (pl.got < POLL_TRIPS && poll(&pfd, 1, 10000) == 0)
             stalls++;
     }
-    cr_assert_eq(stalls, 0, "%s: the fd stayed quiet for 2 s after %u of %u echoes",
+    cr_assert_eq(stalls, 0, "%s: the fd stayed quiet for 10 s after %u of %u echoes",
                  lshm_ctx_carrier(ctx), pl.got, POLL_TRIPS);
     cr_assert_eq(lshm_port_stats(port, &st), 0);
     cr_assert_gt(st.ring_msgs_in, POLL_TRIPS / 2, "the echoes did not take the ring");
