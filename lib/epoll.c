@@ -581,6 +581,8 @@ static int send_chain(struct lshm_epoll *ep, struct lshm_op *first)
     return sent > 0 ? sent : 0;
 }
 
+static void sync_fds(struct lshm_epoll *ep);
+
 int lshm__ep_submit(struct lshm_epoll *ep)
 {
     struct lshm_op *op;
@@ -600,9 +602,15 @@ int lshm__ep_submit(struct lshm_epoll *ep)
         start(ep, op);
         n++;
     }
-    /* Completions outside run: a caller asleep on the fd must come for them. */
-    if (ep->d_head != NULL && ep->running == 0)
-        lshm__ep_wake(ep);
+    if (ep->running == 0 && ep->fd_asked) {
+        /* The caller may sleep on the fd next, not in poll_once: the epoll
+         * set must show the sockets waited on now (a receive started here
+         * on a socket taken out of the set would wake nobody). */
+        sync_fds(ep);
+        /* Completions outside run: a caller asleep on the fd must come for them. */
+        if (ep->d_head != NULL)
+            lshm__ep_wake(ep);
+    }
     return n;
 }
 
