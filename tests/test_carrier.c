@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/perf_event.h>
+#include <poll.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -791,4 +792,64 @@ LTEST(carrier, epoll_wait_does_not_spin_when_another_holder_makes_the_socket_non
 LTEST(carrier, epoll_wait_does_not_spin_when_another_holder_shortens_its_receive_timeout)
 {
     other_holder_changes_the_socket('t');
+}
+
+/* ---- a receive started outside a run is seen by a poll on the fd ---- */
+
+struct rop {
+    struct lshm_op op;
+    int            res;
+    bool           done;
+};
+
+static void rop_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct rop *r = (struct rop *)op;
+
+    (void)more, (void)buf, (void)len;
+    r->res = res;
+    r->done = true;
+}
+
+/*
+ * A socket whose receive completed and was not started again leaves the
+ * epoll set.  A receive started on it by a submit outside a run (as the
+ * end of lshm_ctx_run or lshm_flush does) must bring it back before the
+ * caller sleeps on the fd: a datagram then makes the fd readable.
+ */
+LTEST(carrier, epoll_receive_submitted_outside_a_run_wakes_a_poll_on_the_fd)
+{
+    struct rop r1 = { .op.complete = rop_done }, r2 = { .op.complete = rop_done };
+    char buf1[64], buf2[64];
+    struct iovec v1 = { buf1, sizeof(buf1) }, v2 = { buf2, sizeof(buf2) };
+    struct msghdr m1 = { .msg_iov = &v1, .msg_iovlen = 1 };
+    struct msghdr m2 = { .msg_iov = &v2, .msg_iovlen = 1 };
+    struct lshm_ring *ring;
+    struct pollfd pfd;
+    long long t0;
+    int sv[2];
+
+    cr_assert_eq(lshm__ring_new(&ring, 8, LSHM_CTX_NO_IO_URING), 0, "%s", lshm_last_error());
+    pfd = (struct pollfd){ .fd = lshm__ring_fd(ring), .events = POLLIN };
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+    /* One receive, completed and not started again: the socket leaves. */
+    cr_assert_eq(lshm__ring_recvmsg(ring, sv[0], &m1, &r1.op), 0);
+    cr_assert_eq(lshm__ring_run(ring, 0), 0);
+    cr_assert_eq(send(sv[1], "one", 3, 0), 3);
+    for (t0 = now_ms(); !r1.done && now_ms() - t0 < 5000;)
+        cr_assert_geq(lshm__ring_run(ring, 100), 0);
+    cr_assert(r1.done && r1.res == 3, "first receive: %d", r1.res);
+    /* The next one, submitted outside a run: nothing there yet. */
+    cr_assert_eq(lshm__ring_recvmsg(ring, sv[0], &m2, &r2.op), 0);
+    cr_assert_geq(lshm__ring_submit(ring), 0);
+    cr_assert_not(r2.done);
+    /* Only poll(2) from here: the datagram must make the fd readable. */
+    cr_assert_eq(send(sv[1], "two", 3, 0), 3);
+    cr_assert_eq(poll(&pfd, 1, 2000), 1, "the fd did not wake for the datagram");
+    for (t0 = now_ms(); !r2.done && now_ms() - t0 < 5000;)
+        cr_assert_geq(lshm__ring_run(ring, 100), 0);
+    cr_assert(r2.done && r2.res == 3, "second receive: %d", r2.res);
+    lshm__ring_close(ring, sv[0]);
+    close(sv[1]);
+    lshm__ring_free(ring);
 }
