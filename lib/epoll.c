@@ -44,9 +44,9 @@ struct fdent {
     unsigned        nops;               /* operations queued or waiting */
     uint32_t        events;             /* registered with epoll; 0: not registered */
     bool            dirty;              /* on the dirty list: events may change */
-    bool            nonblock;           /* O_NONBLOCK set (accept, connect) */
     bool            readable;           /* the last receive got a datagram */
-    signed char     blocking;           /* O_NONBLOCK clear: 1, set: 0, not known: -1 */
+    signed char     blocking;           /* O_NONBLOCK clear: 1, set: 0 (by us for accept
+                                         * and connect, or found), not known: -1 */
     int             rcvtimeo_ms;        /* SO_RCVTIMEO set, -1: not known */
 };
 
@@ -164,7 +164,6 @@ static void forget_fd(struct lshm_epoll *ep, int fd, struct fdent *fe)
     if (fe->events != 0)
         epoll_ctl(ep->epfd, EPOLL_CTL_DEL, fd, NULL);
     set_events(ep, fd, fe, 0);
-    fe->nonblock = false;
     fe->readable = false;
     fe->blocking = -1;
     fe->rcvtimeo_ms = -1;
@@ -342,12 +341,11 @@ static int set_nonblock(struct fdent *fe, int fd)
 {
     int fl;
 
-    if (fe->nonblock)
+    if (fe->blocking == 0)
         return 0;
     fl = fcntl(fd, F_GETFL);
     if (fl < 0 || fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
         return -errno;
-    fe->nonblock = true;
     fe->blocking = 0;
     return 0;
 }
@@ -359,10 +357,8 @@ static void clear_nonblock(struct lshm_epoll *ep, int fd)
     struct fdent *fe = ep->fds[fd];
     int fl = fcntl(fd, F_GETFL);
 
-    if (fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0) {
-        fe->nonblock = false;
+    if (fl >= 0 && fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) == 0)
         fe->blocking = 1;
-    }
 }
 
 /* One try of a socket call: its result, or -EAGAIN to wait for epoll. */
