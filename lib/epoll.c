@@ -701,12 +701,25 @@ static void sync_fds(struct lshm_epoll *ep)
     ep->ndirty = 0;
 }
 
+/* The receive that was the wait or the look completed with res. */
+static void recv_taken(struct lshm_epoll *ep, struct fdent *fe, struct lshm_op *op, int res)
+{
+    /* Not readable: the next receive waits in wait_in_recv() again (where
+     * a datagram already there costs nothing more), not in a try that
+     * mostly finds none. */
+    fe->readable = false;
+    fe->reader = NULL;
+    post(ep, op, res);
+}
+
 /*
  * The wait as one blocking receive, when that is all there is to wait
  * for: one socket's receive (blocking, no O_NONBLOCK), no sends waiting
  * for room, no timer due within the wait, no wake-up pending.  SO_RCVTIMEO
- * bounds it (set again only when the wait's length changes).  False when
- * the wait must go to epoll.
+ * bounds it (set again only when the wait's length changes).  A look
+ * (timeout 0) is the receive with MSG_DONTWAIT: one call where
+ * epoll_wait(2) and recvmsg(2) take two when a datagram is there.  False
+ * when the wait must go to epoll.
  */
 static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
 {
@@ -714,7 +727,7 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
     struct lshm_op *op;
     int fd, res, ms;
 
-    if (timeout_ms == 0 || ep->n_in != 1 || ep->n_out != 0 || ep->woken || ep->q_head != NULL)
+    if (ep->n_in != 1 || ep->n_out != 0 || ep->woken || ep->q_head != NULL)
         return false;
     fd = (int)ep->in_fd_sum;
     if (fd < 0 || fd >= ep->nfds || (fe = ep->fds[fd]) == NULL || (op = fe->reader) == NULL ||
@@ -725,6 +738,15 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
 
         if (timeout_ms < 0 || left <= (long long)timeout_ms * 1000000)
             return false;
+    }
+    if (timeout_ms == 0) {
+        /* A look: the receive itself, without waiting. */
+        ep->stats.enters++;
+        res = (int)recvmsg(fd, op->arg, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (res < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return true;
+        recv_taken(ep, fe, op, res < 0 ? -errno : res);
+        return true;
     }
     if (fe->blocking < 0) {
         int fl = fcntl(fd, F_GETFL);
@@ -765,12 +787,8 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
             break;
     }
     /* Timed out, or a signal: as an epoll_wait that saw nothing. */
-    if (res == -EAGAIN || res == -EINTR)
-        return true;
-    /* Not readable: the next receive waits here again, not in a try. */
-    fe->readable = false;
-    fe->reader = NULL;
-    post(ep, op, res);
+    if (res != -EAGAIN && res != -EINTR)
+        recv_taken(ep, fe, op, res);
     return true;
 }
 

@@ -560,6 +560,78 @@ LTEST(carrier, epoll_round_trip_of_a_connected_client_costs_a_send_and_a_receive
     round_trip_calls(true);
 }
 
+/* A receive that starts its next one from its completion, as a port's does. */
+struct rearm {
+    struct lshm_op    op;
+    struct lshm_ring  *ring;
+    int               fd;
+    struct msghdr     msg;
+    struct iovec      iov;
+    char              buf[64];
+    unsigned          got;
+    int               res;
+};
+
+static void rearm_done(struct lshm_op *op, int res, bool more, void *buf, unsigned len)
+{
+    struct rearm *r = (struct rearm *)op;
+
+    (void)more, (void)buf, (void)len;
+    r->res = res;
+    if (res < 0)
+        return;
+    r->got++;
+    r->res = lshm__ring_recvmsg(r->ring, r->fd, &r->msg, &r->op);
+}
+
+/*
+ * A run without a wait (timeout 0) on a carrier that waits on one socket's
+ * receive looks with that receive: one recvmsg(2) whether a datagram is
+ * there or not, not epoll_wait(2) then recvmsg(2), nor a receive tried
+ * again at once after one that took a datagram (it mostly finds none).
+ * Each round: a datagram, a run that takes it, a run that finds nothing.
+ */
+LTEST(carrier, epoll_look_without_a_wait_is_one_receive)
+{
+    struct rearm r = { .fd = -1 };
+    unsigned long long n = 0;
+    char why[160];
+    int counter = syscall_counter(why, sizeof(why)), sv[2];
+    unsigned i, rounds = 500;
+    double calls;
+
+    if (counter < 0)
+        cr_skip_test("cannot count system calls: %s", why);
+    r.op.complete = rearm_done;
+    r.iov = (struct iovec){ r.buf, sizeof(r.buf) };
+    r.msg = (struct msghdr){ .msg_iov = &r.iov, .msg_iovlen = 1 };
+    cr_assert_eq(lshm__ring_new(&r.ring, 8, LSHM_CTX_NO_IO_URING), 0, "%s", lshm_last_error());
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+    r.fd = sv[0];
+    cr_assert_eq(lshm__ring_recvmsg(r.ring, r.fd, &r.msg, &r.op), 0);
+    cr_assert_eq(lshm__ring_run(r.ring, 0), 0);
+    cr_assert_eq(ioctl(counter, PERF_EVENT_IOC_ENABLE, 0), 0);
+    for (i = 0; i < rounds; i++) {
+        cr_assert_eq(send(sv[1], "wake", 4, 0), 4);
+        cr_assert_eq(lshm__ring_run(r.ring, 0), 1, "round %u: the datagram was not taken", i);
+        cr_assert_eq(r.got, i + 1);
+        cr_assert_eq(r.res, 0, "round %u: receive: %d", i, r.res);
+        cr_assert_eq(lshm__ring_run(r.ring, 0), 0, "round %u: a second datagram?", i);
+    }
+    cr_assert_eq(ioctl(counter, PERF_EVENT_IOC_DISABLE, 0), 0);
+    cr_assert_eq(read(counter, &n, sizeof(n)), (ssize_t)sizeof(n));
+    /* The send, the receive that takes the datagram, the one that finds none. */
+    calls = (double)n / rounds;
+    cr_log_info("epoll carrier: %.2f system calls a round of send, look, look", calls);
+    cr_assert_leq(calls, 3.2, "%.2f system calls a round (send, look, look)", calls);
+    lshm__ring_cancel(r.ring, &r.op);
+    lshm__ring_run(r.ring, 0);
+    lshm__ring_close(r.ring, sv[0]);
+    close(sv[1]);
+    lshm__ring_free(r.ring);
+    close(counter);
+}
+
 /* ---- the ring layer's timeouts, on each carrier ---- */
 
 /* An operation of the ring layer, and when and how it completed. */
