@@ -5,6 +5,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -239,48 +240,87 @@ LTEST(limits, fd_limit_at_segment_creation_names_rlimit_nofile)
     spawn_end(ctx, port, pid);
 }
 
-/* The child: at its address-space limit, it cannot map the peer's segment. */
-static int recv_at_as_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+/* The address space this process maps now plus slack bytes; 0 if unknown. */
+static rlim_t as_now_plus(unsigned long slack)
 {
     unsigned long pages = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+
+    if (f == NULL)
+        return 0;
+    if (fscanf(f, "%lu", &pages) != 1)
+        pages = 0;
+    fclose(f);
+    return pages == 0 ? 0 : pages * (unsigned long)sysconf(_SC_PAGESIZE) + slack;
+}
+
+/* A child at its address-space limit, and what it must fail to map. */
+struct as_child {
+    unsigned long slack;    /* bytes it may still map */
+    const char    *what;    /* in its error text */
+    int           ready;    /* pipe: a byte once the limit is lowered */
+};
+
+/* The child: at its address-space limit, it cannot map what the peer sends
+ * (a segment, a ring), and says so without blaming the peer. */
+static int recv_at_as_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
+{
+    const struct as_child *c = arg;
     struct lshm_msg m;
     struct rlimit rl;
-    FILE *f = fopen("/proc/self/statm", "r");
     int ret;
 
-    CK(f != NULL && fscanf(f, "%lu", &pages) == 1);
-    fclose(f);
     CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
-    /* Room for this side's message ring (256 KiB), not for a segment of
-     * 10 MiB; then tell the parent to send. */
-    rl.rlim_cur = rl.rlim_max = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (4u << 20);
+    rl.rlim_cur = rl.rlim_max = as_now_plus(c->slack);
+    CK(rl.rlim_cur > 0);
     CK(setrlimit(RLIMIT_AS, &rl) == 0);
-    CK(send_inline(port, T_CTRL, 1, NULL, 0, -1) == 0);
+    CK(write(c->ready, "l", 1) == 1);
     ret = lshm_recv(port, &m, 10000);
     if (ret == 0)
         lshm_msg_done(&m);
     CK(ret == -ENOMEM);
-    CK(strstr(lshm_last_error(), "RLIMIT_AS") != NULL);
+    CK(strstr(lshm_last_error(), c->what) != NULL);
     CK(strstr(lshm_last_error(), "protocol violation") == NULL);
     return 0;
 }
 
-LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peer)
+/* Send to such a child once it lowered its limit (shared memory or inline);
+ * it must end well. */
+static void send_to_child_at_as_limit(struct lshm_ctx *ctx, struct as_child *c, bool shm)
 {
-    struct lshm_ctx *ctx;
     struct lshm_port *port;
+    struct pollfd pfd;
+    int ready[2];
     pid_t pid;
+    char b;
 
-    if (getenv("LSHM_SANITIZER") != NULL)
-        cr_skip_test("a sanitizer's shadow memory does not fit under RLIMIT_AS");
-    ctx = ctx_make(NULL);
-    pid = spawn(ctx, NULL, &port, recv_at_as_limit, NULL);
+    cr_assert_eq(pipe2(ready, O_CLOEXEC), 0);
+    c->ready = ready[1];
+    pid = spawn(ctx, NULL, &port, recv_at_as_limit, c);
+    close(ready[1]);
     wait_ready(port);
-    cr_assert_eq(recv_ctrl(port, 10000), 1);
-    cr_assert_eq(send_shm(port, 1, 100000, -1), 0, "%s", lshm_last_error());
+    pfd = (struct pollfd){ .fd = ready[0], .events = POLLIN };
+    cr_assert_eq(poll(&pfd, 1, 10000), 1, "the child did not lower its limit");
+    cr_assert_eq(read(ready[0], &b, 1), 1, "the child ended before lowering its limit");
+    close(ready[0]);
+    if (shm)
+        cr_assert_eq(send_shm(port, 1, 100000, -1), 0, "%s", lshm_last_error());
+    else
+        cr_assert_eq(send_pat(port, 1, 100, 0), 0, "%s", lshm_last_error());
     child_ok(pid, 10000);
     lshm_port_close(port);
     lshm_ctx_free(ctx);
+}
+
+LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peer)
+{
+    /* Room for this side's message ring (256 KiB), not for a segment of
+     * 10 MiB. */
+    struct as_child c = { .slack = 4u << 20, .what = "RLIMIT_AS" };
+
+    if (getenv("LSHM_SANITIZER") != NULL)
+        cr_skip_test("a sanitizer's shadow memory does not fit under RLIMIT_AS");
+    send_to_child_at_as_limit(ctx_make(NULL), &c, true);
 }
 
 LTEST(limits, segment_limit_names_max_segments)
@@ -308,8 +348,6 @@ LTEST(limits, address_space_limit_at_segment_creation_names_rlimit_as)
     struct lshm_port *port;
     struct lshm_buf *b = NULL;
     struct rlimit old, low;
-    unsigned long pages = 0;
-    FILE *f;
     pid_t pid;
     int ret;
 
@@ -318,12 +356,10 @@ LTEST(limits, address_space_limit_at_segment_creation_names_rlimit_as)
     ctx = ctx_make(NULL);
     pid = spawn(ctx, NULL, &port, echo_pull, NULL);
     wait_ready(port);
-    f = fopen("/proc/self/statm", "r");
-    cr_assert(f != NULL && fscanf(f, "%lu", &pages) == 1);
-    fclose(f);
     cr_assert_eq(getrlimit(RLIMIT_AS, &old), 0);
     low = old;
-    low.rlim_cur = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (4u << 20);
+    low.rlim_cur = as_now_plus(4u << 20);
+    cr_assert_gt(low.rlim_cur, 0, "/proc/self/statm: %s", strerror(errno));
     cr_assert_eq(setrlimit(RLIMIT_AS, &low), 0);
     ret = lshm_buf_alloc(port, 1000, &b);
     cr_assert_eq(setrlimit(RLIMIT_AS, &old), 0);
@@ -333,34 +369,11 @@ LTEST(limits, address_space_limit_at_segment_creation_names_rlimit_as)
     spawn_end(ctx, port, pid);
 }
 
-/* The child: at its address-space limit, it cannot map the peer's ring. */
-static int ring_at_as_limit(struct lshm_ctx *ctx, struct lshm_port *port, void *arg)
-{
-    unsigned long pages = 0;
-    struct lshm_msg m;
-    struct rlimit rl;
-    FILE *f = fopen("/proc/self/statm", "r");
-    int ret;
-
-    CK(f != NULL && fscanf(f, "%lu", &pages) == 1);
-    fclose(f);
-    CK(lshm_port_wait(port, LSHM_WAIT_READY, 10000) > 0);
-    rl.rlim_cur = rl.rlim_max = pages * (unsigned long)sysconf(_SC_PAGESIZE) + (64u << 10);
-    CK(setrlimit(RLIMIT_AS, &rl) == 0);
-    ret = lshm_recv(port, &m, 10000);
-    if (ret == 0)
-        lshm_msg_done(&m);
-    CK(ret == -ENOMEM);
-    CK(strstr(lshm_last_error(), "ring") != NULL);
-    CK(strstr(lshm_last_error(), "protocol violation") == NULL);
-    return 0;
-}
-
 LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peers_ring)
 {
+    /* No room for the peer's message ring (256 KiB). */
+    struct as_child c = { .slack = 64u << 10, .what = "ring" };
     struct lshm_ctx *ctx;
-    struct lshm_port *port;
-    pid_t pid;
 
     if (getenv("LSHM_SANITIZER") != NULL)
         cr_skip_test("a sanitizer's shadow memory does not fit under RLIMIT_AS");
@@ -369,11 +382,5 @@ LTEST(limits, receiver_at_address_space_limit_does_not_blame_the_peers_ring)
         lshm_ctx_free(ctx);
         cr_skip_test("no message rings here (LSHM_FEAT_RING)");
     }
-    pid = spawn(ctx, NULL, &port, ring_at_as_limit, NULL);
-    wait_ready(port);
-    usleep(300 * 1000);     /* the child lowers its limit meanwhile */
-    cr_assert_eq(send_pat(port, 1, 100, 0), 0, "%s", lshm_last_error());
-    child_ok(pid, 10000);
-    lshm_port_close(port);
-    lshm_ctx_free(ctx);
+    send_to_child_at_as_limit(ctx, &c, false);
 }
