@@ -911,3 +911,55 @@ LTEST(carrier, epoll_receive_submitted_outside_a_run_wakes_a_poll_on_the_fd)
     close(sv[1]);
     lshm__ring_free(ring);
 }
+
+/* ---- a look without a wait keeps the fd's readiness true ---- */
+
+/*
+ * A caller that sleeps on the context's fd and runs without a wait when it
+ * is readable must find it not readable once that run did all there was:
+ * otherwise its poll loop spins.  A cancelled timeout leaves the timerfd
+ * armed; when that time comes the timerfd is readable (nothing is due) and
+ * only a run that reads it settles it, also on a carrier whose only
+ * socket wait is one receive (where a run without a wait looks with that
+ * receive).
+ */
+LTEST(carrier, epoll_fd_is_not_left_readable_by_a_cancelled_timeout)
+{
+    struct tmo r = { .op.complete = tmo_done }, t = { .op.complete = tmo_done };
+    char buf[64];
+    struct iovec v = { buf, sizeof(buf) };
+    struct msghdr m = { .msg_iov = &v, .msg_iovlen = 1 };
+    struct lshm_ring *ring;
+    struct pollfd pfd;
+    long long t0;
+    int sv[2], i;
+
+    cr_assert_eq(lshm__ring_new(&ring, 8, LSHM_CTX_NO_IO_URING), 0, "%s", lshm_last_error());
+    pfd = (struct pollfd){ .fd = lshm__ring_fd(ring), .events = POLLIN };
+    cr_assert_eq(socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv), 0);
+    cr_assert_eq(lshm__ring_recvmsg(ring, sv[0], &m, &r.op), 0);
+    cr_assert_eq(lshm__ring_timeout(ring, 20, &t.op), 0);
+    cr_assert_eq(lshm__ring_run(ring, 0), 0);
+    cr_assert_eq(lshm__ring_cancel(ring, &t.op), 0);
+    for (t0 = now_ms(); t.at == 0 && now_ms() - t0 < 2000;)
+        cr_assert_geq(lshm__ring_run(ring, 0), 0);
+    cr_assert_eq(t.res, -ECANCELED, "timeout: %d", t.res);
+    /* The cancelled timeout's time passes: the caller's poll wakes. */
+    usleep(60000);
+    cr_assert_eq(poll(&pfd, 1, 2000), 1, "the fd did not wake");
+    /* As a poll loop does: a run without a wait for each wake-up. */
+    for (i = 0; i < 3 && poll(&pfd, 1, 0) == 1; i++)
+        cr_assert_geq(lshm__ring_run(ring, 0), 0);
+    cr_assert_eq(poll(&pfd, 1, 0), 0, "the fd is still readable after %d runs that found "
+                 "nothing: a poll loop on it spins", i);
+    cr_assert_eq(r.at, 0);
+    /* The receive still waits and still completes. */
+    cr_assert_eq(send(sv[1], "one", 3, 0), 3);
+    cr_assert_eq(poll(&pfd, 1, 2000), 1, "the fd did not wake for the datagram");
+    for (t0 = now_ms(); r.at == 0 && now_ms() - t0 < 2000;)
+        cr_assert_geq(lshm__ring_run(ring, 0), 0);
+    cr_assert_eq(r.res, 3, "receive: %d", r.res);
+    lshm__ring_close(ring, sv[0]);
+    close(sv[1]);
+    lshm__ring_free(ring);
+}
