@@ -715,8 +715,9 @@ static void recv_taken(struct lshm_epoll *ep, struct fdent *fe, struct lshm_op *
 /*
  * The wait as one blocking receive, when that is all there is to wait
  * for: one socket's receive (blocking, no O_NONBLOCK), no sends waiting
- * for room, no timer due within the wait, no wake-up pending.  SO_RCVTIMEO
- * bounds it (set again only when the wait's length changes).  A look
+ * for room, no timer due within the wait (nor the time a cancelled one
+ * left on the timerfd), no wake-up pending.  SO_RCVTIMEO bounds it (set
+ * again only when the wait's length changes).  A look
  * (timeout 0) is the receive with MSG_DONTWAIT: one call where
  * epoll_wait(2) and recvmsg(2) take two when a datagram is there.  False
  * when the wait must go to epoll.
@@ -733,7 +734,10 @@ static bool wait_in_recv(struct lshm_epoll *ep, int timeout_ms)
     if (fd < 0 || fd >= ep->nfds || (fe = ep->fds[fd]) == NULL || (op = fe->reader) == NULL ||
         op->kind != LSHM_OP_RECV)
         return false;
-    if (ep->timers != NULL) {
+    /* The timerfd, not the list: a cancelled timeout leaves it armed, and
+     * when that time comes only epoll_wait reads it (the caller's poll on
+     * the fd would otherwise never stop waking). */
+    if (ep->timer_armed_ns != 0) {
         long long left = ep->timer_armed_ns - now_ns();
 
         if (timeout_ms < 0 || left <= (long long)timeout_ms * 1000000)
